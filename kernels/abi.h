@@ -1,0 +1,116 @@
+/*
+ * The one ABI between the Rust crate and the kernels.
+ *
+ * Every kernel takes exactly one of these structs by value. The Rust side is generated from this
+ * file by bindgen (src/abi_bindings.rs, regenerated with `--features regen-bindings`; CI fails on
+ * drift), so a field added here is a field added everywhere.
+ *
+ * Plain C, fixed-width types only, pointers as `const void*` / `void*` where the element type is
+ * chosen by which kernel instantiation is launched. Row strides are in elements.
+ */
+#ifndef DISTILL_KERNELS_ABI_H
+#define DISTILL_KERNELS_ABI_H
+
+#include <stdint.h>
+
+/* Soft-loss kinds (DESIGN section 4). */
+#define DK_KIND_FORWARD_KL 0
+#define DK_KIND_REVERSE_KL 1
+#define DK_KIND_JSD 2
+
+/* Reductions. */
+#define DK_REDUCTION_NONE 0
+#define DK_REDUCTION_SUM 1
+#define DK_REDUCTION_MEAN 2
+
+/* Row-independent numbers the prepare kernel computes on the device, read by the others. */
+typedef struct DkScalars {
+    float grad_scale;      /* upstream_scale / D for mean, upstream_scale otherwise; 0 when D == 0 */
+    float loss_scale;      /* 1 / D for mean, 1 otherwise; 0 when D == 0 */
+    float valid_rows;      /* number of rows whose label is not ignore_index (all rows without labels) */
+    int32_t bad_label_row; /* first row whose label is outside [0, V) and not ignore_index, or -1 */
+    int64_t bad_label;     /* that label */
+} DkScalars;
+
+/* dk_prepare: one block. Validates labels, counts valid rows, fills *scalars. */
+typedef struct DkPrepareParams {
+    const int64_t* labels; /* [rows] or NULL */
+    DkScalars* scalars;
+    int64_t rows;
+    int64_t vocab;
+    int64_t ignore_index;
+    int32_t reduction;
+    float normalizer;     /* > 0: explicit D for mean; <= 0: D = number of valid rows */
+    float upstream_scale; /* multiplies every gradient */
+} DkPrepareParams;
+
+/* dk_kd_<student>_<teacher>_<grad>: one block per row.
+ * row_loss[r] = soft_weight * soft(r) + hard_weight * hard(r) for valid rows, 0 otherwise.
+ * grad (may alias student) = scalars->grad_scale * d row_loss / d student. */
+typedef struct DkKdParams {
+    const void* student;   /* [rows, student_stride] */
+    const void* teacher;   /* [rows, teacher_stride] */
+    const int64_t* labels; /* [rows] or NULL */
+    void* grad;            /* [rows, grad_stride] or NULL: loss only */
+    float* row_loss;       /* [rows] */
+    const DkScalars* scalars;
+    int64_t rows;
+    int64_t vocab;
+    int64_t student_stride;
+    int64_t teacher_stride;
+    int64_t grad_stride;
+    int64_t ignore_index;
+    float inv_temperature;
+    float temperature;
+    float soft_weight; /* alpha, times T^2 when scaling is on */
+    float hard_weight; /* 1 - alpha */
+    float beta;        /* JSD only */
+    int32_t kind;      /* DK_KIND_* */
+} DkKdParams;
+
+/* dk_hidden_mse_<student>_<teacher>_<grad>: one block per row.
+ * row_loss[r] += weight * mean_h (s - t)^2 for valid rows; grad = grad_scale * d/ds of that. */
+typedef struct DkHiddenParams {
+    const void* student; /* [rows, hidden] */
+    const void* teacher; /* [rows, hidden] */
+    const int64_t* labels;
+    void* grad; /* [rows, hidden] or NULL */
+    float* row_loss;
+    const DkScalars* scalars;
+    int64_t rows;
+    int64_t hidden;
+    int64_t ignore_index;
+    float weight;
+} DkHiddenParams;
+
+/* dk_reduce: one block. *loss = loss_scale * sum_r row_loss[r], summed in a fixed order. */
+typedef struct DkReduceParams {
+    const float* row_loss;
+    const DkScalars* scalars;
+    float* loss;
+    int64_t rows;
+} DkReduceParams;
+
+/* dk_softmax_fwd_<dtype>: one block per row. output = softmax(input / T) or its log. */
+typedef struct DkSoftmaxParams {
+    const void* input; /* [rows, vocab] */
+    void* output;      /* [rows, vocab], same dtype as input */
+    int64_t rows;
+    int64_t vocab;
+    float inv_temperature;
+    int32_t log_output; /* 1: log_softmax */
+} DkSoftmaxParams;
+
+/* dk_softmax_bwd_<dtype>: one block per row. Given y = forward output and dy, writes
+ * dx = d<y, dy>/dx. softmax: (y * (dy - sum(y dy))) / T; log_softmax: (dy - exp(y) sum(dy)) / T. */
+typedef struct DkSoftmaxBwdParams {
+    const void* output;      /* y */
+    const void* grad_output; /* dy */
+    void* grad_input;        /* dx, may alias grad_output */
+    int64_t rows;
+    int64_t vocab;
+    float inv_temperature;
+    int32_t log_output;
+} DkSoftmaxBwdParams;
+
+#endif

@@ -1,0 +1,99 @@
+// Shared device helpers: dtype loads/stores, warp and block reductions, online softmax state.
+// Compiled twice: by nvcc for the GPU, and by the host C++ compiler against emulator/simt.h.
+#pragma once
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define DK_REGISTER_KERNEL(name, P)
+#else
+#include "emulator/simt.h"
+#endif
+
+#include "abi.h"
+
+#define DK_WARP 32
+#define DK_MAX_WARPS 32  // 1024 threads per block at most
+
+// ---- element loads and stores: every dtype is widened to f32, stored with round-to-nearest-even.
+__device__ __forceinline__ float dk_load(const float* p) { return *p; }
+__device__ __forceinline__ float dk_load(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float dk_load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+__device__ __forceinline__ void dk_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void dk_store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void dk_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// ---- reductions. Every block size used is a multiple of 32, so warps are always full.
+
+struct DkSum {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+__device__ __forceinline__ float dk_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ int dk_shfl_xor(int v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ long long dk_shfl_xor(long long v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
+// Butterfly reduction: every lane ends with the warp's result.
+template <typename T, typename Op>
+__device__ __forceinline__ T dk_warp_reduce(T v, Op op) {
+#pragma unroll
+    for (int m = DK_WARP / 2; m > 0; m >>= 1) v = op(v, dk_shfl_xor(v, m));
+    return v;
+}
+
+// Block-wide reduction, result in every thread. The warps' partials are combined by every thread
+// in warp order, so the result is deterministic and broadcast without another barrier. `smem`
+// holds DK_MAX_WARPS values; the leading barrier makes back-to-back calls on one buffer safe.
+template <typename T, typename Op>
+__device__ __forceinline__ T dk_block_reduce(T v, Op op, T* smem) {
+    v = dk_warp_reduce(v, op);
+    const int lane = threadIdx.x % DK_WARP, warp = threadIdx.x / DK_WARP;
+    const int warps = blockDim.x / DK_WARP;
+    __syncthreads();
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    T r = smem[0];
+    for (int w = 1; w < warps; ++w) r = op(r, smem[w]);
+    return r;
+}
+
+// ---- online softmax: running max m and sum of exp((x - m) * scale) over the values seen.
+// `-inf` entries contribute nothing (guarding exp(-inf - -inf) = NaN); NaN propagates into z.
+struct DkMaxSum {
+    float m;
+    float z;
+};
+
+__device__ __forceinline__ DkMaxSum dk_maxsum_empty() { return DkMaxSum{-INFINITY, 0.0f}; }
+
+__device__ __forceinline__ void dk_maxsum_add(DkMaxSum& st, float x, float scale) {
+    if (x > st.m) {
+        st.z = st.z * expf((st.m - x) * scale) + 1.0f;  // st.z == 0 when st.m == -inf
+        st.m = x;
+    } else if (x != -INFINITY) {
+        st.z += expf((x - st.m) * scale);  // NaN x lands here and poisons z
+    }
+}
+
+__device__ __forceinline__ DkMaxSum dk_maxsum_merge(DkMaxSum a, DkMaxSum b, float scale) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return DkMaxSum{m, a.z + b.z};  // both empty (or NaN sums carried along)
+    const float za = a.z == 0.0f ? 0.0f : a.z * expf((a.m - m) * scale);
+    const float zb = b.z == 0.0f ? 0.0f : b.z * expf((b.m - m) * scale);
+    return DkMaxSum{m, za + zb};
+}
+
+__device__ __forceinline__ DkMaxSum dk_shfl_xor(DkMaxSum v, int mask) {
+    return DkMaxSum{dk_shfl_xor(v.m, mask), dk_shfl_xor(v.z, mask)};
+}
+
+struct DkMaxSumOp {
+    float scale;
+    __device__ __forceinline__ DkMaxSum operator()(DkMaxSum a, DkMaxSum b) const {
+        return dk_maxsum_merge(a, b, scale);
+    }
+};
+
+// 0 * anything = 0: a term whose weighting probability is zero is absent, even against log 0.
+__device__ __forceinline__ float dk_xlogy_term(float w, float d) { return w == 0.0f ? 0.0f : w * d; }

@@ -1,0 +1,93 @@
+//! The one host-level interface every device implements: the tests, the CLI and the benchmarks
+//! drive `reference`, `cpu`, `emulated` and `cuda` through it. Trainers that keep tensors on the
+//! GPU use [`crate::cuda::CudaDevice`]'s device-buffer methods instead, which skip the copies.
+
+use crate::dtype::{HostSlice, HostSliceMut};
+use crate::error::{Error, Result};
+use crate::semantics::{DistillInputs, GradOutputs, LossConfig, LossValue};
+
+pub trait Backend: Send + Sync {
+    /// `reference`, `cpu`, `emulated` or `cuda`.
+    fn name(&self) -> &'static str;
+
+    /// The fused loss of DESIGN section 4 over `[rows, vocab]` logits (plus hidden states when
+    /// given); writes the gradients asked for in `grads`.
+    fn distill_loss(
+        &self,
+        cfg: &LossConfig,
+        inputs: &DistillInputs,
+        grads: GradOutputs,
+    ) -> Result<LossValue>;
+
+    /// `output = softmax(input / T)` row by row, or `log_softmax` when `log`; output has the
+    /// input's dtype.
+    fn softmax(
+        &self,
+        input: HostSlice,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+        log: bool,
+        output: HostSliceMut,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::softmax`]: given its `output` and the upstream `grad_output`,
+    /// writes `grad_input` (all three of one dtype).
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_backward(
+        &self,
+        output: HostSlice,
+        grad_output: HostSlice,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+        log: bool,
+        grad_input: HostSliceMut,
+    ) -> Result<()>;
+}
+
+/// Which device to run on, as named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Reference,
+    Cpu,
+    Emulated,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "reference" => Ok(DeviceKind::Reference),
+            "cpu" => Ok(DeviceKind::Cpu),
+            "emulated" => Ok(DeviceKind::Emulated),
+            "cuda" => Ok(DeviceKind::Cuda),
+            other => Err(format!(
+                "unknown device `{other}` (expected reference, cpu, emulated or cuda)"
+            )),
+        }
+    }
+}
+
+/// Opens a device. `cuda` and `emulated` return [`Error::DeviceUnavailable`] with the reason
+/// when they cannot run here; they never panic.
+pub fn open(kind: DeviceKind) -> Result<Box<dyn Backend>> {
+    match kind {
+        DeviceKind::Reference => Ok(Box::new(crate::reference::Reference)),
+        DeviceKind::Cpu => Ok(Box::new(crate::cpu::Cpu::new())),
+        DeviceKind::Emulated => Ok(Box::new(crate::cuda::CudaDevice::emulated()?)),
+        DeviceKind::Cuda => Ok(Box::new(crate::cuda::CudaDevice::new(0)?)),
+    }
+}
+
+/// Dtype agreement for the softmax entry points (one dtype per call, as the kernels take).
+pub fn check_same_dtype(what: &'static str, a: HostSlice, b: &HostSliceMut) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::Dtype {
+            tensor: what,
+            dtype: format!("{} (must match the input's {})", b.dtype(), a.dtype()),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Loads the fake CUDA driver built from `kernels/emulator` (embedded in the crate) so that
+//! cudarc's later `dlopen("libcuda.so.1")` resolves to it: a library already loaded under that
+//! SONAME is reused by the dynamic loader.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+
+static LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libdistill_emu.so"));
+static LOADED: OnceLock<std::result::Result<libloading::Library, String>> = OnceLock::new();
+
+/// The value `dkEmuIdentify` returns ("DEMU").
+const EMU_MAGIC: i32 = 0x4445_4d55;
+
+pub(crate) fn is_loaded() -> bool {
+    matches!(LOADED.get(), Some(Ok(_)))
+}
+
+pub(crate) fn load() -> Result<&'static libloading::Library> {
+    LOADED
+        .get_or_init(|| {
+            let path = write_library().map_err(|e| format!("cannot write the emulator library: {e}"))?;
+            // SAFETY: our own library; its initializers only register kernels.
+            unsafe { libloading::Library::new(&path) }
+                .map_err(|e| format!("cannot load the emulator library {}: {e}", path.display()))
+        })
+        .as_ref()
+        .map_err(|e| Error::DeviceUnavailable(e.clone()))
+}
+
+/// Writes the embedded library once per content hash into the temp directory (atomically:
+/// concurrent test processes may race here).
+fn write_library() -> std::io::Result<PathBuf> {
+    let hash = LIBRARY
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let dir = std::env::temp_dir().join(format!("distill-kernels-emu-{hash:016x}"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("libcuda.so.1");
+    if std::fs::metadata(&path).map(|m| m.len() == LIBRARY.len() as u64).unwrap_or(false) {
+        return Ok(path);
+    }
+    let tmp = dir.join(format!("libcuda.so.1.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, LIBRARY)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// Whether the driver cudarc resolved is the emulator (and not a real libcuda found first).
+pub(crate) fn driver_in_use_is_emulator() -> bool {
+    // SAFETY: cudarc's driver library is loaded at this point (a context exists); we only look
+    // up a symbol and call it if it has our signature.
+    unsafe {
+        let lib = cudarc::driver::sys::culib();
+        match lib.get::<unsafe extern "C" fn() -> i32>(b"dkEmuIdentify\0") {
+            Ok(f) => f() == EMU_MAGIC,
+            Err(_) => false,
+        }
+    }
+}
+
+/// The message of the emulator's last failed launch (barrier divergence, trap, bad shuffle).
+pub(crate) fn last_error() -> Option<String> {
+    let lib = match LOADED.get() {
+        Some(Ok(lib)) => lib,
+        _ => return None,
+    };
+    // SAFETY: `dkEmuLastError` returns NULL or a NUL-terminated string owned by the library.
+    unsafe {
+        let f = lib
+            .get::<unsafe extern "C" fn() -> *const std::os::raw::c_char>(b"dkEmuLastError\0")
+            .ok()?;
+        let p = f();
+        if p.is_null() {
+            None
+        } else {
+            Some(std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The crate's one error type. Every misuse names the tensor, shape or value at fault.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum Error {
+    #[error("invalid option {name} = {value}: {reason}")]
+    InvalidOption {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("tensor `{tensor}` has {actual} elements, expected {expected} ({shape})")]
+    ShapeMismatch {
+        tensor: &'static str,
+        expected: usize,
+        actual: usize,
+        shape: String,
+    },
+    #[error("empty input: {0}")]
+    Empty(&'static str),
+    #[error("label {label} at row {row} is outside [0, {vocab}) and is not ignore_index {ignore_index}")]
+    LabelOutOfRange {
+        row: usize,
+        label: i64,
+        vocab: usize,
+        ignore_index: i64,
+    },
+    #[error("the hard-label loss is requested (alpha = {alpha} < 1) but no labels were given")]
+    MissingLabels { alpha: f32 },
+    #[error("hidden states: {0}")]
+    Hidden(String),
+    #[error("gradient buffer: {0}")]
+    Gradient(String),
+    #[error("row stride of `{tensor}` is {stride}, smaller than the vocabulary {vocab}")]
+    Stride {
+        tensor: &'static str,
+        stride: usize,
+        vocab: usize,
+    },
+    #[error("unsupported dtype for `{tensor}`: {dtype}")]
+    Dtype { tensor: &'static str, dtype: String },
+    #[error("device unavailable: {0}")]
+    DeviceUnavailable(String),
+    #[error("CUDA error: {0}")]
+    Cuda(String),
+    #[error("I/O error on {path}: {message}")]
+    Io { path: String, message: String },
+    #[error("invalid file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,18 @@
+//! distill-kernels: fused knowledge-distillation losses as hand-written CUDA kernels, with an f64
+//! reference, a multi-threaded CPU backend and an emulated GPU that runs the same kernel source.
+
+pub mod abi;
+pub mod backend;
+pub mod cpu;
+pub mod cuda;
+pub mod dtype;
+pub mod error;
+pub mod reference;
+pub mod semantics;
+
+pub use backend::{open, Backend, DeviceKind};
+pub use dtype::{Dtype, Element, HostSlice, HostSliceMut, HostVec};
+pub use error::{Error, Result};
+pub use semantics::{
+    DistillInputs, GradOutputs, HiddenInputs, LossConfig, LossKind, LossValue, Reduction,
+};

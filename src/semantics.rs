@@ -1,0 +1,349 @@
+//! The loss contract (DESIGN section 4), in one place: options, their validation, the derived
+//! weights every backend uses, and the shape checks of the inputs. Backends only execute.
+
+use crate::dtype::{HostSlice, HostSliceMut};
+use crate::error::{Error, Result};
+
+/// Which divergence between teacher and student distributions is the soft loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossKind {
+    /// `sum p_t (log p_t - log p_s)`
+    ForwardKl,
+    /// `sum p_s (log p_s - log p_t)`
+    ReverseKl,
+    /// `beta KL(p_t || m) + (1 - beta) KL(p_s || m)`, `m = beta p_t + (1 - beta) p_s`, `0 < beta < 1`.
+    Jsd { beta: f32 },
+}
+
+impl LossKind {
+    /// The ABI code (`DK_KIND_*` in kernels/abi.h).
+    pub fn code(self) -> i32 {
+        match self {
+            LossKind::ForwardKl => crate::abi::DK_KIND_FORWARD_KL as i32,
+            LossKind::ReverseKl => crate::abi::DK_KIND_REVERSE_KL as i32,
+            LossKind::Jsd { .. } => crate::abi::DK_KIND_JSD as i32,
+        }
+    }
+
+    pub fn beta(self) -> f32 {
+        match self {
+            LossKind::Jsd { beta } => beta,
+            _ => 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduction {
+    /// One loss per row (0 for ignored rows); the gradient is that of their sum.
+    None,
+    Sum,
+    /// Sum divided by D: the number of valid rows, or the explicit normalizer.
+    Mean,
+}
+
+impl Reduction {
+    pub fn code(self) -> i32 {
+        match self {
+            Reduction::None => crate::abi::DK_REDUCTION_NONE as i32,
+            Reduction::Sum => crate::abi::DK_REDUCTION_SUM as i32,
+            Reduction::Mean => crate::abi::DK_REDUCTION_MEAN as i32,
+        }
+    }
+}
+
+/// Every option of the fused distillation loss. `Default` is the documented default:
+/// forward KL, T = 1, alpha = 1, T^2 scaling on, ignore_index -100, mean, no hidden loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    pub kind: LossKind,
+    pub temperature: f32,
+    /// Weight of the soft loss; the hard-label cross-entropy gets `1 - alpha`.
+    pub alpha: f32,
+    /// Multiply the soft loss by T^2 (Hinton et al.) so its gradient scale does not shrink with T.
+    pub t2_scale: bool,
+    pub ignore_index: i64,
+    pub reduction: Reduction,
+    /// Explicit D for `Mean` (gradient accumulation across micro-batches). `None`: valid rows.
+    pub normalizer: Option<f32>,
+    /// Multiplies every gradient (the upstream gradient of the reduced loss).
+    pub grad_scale: f32,
+    /// Weight of the hidden-state MSE; used when hidden states are given.
+    pub hidden_weight: f32,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig {
+            kind: LossKind::ForwardKl,
+            temperature: 1.0,
+            alpha: 1.0,
+            t2_scale: true,
+            ignore_index: -100,
+            reduction: Reduction::Mean,
+            normalizer: None,
+            grad_scale: 1.0,
+            hidden_weight: 0.0,
+        }
+    }
+}
+
+fn invalid(name: &'static str, value: impl ToString, reason: &'static str) -> Error {
+    Error::InvalidOption {
+        name,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+impl LossConfig {
+    /// Checks every option on its own (shapes are checked by [`Problem::new`]).
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !(t.is_finite() && t > 0.0) {
+            return Err(invalid("temperature", t, "must be finite and > 0"));
+        }
+        // 1/T must be finite and representable so the device's multiply equals the division.
+        if !(1.0 / t).is_finite() {
+            return Err(invalid("temperature", t, "is too small: 1/T overflows f32"));
+        }
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(invalid("alpha", self.alpha, "must be in [0, 1]"));
+        }
+        if let LossKind::Jsd { beta } = self.kind {
+            if !(beta > 0.0 && beta < 1.0) {
+                return Err(invalid("beta", beta, "must be in (0, 1)"));
+            }
+        }
+        if let Some(d) = self.normalizer {
+            if !(d.is_finite() && d > 0.0) {
+                return Err(invalid("normalizer", d, "must be finite and > 0"));
+            }
+        }
+        if !self.grad_scale.is_finite() {
+            return Err(invalid("grad_scale", self.grad_scale, "must be finite"));
+        }
+        if !(self.hidden_weight.is_finite() && self.hidden_weight >= 0.0) {
+            return Err(invalid(
+                "hidden_weight",
+                self.hidden_weight,
+                "must be finite and >= 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Weight of the soft loss per row: alpha, times T^2 when scaling is on.
+    pub fn soft_weight(&self) -> f32 {
+        let t2 = if self.t2_scale {
+            self.temperature * self.temperature
+        } else {
+            1.0
+        };
+        self.alpha * t2
+    }
+
+    /// Weight of the hard-label cross-entropy per row.
+    pub fn hard_weight(&self) -> f32 {
+        1.0 - self.alpha
+    }
+
+    /// Whether the hard-label term takes part (and labels are therefore required).
+    pub fn needs_labels(&self) -> bool {
+        self.alpha < 1.0
+    }
+
+    /// Whether row `label` takes part in the loss.
+    pub fn row_is_valid(&self, label: Option<i64>) -> bool {
+        match label {
+            None => true,
+            Some(y) => y != self.ignore_index,
+        }
+    }
+
+    /// D for `Mean` given the number of valid rows; `Sum` and `None` use 1.
+    pub fn normalizer_for(&self, valid_rows: usize) -> f64 {
+        match self.reduction {
+            Reduction::Mean => match self.normalizer {
+                Some(d) => d as f64,
+                None => valid_rows as f64,
+            },
+            _ => 1.0,
+        }
+    }
+
+    /// (scale of the reduced loss, scale of every gradient). D = 0 gives (0, 0): loss 0,
+    /// gradient 0, never NaN.
+    pub fn scales(&self, valid_rows: usize) -> (f64, f64) {
+        let d = self.normalizer_for(valid_rows);
+        if d == 0.0 {
+            (0.0, 0.0)
+        } else {
+            (1.0 / d, self.grad_scale as f64 / d)
+        }
+    }
+}
+
+/// Optional hidden states for the MSE term: `[rows, size]` each.
+#[derive(Debug, Clone, Copy)]
+pub struct HiddenInputs<'a> {
+    pub size: usize,
+    pub student: HostSlice<'a>,
+    pub teacher: HostSlice<'a>,
+}
+
+/// The inputs of one loss evaluation on the host, row-major `[rows, vocab]`.
+#[derive(Debug, Clone, Copy)]
+pub struct DistillInputs<'a> {
+    pub rows: usize,
+    pub vocab: usize,
+    pub student: HostSlice<'a>,
+    pub teacher: HostSlice<'a>,
+    pub labels: Option<&'a [i64]>,
+    pub hidden: Option<HiddenInputs<'a>>,
+}
+
+/// Where gradients go. `None` computes the loss only.
+#[derive(Debug, Default)]
+pub struct GradOutputs<'a> {
+    /// `[rows, vocab]`, f32 or the student's dtype.
+    pub logits: Option<HostSliceMut<'a>>,
+    /// `[rows, hidden]`, f32 or the student hidden dtype.
+    pub hidden: Option<HostSliceMut<'a>>,
+}
+
+/// The reduced loss: one value for `Sum`/`Mean`, one per row for `None`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossValue {
+    pub values: Vec<f32>,
+    pub valid_rows: usize,
+}
+
+impl LossValue {
+    /// The scalar loss (`Sum`/`Mean`), or the sum of the rows (`None`).
+    pub fn total(&self) -> f32 {
+        self.values.iter().sum()
+    }
+}
+
+/// Checks that every shape agrees and every label is in range. The one shape check all backends
+/// share; returns the number of valid rows.
+pub fn check_inputs(cfg: &LossConfig, inputs: &DistillInputs, grads: &GradOutputs) -> Result<usize> {
+    cfg.validate()?;
+    let DistillInputs { rows, vocab, .. } = *inputs;
+    if rows == 0 {
+        return Err(Error::Empty("rows = 0"));
+    }
+    if vocab == 0 {
+        return Err(Error::Empty("vocab = 0"));
+    }
+    let n = rows
+        .checked_mul(vocab)
+        .ok_or_else(|| invalid("rows * vocab", format!("{rows} * {vocab}"), "overflows usize"))?;
+    let shape = format!("[{rows}, {vocab}]");
+    check_len("student_logits", inputs.student.len(), n, &shape)?;
+    check_len("teacher_logits", inputs.teacher.len(), n, &shape)?;
+    if let Some(g) = &grads.logits {
+        check_len("grad_student_logits", g.len(), n, &shape)?;
+        if g.dtype() != crate::dtype::Dtype::F32 && g.dtype() != inputs.student.dtype() {
+            return Err(Error::Gradient(format!(
+                "dtype {} must be f32 or the student's dtype {}",
+                g.dtype(),
+                inputs.student.dtype()
+            )));
+        }
+    }
+    match inputs.labels {
+        Some(labels) => {
+            check_len("labels", labels.len(), rows, &format!("[{rows}]"))?;
+            check_labels(cfg, labels, vocab)?;
+        }
+        None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
+        None => {}
+    }
+    match (&inputs.hidden, &grads.hidden) {
+        (Some(h), g) => {
+            if h.size == 0 {
+                return Err(Error::Hidden("hidden size is 0".into()));
+            }
+            let m = rows
+                .checked_mul(h.size)
+                .ok_or_else(|| Error::Hidden("rows * hidden overflows".into()))?;
+            let hshape = format!("[{rows}, {}]", h.size);
+            check_len("student_hidden", h.student.len(), m, &hshape)?;
+            check_len("teacher_hidden", h.teacher.len(), m, &hshape)?;
+            if let Some(g) = g {
+                check_len("grad_student_hidden", g.len(), m, &hshape)?;
+                if g.dtype() != crate::dtype::Dtype::F32 && g.dtype() != h.student.dtype() {
+                    return Err(Error::Gradient(format!(
+                        "hidden gradient dtype {} must be f32 or the student hidden dtype {}",
+                        g.dtype(),
+                        h.student.dtype()
+                    )));
+                }
+            }
+        }
+        (None, Some(_)) => {
+            return Err(Error::Hidden(
+                "a hidden-state gradient buffer was given without hidden states".into(),
+            ))
+        }
+        (None, None) => {}
+    }
+    Ok(valid_rows(cfg, inputs.labels, rows))
+}
+
+/// Every label is `ignore_index` or in `[0, vocab)`.
+pub fn check_labels(cfg: &LossConfig, labels: &[i64], vocab: usize) -> Result<()> {
+    for (row, &label) in labels.iter().enumerate() {
+        if label != cfg.ignore_index && !(0..vocab as i64).contains(&label) {
+            return Err(Error::LabelOutOfRange {
+                row,
+                label,
+                vocab,
+                ignore_index: cfg.ignore_index,
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn valid_rows(cfg: &LossConfig, labels: Option<&[i64]>, rows: usize) -> usize {
+    match labels {
+        None => rows,
+        Some(l) => l.iter().filter(|&&y| cfg.row_is_valid(Some(y))).count(),
+    }
+}
+
+fn check_len(tensor: &'static str, actual: usize, expected: usize, shape: &str) -> Result<()> {
+    if actual != expected {
+        return Err(Error::ShapeMismatch {
+            tensor,
+            expected,
+            actual,
+            shape: shape.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks for the standalone softmax kernels.
+pub fn check_softmax(rows: usize, vocab: usize, temperature: f32, lens: &[(&'static str, usize)]) -> Result<()> {
+    if rows == 0 {
+        return Err(Error::Empty("rows = 0"));
+    }
+    if vocab == 0 {
+        return Err(Error::Empty("vocab = 0"));
+    }
+    if !(temperature.is_finite() && temperature > 0.0 && (1.0 / temperature).is_finite()) {
+        return Err(invalid("temperature", temperature, "must be finite and > 0"));
+    }
+    let n = rows
+        .checked_mul(vocab)
+        .ok_or_else(|| invalid("rows * vocab", format!("{rows} * {vocab}"), "overflows usize"))?;
+    let shape = format!("[{rows}, {vocab}]");
+    for &(name, len) in lens {
+        check_len(name, len, n, &shape)?;
+    }
+    Ok(())
+}
