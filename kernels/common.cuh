@@ -95,5 +95,28 @@ struct DkMaxSumOp {
     }
 };
 
+// ---- the row loop every kernel uses: thread `tid` visits j = tid, tid + nt, ... (coalesced). The
+// main part loads DK_UNROLL elements of each input before using any, so a thread keeps several
+// independent loads in flight (Little's law: bandwidth needs bytes in flight, and the compiler
+// may not hoist loads above stores that could alias them, as in-place gradients do).
+#define DK_UNROLL 4
+
+template <typename A, typename B, typename F>
+__device__ __forceinline__ void dk_row_pass(int64_t n, const A* a, const B* b, F&& f) {
+    const int64_t nt = blockDim.x;
+    int64_t j = threadIdx.x;
+    for (; j + (DK_UNROLL - 1) * nt < n; j += DK_UNROLL * nt) {
+        float av[DK_UNROLL], bv[DK_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DK_UNROLL; ++u) {
+            av[u] = dk_load(a + j + u * nt);
+            bv[u] = b ? dk_load(b + j + u * nt) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < DK_UNROLL; ++u) f(j + u * nt, av[u], bv[u]);
+    }
+    for (; j < n; j += nt) f(j, dk_load(a + j), b ? dk_load(b + j) : 0.0f);
+}
+
 // 0 * anything = 0: a term whose weighting probability is zero is absent, even against log 0.
 __device__ __forceinline__ float dk_xlogy_term(float w, float d) { return w == 0.0f ? 0.0f : w * d; }

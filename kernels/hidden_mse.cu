@@ -15,11 +15,11 @@ __device__ void hidden_row(const DkHiddenParams& p) {
     // d/ds of weight * mean (s - t)^2 = weight * 2 (s - t) / H, times the reduction's scale.
     const float w_grad = valid ? p.scalars->grad_scale * p.weight * 2.0f / (float)H : 0.0f;
     float acc = 0.0f;
-    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
-        const float d = dk_load(s + j) - dk_load(t + j);
+    dk_row_pass(H, s, t, [&](int64_t j, float sv, float tv) {
+        const float d = sv - tv;
         if (valid) acc += d * d;
         if (g) dk_store(g + j, valid ? w_grad * d : 0.0f);
-    }
+    });
     acc = dk_block_reduce(acc, DkSum{}, red_f);
     if (threadIdx.x == 0 && valid && p.weight != 0.0f) p.row_loss[row] += p.weight * (acc / (float)H);
 }

@@ -100,15 +100,17 @@ __device__ void kd_row(const DkKdParams& p) {
     const bool soft = p.soft_weight != 0.0f;
     const bool hard = p.hard_weight != 0.0f && y >= 0;
     const float inv_t = p.inv_temperature;
+    // The label's logit, read before any barrier: an in-place gradient overwrites it in pass 2.
+    const float s_y = (tid == 0 && hard) ? dk_load(s + y) : 0.0f;
 
     // ---- pass 1: online statistics.
     DkMaxSum s1 = dk_maxsum_empty();  // student at T = 1 (hard loss)
     DkRkl st = dk_rkl_empty();        // student and teacher at T (and r for reverse KL)
-    for (int64_t j = tid; j < V; j += nt) {
-        const float sv = dk_load(s + j);
+    // The teacher is read only when the soft loss is on (alpha = 0 never touches it).
+    const T* t_read = soft ? t : nullptr;
+    dk_row_pass(V, s, t_read, [&](int64_t, float sv, float tv) {
         if (hard) dk_maxsum_add(s1, sv, 1.0f);
         if (soft) {
-            const float tv = dk_load(t + j);
             if (KIND == DK_KIND_REVERSE_KL) {
                 dk_rkl_add(st, sv, tv, inv_t);
             } else {
@@ -116,7 +118,7 @@ __device__ void kd_row(const DkKdParams& p) {
                 dk_maxsum_add(st.t, tv, inv_t);
             }
         }
-    }
+    });
     if (hard) s1 = dk_block_reduce(s1, DkMaxSumOp{1.0f}, red_ms);
     if (soft) {
         if (KIND == DK_KIND_REVERSE_KL) {
@@ -140,11 +142,9 @@ __device__ void kd_row(const DkKdParams& p) {
     float soft_acc = 0.0f;  // this thread's share of the soft loss
     float jsd_k = 0.0f;     // JSD: share of sum_k p_s(k) (log p_s(k) - log m(k))
     if (soft || write_in_pass2) {
-        for (int64_t j = tid; j < V; j += nt) {
-            const float sv = dk_load(s + j);
+        dk_row_pass(V, s, t_read, [&](int64_t j, float sv, float tv) {
             float grad = 0.0f;
             if (soft) {
-                const float tv = dk_load(t + j);
                 const float ls = (sv - st.s.m) * inv_t - log_zs;
                 const float lt = (tv - st.t.m) * inv_t - log_zt;
                 const float ps = expf(ls), pt = expf(lt);
@@ -164,7 +164,7 @@ __device__ void kd_row(const DkKdParams& p) {
                 if (hard) grad += w_hard * (expf((sv - s1.m) - log_z1) - (j == y ? 1.0f : 0.0f));
                 dk_store(g + j, grad);
             }
-        }
+        });
     }
     float soft_loss = 0.0f;
     if (soft) soft_loss = dk_block_reduce(soft_acc, DkSum{}, red_f);
@@ -172,11 +172,9 @@ __device__ void kd_row(const DkKdParams& p) {
     // ---- pass 3 (JSD with a gradient only).
     if (KIND == DK_KIND_JSD && g) {
         const float k = soft ? dk_block_reduce(jsd_k, DkSum{}, red_f) : 0.0f;
-        for (int64_t j = tid; j < V; j += nt) {
-            const float sv = dk_load(s + j);
+        dk_row_pass(V, s, t_read, [&](int64_t j, float sv, float tv) {
             float grad = 0.0f;
             if (soft) {
-                const float tv = dk_load(t + j);
                 const float ls = (sv - st.s.m) * inv_t - log_zs;
                 const float lt = (tv - st.t.m) * inv_t - log_zt;
                 const float ps = expf(ls);
@@ -185,13 +183,13 @@ __device__ void kd_row(const DkKdParams& p) {
             }
             if (hard) grad += w_hard * (expf((sv - s1.m) - log_z1) - (j == y ? 1.0f : 0.0f));
             dk_store(g + j, grad);
-        }
+        });
     }
 
     if (tid == 0) {
         float loss = 0.0f;
         if (soft) loss += p.soft_weight * soft_loss;
-        if (hard) loss += p.hard_weight * -((dk_load(s + y) - s1.m) - log_z1);
+        if (hard) loss += p.hard_weight * -((s_y - s1.m) - log_z1);
         p.row_loss[row] = loss;
     }
 }

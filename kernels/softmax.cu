@@ -10,13 +10,13 @@ __device__ void softmax_fwd_row(const DkSoftmaxParams& p) {
     X* y = static_cast<X*>(p.output) + row * V;
     const float inv_t = p.inv_temperature;
     DkMaxSum st = dk_maxsum_empty();
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) dk_maxsum_add(st, dk_load(x + j), inv_t);
+    dk_row_pass(V, x, (const X*)nullptr, [&](int64_t, float xv, float) { dk_maxsum_add(st, xv, inv_t); });
     st = dk_block_reduce(st, DkMaxSumOp{inv_t}, red_ms);
     const float log_z = logf(st.z);
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        const float l = (dk_load(x + j) - st.m) * inv_t - log_z;
+    dk_row_pass(V, x, (const X*)nullptr, [&](int64_t j, float xv, float) {
+        const float l = (xv - st.m) * inv_t - log_z;
         dk_store(y + j, p.log_output ? l : expf(l));
-    }
+    });
 }
 
 template <typename X>
@@ -29,16 +29,12 @@ __device__ void softmax_bwd_row(const DkSoftmaxBwdParams& p) {
     const float inv_t = p.inv_temperature;
     // softmax: dx = y (dy - <y, dy>) / T.   log_softmax: dx = (dy - exp(y) sum(dy)) / T.
     float acc = 0.0f;
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        const float d = dk_load(dy + j);
-        acc += p.log_output ? d : d * dk_load(y + j);
-    }
+    dk_row_pass(V, dy, p.log_output ? nullptr : y, [&](int64_t, float d, float yv) { acc += p.log_output ? d : d * yv; });
     const float dot = dk_block_reduce(acc, DkSum{}, red_f);
-    for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        const float yv = dk_load(y + j), d = dk_load(dy + j);
+    dk_row_pass(V, y, dy, [&](int64_t j, float yv, float d) {
         const float v = p.log_output ? d - expf(yv) * dot : yv * (d - dot);
         dk_store(dx + j, v * inv_t);
-    }
+    });
 }
 
 #define DK_SOFTMAX(suffix, X)                                                                         \

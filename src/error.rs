@@ -19,7 +19,9 @@ pub enum Error {
     },
     #[error("empty input: {0}")]
     Empty(&'static str),
-    #[error("label {label} at row {row} is outside [0, {vocab}) and is not ignore_index {ignore_index}")]
+    #[error(
+        "label {label} at row {row} is outside [0, {vocab}) and is not ignore_index {ignore_index}"
+    )]
     LabelOutOfRange {
         row: usize,
         label: i64,

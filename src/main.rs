@@ -1,1 +1,24 @@
-fn main(){}
+//! `distill`: run the fused distillation loss of `distill_kernels` on tensors stored in a
+//! safetensors file, on any device, and write the loss and the student gradients to another one.
+//!
+//! ```text
+//! distill loss --input IN.safetensors --output OUT.safetensors [--device cpu] [--kind jsd] ...
+//! distill example --output IN.safetensors [--rows 16] [--vocab 2048] [--hidden 64] [--seed 0]
+//! ```
+//!
+//! Every failure is reported as one line `error: ...` on stderr with exit status 1 (clap's own
+//! usage errors exit with 2). The program never panics on user input.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match cli::run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::one_line(&e.to_string()));
+            ExitCode::FAILURE
+        }
+    }
+}

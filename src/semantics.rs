@@ -97,15 +97,20 @@ fn invalid(name: &'static str, value: impl ToString, reason: &'static str) -> Er
 }
 
 impl LossConfig {
-    /// Checks every option on its own (shapes are checked by [`Problem::new`]).
+    /// Checks every option on its own (shapes are checked by [`check_inputs`]).
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
         if !(t.is_finite() && t > 0.0) {
             return Err(invalid("temperature", t, "must be finite and > 0"));
         }
-        // 1/T must be finite and representable so the device's multiply equals the division.
-        if !(1.0 / t).is_finite() {
-            return Err(invalid("temperature", t, "is too small: 1/T overflows f32"));
+        // 1/T and T^2 (the soft-loss scale) must be normal f32 numbers, or the soft loss would
+        // silently vanish or overflow.
+        if !((1.0 / t).is_normal() && (t * t).is_normal()) {
+            return Err(invalid(
+                "temperature",
+                t,
+                "is outside the f32 range where 1/T and T^2 are representable",
+            ));
         }
         if !(0.0..=1.0).contains(&self.alpha) {
             return Err(invalid("alpha", self.alpha, "must be in [0, 1]"));
@@ -228,7 +233,11 @@ impl LossValue {
 
 /// Checks that every shape agrees and every label is in range. The one shape check all backends
 /// share; returns the number of valid rows.
-pub fn check_inputs(cfg: &LossConfig, inputs: &DistillInputs, grads: &GradOutputs) -> Result<usize> {
+pub fn check_inputs(
+    cfg: &LossConfig,
+    inputs: &DistillInputs,
+    grads: &GradOutputs,
+) -> Result<usize> {
     cfg.validate()?;
     let DistillInputs { rows, vocab, .. } = *inputs;
     if rows == 0 {
@@ -237,9 +246,13 @@ pub fn check_inputs(cfg: &LossConfig, inputs: &DistillInputs, grads: &GradOutput
     if vocab == 0 {
         return Err(Error::Empty("vocab = 0"));
     }
-    let n = rows
-        .checked_mul(vocab)
-        .ok_or_else(|| invalid("rows * vocab", format!("{rows} * {vocab}"), "overflows usize"))?;
+    let n = rows.checked_mul(vocab).ok_or_else(|| {
+        invalid(
+            "rows * vocab",
+            format!("{rows} * {vocab}"),
+            "overflows usize",
+        )
+    })?;
     let shape = format!("[{rows}, {vocab}]");
     check_len("student_logits", inputs.student.len(), n, &shape)?;
     check_len("teacher_logits", inputs.teacher.len(), n, &shape)?;
@@ -328,7 +341,12 @@ fn check_len(tensor: &'static str, actual: usize, expected: usize, shape: &str) 
 }
 
 /// Checks for the standalone softmax kernels.
-pub fn check_softmax(rows: usize, vocab: usize, temperature: f32, lens: &[(&'static str, usize)]) -> Result<()> {
+pub fn check_softmax(
+    rows: usize,
+    vocab: usize,
+    temperature: f32,
+    lens: &[(&'static str, usize)],
+) -> Result<()> {
     if rows == 0 {
         return Err(Error::Empty("rows = 0"));
     }
@@ -336,11 +354,19 @@ pub fn check_softmax(rows: usize, vocab: usize, temperature: f32, lens: &[(&'sta
         return Err(Error::Empty("vocab = 0"));
     }
     if !(temperature.is_finite() && temperature > 0.0 && (1.0 / temperature).is_finite()) {
-        return Err(invalid("temperature", temperature, "must be finite and > 0"));
+        return Err(invalid(
+            "temperature",
+            temperature,
+            "must be finite and > 0",
+        ));
     }
-    let n = rows
-        .checked_mul(vocab)
-        .ok_or_else(|| invalid("rows * vocab", format!("{rows} * {vocab}"), "overflows usize"))?;
+    let n = rows.checked_mul(vocab).ok_or_else(|| {
+        invalid(
+            "rows * vocab",
+            format!("{rows} * {vocab}"),
+            "overflows usize",
+        )
+    })?;
     let shape = format!("[{rows}, {vocab}]");
     for &(name, len) in lens {
         check_len(name, len, n, &shape)?;

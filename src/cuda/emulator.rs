@@ -20,7 +20,8 @@ pub(crate) fn is_loaded() -> bool {
 pub(crate) fn load() -> Result<&'static libloading::Library> {
     LOADED
         .get_or_init(|| {
-            let path = write_library().map_err(|e| format!("cannot write the emulator library: {e}"))?;
+            let path =
+                write_library().map_err(|e| format!("cannot write the emulator library: {e}"))?;
             // SAFETY: our own library; its initializers only register kernels.
             unsafe { libloading::Library::new(&path) }
                 .map_err(|e| format!("cannot load the emulator library {}: {e}", path.display()))
@@ -32,13 +33,16 @@ pub(crate) fn load() -> Result<&'static libloading::Library> {
 /// Writes the embedded library once per content hash into the temp directory (atomically:
 /// concurrent test processes may race here).
 fn write_library() -> std::io::Result<PathBuf> {
-    let hash = LIBRARY
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let hash = LIBRARY.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     let dir = std::env::temp_dir().join(format!("distill-kernels-emu-{hash:016x}"));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("libcuda.so.1");
-    if std::fs::metadata(&path).map(|m| m.len() == LIBRARY.len() as u64).unwrap_or(false) {
+    if std::fs::metadata(&path)
+        .map(|m| m.len() == LIBRARY.len() as u64)
+        .unwrap_or(false)
+    {
         return Ok(path);
     }
     let tmp = dir.join(format!("libcuda.so.1.{}.tmp", std::process::id()));

@@ -27,7 +27,9 @@ impl CudaDevice {
             _ => unreachable!("download buffers are allocated with the destination's dtype"),
         };
         r.map_err(|e| self.cuda_error("download", e))?;
-        self.stream.synchronize().map_err(|e| self.cuda_error("synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| self.cuda_error("synchronize", e))
     }
 }
 
@@ -40,13 +42,22 @@ impl Backend for CudaDevice {
         }
     }
 
-    fn distill_loss(&self, cfg: &LossConfig, inputs: &DistillInputs, grads: GradOutputs) -> Result<LossValue> {
+    fn distill_loss(
+        &self,
+        cfg: &LossConfig,
+        inputs: &DistillInputs,
+        grads: GradOutputs,
+    ) -> Result<LossValue> {
         // Host inputs are checked here, labels included, so the device sees only valid calls.
         check_inputs(cfg, inputs, &grads)?;
         let s = self.upload(inputs.student)?;
         let t = self.upload(inputs.teacher)?;
         let labels = match inputs.labels {
-            Some(l) => Some(self.stream.clone_htod(l).map_err(|e| self.cuda_error("upload", e))?),
+            Some(l) => Some(
+                self.stream
+                    .clone_htod(l)
+                    .map_err(|e| self.cuda_error("upload", e))?,
+            ),
             None => None,
         };
         let GradOutputs {
@@ -93,9 +104,22 @@ impl Backend for CudaDevice {
         Ok(value)
     }
 
-    fn softmax(&self, input: HostSlice, rows: usize, vocab: usize, temperature: f32, log: bool, output: HostSliceMut) -> Result<()> {
+    fn softmax(
+        &self,
+        input: HostSlice,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+        log: bool,
+        output: HostSliceMut,
+    ) -> Result<()> {
         check_same_dtype("output", input, &output)?;
-        crate::semantics::check_softmax(rows, vocab, temperature, &[("input", input.len()), ("output", output.len())])?;
+        crate::semantics::check_softmax(
+            rows,
+            vocab,
+            temperature,
+            &[("input", input.len()), ("output", output.len())],
+        )?;
         let x = self.upload(input)?;
         let mut y = self.zeros(output.dtype(), output.len())?;
         self.softmax_device(&x, &mut y, rows, vocab, temperature, log)?;
@@ -117,7 +141,11 @@ impl Backend for CudaDevice {
             rows,
             vocab,
             temperature,
-            &[("output", output.len()), ("grad_output", grad_output.len()), ("grad_input", grad_input.len())],
+            &[
+                ("output", output.len()),
+                ("grad_output", grad_output.len()),
+                ("grad_input", grad_input.len()),
+            ],
         )?;
         let y = self.upload(output)?;
         let dy = self.upload(grad_output)?;

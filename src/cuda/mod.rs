@@ -23,6 +23,11 @@ pub const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatb
 /// `arch kernel registers spill_stores spill_loads stack_bytes smem_bytes` (empty without nvcc).
 pub const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas.tsv"));
 
+/// The emulator's message for its last failed launch (barrier divergence, trap, bad shuffle).
+pub fn emulator_last_error() -> Option<String> {
+    emulator::last_error()
+}
+
 /// Whether this build carries compiled kernels for real GPUs.
 pub const HAS_FATBIN: bool = cfg!(dk_fatbin);
 
@@ -96,7 +101,9 @@ impl CudaDevice {
     fn open(ordinal: usize, image: Vec<u8>, emulated: bool) -> Result<Self> {
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::DeviceUnavailable("the CUDA driver could not be loaded".into()))?
-            .map_err(|e| Error::DeviceUnavailable(format!("cannot open CUDA device {ordinal}: {e}")))?;
+            .map_err(|e| {
+                Error::DeviceUnavailable(format!("cannot open CUDA device {ordinal}: {e}"))
+            })?;
         let stream = ctx.default_stream();
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(image))
@@ -127,7 +134,9 @@ impl CudaDevice {
 
     /// The device's name as the driver reports it.
     pub fn name(&self) -> Result<String> {
-        self.ctx.name().map_err(|e| self.cuda_error("cuDeviceGetName", e))
+        self.ctx
+            .name()
+            .map_err(|e| self.cuda_error("cuDeviceGetName", e))
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction> {
@@ -146,7 +155,9 @@ impl CudaDevice {
     /// A driver error, with the emulator's own message (barrier divergence, trap, ...) attached.
     fn cuda_error(&self, during: &str, e: DriverError) -> Error {
         let detail = if self.emulated {
-            emulator::last_error().map(|m| format!(": {m}")).unwrap_or_default()
+            emulator::last_error()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
         } else {
             String::new()
         };

@@ -6,7 +6,10 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDr
 
 use super::tensor::{DeviceTensor, DeviceTensorMut};
 use super::CudaDevice;
-use crate::abi::{DkHiddenParams, DkKdParams, DkPrepareParams, DkReduceParams, DkScalars, DkSoftmaxBwdParams, DkSoftmaxParams};
+use crate::abi::{
+    DkHiddenParams, DkKdParams, DkPrepareParams, DkReduceParams, DkScalars, DkSoftmaxBwdParams,
+    DkSoftmaxParams,
+};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::semantics::{LossConfig, LossKind, LossValue, Reduction};
@@ -99,7 +102,12 @@ fn kind_code(kind: LossKind) -> &'static str {
 }
 
 impl CudaDevice {
-    fn launch<P: cudarc::driver::DeviceRepr>(&self, name: &str, cfg: LaunchConfig, params: &P) -> Result<()> {
+    fn launch<P: cudarc::driver::DeviceRepr>(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
         let f = self.function(name)?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(params);
@@ -130,7 +138,9 @@ impl CudaDevice {
         if vocab == 0 {
             return Err(Error::Empty("vocab = 0"));
         }
-        let n = rows.checked_mul(vocab).ok_or(Error::Empty("rows * vocab overflows"))?;
+        let n = rows
+            .checked_mul(vocab)
+            .ok_or(Error::Empty("rows * vocab overflows"))?;
         let shape = || format!("[{rows}, {vocab}]");
         let stream = &*self.stream;
         let mut guards: Vec<SyncOnDrop> = Vec::new();
@@ -197,7 +207,13 @@ impl CudaDevice {
             },
         )?;
 
-        let kd = format!("dk_kd_{}_{}_{}_{}", kind_code(cfg.kind), s_dtype, teacher.dtype(), g_dtype);
+        let kd = format!(
+            "dk_kd_{}_{}_{}_{}",
+            kind_code(cfg.kind),
+            s_dtype,
+            teacher.dtype(),
+            g_dtype
+        );
         self.launch(
             &kd,
             row_grid(rows, threads_for(vocab))?,
@@ -233,7 +249,9 @@ impl CudaDevice {
             if size == 0 {
                 return Err(Error::Hidden("hidden size is 0".into()));
             }
-            let m = rows.checked_mul(size).ok_or_else(|| Error::Hidden("rows * hidden overflows".into()))?;
+            let m = rows
+                .checked_mul(size)
+                .ok_or_else(|| Error::Hidden("rows * hidden overflows".into()))?;
             let hshape = || format!("[{rows}, {size}]");
             check_len("student_hidden", hs.len(), m, hshape())?;
             check_len("teacher_hidden", ht.len(), m, hshape())?;
@@ -320,11 +338,20 @@ impl CudaDevice {
         temperature: f32,
         log: bool,
     ) -> Result<()> {
-        crate::semantics::check_softmax(rows, vocab, temperature, &[("input", input.len()), ("output", output.len())])?;
+        crate::semantics::check_softmax(
+            rows,
+            vocab,
+            temperature,
+            &[("input", input.len()), ("output", output.len())],
+        )?;
         if input.dtype() != output.dtype() {
             return Err(Error::Dtype {
                 tensor: "output",
-                dtype: format!("{} (must match the input's {})", output.dtype(), input.dtype()),
+                dtype: format!(
+                    "{} (must match the input's {})",
+                    output.dtype(),
+                    input.dtype()
+                ),
             });
         }
         let stream = &*self.stream;
@@ -360,13 +387,21 @@ impl CudaDevice {
             rows,
             vocab,
             temperature,
-            &[("output", output.len()), ("grad_output", grad_output.len()), ("grad_input", grad_input.len())],
+            &[
+                ("output", output.len()),
+                ("grad_output", grad_output.len()),
+                ("grad_input", grad_input.len()),
+            ],
         )?;
         let dt = output.dtype();
         if grad_output.dtype() != dt || grad_input.dtype() != dt {
             return Err(Error::Dtype {
                 tensor: "grad_output/grad_input",
-                dtype: format!("{}/{} (must match the output's {dt})", grad_output.dtype(), grad_input.dtype()),
+                dtype: format!(
+                    "{}/{} (must match the output's {dt})",
+                    grad_output.dtype(),
+                    grad_input.dtype()
+                ),
             });
         }
         let stream = &*self.stream;

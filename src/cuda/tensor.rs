@@ -1,6 +1,8 @@
 //! Device buffers of any supported dtype, seen by the launch code as (pointer, dtype, length).
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
 use half::{bf16, f16};
 
 use crate::dtype::{Dtype, Element, HostSlice};
@@ -79,7 +81,10 @@ pub enum DeviceVec {
 }
 
 impl DeviceVec {
-    pub fn upload(stream: &std::sync::Arc<CudaStream>, data: HostSlice) -> Result<Self, cudarc::driver::DriverError> {
+    pub fn upload(
+        stream: &std::sync::Arc<CudaStream>,
+        data: HostSlice,
+    ) -> Result<Self, cudarc::driver::DriverError> {
         Ok(match data {
             HostSlice::F32(s) => DeviceVec::F32(stream.clone_htod(s)?),
             HostSlice::F16(s) => DeviceVec::F16(stream.clone_htod(s)?),
@@ -87,7 +92,11 @@ impl DeviceVec {
         })
     }
 
-    pub fn zeros(stream: &std::sync::Arc<CudaStream>, dtype: Dtype, len: usize) -> Result<Self, cudarc::driver::DriverError> {
+    pub fn zeros(
+        stream: &std::sync::Arc<CudaStream>,
+        dtype: Dtype,
+        len: usize,
+    ) -> Result<Self, cudarc::driver::DriverError> {
         Ok(match dtype {
             Dtype::F32 => DeviceVec::F32(stream.alloc_zeros(len)?),
             Dtype::F16 => DeviceVec::F16(stream.alloc_zeros(len)?),

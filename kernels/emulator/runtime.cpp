@@ -1,0 +1,1048 @@
+/*
+ * runtime.cpp: the SIMT scheduler of the emulated GPU.
+ *
+ * Model
+ *   - One CUDA thread is one fiber: a user-level context with its own mmap'd stack (64 KiB by
+ *     default, DISTILL_EMU_STACK_KB to change, with a guard page below it). Stacks are regions
+ *     aligned to their power-of-two size with a header at the top naming the fiber, so device
+ *     code finds "the current CUDA thread" from its stack pointer (simt.h: self()), without
+ *     thread-local storage and with nothing to update on a switch.
+ *   - A block runs on one OS thread from start to end; its fibers switch cooperatively, only at
+ *     __syncthreads, warp primitives and thread exit. No preemption: a spin-wait on memory that
+ *     another thread of the same block writes never ends (documented in README.md).
+ *   - Blocks of a grid are spread over a pool of OS workers (DISTILL_EMU_THREADS, default: the
+ *     CPUs this process may run on). The launching thread is worker 0, so a one-block launch
+ *     never wakes the pool. Launches are serialised by one global mutex.
+ *
+ * Scheduling
+ *   The live fibers of a block form a ring. A fiber that must wait records what it waits for as
+ *   "the word *wait_word still equals wait_value" (a barrier or warp generation counter) and
+ *   switches directly to the next fiber in the ring whose condition no longer holds. The last
+ *   arriver at a rendezvous bumps the generation, which releases everybody at once, and simply
+ *   continues. So a shuffle costs one context switch per lane. If a full turn of the ring finds
+ *   nobody runnable, no progress is possible: that is barrier/warp divergence and the launch
+ *   fails with a message that names the kernel and the block.
+ *
+ * Warp exchange
+ *   Each warp has two sets of 32 16-byte slots, used by alternating generations. A lane writes
+ *   its value into slot[gen & 1][lane] and parks; once released it reads the source lane's slot.
+ *   A fast lane can already be at the next primitive and write slot[(gen + 1) & 1] while slow
+ *   lanes still read slot[gen & 1]; it cannot get two generations ahead because that next
+ *   primitive needs the slow lanes too.
+ *
+ * Context switch
+ *   x86_64 and aarch64: a hand-written switch saving the callee-saved registers (no syscall, no
+ *   signal mask). Elsewhere (or with -DDK_EMU_USE_UCONTEXT): ucontext, correct but ~10x slower.
+ *   Under AddressSanitizer every switch is announced with __sanitizer_{start,finish}_switch_fiber.
+ */
+#include "simt.h"
+#include "emu_internal.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstdarg>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define DK_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DK_EMU_ASAN 1
+#endif
+#endif
+#ifndef DK_EMU_ASAN
+#define DK_EMU_ASAN 0
+#endif
+#if DK_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#if (defined(__x86_64__) || defined(__aarch64__)) && !defined(DK_EMU_USE_UCONTEXT)
+#define DK_EMU_ASM_SWITCH 1
+#else
+#define DK_EMU_ASM_SWITCH 0
+#include <ucontext.h>
+#endif
+
+namespace dk_emu {
+
+/* ------------------------------------------------------------------------------------------ */
+/* Small helpers                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+static std::string strfmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+static std::string strfmt(const char* fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return std::string(buf);
+}
+
+static const char* op_name(unsigned op) {
+    static const char* const names[OP_COUNT_] = {
+        "(running)",       "__syncthreads", "__shfl_sync",  "__shfl_up_sync", "__shfl_down_sync",
+        "__shfl_xor_sync", "__ballot_sync", "__any_sync",   "__all_sync",     "__syncwarp",
+        "__reduce_*_sync", "__match_any_sync", "__match_all_sync",
+    };
+    return op < OP_COUNT_ ? names[op] : "(unknown primitive)";
+}
+
+static unsigned env_unsigned(const char* name, unsigned fallback, unsigned lo, unsigned hi) {
+    const char* s = getenv(name);
+    if (!s || !*s) return fallback;
+    char* end = nullptr;
+    unsigned long v = strtoul(s, &end, 10);
+    if (end == s || *end != '\0' || v < lo || v > hi) {
+        fprintf(stderr, "distill emulator: ignoring %s=%s (expected an integer in [%u, %u])\n", name, s, lo, hi);
+        return fallback;
+    }
+    return static_cast<unsigned>(v);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Contexts                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+struct Fiber;
+static void fiber_main(Fiber* f) noexcept;
+
+#if DK_EMU_ASM_SWITCH
+struct Context {
+    void* sp = nullptr; /* saved stack pointer; the callee-saved registers sit on that stack */
+};
+
+extern "C" DK_EMU_HIDDEN void dk_emu_ctx_switch(void** save_sp, void* new_sp);
+extern "C" DK_EMU_HIDDEN void dk_emu_ctx_entry();
+
+#if defined(__x86_64__)
+/* dk_emu_ctx_switch(save, next): push the callee-saved registers, save rsp into *save, load
+ * next as rsp, pop the registers of the target and return into it. A fresh fiber's stack is
+ * prepared (ctx_make) so that this "returns" into dk_emu_ctx_entry with r12 = argument and
+ * r13 = function. rbp = 0 there ends frame-pointer stack walks (debuggers, ASan reports).
+ * The x87 control word and MXCSR are not switched: kernels do not change them. */
+__asm__(
+    ".text\n"
+    ".p2align 4\n"
+    ".globl dk_emu_ctx_switch\n"
+    ".hidden dk_emu_ctx_switch\n"
+    ".type dk_emu_ctx_switch,@function\n"
+    "dk_emu_ctx_switch:\n"
+    "    pushq %rbp\n"
+    "    pushq %rbx\n"
+    "    pushq %r12\n"
+    "    pushq %r13\n"
+    "    pushq %r14\n"
+    "    pushq %r15\n"
+    "    movq %rsp, (%rdi)\n"
+    "    movq %rsi, %rsp\n"
+    "    popq %r15\n"
+    "    popq %r14\n"
+    "    popq %r13\n"
+    "    popq %r12\n"
+    "    popq %rbx\n"
+    "    popq %rbp\n"
+    "    ret\n"
+    ".size dk_emu_ctx_switch, .-dk_emu_ctx_switch\n"
+    ".p2align 4\n"
+    ".globl dk_emu_ctx_entry\n"
+    ".hidden dk_emu_ctx_entry\n"
+    ".type dk_emu_ctx_entry,@function\n"
+    "dk_emu_ctx_entry:\n"
+    "    movq %r12, %rdi\n"
+    "    callq *%r13\n"
+    "    ud2\n"
+    ".size dk_emu_ctx_entry, .-dk_emu_ctx_entry\n");
+
+static void ctx_make(Context* c, char* stack_lo, size_t size, Fiber* arg) {
+    /* Frame popped by dk_emu_ctx_switch: r15 r14 r13 r12 rbx rbp, then the return address.
+     * After the `ret`, rsp = top (16-byte aligned); the entry stub's `call` then leaves rsp + 8
+     * 16-byte aligned at the function's entry, as the SysV ABI wants. */
+    uintptr_t top = reinterpret_cast<uintptr_t>(stack_lo + size) & ~static_cast<uintptr_t>(15);
+    void** sp = reinterpret_cast<void**>(top - 7 * sizeof(void*));
+    sp[0] = nullptr;                                    /* r15 */
+    sp[1] = nullptr;                                    /* r14 */
+    sp[2] = reinterpret_cast<void*>(&fiber_main);       /* r13: function */
+    sp[3] = arg;                                        /* r12: argument */
+    sp[4] = nullptr;                                    /* rbx */
+    sp[5] = nullptr;                                    /* rbp */
+    sp[6] = reinterpret_cast<void*>(&dk_emu_ctx_entry); /* return address */
+    c->sp = sp;
+}
+
+#else /* __aarch64__ */
+/* AAPCS64: x19-x28, the frame pointer x29, the link register x30 and the low halves of v8-v15
+ * (d8-d15) are callee-saved. dk_emu_ctx_switch stores them in a 160-byte frame on the current
+ * stack, saves sp into *save, loads next as sp, restores the target's frame and returns to its
+ * x30. A fresh fiber's frame (ctx_make) has x30 = dk_emu_ctx_entry, x19 = argument,
+ * x20 = function, x29 = 0 (ends frame-pointer stack walks). FPCR is not switched. */
+__asm__(
+    ".text\n"
+    ".p2align 4\n"
+    ".globl dk_emu_ctx_switch\n"
+    ".hidden dk_emu_ctx_switch\n"
+    ".type dk_emu_ctx_switch,%function\n"
+    "dk_emu_ctx_switch:\n"
+    "    sub sp, sp, #160\n"
+    "    stp x19, x20, [sp, #0]\n"
+    "    stp x21, x22, [sp, #16]\n"
+    "    stp x23, x24, [sp, #32]\n"
+    "    stp x25, x26, [sp, #48]\n"
+    "    stp x27, x28, [sp, #64]\n"
+    "    stp x29, x30, [sp, #80]\n"
+    "    stp d8, d9, [sp, #96]\n"
+    "    stp d10, d11, [sp, #112]\n"
+    "    stp d12, d13, [sp, #128]\n"
+    "    stp d14, d15, [sp, #144]\n"
+    "    mov x9, sp\n"
+    "    str x9, [x0]\n"
+    "    mov sp, x1\n"
+    "    ldp x19, x20, [sp, #0]\n"
+    "    ldp x21, x22, [sp, #16]\n"
+    "    ldp x23, x24, [sp, #32]\n"
+    "    ldp x25, x26, [sp, #48]\n"
+    "    ldp x27, x28, [sp, #64]\n"
+    "    ldp x29, x30, [sp, #80]\n"
+    "    ldp d8, d9, [sp, #96]\n"
+    "    ldp d10, d11, [sp, #112]\n"
+    "    ldp d12, d13, [sp, #128]\n"
+    "    ldp d14, d15, [sp, #144]\n"
+    "    add sp, sp, #160\n"
+    "    ret\n"
+    ".size dk_emu_ctx_switch, .-dk_emu_ctx_switch\n"
+    ".p2align 4\n"
+    ".globl dk_emu_ctx_entry\n"
+    ".hidden dk_emu_ctx_entry\n"
+    ".type dk_emu_ctx_entry,%function\n"
+    "dk_emu_ctx_entry:\n"
+    "    mov x0, x19\n"
+    "    blr x20\n"
+    "    brk #0\n"
+    ".size dk_emu_ctx_entry, .-dk_emu_ctx_entry\n");
+
+static void ctx_make(Context* c, char* stack_lo, size_t size, Fiber* arg) {
+    uintptr_t top = reinterpret_cast<uintptr_t>(stack_lo + size) & ~static_cast<uintptr_t>(15);
+    void** frame = reinterpret_cast<void**>(top - 160);
+    for (int i = 0; i < 20; ++i) frame[i] = nullptr;
+    frame[0] = arg;                                          /* x19: argument */
+    frame[1] = reinterpret_cast<void*>(&fiber_main);         /* x20: function */
+    frame[10] = nullptr;                                     /* x29 */
+    frame[11] = reinterpret_cast<void*>(&dk_emu_ctx_entry);  /* x30: return address */
+    c->sp = frame;
+}
+#endif
+
+static inline void ctx_swap(Context* from, Context* to) { dk_emu_ctx_switch(&from->sp, to->sp); }
+
+#else /* ucontext fallback */
+struct Context {
+    ucontext_t uc;
+};
+
+static void uc_entry(unsigned hi, unsigned lo) {
+    fiber_main(reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo));
+}
+
+static void ctx_make(Context* c, char* stack_lo, size_t size, Fiber* arg) {
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = stack_lo;
+    c->uc.uc_stack.ss_size = size;
+    c->uc.uc_link = nullptr;
+    const uintptr_t p = reinterpret_cast<uintptr_t>(arg);
+    makecontext(&c->uc, reinterpret_cast<void (*)()>(&uc_entry), 2, static_cast<unsigned>(p >> 32),
+                static_cast<unsigned>(p & 0xffffffffu));
+}
+
+static inline void ctx_swap(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Data structures                                                                             */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One fiber stack: a region of g_stack_bytes aligned to its size. Layout, low to high: a
+ * PROT_NONE guard page (overflow faults instead of corrupting a neighbour), the usable stack,
+ * and the StackHeader (see simt.h) in the top kStackHeaderBytes. */
+struct Stack {
+    char* lo = nullptr; /* usable [lo, lo + size) */
+    size_t size = 0;
+};
+
+struct Warp {
+    unsigned gen = 0;     /* completed rendezvous count */
+    unsigned arrived = 0; /* lanes at the current rendezvous */
+    unsigned nlanes = 32;
+    unsigned mask = 0xffffffffu;
+    unsigned index = 0;
+    unsigned op[2] = {0, 0};   /* primitive of the rendezvous using slot set gen & 1 */
+    unsigned size[2] = {0, 0}; /* value size of that rendezvous */
+    unsigned ballot[2] = {0, 0};
+    alignas(16) unsigned char slots[2][32][16];
+};
+
+struct Worker;
+
+/* The fields the scheduler touches on every switch come first and fit one cache line. */
+struct alignas(64) Fiber : FiberPublic {
+    Context ctx;
+    Fiber* next = nullptr;               /* ring of live fibers of the block */
+    const unsigned* wait_word = nullptr; /* parked while *wait_word == wait_value */
+    unsigned wait_value = 0;
+    unsigned wait_op = OP_NONE; /* what it waits at, for diagnostics */
+    Warp* warp = nullptr;
+    Worker* worker = nullptr;
+    /* colder */
+    Fiber* prev = nullptr;
+    bool exited = false;
+    Stack stack;
+    void* fake_stack = nullptr; /* ASan's fake stack while switched out */
+};
+
+/* A fresh fiber is runnable: its wait word (1) differs from its wait value (0). */
+static const unsigned kRunnable = 1;
+
+struct Launch;
+
+struct Block {
+    uint3 idx = {0, 0, 0};
+    unsigned nthreads = 0;
+    unsigned live = 0;
+    unsigned bar_gen = 0;
+    unsigned bar_arrived = 0;
+    int bar_count[2] = {0, 0};
+    bool aborted = false;
+};
+
+struct Worker {
+    unsigned index = 0;
+    std::vector<Stack> stacks; /* grown lazily, reused across blocks and launches */
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    Context main_ctx; /* the OS thread's own stack while a block runs */
+    void* main_fake_stack = nullptr;
+    const void* main_stack_lo = nullptr;
+    size_t main_stack_size = 0;
+    Block block;
+    BlockPublic pub; /* what blockIdx/blockDim/gridDim/DK_DYNAMIC_SHARED read */
+    Launch* launch = nullptr;
+    size_t dyn_smem_bytes = 0;
+};
+
+struct Launch {
+    KernelEntry* kernel = nullptr;
+    void** params = nullptr;
+    uint3 grid = {1, 1, 1};
+    uint3 block = {1, 1, 1};
+    unsigned smem = 0;
+    unsigned long long nblocks = 0;
+    std::atomic<unsigned long long> next_block{0};
+    std::atomic<bool> failed{false};
+    std::mutex err_mu;
+    int err_code = 0;
+    std::string err_msg;
+
+    /* First failure wins; the remaining blocks are not started. */
+    void fail(int code, std::string msg) {
+        std::lock_guard<std::mutex> g(err_mu);
+        if (err_code == 0) {
+            err_code = code;
+            err_msg = std::move(msg);
+        }
+        failed.store(true, std::memory_order_relaxed);
+    }
+};
+
+uintptr_t g_stack_bytes = 0;
+
+static size_t page_bytes() {
+    static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    return p;
+}
+
+/* Stack tops are staggered by up to this much so that the hot tops of the fibers' stacks (all
+ * at the same offset of size-aligned regions otherwise) spread over the cache sets. */
+static constexpr size_t kMaxColor = 255 * 64;
+
+/* Region size: DISTILL_EMU_STACK_KB of usable stack (at least) plus guard page, header and
+ * colouring, rounded up to a power of two (the stack pointer is masked with it). Untouched
+ * pages cost address space only. */
+static size_t configured_stack_bytes() {
+    /* ASan frames carry redzones: give them room. */
+    const size_t want = static_cast<size_t>(env_unsigned("DISTILL_EMU_STACK_KB", DK_EMU_ASAN ? 256 : 64, 16, 65536)) * 1024;
+    const size_t need = want + page_bytes() + kStackHeaderBytes + kMaxColor;
+    size_t bytes = 16 * 1024;
+    while (bytes < need) bytes *= 2;
+    return bytes;
+}
+
+static bool alloc_stack(Stack* s) {
+    const size_t page = page_bytes();
+    const size_t size = g_stack_bytes;
+    /* Map twice the size and keep the aligned middle. */
+    char* raw = static_cast<char*>(
+        mmap(nullptr, 2 * size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    if (raw == MAP_FAILED) return false;
+    char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + size - 1) & ~(size - 1));
+    if (base > raw) munmap(raw, static_cast<size_t>(base - raw));
+    if (base + size < raw + 2 * size) munmap(base + size, static_cast<size_t>(raw + 2 * size - (base + size)));
+    mprotect(base, page, PROT_NONE);
+    s->lo = base + page;
+    s->size = size - page - kStackHeaderBytes;
+    StackHeader* h = reinterpret_cast<StackHeader*>(base + size - kStackHeaderBytes);
+    h->fiber = nullptr;
+    h->magic = kStackMagic;
+    return true;
+}
+
+static inline StackHeader* header_of(const Stack& s) { return reinterpret_cast<StackHeader*>(s.lo + s.size); }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Switching                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The running fiber, checked: device primitives called from host code end here. */
+static inline Fiber* current_fiber() {
+    const StackHeader* h = stack_header();
+    if (__builtin_expect(g_stack_bytes == 0 || h->magic != kStackMagic || h->fiber == nullptr, 0)) {
+        fprintf(stderr, "distill emulator: a device primitive was called outside a kernel launch\n");
+        abort();
+    }
+    return static_cast<Fiber*>(h->fiber);
+}
+
+/* Usable stack of fiber i: its top is lowered by (i % 256) cache lines (see kMaxColor). */
+static inline void fiber_stack_range(const Stack& s, unsigned i, char** lo, size_t* size) {
+    const size_t color = static_cast<size_t>(i % 256) * 64;
+    *lo = s.lo;
+    *size = s.size - color;
+}
+
+/* The fiber after `to` in the ring is usually the next one to run: start pulling the top of its
+ * stack (saved registers and hot frames) into cache now, while `to` runs. */
+static inline void prefetch_successor(const Fiber* to) {
+#if DK_EMU_ASM_SWITCH
+    const char* sp = static_cast<const char*>(to->next->ctx.sp);
+    for (int i = 0; i < 8; ++i) __builtin_prefetch(sp + 64 * i);
+#else
+    (void)to;
+#endif
+}
+
+/* Switch from fiber `from` (which will be resumed later) to fiber `to`. */
+static inline void switch_fiber(Fiber* from, Fiber* to) {
+    prefetch_successor(to);
+#if DK_EMU_ASAN
+    __sanitizer_start_switch_fiber(&from->fake_stack, to->stack.lo, to->stack.size);
+#endif
+    ctx_swap(&from->ctx, &to->ctx);
+#if DK_EMU_ASAN
+    __sanitizer_finish_switch_fiber(from->fake_stack, nullptr, nullptr);
+#endif
+}
+
+/* Leave fiber `from` for good (it exited, or the block is abandoned). */
+[[noreturn]] static void leave_fiber(Fiber* from, Context* to, const void* to_lo, size_t to_size) {
+#if DK_EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, to_lo, to_size);
+#else
+    (void)to_lo;
+    (void)to_size;
+#endif
+    ctx_swap(&from->ctx, to);
+    __builtin_unreachable();
+}
+
+[[noreturn]] static void leave_to_main(Worker* w, Fiber* from) {
+    leave_fiber(from, &w->main_ctx, w->main_stack_lo, w->main_stack_size);
+}
+
+static std::string block_where(const char* what, const Launch* L, const Block& B) {
+    return strfmt("%s in kernel %s: block (%u,%u,%u)", what, L->kernel->name.c_str(), B.idx.x, B.idx.y, B.idx.z);
+}
+
+static std::string thread_where(const char* what, const Launch* L, const Block& B, const Fiber* f) {
+    return block_where(what, L, B) + strfmt(", thread (%u,%u,%u)", f->thread_idx.x, f->thread_idx.y, f->thread_idx.z);
+}
+
+/* Failing from inside a fiber. The fiber stack is abandoned without unwinding, so the message
+ * is built and handed to the launch in one full-expression (all temporaries destroyed) before
+ * abandon_block runs from a frame that owns nothing:
+ *     w->launch->fail(code, make_message(...));
+ *     abandon_block(w, f);                                                                     */
+[[noreturn]] static void abandon_block(Worker* w, Fiber* f) {
+    w->block.aborted = true;
+    leave_to_main(w, f);
+}
+
+/* Nobody in the block can run: explain who waits where, then fail. */
+static std::string describe_stall(Worker* w) {
+    const Block& B = w->block;
+    unsigned exited = 0, at_bar = 0;
+    unsigned per_op[OP_COUNT_] = {};
+    std::string warps_of_op[OP_COUNT_];
+    unsigned warps_listed[OP_COUNT_] = {};
+    const Warp* last_listed[OP_COUNT_] = {};
+    for (unsigned i = 0; i < B.nthreads; ++i) {
+        const Fiber& t = w->fibers[i];
+        if (t.exited) {
+            ++exited;
+        } else if (t.wait_op == OP_SYNCTHREADS) {
+            ++at_bar;
+        } else if (t.wait_op < OP_COUNT_) {
+            const unsigned op = t.wait_op;
+            ++per_op[op];
+            /* Name each warp once (fibers are visited in warp order). */
+            if (last_listed[op] != t.warp) {
+                last_listed[op] = t.warp;
+                if (warps_listed[op] < 4) {
+                    warps_of_op[op] += strfmt("%swarp %u: %u of %u lanes arrived", warps_listed[op] ? "; " : "",
+                                              t.warp->index, t.warp->arrived, t.warp->nlanes);
+                } else if (warps_listed[op] == 4) {
+                    warps_of_op[op] += "; ...";
+                }
+                ++warps_listed[op];
+            }
+        }
+    }
+    std::vector<std::string> groups;
+    if (at_bar) groups.push_back(strfmt("%u wait at __syncthreads", at_bar));
+    for (unsigned op = OP_SHFL; op < OP_COUNT_; ++op)
+        if (per_op[op]) groups.push_back(strfmt("%u wait at %s (%s)", per_op[op], op_name(op), warps_of_op[op].c_str()));
+
+    std::string msg = block_where(at_bar ? "barrier divergence" : "warp divergence", w->launch, B) + ": ";
+    if (exited) {
+        msg += strfmt("%u of %u threads exited", exited, B.nthreads);
+        for (size_t i = 0; i < groups.size(); ++i) msg += (i == 0 ? " while " : ", ") + groups[i];
+    } else if (!groups.empty()) {
+        /* "128 of 256 threads wait at __syncthreads while 128 wait at ..." */
+        const std::string& g0 = groups[0];
+        const size_t sp = g0.find(' ');
+        msg += g0.substr(0, sp) + strfmt(" of %u threads", B.nthreads) + g0.substr(sp);
+        for (size_t i = 1; i < groups.size(); ++i) msg += (i == 1 ? " while " : ", ") + groups[i];
+    }
+    msg += "; no thread can make progress";
+    return msg;
+}
+
+[[noreturn]] static void report_stall(Worker* w, Fiber* f) {
+    w->launch->fail(kErrLaunchFailed, describe_stall(w));
+    abandon_block(w, f);
+}
+
+/* Park the current fiber (its wait condition is already recorded) and run the next runnable
+ * fiber of the ring. Returns once somebody has released it. */
+static void park(Worker* w, Fiber* f) {
+    for (Fiber* n = f->next; n != f; n = n->next) {
+        if (*n->wait_word != n->wait_value) {
+            switch_fiber(f, n);
+            return;
+        }
+    }
+    report_stall(w, f);
+}
+
+[[noreturn]] static void fiber_exit(Worker* w, Fiber* f) {
+    Block& B = w->block;
+    f->exited = true;
+    f->wait_op = OP_NONE;
+    if (--B.live == 0) leave_to_main(w, f);
+    Fiber* start = f->next;
+    f->prev->next = f->next;
+    f->next->prev = f->prev;
+    Fiber* n = start;
+    do {
+        if (*n->wait_word != n->wait_value) {
+            leave_fiber(f, &n->ctx, n->stack.lo, n->stack.size);
+        }
+        n = n->next;
+    } while (n != start);
+    report_stall(w, f);
+}
+
+static void fiber_main(Fiber* f) noexcept {
+#if DK_EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+    Worker* w = f->worker;
+    w->launch->kernel->fn(w->launch->params);
+    fiber_exit(w, f);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Primitives called by simt.h                                                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Error paths live out of line so the hot paths below keep small frames. */
+[[noreturn]] __attribute__((noinline, cold)) static void bad_mask(Fiber* f, unsigned mask, unsigned op) {
+    Worker* w = f->worker;
+    { /* scoped: nothing that owns memory may be alive when the fiber is abandoned */
+        const std::string partial =
+            f->warp->mask == 0xffffffffu ? "" : strfmt(", or 0x%08x for this partial warp", f->warp->mask);
+        w->launch->fail(kErrUnknown, thread_where("unsupported warp mask", w->launch, w->block, f) +
+                                         strfmt(": %s called with mask 0x%08x; the emulator needs every lane of "
+                                                "the warp to take part (mask 0xffffffff%s)",
+                                                op_name(op), mask, partial.c_str()));
+    }
+    abandon_block(w, f);
+}
+
+[[noreturn]] __attribute__((noinline, cold)) static void mixed_primitives(Fiber* f, unsigned op, unsigned size) {
+    Worker* w = f->worker;
+    const Warp* wp = f->warp;
+    const unsigned b = wp->gen & 1u;
+    w->launch->fail(kErrLaunchFailed,
+                    block_where("warp divergence", w->launch, w->block) +
+                        strfmt(": warp %u: lane %u called %s (%u-byte value) while %u lanes wait at %s (%u-byte value)",
+                               wp->index, f->lane, op_name(op), size, wp->arrived, op_name(wp->op[b]), wp->size[b]));
+    abandon_block(w, f);
+}
+
+/* Parks `f` until *word != value. Out of line: only lanes that are not last take this path. */
+__attribute__((noinline)) static void wait_for(Fiber* f, const unsigned* word, unsigned value, unsigned op) {
+    f->wait_word = word;
+    f->wait_value = value;
+    f->wait_op = op;
+    park(f->worker, f);
+    f->wait_op = OP_NONE;
+}
+
+static inline void copy_slot(unsigned char* dst, const void* src, unsigned size) {
+    /* Fixed-size copies compile to single moves; the general case is rare. */
+    switch (size) {
+    case 4: std::memcpy(dst, src, 4); break;
+    case 8: std::memcpy(dst, src, 8); break;
+    case 2: std::memcpy(dst, src, 2); break;
+    case 16: std::memcpy(dst, src, 16); break;
+    default: std::memcpy(dst, src, size); break;
+    }
+}
+
+WarpResult warp_sync(unsigned mask, unsigned op, const void* value, unsigned size, int pred) {
+    Fiber* f = current_fiber();
+    Warp* wp = f->warp;
+    if (__builtin_expect(mask != 0xffffffffu && mask != wp->mask, 0)) bad_mask(f, mask, op);
+    const unsigned g = wp->gen;
+    const unsigned b = g & 1u;
+    if (wp->arrived == 0) {
+        wp->op[b] = op;
+        wp->size[b] = size;
+        wp->ballot[b] = 0;
+    } else if (__builtin_expect(wp->op[b] != op || wp->size[b] != size, 0)) {
+        mixed_primitives(f, op, size);
+    }
+    if (size) copy_slot(wp->slots[b][f->lane], value, size);
+    if (pred) wp->ballot[b] |= 1u << f->lane;
+    if (++wp->arrived == wp->nlanes) {
+        wp->arrived = 0;
+        wp->gen = g + 1; /* releases the parked lanes */
+    } else {
+        wait_for(f, &wp->gen, g, op);
+    }
+    return WarpResult{&wp->slots[b][0][0], wp->ballot[b], static_cast<unsigned short>(f->lane),
+                      static_cast<unsigned short>(wp->nlanes)};
+}
+
+int syncthreads_count(int pred) {
+    Fiber* f = current_fiber();
+    Block& B = f->worker->block;
+    const unsigned g = B.bar_gen;
+    const unsigned b = g & 1u;
+    if (B.bar_arrived == 0) B.bar_count[b] = 0;
+    if (pred) ++B.bar_count[b];
+    if (++B.bar_arrived == B.nthreads) {
+        B.bar_arrived = 0;
+        B.bar_gen = g + 1;
+    } else {
+        wait_for(f, &B.bar_gen, g, OP_SYNCTHREADS);
+    }
+    return B.bar_count[b];
+}
+
+void syncthreads() { (void)syncthreads_count(0); }
+
+void trap() {
+    Fiber* f = current_fiber();
+    Worker* w = f->worker;
+    w->launch->fail(kErrLaunchFailed, thread_where("__trap()", w->launch, w->block, f));
+    abandon_block(w, f);
+}
+
+void assert_fail(const char* expr, const char* file, unsigned line, const char* func) {
+    Fiber* f = current_fiber();
+    Worker* w = f->worker;
+    w->launch->fail(kErrAssert, thread_where("device assertion failed", w->launch, w->block, f) +
+                                    strfmt(": %s:%u: %s: Assertion `%s` failed.", file, line, func, expr));
+    abandon_block(w, f);
+}
+
+void misuse(const char* what) {
+    Fiber* f = current_fiber();
+    Worker* w = f->worker;
+    w->launch->fail(kErrUnknown, thread_where("unsupported use of the emulator", w->launch, w->block, f) + ": " + what);
+    abandon_block(w, f);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Kernel registry                                                                             */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Leaked on purpose: registration runs in static initialisers, lookups may come from threads
+ * still running during exit. */
+static std::mutex& registry_mutex() {
+    static std::mutex* m = new std::mutex;
+    return *m;
+}
+static std::unordered_map<std::string, KernelEntry*>& registry() {
+    static auto* r = new std::unordered_map<std::string, KernelEntry*>;
+    return *r;
+}
+
+void register_kernel(const char* name, KernelTrampoline fn, unsigned param_bytes) {
+    std::lock_guard<std::mutex> g(registry_mutex());
+    auto& r = registry();
+    if (r.count(name)) {
+        fprintf(stderr, "distill emulator: kernel %s registered twice; keeping the first\n", name);
+        return;
+    }
+    KernelEntry* e = new KernelEntry;
+    e->name = name;
+    e->fn = fn;
+    e->param_bytes = param_bytes;
+    r.emplace(e->name, e);
+}
+
+KernelEntry* find_kernel(const char* name) {
+    if (!name) return nullptr;
+    std::lock_guard<std::mutex> g(registry_mutex());
+    auto& r = registry();
+    auto it = r.find(name);
+    return it == r.end() ? nullptr : it->second;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Blocks                                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+#if DK_EMU_ASAN
+static void this_thread_stack(const void** lo, size_t* size) {
+    static thread_local const void* t_lo = nullptr;
+    static thread_local size_t t_size = 0;
+    if (!t_lo) {
+        pthread_attr_t attr;
+        void* addr = nullptr;
+        size_t sz = 0;
+        if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+            pthread_attr_getstack(&attr, &addr, &sz);
+            pthread_attr_destroy(&attr);
+        }
+        t_lo = addr;
+        t_size = sz;
+    }
+    *lo = t_lo;
+    *size = t_size;
+}
+#endif
+
+static bool ensure_capacity(Worker* w, unsigned nthreads) {
+    while (w->stacks.size() < nthreads) {
+        Stack s;
+        if (!alloc_stack(&s)) return false;
+        w->stacks.push_back(s);
+    }
+    if (w->fibers.size() < nthreads) w->fibers.resize(nthreads);
+    const unsigned nwarps = (nthreads + 31) / 32;
+    if (w->warps.size() < nwarps) w->warps.resize(nwarps);
+    return true;
+}
+
+static void run_block(Worker* w, unsigned long long linear) {
+    Launch* L = w->launch;
+    Block& B = w->block;
+    const uint3 g = L->grid, bd = L->block;
+    B.idx = uint3{static_cast<unsigned>(linear % g.x), static_cast<unsigned>((linear / g.x) % g.y),
+                  static_cast<unsigned>(linear / (static_cast<unsigned long long>(g.x) * g.y))};
+    B.nthreads = bd.x * bd.y * bd.z;
+    B.live = B.nthreads;
+    B.bar_gen = 0;
+    B.bar_arrived = 0;
+    B.aborted = false;
+    w->pub.block_idx = B.idx;
+    if (w->dyn_smem_bytes) std::memset(w->pub.dyn_smem, 0xff, w->dyn_smem_bytes);
+
+    const unsigned n = B.nthreads;
+    for (unsigned i = 0; i * 32 < n; ++i) {
+        Warp& wp = w->warps[i];
+        wp.gen = 0;
+        wp.arrived = 0;
+        wp.index = i;
+        wp.nlanes = std::min(32u, n - i * 32);
+        wp.mask = wp.nlanes == 32 ? 0xffffffffu : ((1u << wp.nlanes) - 1u);
+    }
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber& f = w->fibers[i];
+        f.thread_idx = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
+        f.lane = i & 31u;
+        f.warp = &w->warps[i >> 5];
+        f.warp_lanes = f.warp->nlanes;
+        f.warp_mask = f.warp->mask;
+        f.block = &w->pub;
+        f.worker = w;
+        f.next = &w->fibers[i + 1 == n ? 0 : i + 1];
+        f.prev = &w->fibers[i == 0 ? n - 1 : i - 1];
+        f.wait_word = &kRunnable;
+        f.wait_value = 0;
+        f.wait_op = OP_NONE;
+        f.exited = false;
+        f.fake_stack = nullptr;
+        char* lo;
+        size_t size;
+        fiber_stack_range(w->stacks[i], i, &lo, &size);
+        f.stack.lo = lo;
+        f.stack.size = size;
+        header_of(w->stacks[i])->fiber = &f; /* the fibers vector may have moved since last time */
+        ctx_make(&f.ctx, lo, size, &f);
+    }
+
+    Fiber* first = &w->fibers[0];
+#if DK_EMU_ASAN
+    __sanitizer_start_switch_fiber(&w->main_fake_stack, first->stack.lo, first->stack.size);
+#endif
+    ctx_swap(&w->main_ctx, &first->ctx);
+#if DK_EMU_ASAN
+    __sanitizer_finish_switch_fiber(w->main_fake_stack, nullptr, nullptr);
+#endif
+
+#if DK_EMU_ASAN
+    /* Abandoned fibers leave poisoned redzones on their stacks; the next block reuses them. */
+    if (B.aborted)
+        for (unsigned i = 0; i < n; ++i) __asan_unpoison_memory_region(w->stacks[i].lo, w->stacks[i].size);
+#endif
+}
+
+static void run_blocks(Worker* w, Launch* L) {
+    w->launch = L;
+    w->pub.block_dim = L->block;
+    w->pub.grid_dim = L->grid;
+#if DK_EMU_ASAN
+    this_thread_stack(&w->main_stack_lo, &w->main_stack_size);
+#endif
+    const unsigned nthreads = L->block.x * L->block.y * L->block.z;
+    if (!ensure_capacity(w, nthreads)) {
+        L->fail(kErrOutOfMemory, strfmt("kernel %s: cannot allocate %u fiber stacks of %zu KiB (DISTILL_EMU_STACK_KB)",
+                                        L->kernel->name.c_str(), nthreads, static_cast<size_t>(g_stack_bytes / 1024)));
+        return;
+    }
+    /* Exact-size, so that AddressSanitizer sees overruns of dynamic shared memory. */
+    void* smem = nullptr;
+    if (L->smem && posix_memalign(&smem, 16, L->smem) != 0) {
+        L->fail(kErrOutOfMemory, strfmt("kernel %s: cannot allocate %u bytes of dynamic shared memory",
+                                        L->kernel->name.c_str(), L->smem));
+        return;
+    }
+    w->pub.dyn_smem = static_cast<unsigned char*>(smem);
+    w->dyn_smem_bytes = L->smem;
+
+    while (!L->failed.load(std::memory_order_relaxed)) {
+        const unsigned long long i = L->next_block.fetch_add(1, std::memory_order_relaxed);
+        if (i >= L->nblocks) break;
+        run_block(w, i);
+    }
+
+    free(smem);
+    w->pub.dyn_smem = nullptr;
+    w->dyn_smem_bytes = 0;
+    w->launch = nullptr;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Worker pool                                                                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+struct Pool {
+    unsigned nworkers = 1;
+    std::vector<Worker*> workers; /* [0] is whichever thread is launching */
+    std::mutex mu;
+    std::condition_variable cv_start, cv_done;
+    unsigned long long seq = 0; /* bumped per launch that uses helpers */
+    Launch* current = nullptr;
+    unsigned want = 0; /* workers taking part in `current`, the launcher included */
+    unsigned done = 0; /* helpers finished with `current` */
+};
+
+static void helper_loop(Pool* P, unsigned index) {
+    char name[16];
+    snprintf(name, sizeof name, "dk-emu-%u", index);
+    pthread_setname_np(pthread_self(), name);
+    unsigned long long seen = 0;
+    for (;;) {
+        Launch* L;
+        {
+            std::unique_lock<std::mutex> lk(P->mu);
+            P->cv_start.wait(lk, [&] { return P->seq != seen; });
+            seen = P->seq;
+            if (index >= P->want) continue;
+            L = P->current;
+        }
+        run_blocks(P->workers[index], L);
+        {
+            std::lock_guard<std::mutex> lk(P->mu);
+            if (++P->done == P->want - 1) P->cv_done.notify_one();
+        }
+    }
+}
+
+static unsigned default_workers() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        const int n = CPU_COUNT(&set);
+        if (n > 0) return static_cast<unsigned>(n);
+    }
+    const unsigned hc = std::thread::hardware_concurrency();
+    return hc ? hc : 1;
+}
+
+static Pool* pool() {
+    static Pool* p = [] {
+        /* Helper threads run code of this library: never let dlclose unmap it. */
+        Dl_info info;
+        if (dladdr(reinterpret_cast<void*>(&default_workers), &info) && info.dli_fname)
+            dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+        g_stack_bytes = configured_stack_bytes(); /* before any fiber exists */
+        Pool* P = new Pool; /* leaked on purpose: helpers outlive static destructors */
+        P->nworkers = env_unsigned("DISTILL_EMU_THREADS", std::min(default_workers(), 64u), 1, 256);
+        for (unsigned i = 0; i < P->nworkers; ++i) {
+            P->workers.push_back(new Worker);
+            P->workers.back()->index = i;
+        }
+        for (unsigned i = 1; i < P->nworkers; ++i) std::thread(helper_loop, P, i).detach();
+        return P;
+    }();
+    return p;
+}
+
+static std::mutex& launch_mutex() {
+    static std::mutex* m = new std::mutex;
+    return *m;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Launch and errors                                                                           */
+/* ------------------------------------------------------------------------------------------ */
+
+static constexpr size_t kMsgCap = 2048;
+static std::mutex& global_msg_mutex() {
+    static std::mutex* m = new std::mutex;
+    return *m;
+}
+static char g_last_msg[kMsgCap];
+static bool g_has_msg = false;
+static thread_local char t_last_msg[kMsgCap];
+static thread_local bool t_has_msg = false;
+
+int note_error(int code, const std::string& msg) {
+    snprintf(t_last_msg, kMsgCap, "%s", msg.c_str());
+    t_has_msg = true;
+    {
+        std::lock_guard<std::mutex> g(global_msg_mutex());
+        snprintf(g_last_msg, kMsgCap, "%s", msg.c_str());
+        g_has_msg = true;
+    }
+    if (getenv("DISTILL_EMU_VERBOSE")) fprintf(stderr, "distill emulator: %s\n", msg.c_str());
+    return code;
+}
+
+const char* last_error() {
+    if (t_has_msg) return t_last_msg;
+    std::lock_guard<std::mutex> g(global_msg_mutex());
+    return g_has_msg ? g_last_msg : nullptr;
+}
+
+int launch(KernelEntry* k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+           unsigned smem, void** params) {
+    if (!k) return note_error(kErrInvalidHandle, "launch of a null kernel handle");
+    const unsigned long long nthreads = 1ull * bx * by * bz;
+    if (bx == 0 || by == 0 || bz == 0 || gx == 0 || gy == 0 || gz == 0 || nthreads > kMaxThreadsPerBlock || bx > 1024 ||
+        by > 1024 || bz > 64 || gx > 0x7fffffffu || gy > 65535 || gz > 65535) {
+        return note_error(kErrInvalidValue,
+                              strfmt("invalid launch configuration for kernel %s: grid (%u,%u,%u), block (%u,%u,%u) "
+                                     "(at most 1024 threads per block, block.z <= 64, grid.y/z <= 65535)",
+                                     k->name.c_str(), gx, gy, gz, bx, by, bz));
+    }
+    const int max_dyn = k->max_dynamic_smem.load();
+    if (smem > static_cast<unsigned>(max_dyn)) {
+        return note_error(kErrInvalidValue,
+                              strfmt("kernel %s launched with %u bytes of dynamic shared memory, more than its limit of "
+                                     "%d (raise it with cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), "
+                                     "at most %d)",
+                                     k->name.c_str(), smem, max_dyn, kMaxSharedPerBlockOptin));
+    }
+    if (!params) return note_error(kErrInvalidValue, strfmt("kernel %s launched without kernelParams", k->name.c_str()));
+
+    std::lock_guard<std::mutex> serial(launch_mutex());
+    Pool* P = pool();
+    Launch L;
+    L.kernel = k;
+    L.params = params;
+    L.grid = uint3{gx, gy, gz};
+    L.block = uint3{bx, by, bz};
+    L.smem = smem;
+    L.nblocks = 1ull * gx * gy * gz;
+
+    const unsigned want = static_cast<unsigned>(std::min<unsigned long long>(P->nworkers, L.nblocks));
+    if (want > 1) {
+        {
+            std::lock_guard<std::mutex> lk(P->mu);
+            P->current = &L;
+            P->want = want;
+            P->done = 0;
+            ++P->seq;
+        }
+        P->cv_start.notify_all();
+    }
+    run_blocks(P->workers[0], &L);
+    if (want > 1) {
+        std::unique_lock<std::mutex> lk(P->mu);
+        P->cv_done.wait(lk, [&] { return P->done == want - 1; });
+        P->current = nullptr;
+    }
+    if (L.err_code) return note_error(L.err_code, L.err_msg);
+    return kSuccess;
+}
+
+}  // namespace dk_emu
+
+/* ------------------------------------------------------------------------------------------ */
+/* Exported helpers                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Message of the last failed launch (this thread's, else the process's), or NULL. */
+extern "C" DK_EMU_EXPORT const char* dkEmuLastError(void) { return dk_emu::last_error(); }
+
+/* 'DEMU': lets the Rust side tell the emulator from a real libcuda. */
+extern "C" DK_EMU_EXPORT int dkEmuIdentify(void) { return 0x44454d55; }
+
+/* Number of OS workers blocks are spread over. */
+extern "C" DK_EMU_EXPORT int dkEmuWorkerCount(void) { return static_cast<int>(dk_emu::pool()->nworkers); }
+
+/* Launch a registered kernel by name, synchronously. Returns a CUresult (0 on success). */
+extern "C" DK_EMU_EXPORT int dkEmuLaunch(const char* kernel_name, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                         unsigned by, unsigned bz, unsigned shared_bytes, void** params) {
+    dk_emu::KernelEntry* k = dk_emu::find_kernel(kernel_name);
+    if (!k) {
+        std::string msg = std::string("no kernel named ") + (kernel_name ? kernel_name : "(null)") + " is registered";
+        return dk_emu::note_error(dk_emu::kErrNotFound, msg);
+    }
+    return dk_emu::launch(k, gx, gy, gz, bx, by, bz, shared_bytes, params);
+}

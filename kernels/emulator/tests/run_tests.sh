@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Builds and runs the emulator's C++ tests. Exit status non-zero if any test fails.
+#
+#   kernels/emulator/tests/run_tests.sh [build-dir]
+#
+# Compiler: $CXX (default c++). Every test runs under `timeout`, so a hang (the thing barrier
+# divergence detection exists to prevent) fails the suite instead of blocking it.
+#   test_simt     reductions for many block shapes, shuffle/vote semantics, shared memory,
+#                 atomics from parallel blocks, timings
+#   test_errors   divergence / misuse / trap / assert reported with the kernel's name, recovery,
+#                 concurrent launches from several host threads
+#   test_fp16     half/bfloat16 rounding, bit-exact against an independent reference
+#   test_driver   the fake driver's C API as cudarc uses it
+#   test_dlopen   the shared library as the Rust crate loads it (by path, then as libcuda.so.1)
+#   asan_check.sh an out-of-bounds kernel read caught by AddressSanitizer, the clean one clean
+# The scheduler is also exercised with one worker thread and with the ucontext fallback.
+set -u
+CXX="${CXX:-c++}"
+read -r -a cxx <<<"$CXX" # allows e.g. CXX="ccache g++"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+emu="$(cd "$here/.." && pwd)"
+kernels="$(cd "$emu/.." && pwd)"
+out="${1:-}"
+if [ -z "$out" ]; then out="$(mktemp -d)"; fi
+mkdir -p "$out"
+echo "emulator tests: building in $out with $CXX"
+
+CXXFLAGS=(-std=c++17 -O2 -Wall -Wextra -Wno-unknown-pragmas -fno-strict-aliasing -I "$kernels")
+failures=0
+fail() {
+    echo "FAILED: $*" >&2
+    failures=$((failures + 1))
+}
+
+build() { # build <output> <sources...> [-- extra flags]
+    local bin="$1"
+    shift
+    if ! "${cxx[@]}" "${CXXFLAGS[@]}" "$@" -o "$out/$bin" -pthread -ldl >"$out/$bin.build.log" 2>&1; then
+        cat "$out/$bin.build.log" >&2
+        fail "build of $bin"
+        return 1
+    fi
+    if [ -s "$out/$bin.build.log" ]; then cat "$out/$bin.build.log" >&2; fi
+    return 0
+}
+
+run() { # run <label> <timeout-seconds> <command...>
+    local label="$1" limit="$2"
+    shift 2
+    echo "--- $label"
+    timeout "$limit" "$@"
+    local rc=$?
+    if [ $rc -eq 124 ]; then
+        fail "$label timed out after ${limit}s (hang?)"
+    elif [ $rc -ne 0 ]; then
+        fail "$label (exit $rc)"
+    fi
+}
+
+# Runtime and driver objects, shared by the test programs.
+for unit in runtime driver; do
+    if ! "${cxx[@]}" "${CXXFLAGS[@]}" -fPIC -c "$emu/$unit.cpp" -o "$out/$unit.o" >"$out/$unit.build.log" 2>&1; then
+        cat "$out/$unit.build.log" >&2
+        echo "FAILED: build of $unit.cpp" >&2
+        exit 1
+    fi
+done
+objs=("$out/runtime.o" "$out/driver.o")
+
+build test_simt -x c++ "$here/test_simt.cu" -x none "${objs[@]}" &&
+    run test_simt 300 "$out/test_simt" &&
+    run "test_simt (DISTILL_EMU_THREADS=1)" 300 env DISTILL_EMU_THREADS=1 "$out/test_simt"
+build test_errors -x c++ "$here/test_errors.cu" -x none "${objs[@]}" &&
+    run test_errors 120 "$out/test_errors" &&
+    run "test_errors (DISTILL_EMU_THREADS=1)" 120 env DISTILL_EMU_THREADS=1 "$out/test_errors"
+build test_fp16 "$here/test_fp16.cpp" "${objs[@]}" && run test_fp16 120 "$out/test_fp16"
+build test_driver "$here/test_driver.cpp" "${objs[@]}" && run test_driver 120 "$out/test_driver"
+
+# The shared library as build.rs makes it: the kernels' and selftest.cu's translation units,
+# runtime and driver, SONAME libcuda.so.1. It must not need static TLS (dlopen would fail).
+lib="$out/libdistill_emu_test.so"
+if "${cxx[@]}" -std=c++17 -O2 -fPIC -pthread -fno-strict-aliasing -w -shared -Wl,-soname,libcuda.so.1 -I "$kernels" \
+    "$emu/runtime.cpp" "$emu/driver.cpp" -x c++ "$emu/selftest.cu" -x none -o "$lib" >"$out/lib.build.log" 2>&1; then
+    if readelf -d "$lib" 2>/dev/null | grep -q STATIC_TLS; then
+        fail "the library needs static TLS (dlopen from Rust would fail)"
+    fi
+    build test_dlopen "$here/test_dlopen.cpp" && run test_dlopen 60 "$out/test_dlopen" "$lib"
+else
+    cat "$out/lib.build.log" >&2
+    fail "build of the shared library"
+fi
+
+# The portable context-switch fallback.
+if "${cxx[@]}" "${CXXFLAGS[@]}" -DDK_EMU_USE_UCONTEXT "$emu/runtime.cpp" "$emu/driver.cpp" -x c++ "$here/test_errors.cu" \
+    -x none -o "$out/test_errors_ucontext" -pthread -ldl >"$out/ucontext.build.log" 2>&1; then
+    run "test_errors (ucontext fallback)" 120 "$out/test_errors_ucontext"
+else
+    cat "$out/ucontext.build.log" >&2
+    fail "build of the ucontext variant"
+fi
+
+echo "--- asan_check.sh"
+if ! CXX="$CXX" timeout 600 "$here/asan_check.sh" "$out/asan"; then fail "asan_check.sh"; fi
+
+if [ $failures -ne 0 ]; then
+    echo "emulator tests: $failures FAILED" >&2
+    exit 1
+fi
+echo "emulator tests: all passed"

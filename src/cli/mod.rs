@@ -1,0 +1,223 @@
+//! The command line of the `distill` binary: argument definitions, the error type every command
+//! returns, and dispatch. The library stays free of CLI code; this module tree belongs to the
+//! binary only.
+
+mod example;
+mod io;
+mod json;
+mod loss;
+mod ptxas;
+mod rng;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// A failure of a command: one human-readable line naming the tensor, option or file at fault.
+#[derive(Debug)]
+pub struct CliError(String);
+
+impl CliError {
+    pub fn new(message: impl Into<String>) -> Self {
+        CliError(message.into())
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<distill_kernels::Error> for CliError {
+    fn from(e: distill_kernels::Error) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+pub type CliResult<T> = std::result::Result<T, CliError>;
+
+/// Collapses a message onto one line (library and OS messages may carry newlines).
+pub fn one_line(message: &str) -> String {
+    let parts: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    parts.join("; ")
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "distill",
+    version,
+    about = "Knowledge-distillation losses (forward/reverse KL, JSD, hard-label CE, hidden MSE) \
+             on safetensors inputs, on the reference, cpu, emulated or cuda device"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compute the fused distillation loss and the gradient of the student logits (and hidden
+    /// states) for the tensors in a safetensors file.
+    ///
+    /// IN holds `student_logits` and `teacher_logits` ([N, V], F32/F16/BF16), optionally
+    /// `labels` ([N], I64) and `student_hidden` + `teacher_hidden` ([N, H], F32/F16/BF16); other
+    /// tensors are ignored. OUT receives `loss` (F32, [] for mean/sum, [N] for none),
+    /// `grad_student_logits` ([N, V], F32) and, with hidden states, `grad_student_hidden`
+    /// ([N, H], F32). One JSON line with the result is printed on stdout.
+    Loss(LossArgs),
+    /// Write a deterministic synthetic input file for `distill loss` (correlated student and
+    /// teacher logits, labels with a few ignored rows, optional hidden states). The same
+    /// arguments give the same bytes on every machine.
+    Example(ExampleArgs),
+    /// Show ptxas's register, spill and shared-memory report for every compiled kernel; with
+    /// --check, fail if any kernel spills registers (on sm_80 and sm_90 unless --arch is given).
+    Ptxas(PtxasArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// sum p_t (log p_t - log p_s)
+    ForwardKl,
+    /// sum p_s (log p_s - log p_t)
+    ReverseKl,
+    /// beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s
+    Jsd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReductionArg {
+    /// One loss per row (0 for ignored rows)
+    None,
+    Sum,
+    /// Sum divided by the number of valid rows (or --normalizer)
+    Mean,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for distill_kernels::Dtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => distill_kernels::Dtype::F32,
+            DtypeArg::F16 => distill_kernels::Dtype::F16,
+            DtypeArg::Bf16 => distill_kernels::Dtype::Bf16,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct LossArgs {
+    /// Input safetensors file
+    #[arg(long, value_name = "IN.safetensors")]
+    pub input: PathBuf,
+    /// Output safetensors file (written atomically; never the input)
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub output: PathBuf,
+    /// Device: reference, cpu, emulated or cuda
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Soft loss between the teacher and student distributions
+    #[arg(long, value_enum, default_value_t = KindArg::ForwardKl)]
+    pub kind: KindArg,
+    /// JSD weight of the teacher, in (0, 1); only with --kind jsd [default: 0.5]
+    #[arg(long, allow_hyphen_values = true)]
+    pub beta: Option<f32>,
+    /// Softmax temperature T > 0 of the soft loss
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub temperature: f32,
+    /// Weight of the soft loss in [0, 1]; the hard-label cross-entropy gets 1 - alpha
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub alpha: f32,
+    /// Do not multiply the soft loss by T^2
+    #[arg(long)]
+    pub no_t2_scale: bool,
+    /// Label value of rows that take no part in the loss
+    #[arg(long, default_value_t = -100, allow_negative_numbers = true)]
+    pub ignore_index: i64,
+    /// How the row losses are reduced
+    #[arg(long, value_enum, default_value_t = ReductionArg::Mean)]
+    pub reduction: ReductionArg,
+    /// Weight of the hidden-state MSE (needs student_hidden and teacher_hidden in the input)
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub hidden_weight: f32,
+    /// Explicit divisor D of --reduction mean (gradient accumulation); default: valid rows
+    #[arg(long, allow_hyphen_values = true)]
+    pub normalizer: Option<f32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExampleArgs {
+    /// Output safetensors file
+    #[arg(long, value_name = "PATH")]
+    pub output: PathBuf,
+    /// Rows N (token positions)
+    #[arg(long, default_value_t = 16)]
+    pub rows: usize,
+    /// Vocabulary size V
+    #[arg(long, default_value_t = 2048)]
+    pub vocab: usize,
+    /// Hidden size H of student_hidden/teacher_hidden (0: no hidden states)
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Seed of the generator
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Dtype of the teacher tensors
+    #[arg(long, value_enum, default_value_t = DtypeArg::Bf16)]
+    pub dtype: DtypeArg,
+    /// Dtype of the student tensors
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub student_dtype: DtypeArg,
+    /// Number of rows labelled -100 (ignored) [default: rows / 8]
+    #[arg(long)]
+    pub ignored: Option<usize>,
+    /// Write no `labels` tensor
+    #[arg(long)]
+    pub no_labels: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PtxasArgs {
+    /// Fail (exit 1) when a kernel spills registers, instead of printing the table
+    #[arg(long)]
+    pub check: bool,
+    /// Architectures to show or check, e.g. `80,90` or `sm_86` [default: all for the table,
+    /// 80 and 90 for --check]
+    #[arg(long, value_delimiter = ',')]
+    pub arch: Vec<String>,
+}
+
+/// Parses the command line (clap prints its own usage errors and exits with 2) and runs it.
+pub fn run() -> CliResult<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Loss(args) => loss::run(&args),
+        Command::Example(args) => example::run(&args),
+        Command::Ptxas(mut args) => {
+            if args.check && args.arch.is_empty() {
+                args.arch = vec!["80".into(), "90".into()];
+            }
+            ptxas::run(&args)
+        }
+    }
+}
+
+/// Prints one line on stdout; a closed stdout is an error, not a panic.
+fn print_line(line: &str) -> CliResult<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::new(format!("cannot write to stdout: {e}")))
+}

@@ -1,0 +1,321 @@
+//! The device-buffer API trainers use (buffers on the caller's stream, gradient in place), the
+//! device-side label check, the emulator's misuse reports, and the build's ptxas report.
+mod common;
+
+use common::*;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use distill_kernels::cuda::{CudaDevice, DeviceInputs, Student};
+use distill_kernels::reference::distill_loss_f64;
+use distill_kernels::*;
+use half::{bf16, f16};
+
+fn upload<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, v: &[T]) -> CudaSlice<T> {
+    dev.stream().clone_htod(v).unwrap()
+}
+
+/// The gradient written over the student logits, in each student dtype, equals the reference
+/// up to the rounding of the stored dtype.
+#[test]
+fn in_place_gradient_every_dtype() {
+    let dev = emulated();
+    let (rows, vocab) = (7, 1000);
+    for kind in [
+        LossKind::ForwardKl,
+        LossKind::ReverseKl,
+        LossKind::Jsd { beta: 0.4 },
+    ] {
+        for sd in Dtype::ALL {
+            let b = batch(rows, vocab, sd, Dtype::Bf16, 4.0, 11);
+            let mut labels = b.labels.clone();
+            labels[2] = -100;
+            let cfg = LossConfig {
+                kind,
+                alpha: 0.5,
+                temperature: 2.0,
+                ..LossConfig::default()
+            };
+            let reference = distill_loss_f64(
+                &cfg,
+                &DistillInputs {
+                    rows,
+                    vocab,
+                    student: b.student.as_slice(),
+                    teacher: b.teacher.as_slice(),
+                    labels: Some(&labels),
+                    hidden: None,
+                },
+            )
+            .unwrap();
+            let HostVec::Bf16(t) = &b.teacher else {
+                unreachable!()
+            };
+            let teacher = upload(dev, t);
+            let l = upload(dev, &labels);
+            let (value, got): (LossValue, Vec<f32>) = match &b.student {
+                HostVec::F32(s) => {
+                    let mut s = upload(dev, s);
+                    let v = run_in_place(dev, &cfg, rows, vocab, &mut s, &teacher, &l);
+                    (v, dev.stream().clone_dtoh(&s).unwrap())
+                }
+                HostVec::F16(s) => {
+                    let mut s = upload(dev, s);
+                    let v = run_in_place(dev, &cfg, rows, vocab, &mut s, &teacher, &l);
+                    (
+                        v,
+                        dev.stream()
+                            .clone_dtoh(&s)
+                            .unwrap()
+                            .iter()
+                            .map(|x: &f16| x.to_f32())
+                            .collect(),
+                    )
+                }
+                HostVec::Bf16(s) => {
+                    let mut s = upload(dev, s);
+                    let v = run_in_place(dev, &cfg, rows, vocab, &mut s, &teacher, &l);
+                    (
+                        v,
+                        dev.stream()
+                            .clone_dtoh(&s)
+                            .unwrap()
+                            .iter()
+                            .map(|x: &bf16| x.to_f32())
+                            .collect(),
+                    )
+                }
+            };
+            assert_close("loss", &value.values, &reference.loss, 1e-4, 1e-5 * 4.0);
+            // Stored-dtype rounding: half an ulp relative (2^-11 f16, 2^-8 bf16), plus the
+            // f32 arithmetic error of the kernels (see tests/kernels.rs).
+            let rtol = match sd {
+                Dtype::F32 => 1e-4,
+                Dtype::F16 => 2f64.powi(-11) * 1.01,
+                Dtype::Bf16 => 2f64.powi(-8) * 1.01,
+            };
+            let unit = (cfg.soft_weight() / cfg.temperature + cfg.hard_weight()) as f64
+                / value.valid_rows as f64;
+            assert_close(
+                &format!("{kind:?} {sd} in-place grad"),
+                &got,
+                &reference.grad_logits,
+                rtol,
+                1e-5 * unit,
+            );
+        }
+    }
+}
+
+fn run_in_place<S: Element>(
+    dev: &CudaDevice,
+    cfg: &LossConfig,
+    rows: usize,
+    vocab: usize,
+    student: &mut CudaSlice<S>,
+    teacher: &CudaSlice<bf16>,
+    labels: &CudaSlice<i64>,
+) -> LossValue {
+    dev.distill_loss_device(
+        cfg,
+        DeviceInputs {
+            rows,
+            vocab,
+            student: Student::InPlace(student),
+            teacher,
+            labels: Some(labels),
+            hidden: None,
+        },
+    )
+    .unwrap()
+}
+
+/// A label outside [0, V) reaching the device is reported with its row and value, and nothing
+/// is written: the in-place logits survive the failed call.
+#[test]
+fn device_label_check_loses_nothing() {
+    let dev = emulated();
+    let (rows, vocab) = (4, 50);
+    let b = batch(rows, vocab, Dtype::F32, Dtype::F32, 2.0, 3);
+    let HostVec::F32(s_host) = &b.student else {
+        unreachable!()
+    };
+    let HostVec::F32(t_host) = &b.teacher else {
+        unreachable!()
+    };
+    let mut s = upload(dev, s_host);
+    let t = upload(dev, t_host);
+    let labels = upload(dev, &[1i64, -100, 50, 3][..]);
+    let err = dev
+        .distill_loss_device(
+            &LossConfig {
+                alpha: 0.5,
+                ..LossConfig::default()
+            },
+            DeviceInputs {
+                rows,
+                vocab,
+                student: Student::InPlace(&mut s),
+                teacher: &t,
+                labels: Some(&labels),
+                hidden: None,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Error::LabelOutOfRange {
+            row: 2,
+            label: 50,
+            vocab,
+            ignore_index: -100
+        }
+    );
+    assert_eq!(
+        &dev.stream().clone_dtoh(&s).unwrap(),
+        s_host,
+        "in-place logits were modified"
+    );
+}
+
+/// Shapes and dtypes are checked before anything is launched.
+#[test]
+fn device_api_rejects_bad_shapes() {
+    let dev = emulated();
+    let s = upload(dev, &[0.0f32; 12][..]);
+    let short = upload(dev, &[0.0f32; 10][..]);
+    let t = upload(dev, &[0.0f32; 12][..]);
+    let run = |t: &CudaSlice<f32>, g: &mut dyn distill_kernels::cuda::DeviceTensorMut| {
+        dev.distill_loss_device(
+            &LossConfig::default(),
+            DeviceInputs {
+                rows: 3,
+                vocab: 4,
+                student: Student::Logits {
+                    logits: &s,
+                    grad: Some(g),
+                },
+                teacher: t,
+                labels: None,
+                hidden: None,
+            },
+        )
+    };
+    let mut g32 = dev.stream().alloc_zeros::<f32>(12).unwrap();
+    let mut g16 = dev.stream().alloc_zeros::<bf16>(12).unwrap();
+    let mut g_short = dev.stream().alloc_zeros::<f32>(11).unwrap();
+    assert!(matches!(
+        run(&short, &mut g32),
+        Err(Error::ShapeMismatch {
+            tensor: "teacher_logits",
+            ..
+        })
+    ));
+    assert!(matches!(
+        run(&t, &mut g_short),
+        Err(Error::ShapeMismatch {
+            tensor: "grad_student_logits",
+            ..
+        })
+    ));
+    assert!(
+        matches!(run(&t, &mut g16), Err(Error::Gradient(_))),
+        "bf16 gradient for f32 logits"
+    );
+    assert!(run(&t, &mut g32).is_ok());
+}
+
+fn launch_selftest(dev: &CudaDevice, name: &str, threads: u32) -> Result<Vec<f32>> {
+    let module = dev
+        .context()
+        .load_module(cudarc::nvrtc::Ptx::from_binary(b"selftest\0".to_vec()))
+        .unwrap();
+    let f = module.load_function(name).unwrap();
+    let mut out = dev.stream().alloc_zeros::<f32>(threads as usize).unwrap();
+    {
+        let (ptr, _g) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut out, dev.stream());
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct P {
+            out: u64,
+        }
+        unsafe impl cudarc::driver::DeviceRepr for P {}
+        let p = P { out: ptr };
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p);
+        let cfg = LaunchConfig {
+            grid_dim: (2, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("{e}")))?;
+    }
+    dev.stream()
+        .synchronize()
+        .map_err(|e| Error::Cuda(format!("{e}")))?;
+    Ok(dev.stream().clone_dtoh(&out).unwrap())
+}
+
+/// A thread that never reaches the barrier is reported as barrier divergence naming the kernel,
+/// a partial-warp shuffle likewise, and the device keeps working afterwards.
+#[test]
+fn emulator_reports_divergence_and_recovers() {
+    // A private device: this test's failed launches must not disturb the shared one.
+    let dev = CudaDevice::emulated().unwrap();
+    let e = launch_selftest(&dev, "dk_selftest_divergence", 64).unwrap_err();
+    let msg = distill_kernels::cuda::emulator_last_error().unwrap_or_default();
+    assert!(
+        msg.contains("divergence") && msg.contains("dk_selftest_divergence"),
+        "{e}: {msg}"
+    );
+    let e = launch_selftest(&dev, "dk_selftest_partial_shuffle", 32).unwrap_err();
+    let msg = distill_kernels::cuda::emulator_last_error().unwrap_or_default();
+    assert!(msg.contains("dk_selftest_partial_shuffle"), "{e}: {msg}");
+    let ok =
+        launch_selftest(&dev, "dk_selftest_ok", 96).expect("a correct kernel runs after failures");
+    assert!(ok.iter().all(|&v| v == 96.0), "{ok:?}");
+}
+
+/// With nvcc, the build records ptxas's numbers for every kernel, and none spills on the
+/// architectures the kernels are tuned for. CI builds with DISTILL_REQUIRE_NVCC=1.
+#[test]
+fn ptxas_report_has_no_spills() {
+    let report = distill_kernels::cuda::PTXAS_REPORT;
+    if !distill_kernels::cuda::HAS_FATBIN {
+        assert!(option_env!("DISTILL_REQUIRE_NVCC") != Some("1"));
+        eprintln!("built without nvcc: no ptxas report to check");
+        return;
+    }
+    let mut kernels = 0;
+    for line in report.lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f.len(), 7, "{line}");
+        if f[0] == "sm_80" || f[0] == "sm_90" {
+            kernels += 1;
+            assert_eq!((f[3], f[4]), ("0", "0"), "{} spills on {}", f[1], f[0]);
+        }
+    }
+    // 45 KD + 15 hidden + 6 softmax + prepare + reduce, on two architectures.
+    assert_eq!(kernels, 2 * 68, "{report}");
+}
+
+/// The opt-in AddressSanitizer build of the emulator catches an out-of-bounds read inside a
+/// kernel (a deliberately broken one that only this check builds), and the in-bounds variant runs
+/// clean under the sanitizer.
+#[test]
+fn address_sanitizer_catches_out_of_bounds_read() {
+    let dir = std::env::temp_dir().join(format!("distill-asan-{}", std::process::id()));
+    let out = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/kernels/emulator/tests/asan_check.sh"
+        ))
+        .arg(&dir)
+        .output()
+        .expect("bash runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "asan_check.sh failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
