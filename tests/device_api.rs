@@ -319,3 +319,61 @@ fn address_sanitizer_catches_out_of_bounds_read() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A trainer's own stream: the loss runs on it, and the result equals the default-stream one.
+#[test]
+fn runs_on_the_callers_stream() {
+    let base = emulated();
+    let stream = base.context().new_stream().unwrap();
+    let dev = CudaDevice::on_stream(stream.clone()).unwrap();
+    let b = batch(3, 100, Dtype::F32, Dtype::F32, 2.0, 9);
+    let HostVec::F32(s) = &b.student else {
+        unreachable!()
+    };
+    let HostVec::F32(t) = &b.teacher else {
+        unreachable!()
+    };
+    let s_dev = stream.clone_htod(s).unwrap();
+    let t_dev = stream.clone_htod(t).unwrap();
+    let mut g = stream.alloc_zeros::<f32>(300).unwrap();
+    let cfg = LossConfig {
+        kind: LossKind::ReverseKl,
+        ..LossConfig::default()
+    };
+    let on_stream = dev
+        .distill_loss_device(
+            &cfg,
+            DeviceInputs {
+                rows: 3,
+                vocab: 100,
+                student: Student::Logits {
+                    logits: &s_dev,
+                    grad: Some(&mut g),
+                },
+                teacher: &t_dev,
+                labels: None,
+                hidden: None,
+            },
+        )
+        .unwrap();
+    let mut g_host = vec![0.0f32; 300];
+    let default = base
+        .distill_loss(
+            &cfg,
+            &DistillInputs {
+                rows: 3,
+                vocab: 100,
+                student: b.student.as_slice(),
+                teacher: b.teacher.as_slice(),
+                labels: None,
+                hidden: None,
+            },
+            GradOutputs {
+                logits: Some(HostSliceMut::F32(&mut g_host)),
+                hidden: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(on_stream, default);
+    assert_eq!(stream.clone_dtoh(&g).unwrap(), g_host);
+}

@@ -98,6 +98,35 @@ impl CudaDevice {
         Ok(device)
     }
 
+    /// Issues every call on the caller's `stream` (and loads the kernels into its context), for
+    /// trainers that own their CUDA context and streams. Works on a real GPU and on the emulated
+    /// one, whichever driver created the stream.
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let emulated = emulator::is_loaded() && emulator::driver_in_use_is_emulator();
+        let image = if !FATBIN.is_empty() {
+            FATBIN.to_vec()
+        } else if emulated {
+            b"distill-kernels emulated module\0".to_vec()
+        } else {
+            return Err(Error::DeviceUnavailable(
+                "this build has no compiled CUDA kernels: nvcc was not found when the crate was \
+                 built (set NVCC or CUDA_HOME and rebuild)"
+                    .into(),
+            ));
+        };
+        let ctx = stream.context().clone();
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(image))
+            .map_err(|e| Error::Cuda(format!("cannot load the kernel module: {e}")))?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            module,
+            functions: Mutex::new(HashMap::new()),
+            emulated,
+        })
+    }
+
     fn open(ordinal: usize, image: Vec<u8>, emulated: bool) -> Result<Self> {
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::DeviceUnavailable("the CUDA driver could not be loaded".into()))?
