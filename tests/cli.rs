@@ -1278,3 +1278,21 @@ fn ptxas_report_is_shown_or_reported_missing() {
         assert_error(&out, &["ptxas report", "nvcc"]);
     }
 }
+
+/// The README's API example (examples/api.rs) runs.
+#[test]
+fn readme_api_example_runs() {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_distill"))
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("api");
+    if !exe.exists() {
+        // `cargo test` builds examples; a filtered run may not have.
+        eprintln!("examples/api not built: {}", exe.display());
+        return;
+    }
+    let out = std::process::Command::new(&exe).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("loss "));
+}
