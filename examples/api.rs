@@ -30,6 +30,9 @@ fn main() -> distill_kernels::Result<()> {
             hidden: None,
         },
     )?;
-    println!("loss {} over {} valid rows", loss.values[0], loss.valid_rows);
+    println!(
+        "loss {} over {} valid rows",
+        loss.values[0], loss.valid_rows
+    );
     Ok(())
 }
