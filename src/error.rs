@@ -28,6 +28,12 @@ pub enum Error {
         vocab: usize,
         ignore_index: i64,
     },
+    #[error("token id {token} at position {position} is outside the vocabulary [0, {vocab})")]
+    TokenOutOfRange {
+        position: usize,
+        token: u32,
+        vocab: usize,
+    },
     #[error("the hard-label loss is requested (alpha = {alpha} < 1) but no labels were given")]
     MissingLabels { alpha: f32 },
     #[error("hidden states: {0}")]

@@ -1,0 +1,924 @@
+//! The Llama decoder, llm.c style: every parameter in one contiguous buffer laid out under Hugging
+//! Face's tensor names, every activation of a forward pass in one contiguous buffer sized for
+//! (batch, seq), and a hand-written forward and backward that call the ops of [`super::ops`] in
+//! order.
+//!
+//! ```text
+//! h_0 = embed_tokens[tokens]                                        (embeddings)
+//! for each layer l:
+//!     a   = h_l + o_proj(attention(rope(q_proj(x)), rope(k_proj(x)), v_proj(x))),  x = rmsnorm_1(h_l)
+//!     h_l+1 = a + down_proj(silu(gate_proj(y)) * up_proj(y)),                      y = rmsnorm_2(a)
+//! logits = lm_head(norm(h_L))
+//! ```
+
+use super::config::LlamaConfig;
+use super::ops::{self, AttnShape, Real};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// A tensor's place in a flat buffer: elements `offset .. offset + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Span {
+    pub fn range(self) -> Range<usize> {
+        self.offset..self.offset + self.len
+    }
+    pub fn of<F>(self, buf: &[F]) -> &[F] {
+        &buf[self.range()]
+    }
+    pub fn of_mut<F>(self, buf: &mut [F]) -> &mut [F] {
+        &mut buf[self.range()]
+    }
+}
+
+/// How a parameter tensor is initialized (HF `LlamaPreTrainedModel._init_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// `normal(0, initializer_range)`: embeddings and linear weights.
+    Normal,
+    /// All ones: RMSNorm weights.
+    Ones,
+}
+
+/// One named parameter tensor. `shape` is PyTorch's (`[out, in]` for a linear weight), row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub span: Span,
+    pub init: Init,
+}
+
+/// The parameters of decoder layer `i` (`model.layers.{i}.…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerParams {
+    /// `self_attn.q_proj.weight` `[NH*D, C]`
+    pub q_proj: Span,
+    /// `self_attn.k_proj.weight` `[NKV*D, C]`
+    pub k_proj: Span,
+    /// `self_attn.v_proj.weight` `[NKV*D, C]`
+    pub v_proj: Span,
+    /// `self_attn.o_proj.weight` `[C, NH*D]`
+    pub o_proj: Span,
+    /// `mlp.gate_proj.weight` `[I, C]`
+    pub gate_proj: Span,
+    /// `mlp.up_proj.weight` `[I, C]`
+    pub up_proj: Span,
+    /// `mlp.down_proj.weight` `[C, I]`
+    pub down_proj: Span,
+    /// `input_layernorm.weight` `[C]`
+    pub input_layernorm: Span,
+    /// `post_attention_layernorm.weight` `[C]`
+    pub post_attention_layernorm: Span,
+}
+
+/// Where every parameter lives in the one flat parameter buffer (and, identically, in the
+/// gradient buffer). Tensors are stored in the order of HF's `state_dict()`. With tied embeddings
+/// `lm_head` is the same span as `embed_tokens` and `lm_head.weight` is not listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamLayout {
+    /// `model.embed_tokens.weight` `[V, C]`
+    pub embed_tokens: Span,
+    pub layers: Vec<LayerParams>,
+    /// `model.norm.weight` `[C]`
+    pub norm: Span,
+    /// `lm_head.weight` `[V, C]`, or `embed_tokens` when tied.
+    pub lm_head: Span,
+    tensors: Vec<TensorInfo>,
+    total: usize,
+}
+
+impl ParamLayout {
+    fn new(cfg: &LlamaConfig) -> Self {
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let mut tensors = Vec::new();
+        let mut total = 0;
+        let mut push = |name: String, shape: Vec<usize>, init: Init| {
+            let span = Span {
+                offset: total,
+                len: shape.iter().product(),
+            };
+            total += span.len;
+            tensors.push(TensorInfo {
+                name,
+                shape,
+                span,
+                init,
+            });
+            span
+        };
+        let embed_tokens = push("model.embed_tokens.weight".into(), vec![v, c], Init::Normal);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let mut lin = |name: &str, out: usize, inp: usize| {
+                    push(
+                        format!("model.layers.{l}.{name}.weight"),
+                        vec![out, inp],
+                        Init::Normal,
+                    )
+                };
+                let q_proj = lin("self_attn.q_proj", qd, c);
+                let k_proj = lin("self_attn.k_proj", kvd, c);
+                let v_proj = lin("self_attn.v_proj", kvd, c);
+                let o_proj = lin("self_attn.o_proj", c, qd);
+                let gate_proj = lin("mlp.gate_proj", i, c);
+                let up_proj = lin("mlp.up_proj", i, c);
+                let down_proj = lin("mlp.down_proj", c, i);
+                let mut norm = |name: &str| {
+                    push(
+                        format!("model.layers.{l}.{name}.weight"),
+                        vec![c],
+                        Init::Ones,
+                    )
+                };
+                LayerParams {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj,
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                    input_layernorm: norm("input_layernorm"),
+                    post_attention_layernorm: norm("post_attention_layernorm"),
+                }
+            })
+            .collect();
+        let norm = push("model.norm.weight".into(), vec![c], Init::Ones);
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens
+        } else {
+            push("lm_head.weight".into(), vec![v, c], Init::Normal)
+        };
+        ParamLayout {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            tensors,
+            total,
+        }
+    }
+
+    /// Every stored tensor, in buffer (= HF `state_dict`) order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The tensor of that HF name; `lm_head.weight` resolves to the embedding when tied.
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .or_else(|| match name {
+                "lm_head.weight" if self.lm_head == self.embed_tokens => self.tensors.first(),
+                _ => None,
+            })
+    }
+
+    /// Number of scalars in the parameter (and gradient) buffer.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+/// A point of the residual stream whose value a forward exposes and whose gradient a backward
+/// accepts (hidden-state distillation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenPoint {
+    /// The token embeddings, input of layer 0.
+    Embeddings,
+    /// The output of decoder layer `l` (input of layer `l + 1`), before any norm.
+    LayerOutput(usize),
+    /// `model.norm` of the last layer's output: what `lm_head` reads.
+    Final,
+}
+
+impl HiddenPoint {
+    /// Entry `i` of HF's `output_hidden_states=True` tuple (length `num_layers + 1`): the
+    /// embeddings, the outputs of layers `0 .. num_layers - 1`, then the final normed state.
+    pub fn from_hf_index(i: usize, num_layers: usize) -> Option<Self> {
+        match i {
+            0 => Some(HiddenPoint::Embeddings),
+            i if i < num_layers => Some(HiddenPoint::LayerOutput(i - 1)),
+            i if i == num_layers => Some(HiddenPoint::Final),
+            _ => None,
+        }
+    }
+}
+
+/// Activations of one decoder layer, `[N, ·]` with `N = batch * seq` rows.
+#[derive(Debug, Clone, Copy)]
+struct LayerActs {
+    ln1: Span,      // [N, C]    input_layernorm(h)
+    ln1_rstd: Span, // [N]
+    q: Span,        // [N, NH*D] after RoPE
+    k: Span,        // [N, NKV*D] after RoPE
+    v: Span,        // [N, NKV*D]
+    att: Span,      // [B, T, NH, T] softmax probabilities
+    atty: Span,     // [N, NH*D] attention output, o_proj's input
+    res2: Span,     // [N, C]    h + attention branch
+    ln2: Span,      // [N, C]    post_attention_layernorm(res2)
+    ln2_rstd: Span, // [N]
+    gate: Span,     // [N, I]
+    up: Span,       // [N, I]
+    swiglu: Span,   // [N, I]    silu(gate) * up, down_proj's input
+    out: Span,      // [N, C]    res2 + MLP branch: the layer's output
+}
+
+#[derive(Debug, Clone)]
+struct ActLayout {
+    rope_cos: Span, // [T, D/2]
+    rope_sin: Span, // [T, D/2]
+    encoded: Span,  // [N, C] embeddings
+    layers: Vec<LayerActs>,
+    branch: Span, // [N, C] o_proj / down_proj output before the residual add (not kept)
+    lnf: Span,    // [N, C] final norm
+    lnf_rstd: Span, // [N]
+    logits: Span, // [N, V]
+}
+
+/// Backward scratch, reused by every layer.
+#[derive(Debug, Clone, Copy)]
+struct GradLayout {
+    dres: Span,    // [N, C] gradient of the residual stream
+    dln: Span,     // [N, C] gradient of a norm's output
+    dq: Span,      // [N, NH*D]
+    dk: Span,      // [N, NKV*D]
+    dv: Span,      // [N, NKV*D]
+    datty: Span,   // [N, NH*D]
+    dpreatt: Span, // [B, T, NH, T]
+    dswiglu: Span, // [N, I]
+    dgate: Span,   // [N, I]
+    dup: Span,     // [N, I]
+    total: usize,
+}
+
+/// Lays spans end to end; `None` when a size overflows.
+struct Bump(Option<usize>);
+
+impl Bump {
+    fn take(&mut self, dims: &[usize]) -> Span {
+        let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let offset = self.0.unwrap_or(0);
+        self.0 = match (self.0, len) {
+            (Some(at), Some(len)) => at.checked_add(len),
+            _ => None,
+        };
+        Span {
+            offset,
+            len: len.unwrap_or(0),
+        }
+    }
+}
+
+/// Everything a forward pass keeps for the backward, for one (batch, seq), in one contiguous
+/// buffer; the backward's scratch is a second buffer, allocated by the first backward.
+#[derive(Debug, Clone)]
+pub struct Activations<F> {
+    config: LlamaConfig,
+    batch: usize,
+    seq: usize,
+    layout: ActLayout,
+    grad_layout: GradLayout,
+    buf: Vec<F>,
+    grad_buf: Vec<F>,
+    tokens: Vec<u32>,
+    ready: bool,
+}
+
+impl<F: Real> Activations<F> {
+    /// Buffers for `batch` sequences of `seq` tokens (`seq <= max_position_embeddings`).
+    pub fn new(model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+        let cfg = model.config();
+        let invalid = |name, value: usize, reason| Error::InvalidOption {
+            name,
+            value: value.to_string(),
+            reason,
+        };
+        if batch == 0 {
+            return Err(invalid("batch", batch, "must be positive"));
+        }
+        if seq == 0 {
+            return Err(invalid("seq", seq, "must be positive"));
+        }
+        if seq > cfg.max_position_embeddings {
+            return Err(invalid("seq", seq, "exceeds max_position_embeddings"));
+        }
+        let n = batch.checked_mul(seq);
+        let n = n.ok_or_else(|| invalid("batch", batch, "batch * seq overflows"))?;
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd, hd, nh) = (
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.head_dim(),
+            cfg.num_attention_heads,
+        );
+
+        let mut a = Bump(Some(0));
+        let rope_cos = a.take(&[seq, hd / 2]);
+        let rope_sin = a.take(&[seq, hd / 2]);
+        let encoded = a.take(&[n, c]);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| LayerActs {
+                ln1: a.take(&[n, c]),
+                ln1_rstd: a.take(&[n]),
+                q: a.take(&[n, qd]),
+                k: a.take(&[n, kvd]),
+                v: a.take(&[n, kvd]),
+                att: a.take(&[n, nh, seq]),
+                atty: a.take(&[n, qd]),
+                res2: a.take(&[n, c]),
+                ln2: a.take(&[n, c]),
+                ln2_rstd: a.take(&[n]),
+                gate: a.take(&[n, i]),
+                up: a.take(&[n, i]),
+                swiglu: a.take(&[n, i]),
+                out: a.take(&[n, c]),
+            })
+            .collect();
+        let branch = a.take(&[n, c]);
+        let lnf = a.take(&[n, c]);
+        let lnf_rstd = a.take(&[n]);
+        let logits = a.take(&[n, v]);
+        let total = a.0;
+
+        let mut g = Bump(Some(0));
+        let grad_layout = GradLayout {
+            dres: g.take(&[n, c]),
+            dln: g.take(&[n, c]),
+            dq: g.take(&[n, qd]),
+            dk: g.take(&[n, kvd]),
+            dv: g.take(&[n, kvd]),
+            datty: g.take(&[n, qd]),
+            dpreatt: g.take(&[n, nh, seq]),
+            dswiglu: g.take(&[n, i]),
+            dgate: g.take(&[n, i]),
+            dup: g.take(&[n, i]),
+            total: g.0.unwrap_or(0),
+        };
+        let (Some(total), Some(_)) = (total, g.0) else {
+            return Err(invalid("batch", batch, "activation size overflows usize"));
+        };
+        let layout = ActLayout {
+            rope_cos,
+            rope_sin,
+            encoded,
+            layers,
+            branch,
+            lnf,
+            lnf_rstd,
+            logits,
+        };
+        let mut buf = vec![F::ZERO; total];
+        let (cos, sin) = ops::rope_tables::<F>(seq, hd, cfg.rope_theta);
+        rope_cos.of_mut(&mut buf).copy_from_slice(&cos);
+        rope_sin.of_mut(&mut buf).copy_from_slice(&sin);
+        Ok(Activations {
+            config: cfg.clone(),
+            batch,
+            seq,
+            layout,
+            grad_layout,
+            buf,
+            grad_buf: Vec::new(),
+            tokens: Vec::new(),
+            ready: false,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+    /// Scalars held: the forward buffer and (once a backward ran) its scratch.
+    pub fn len(&self) -> usize {
+        self.buf.len() + self.grad_buf.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The tokens of the last forward, `[B*T]`.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    /// `[B*T, V]`: the last forward's logits.
+    pub fn logits(&self) -> &[F] {
+        self.layout.logits.of(&self.buf)
+    }
+    /// `[B*T, C]`: the residual stream at `point` in the last forward; `None` for a layer index
+    /// past the last layer.
+    pub fn hidden(&self, point: HiddenPoint) -> Option<&[F]> {
+        let span = match point {
+            HiddenPoint::Embeddings => self.layout.encoded,
+            HiddenPoint::LayerOutput(l) => self.layout.layers.get(l)?.out,
+            HiddenPoint::Final => self.layout.lnf,
+        };
+        Some(span.of(&self.buf))
+    }
+    /// The `num_layers + 1` states HF returns with `output_hidden_states=True`, each `[B*T, C]`.
+    pub fn hf_hidden_states(&self) -> Vec<&[F]> {
+        let layers = self.layout.layers.len();
+        (0..=layers)
+            .filter_map(|i| self.hidden(HiddenPoint::from_hf_index(i, layers)?))
+            .collect()
+    }
+}
+
+/// Disjoint mutable views of `buf` at `spans` (an internal invariant: spans never overlap).
+fn split_mut<'a, F, const K: usize>(buf: &'a mut [F], spans: [Span; K]) -> [&'a mut [F]; K] {
+    let mut order: [usize; K] = std::array::from_fn(|i| i);
+    order.sort_unstable_by_key(|&i| spans[i].offset);
+    let mut out: [Option<&'a mut [F]>; K] = std::array::from_fn(|_| None);
+    let mut rest = buf;
+    let mut pos = 0;
+    for &i in &order {
+        let s = spans[i];
+        assert!(s.offset >= pos, "overlapping spans");
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(s.offset - pos);
+        let (mid, tail) = tail.split_at_mut(s.len);
+        out[i] = Some(mid);
+        rest = tail;
+        pos = s.offset + s.len;
+    }
+    out.map(|o| o.expect("every span is assigned"))
+}
+
+fn add_into<F: Real>(dst: &mut [F], src: &[F]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed generator for the initialization.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Elements per independently seeded stream of the initialization (so it can run in parallel
+/// and still not depend on the thread count).
+const INIT_CHUNK: usize = 1 << 16;
+
+/// A Llama-style decoder: a validated configuration and its parameter layout. Parameters,
+/// gradients and activations are buffers the caller owns.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    layout: ParamLayout,
+}
+
+impl Llama {
+    pub fn new(config: LlamaConfig) -> Result<Self> {
+        config.validate()?;
+        let layout = ParamLayout::new(&config);
+        Ok(Llama { config, layout })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// Length of the parameter (and gradient) buffer.
+    pub fn num_params(&self) -> usize {
+        self.layout.total
+    }
+
+    /// Fresh parameters: norms at one, every other tensor `normal(0, initializer_range)`. The
+    /// values are drawn in f64 and rounded to `F`, from streams seeded by (seed, tensor, chunk):
+    /// the same seed gives the same parameters whatever the thread count, and the f32 parameters
+    /// are the f64 ones rounded.
+    pub fn init_params<F: Real>(&self, seed: u64) -> Vec<F> {
+        let std = self.config.initializer_range;
+        let mut params = vec![F::ZERO; self.layout.total];
+        for (ti, t) in self.layout.tensors.iter().enumerate() {
+            let dst = t.span.of_mut(&mut params);
+            match t.init {
+                Init::Ones => dst.fill(F::ONE),
+                Init::Normal => {
+                    dst.par_chunks_mut(INIT_CHUNK)
+                        .enumerate()
+                        .for_each(|(ci, chunk)| {
+                            let mut mix = SplitMix64(seed);
+                            let s =
+                                mix.next_u64() ^ (ti as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+                            let s = SplitMix64(s).next_u64() ^ (ci as u64);
+                            let mut rng = SplitMix64(SplitMix64(s).next_u64());
+                            // Box-Muller: two normals per two uniforms.
+                            for pair in chunk.chunks_mut(2) {
+                                let r = (-2.0 * rng.unit().ln()).sqrt();
+                                let theta = 2.0 * std::f64::consts::PI * rng.unit();
+                                pair[0] = F::from_f64(std * r * theta.cos());
+                                if let Some(x) = pair.get_mut(1) {
+                                    *x = F::from_f64(std * r * theta.sin());
+                                }
+                            }
+                        });
+                }
+            }
+        }
+        params
+    }
+
+    fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
+        AttnShape {
+            batch,
+            seq,
+            n_heads: self.config.num_attention_heads,
+            n_kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim(),
+        }
+    }
+
+    fn check_len(
+        &self,
+        tensor: &'static str,
+        actual: usize,
+        expected: usize,
+        shape: String,
+    ) -> Result<()> {
+        match actual == expected {
+            true => Ok(()),
+            false => Err(Error::ShapeMismatch {
+                tensor,
+                expected,
+                actual,
+                shape,
+            }),
+        }
+    }
+
+    /// `params` or `grads`: one scalar per parameter of the layout.
+    fn check_params(&self, tensor: &'static str, len: usize) -> Result<()> {
+        let shape = format!(
+            "{} tensors of the parameter layout",
+            self.layout.tensors.len()
+        );
+        self.check_len(tensor, len, self.layout.total, shape)
+    }
+
+    fn check_acts<F>(&self, acts: &Activations<F>) -> Result<()> {
+        if acts.config != self.config {
+            return Err(Error::InvalidOption {
+                name: "activations",
+                value: format!("batch {} seq {}", acts.batch, acts.seq),
+                reason: "were made for another model configuration",
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the model on `tokens` (`[B*T]`, row-major by sequence, each sequence at positions
+    /// `0 .. T`) and returns the logits `[B*T, V]`; every activation the backward needs, and the
+    /// hidden states of [`Activations::hidden`], stay in `acts`.
+    pub fn forward<'a, F: Real>(
+        &self,
+        params: &[F],
+        tokens: &[u32],
+        acts: &'a mut Activations<F>,
+    ) -> Result<&'a [F]> {
+        let cfg = &self.config;
+        self.check_params("params", params.len())?;
+        self.check_acts(acts)?;
+        let (b, t) = (acts.batch, acts.seq);
+        let n = b * t;
+        self.check_len("tokens", tokens.len(), n, format!("[batch {b}, seq {t}]"))?;
+        let vocab = cfg.vocab_size;
+        if let Some((position, &token)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x as usize >= vocab)
+        {
+            return Err(Error::TokenOutOfRange {
+                position,
+                token,
+                vocab,
+            });
+        }
+        acts.ready = false;
+        acts.tokens.clear();
+        acts.tokens.extend_from_slice(tokens);
+
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, vocab);
+        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let eps = cfg.rms_norm_eps;
+        let shape = self.attn_shape(b, t);
+        let (pl, la) = (&self.layout, &acts.layout);
+        let p = |s: Span| s.of(params);
+        let buf = &mut acts.buf;
+
+        ops::embedding_forward(la.encoded.of_mut(buf), tokens, p(pl.embed_tokens), c);
+        for (l, (lp, lay)) in pl.layers.iter().zip(&la.layers).enumerate() {
+            let input = if l == 0 {
+                la.encoded
+            } else {
+                la.layers[l - 1].out
+            };
+            let [inp, cos, sin, ln1, ln1_rstd, q, k, vv, att, atty, branch, res2, ln2, ln2_rstd, gate, up, sw, out] =
+                split_mut(
+                    buf,
+                    [
+                        input,
+                        la.rope_cos,
+                        la.rope_sin,
+                        lay.ln1,
+                        lay.ln1_rstd,
+                        lay.q,
+                        lay.k,
+                        lay.v,
+                        lay.att,
+                        lay.atty,
+                        la.branch,
+                        lay.res2,
+                        lay.ln2,
+                        lay.ln2_rstd,
+                        lay.gate,
+                        lay.up,
+                        lay.swiglu,
+                        lay.out,
+                    ],
+                );
+            // attention block
+            ops::rmsnorm_forward(ln1, ln1_rstd, inp, p(lp.input_layernorm), eps);
+            ops::matmul_forward(q, ln1, p(lp.q_proj), c, qd);
+            ops::matmul_forward(k, ln1, p(lp.k_proj), c, kvd);
+            ops::matmul_forward(vv, ln1, p(lp.v_proj), c, kvd);
+            ops::rope_forward(q, cos, sin, t, nh, hd);
+            ops::rope_forward(k, cos, sin, t, nkv, hd);
+            ops::attention_forward(atty, att, q, k, vv, shape);
+            ops::matmul_forward(branch, atty, p(lp.o_proj), qd, c);
+            ops::residual_forward(res2, inp, branch);
+            // MLP block
+            ops::rmsnorm_forward(ln2, ln2_rstd, res2, p(lp.post_attention_layernorm), eps);
+            ops::matmul_forward(gate, ln2, p(lp.gate_proj), c, i);
+            ops::matmul_forward(up, ln2, p(lp.up_proj), c, i);
+            ops::swiglu_forward(sw, gate, up);
+            ops::matmul_forward(branch, sw, p(lp.down_proj), i, c);
+            ops::residual_forward(out, res2, branch);
+        }
+        let last = la.layers[la.layers.len() - 1].out;
+        let [h, lnf, lnf_rstd, logits] = split_mut(buf, [last, la.lnf, la.lnf_rstd, la.logits]);
+        ops::rmsnorm_forward(lnf, lnf_rstd, h, p(pl.norm), eps);
+        ops::matmul_forward(logits, lnf, p(pl.lm_head), c, v);
+        acts.ready = true;
+        Ok(acts.layout.logits.of(&acts.buf))
+    }
+
+    /// Accumulates into `grads` (same layout as the parameters) the gradient of a loss whose
+    /// gradient with respect to the last forward's logits is `dlogits` `[B*T, V]`.
+    pub fn backward<F: Real>(
+        &self,
+        params: &[F],
+        acts: &mut Activations<F>,
+        dlogits: &[F],
+        grads: &mut [F],
+    ) -> Result<()> {
+        self.backward_with_hidden(params, acts, Some(dlogits), &[], grads)
+    }
+
+    /// [`Llama::backward`] for a loss that also reads hidden states: `dhidden` lists gradients
+    /// `[B*T, C]` with respect to points of the residual stream (a point may appear more than
+    /// once; the gradients add). `dlogits` may be absent when the loss reads only hidden states.
+    pub fn backward_with_hidden<F: Real>(
+        &self,
+        params: &[F],
+        acts: &mut Activations<F>,
+        dlogits: Option<&[F]>,
+        dhidden: &[(HiddenPoint, &[F])],
+        grads: &mut [F],
+    ) -> Result<()> {
+        let cfg = &self.config;
+        self.check_params("params", params.len())?;
+        self.check_params("grads", grads.len())?;
+        self.check_acts(acts)?;
+        if !acts.ready {
+            return Err(Error::InvalidOption {
+                name: "activations",
+                value: "no forward".into(),
+                reason: "backward needs a forward on these activations first",
+            });
+        }
+        let (b, t) = (acts.batch, acts.seq);
+        let n = b * t;
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim());
+        let (nh, nkv, layers) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.num_hidden_layers,
+        );
+        if let Some(dl) = dlogits {
+            self.check_len("dlogits", dl.len(), n * v, format!("[{n}, {v}]"))?;
+        }
+        for (point, g) in dhidden {
+            if let HiddenPoint::LayerOutput(l) = *point {
+                if l >= layers {
+                    return Err(Error::InvalidOption {
+                        name: "dhidden",
+                        value: format!("LayerOutput({l})"),
+                        reason: "no such layer",
+                    });
+                }
+            }
+            self.check_len("dhidden", g.len(), n * c, format!("[{n}, {c}]"))?;
+        }
+        let shape = self.attn_shape(b, t);
+        let Activations {
+            layout: la,
+            grad_layout: gl,
+            buf,
+            grad_buf,
+            tokens,
+            ..
+        } = acts;
+        if grad_buf.len() != gl.total {
+            *grad_buf = vec![F::ZERO; gl.total];
+        }
+        let (pl, buf) = (&self.layout, &*buf);
+        let p = |s: Span| s.of(params);
+        let a = |s: Span| s.of(buf);
+        let (cos, sin) = (a(la.rope_cos), a(la.rope_sin));
+        let extra = |dst: &mut [F], at: HiddenPoint| {
+            for (_, g) in dhidden.iter().filter(|(pt, _)| *pt == at) {
+                add_into(dst, g);
+            }
+        };
+        let [dres, dln, dq, dk, dv, datty, dpreatt, dsw, dgate, dup] = split_mut(
+            grad_buf,
+            [
+                gl.dres, gl.dln, gl.dq, gl.dk, gl.dv, gl.datty, gl.dpreatt, gl.dswiglu, gl.dgate,
+                gl.dup,
+            ],
+        );
+
+        // lm_head and the final norm
+        dln.fill(F::ZERO);
+        if let Some(dl) = dlogits {
+            ops::matmul_backward(
+                dln,
+                pl.lm_head.of_mut(grads),
+                dl,
+                a(la.lnf),
+                p(pl.lm_head),
+                c,
+                v,
+            );
+        }
+        extra(dln, HiddenPoint::Final);
+        dres.fill(F::ZERO);
+        let last = la.layers[layers - 1].out;
+        ops::rmsnorm_backward(
+            dres,
+            pl.norm.of_mut(grads),
+            dln,
+            a(last),
+            p(pl.norm),
+            a(la.lnf_rstd),
+        );
+
+        // The residual stream's gradient `dres` passes through each residual add unchanged
+        // (residual_backward's `da += dout`), so it is kept in place and each branch's backward
+        // reads it as its output gradient and adds its input gradient into it.
+        for l in (0..layers).rev() {
+            let (lp, lay) = (&pl.layers[l], &la.layers[l]);
+            let input = if l == 0 {
+                la.encoded
+            } else {
+                la.layers[l - 1].out
+            };
+            extra(dres, HiddenPoint::LayerOutput(l));
+            // MLP block
+            dsw.fill(F::ZERO);
+            ops::matmul_backward(
+                dsw,
+                lp.down_proj.of_mut(grads),
+                dres,
+                a(lay.swiglu),
+                p(lp.down_proj),
+                i,
+                c,
+            );
+            dgate.fill(F::ZERO);
+            dup.fill(F::ZERO);
+            ops::swiglu_backward(dgate, dup, dsw, a(lay.gate), a(lay.up));
+            dln.fill(F::ZERO);
+            ops::matmul_backward(
+                dln,
+                lp.gate_proj.of_mut(grads),
+                dgate,
+                a(lay.ln2),
+                p(lp.gate_proj),
+                c,
+                i,
+            );
+            ops::matmul_backward(
+                dln,
+                lp.up_proj.of_mut(grads),
+                dup,
+                a(lay.ln2),
+                p(lp.up_proj),
+                c,
+                i,
+            );
+            ops::rmsnorm_backward(
+                dres,
+                lp.post_attention_layernorm.of_mut(grads),
+                dln,
+                a(lay.res2),
+                p(lp.post_attention_layernorm),
+                a(lay.ln2_rstd),
+            );
+            // attention block
+            datty.fill(F::ZERO);
+            ops::matmul_backward(
+                datty,
+                lp.o_proj.of_mut(grads),
+                dres,
+                a(lay.atty),
+                p(lp.o_proj),
+                qd,
+                c,
+            );
+            dq.fill(F::ZERO);
+            dk.fill(F::ZERO);
+            dv.fill(F::ZERO);
+            ops::attention_backward(
+                dq,
+                dk,
+                dv,
+                dpreatt,
+                datty,
+                a(lay.q),
+                a(lay.k),
+                a(lay.v),
+                a(lay.att),
+                shape,
+            );
+            ops::rope_backward(dq, cos, sin, t, nh, hd);
+            ops::rope_backward(dk, cos, sin, t, nkv, hd);
+            dln.fill(F::ZERO);
+            ops::matmul_backward(
+                dln,
+                lp.q_proj.of_mut(grads),
+                dq,
+                a(lay.ln1),
+                p(lp.q_proj),
+                c,
+                qd,
+            );
+            ops::matmul_backward(
+                dln,
+                lp.k_proj.of_mut(grads),
+                dk,
+                a(lay.ln1),
+                p(lp.k_proj),
+                c,
+                kvd,
+            );
+            ops::matmul_backward(
+                dln,
+                lp.v_proj.of_mut(grads),
+                dv,
+                a(lay.ln1),
+                p(lp.v_proj),
+                c,
+                kvd,
+            );
+            ops::rmsnorm_backward(
+                dres,
+                lp.input_layernorm.of_mut(grads),
+                dln,
+                a(input),
+                p(lp.input_layernorm),
+                a(lay.ln1_rstd),
+            );
+        }
+        extra(dres, HiddenPoint::Embeddings);
+        ops::embedding_backward(pl.embed_tokens.of_mut(grads), tokens, dres, c);
+        Ok(())
+    }
+}

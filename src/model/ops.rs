@@ -1,0 +1,664 @@
+//! The ops of a Llama decoder, llm.c style: one forward and one backward function per op, on flat
+//! row-major slices, generic over `f32` (training) and `f64` (finite-difference checks).
+//!
+//! Conventions, shared by every function here:
+//! - `N = B * T` rows (one per token position, batch-major); `C` the hidden size.
+//! - A linear weight is `[out, in]` as in PyTorch's `nn.Linear`, and `y = x W^T`.
+//! - Backward functions **accumulate** (`+=`) into every gradient they produce, so the caller zeroes
+//!   a gradient once and branches that feed the same tensor add up. Two exceptions, named on the
+//!   functions: `rope_backward` rotates a gradient in place, and `attention_backward` overwrites its
+//!   `dpreatt` scratch.
+//! - Slice lengths are the caller's contract, checked with `assert!`: a mismatch is a broken internal
+//!   invariant (the model validates user input, token ids included, before calling an op).
+//! - Work is split over rows (or heads) with rayon in blocks whose boundaries never depend on the
+//!   number of threads, and every sum runs in a fixed order: results are bit-identical whatever the
+//!   thread count.
+
+use rayon::prelude::*;
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// The element types the model computes in: `f32` and `f64`.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    /// Round to nearest (`as`).
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    /// `C <- alpha A B + beta C` for an `m x k` matrix A, a `k x n` matrix B and an `m x n` matrix
+    /// C, each given by a pointer and a row and a column stride (the `matrixmultiply` crate).
+    ///
+    /// # Safety
+    /// Every element the strides address must be inside its allocation, and C's strides must not
+    /// alias two of its elements. When `beta` is zero C is not read.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    );
+}
+
+macro_rules! impl_real {
+    ($t:ty, $gemm:path) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            unsafe fn gemm(
+                m: usize,
+                k: usize,
+                n: usize,
+                alpha: Self,
+                a: *const Self,
+                rsa: isize,
+                csa: isize,
+                b: *const Self,
+                rsb: isize,
+                csb: isize,
+                beta: Self,
+                c: *mut Self,
+                rsc: isize,
+                csc: isize,
+            ) {
+                // SAFETY: forwarded contract (see the trait).
+                unsafe { $gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+            }
+        }
+    };
+}
+impl_real!(f32, matrixmultiply::sgemm);
+impl_real!(f64, matrixmultiply::dgemm);
+
+/// Rows of a matmul (one gemm call), or channels of a norm's weight gradient, per rayon task.
+const ROW_BLOCK: usize = 64;
+/// Elements of an elementwise op per rayon task.
+const ELEM_BLOCK: usize = 4096;
+/// Attention (row, head) pairs handed to one rayon task at least.
+const HEAD_BLOCK: usize = 8;
+
+fn dot<F: Real>(a: &[F], b: &[F]) -> F {
+    a.iter().zip(b).fold(F::ZERO, |acc, (&x, &y)| acc + x * y)
+}
+
+fn axpy<F: Real>(y: &mut [F], alpha: F, x: &[F]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding
+
+/// `out[n, :] = wte[tokens[n], :]`. out `[N, C]`, wte `[V, C]`.
+pub fn embedding_forward<F: Real>(out: &mut [F], tokens: &[u32], wte: &[F], c: usize) {
+    assert_eq!(out.len(), tokens.len() * c, "embedding_forward: out");
+    assert_eq!(wte.len() % c, 0, "embedding_forward: wte");
+    let vocab = wte.len() / c;
+    out.par_chunks_mut(c)
+        .zip(tokens.par_iter())
+        .for_each(|(o, &t)| {
+            let t = t as usize;
+            assert!(t < vocab, "embedding_forward: token {t} >= vocab {vocab}");
+            o.copy_from_slice(&wte[t * c..(t + 1) * c]);
+        });
+}
+
+/// `dwte[tokens[n], :] += dout[n, :]`, in position order (a token seen twice sums its rows).
+pub fn embedding_backward<F: Real>(dwte: &mut [F], tokens: &[u32], dout: &[F], c: usize) {
+    assert_eq!(dout.len(), tokens.len() * c, "embedding_backward: dout");
+    assert_eq!(dwte.len() % c, 0, "embedding_backward: dwte");
+    let vocab = dwte.len() / c;
+    for (&t, d) in tokens.iter().zip(dout.chunks_exact(c)) {
+        let t = t as usize;
+        assert!(t < vocab, "embedding_backward: token {t} >= vocab {vocab}");
+        for (g, &x) in dwte[t * c..(t + 1) * c].iter_mut().zip(d) {
+            *g += x;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rmsnorm
+
+/// `out = x * rsqrt(mean(x^2) + eps) * weight` per row (HF `LlamaRMSNorm`); keeps `rstd[n]`, the
+/// row's `rsqrt(mean(x^2) + eps)`, for the backward. x, out `[N, C]`, weight `[C]`, rstd `[N]`.
+pub fn rmsnorm_forward<F: Real>(out: &mut [F], rstd: &mut [F], inp: &[F], weight: &[F], eps: f64) {
+    let c = weight.len();
+    assert_eq!(inp.len(), rstd.len() * c, "rmsnorm_forward: inp");
+    assert_eq!(out.len(), inp.len(), "rmsnorm_forward: out");
+    let eps = F::from_f64(eps);
+    let inv_c = F::from_f64(1.0 / c as f64);
+    out.par_chunks_mut(c)
+        .zip(rstd.par_iter_mut())
+        .zip(inp.par_chunks(c))
+        .for_each(|((o, r), x)| {
+            let ms = dot(x, x) * inv_c;
+            *r = F::ONE / (ms + eps).sqrt();
+            for ((oi, &xi), &wi) in o.iter_mut().zip(x).zip(weight) {
+                *oi = xi * *r * wi;
+            }
+        });
+}
+
+/// With `xh = x * rstd`: `dx += rstd * (dy*w - xh * mean(dy*w*xh))`, `dweight += sum_n dy * xh`.
+pub fn rmsnorm_backward<F: Real>(
+    dinp: &mut [F],
+    dweight: &mut [F],
+    dout: &[F],
+    inp: &[F],
+    weight: &[F],
+    rstd: &[F],
+) {
+    let c = weight.len();
+    assert_eq!(inp.len(), rstd.len() * c, "rmsnorm_backward: inp");
+    assert_eq!(dinp.len(), inp.len(), "rmsnorm_backward: dinp");
+    assert_eq!(dout.len(), inp.len(), "rmsnorm_backward: dout");
+    assert_eq!(dweight.len(), c, "rmsnorm_backward: dweight");
+    let inv_c = F::from_f64(1.0 / c as f64);
+    dinp.par_chunks_mut(c)
+        .zip(dout.par_chunks(c))
+        .zip(inp.par_chunks(c).zip(rstd.par_iter()))
+        .for_each(|((dx, dy), (x, &r))| {
+            // mean over the row of (dy * w) * xh
+            let m = x
+                .iter()
+                .zip(dy)
+                .zip(weight)
+                .fold(F::ZERO, |acc, ((&xi, &di), &wi)| acc + di * wi * xi * r)
+                * inv_c;
+            for (((g, &xi), &di), &wi) in dx.iter_mut().zip(x).zip(dy).zip(weight) {
+                *g += r * (di * wi - xi * r * m);
+            }
+        });
+    // dweight: each block of channels sums over all rows in row order.
+    dweight
+        .par_chunks_mut(ROW_BLOCK)
+        .enumerate()
+        .for_each(|(blk, dw)| {
+            let c0 = blk * ROW_BLOCK;
+            for ((x, dy), &r) in inp.chunks_exact(c).zip(dout.chunks_exact(c)).zip(rstd) {
+                for (j, g) in dw.iter_mut().enumerate() {
+                    *g += dy[c0 + j] * x[c0 + j] * r;
+                }
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul (nn.Linear without bias)
+
+/// `out = inp W^T`: inp `[N, IC]`, weight `[OC, IC]`, out `[N, OC]` (overwritten).
+pub fn matmul_forward<F: Real>(out: &mut [F], inp: &[F], weight: &[F], ic: usize, oc: usize) {
+    assert!(ic > 0 && oc > 0, "matmul_forward: empty weight");
+    assert_eq!(weight.len(), oc * ic, "matmul_forward: weight");
+    assert_eq!(inp.len() % ic, 0, "matmul_forward: inp");
+    assert_eq!(out.len(), inp.len() / ic * oc, "matmul_forward: out");
+    out.par_chunks_mut(ROW_BLOCK * oc)
+        .zip(inp.par_chunks(ROW_BLOCK * ic))
+        .for_each(|(o, x)| {
+            let rows = x.len() / ic;
+            // SAFETY: A = x is rows x ic (strides ic, 1), B = W^T is ic x oc read from the
+            // [oc, ic] weight (strides 1, ic), C = o is rows x oc (strides oc, 1); every
+            // addressed element lies inside the asserted lengths, and C's strides don't alias.
+            unsafe {
+                F::gemm(
+                    rows,
+                    ic,
+                    oc,
+                    F::ONE,
+                    x.as_ptr(),
+                    ic as isize,
+                    1,
+                    weight.as_ptr(),
+                    1,
+                    ic as isize,
+                    F::ZERO,
+                    o.as_mut_ptr(),
+                    oc as isize,
+                    1,
+                )
+            }
+        });
+}
+
+/// `dinp += dout W` and `dweight += dout^T inp`.
+pub fn matmul_backward<F: Real>(
+    dinp: &mut [F],
+    dweight: &mut [F],
+    dout: &[F],
+    inp: &[F],
+    weight: &[F],
+    ic: usize,
+    oc: usize,
+) {
+    assert!(ic > 0 && oc > 0, "matmul_backward: empty weight");
+    assert_eq!(weight.len(), oc * ic, "matmul_backward: weight");
+    assert_eq!(dweight.len(), oc * ic, "matmul_backward: dweight");
+    assert_eq!(inp.len() % ic, 0, "matmul_backward: inp");
+    let n = inp.len() / ic;
+    assert_eq!(dinp.len(), inp.len(), "matmul_backward: dinp");
+    assert_eq!(dout.len(), n * oc, "matmul_backward: dout");
+    // dinp: blocks of rows.
+    dinp.par_chunks_mut(ROW_BLOCK * ic)
+        .zip(dout.par_chunks(ROW_BLOCK * oc))
+        .for_each(|(dx, dy)| {
+            let rows = dy.len() / oc;
+            // SAFETY: A = dy rows x oc (oc, 1), B = W oc x ic (ic, 1), C = dx rows x ic (ic, 1).
+            unsafe {
+                F::gemm(
+                    rows,
+                    oc,
+                    ic,
+                    F::ONE,
+                    dy.as_ptr(),
+                    oc as isize,
+                    1,
+                    weight.as_ptr(),
+                    ic as isize,
+                    1,
+                    F::ONE,
+                    dx.as_mut_ptr(),
+                    ic as isize,
+                    1,
+                )
+            }
+        });
+    // dweight: blocks of output channels, each summing over all N rows.
+    dweight
+        .par_chunks_mut(ROW_BLOCK * ic)
+        .enumerate()
+        .for_each(|(blk, dw)| {
+            let o0 = blk * ROW_BLOCK;
+            let rows = dw.len() / ic;
+            // SAFETY: A = dout^T restricted to channels o0..o0+rows: element (i, r) is
+            // dout[r * oc + o0 + i] (strides 1, oc), largest index (n-1)*oc + oc-1 < dout.len();
+            // B = inp n x ic (ic, 1); C = dw rows x ic (ic, 1).
+            unsafe {
+                F::gemm(
+                    rows,
+                    n,
+                    ic,
+                    F::ONE,
+                    dout.as_ptr().add(o0),
+                    1,
+                    oc as isize,
+                    inp.as_ptr(),
+                    ic as isize,
+                    1,
+                    F::ONE,
+                    dw.as_mut_ptr(),
+                    ic as isize,
+                    1,
+                )
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// rope
+
+/// The RoPE tables `cos[t, i]`, `sin[t, i]` for positions `t < seq` and frequencies
+/// `i < head_dim / 2`, each `[seq, head_dim / 2]`. The angle is formed exactly as Hugging Face
+/// does, in f32: `inv_freq[i] = 1 / theta^((2i) / head_dim)` and `angle = f32(t) * inv_freq[i]`;
+/// its cosine and sine are then taken in f64, so f32 and f64 models share one table.
+pub fn rope_tables<F: Real>(seq: usize, head_dim: usize, theta: f64) -> (Vec<F>, Vec<F>) {
+    assert!(head_dim.is_multiple_of(2), "rope_tables: odd head_dim");
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(seq * half);
+    let mut sin = Vec::with_capacity(seq * half);
+    for t in 0..seq {
+        for &f in &inv_freq {
+            let angle = (t as f32 * f) as f64;
+            cos.push(F::from_f64(angle.cos()));
+            sin.push(F::from_f64(angle.sin()));
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotate-half RoPE in place (HF `apply_rotary_pos_emb`). x is `[N, heads, head_dim]`, row n is
+/// position `n % seq`; with `h = head_dim / 2`, for i < h:
+/// `y[i] = x[i] cos - x[i+h] sin`, `y[i+h] = x[i+h] cos + x[i] sin`.
+pub fn rope_forward<F: Real>(
+    x: &mut [F],
+    cos: &[F],
+    sin: &[F],
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+) {
+    rope_rotate(x, cos, sin, seq, heads, head_dim, false);
+}
+
+/// The transposed (= inverse) rotation, in place: turns `dL/dy` into `dL/dx`. Not accumulating.
+pub fn rope_backward<F: Real>(
+    d: &mut [F],
+    cos: &[F],
+    sin: &[F],
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+) {
+    rope_rotate(d, cos, sin, seq, heads, head_dim, true);
+}
+
+fn rope_rotate<F: Real>(
+    x: &mut [F],
+    cos: &[F],
+    sin: &[F],
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    inverse: bool,
+) {
+    let half = head_dim / 2;
+    assert!(
+        head_dim.is_multiple_of(2) && half > 0 && heads > 0,
+        "rope: head_dim"
+    );
+    assert!(
+        cos.len() >= seq * half && sin.len() >= seq * half,
+        "rope: tables"
+    );
+    assert_eq!(x.len() % (seq * heads * head_dim), 0, "rope: x");
+    x.par_chunks_mut(head_dim)
+        .enumerate()
+        .with_min_len(HEAD_BLOCK)
+        .for_each(|(i, v)| {
+            let t = (i / heads) % seq;
+            let (c, s) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            let (lo, hi) = v.split_at_mut(half);
+            for j in 0..half {
+                let (a, b) = (lo[j], hi[j]);
+                let sn = if inverse { -s[j] } else { s[j] };
+                lo[j] = a * c[j] - b * sn;
+                hi[j] = b * c[j] + a * sn;
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// causal self-attention with grouped-query heads
+
+/// The shape of one attention call. Query heads `h` read key/value head `h / (n_heads /
+/// n_kv_heads)` (HF `repeat_kv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    fn check(&self, q: usize, k: usize, v: usize, att: usize) {
+        let rows = self.batch * self.seq;
+        assert!(
+            self.n_kv_heads > 0 && self.n_heads.is_multiple_of(self.n_kv_heads),
+            "attention: heads"
+        );
+        assert_eq!(q, rows * self.n_heads * self.head_dim, "attention: q");
+        assert_eq!(k, rows * self.n_kv_heads * self.head_dim, "attention: k");
+        assert_eq!(v, k, "attention: v");
+        assert_eq!(att, rows * self.n_heads * self.seq, "attention: att");
+    }
+}
+
+/// Causal softmax attention. q and out `[B, T, NH, D]`, k and v `[B, T, NKV, D]`; `att` `[B, T, NH,
+/// T]` receives the probabilities `softmax_j<=t(q_t . k_j / sqrt(D))` (zero for j > t), kept for the
+/// backward. Parallel over (batch, position, head).
+pub fn attention_forward<F: Real>(
+    out: &mut [F],
+    att: &mut [F],
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    s: AttnShape,
+) {
+    s.check(q.len(), k.len(), v.len(), att.len());
+    assert_eq!(out.len(), q.len(), "attention_forward: out");
+    let AttnShape {
+        seq,
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        ..
+    } = s;
+    let rep = nh / nkv;
+    let scale = F::from_f64(1.0 / (hd as f64).sqrt());
+    out.par_chunks_mut(hd)
+        .zip(att.par_chunks_mut(seq))
+        .enumerate()
+        .with_min_len(HEAD_BLOCK)
+        .for_each(|(i, (o, a))| {
+            let (row, h) = (i / nh, i % nh);
+            let (b, t) = (row / seq, row % seq);
+            let g = h / rep;
+            let kv_at = |j: usize| ((b * seq + j) * nkv + g) * hd;
+            let qi = &q[i * hd..(i + 1) * hd];
+            let mut max = F::from_f64(f64::NEG_INFINITY);
+            for (j, aj) in a[..=t].iter_mut().enumerate() {
+                *aj = dot(qi, &k[kv_at(j)..kv_at(j) + hd]) * scale;
+                if *aj > max {
+                    max = *aj;
+                }
+            }
+            let mut sum = F::ZERO;
+            for aj in a[..=t].iter_mut() {
+                *aj = (*aj - max).exp();
+                sum += *aj;
+            }
+            let inv = F::ONE / sum;
+            for aj in a[..=t].iter_mut() {
+                *aj *= inv;
+            }
+            a[t + 1..].fill(F::ZERO);
+            o.fill(F::ZERO);
+            for (j, &p) in a[..=t].iter().enumerate() {
+                axpy(o, p, &v[kv_at(j)..kv_at(j) + hd]);
+            }
+        });
+}
+
+/// Backward of [`attention_forward`]: `dq`, `dk`, `dv` accumulate; `dpreatt` `[B, T, NH, T]` is
+/// scratch, overwritten with the gradient of the pre-softmax scores. Two passes, both parallel and
+/// free of write conflicts: (1) per (batch, position, head) the score gradient and dq; (2) per
+/// (batch, position, kv head) dk and dv, summing over the later positions and the head's group.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<F: Real>(
+    dq: &mut [F],
+    dk: &mut [F],
+    dv: &mut [F],
+    dpreatt: &mut [F],
+    dout: &[F],
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    att: &[F],
+    s: AttnShape,
+) {
+    s.check(q.len(), k.len(), v.len(), att.len());
+    assert_eq!(dq.len(), q.len(), "attention_backward: dq");
+    assert_eq!(dout.len(), q.len(), "attention_backward: dout");
+    assert_eq!(dk.len(), k.len(), "attention_backward: dk");
+    assert_eq!(dv.len(), v.len(), "attention_backward: dv");
+    assert_eq!(dpreatt.len(), att.len(), "attention_backward: dpreatt");
+    let AttnShape {
+        seq,
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        ..
+    } = s;
+    let rep = nh / nkv;
+    let scale = F::from_f64(1.0 / (hd as f64).sqrt());
+
+    // Pass 1: d(score_j) = p_j (dout . v_j - sum_k p_k dout . v_k); dq += scale sum_j dscore_j k_j.
+    dq.par_chunks_mut(hd)
+        .zip(dpreatt.par_chunks_mut(seq))
+        .enumerate()
+        .with_min_len(HEAD_BLOCK)
+        .for_each(|(i, (dqi, ds))| {
+            let (row, h) = (i / nh, i % nh);
+            let (b, t) = (row / seq, row % seq);
+            let g = h / rep;
+            let kv_at = |j: usize| ((b * seq + j) * nkv + g) * hd;
+            let doi = &dout[i * hd..(i + 1) * hd];
+            let p = &att[i * seq..(i + 1) * seq];
+            let mut pd = F::ZERO;
+            for (j, dsj) in ds[..=t].iter_mut().enumerate() {
+                *dsj = dot(doi, &v[kv_at(j)..kv_at(j) + hd]);
+                pd += p[j] * *dsj;
+            }
+            for (j, dsj) in ds[..=t].iter_mut().enumerate() {
+                *dsj = p[j] * (*dsj - pd);
+                axpy(dqi, scale * *dsj, &k[kv_at(j)..kv_at(j) + hd]);
+            }
+            ds[t + 1..].fill(F::ZERO);
+        });
+
+    // Pass 2: for key/value row j of kv head g, sum over query rows t >= j of every head in g.
+    let dpreatt = &*dpreatt;
+    dk.par_chunks_mut(hd)
+        .zip(dv.par_chunks_mut(hd))
+        .enumerate()
+        .with_min_len(HEAD_BLOCK)
+        .for_each(|(i, (dkj, dvj))| {
+            let (row, g) = (i / nkv, i % nkv);
+            let (b, j) = (row / seq, row % seq);
+            for h in g * rep..(g + 1) * rep {
+                for t in j..seq {
+                    let qi = (b * seq + t) * nh + h;
+                    axpy(
+                        dkj,
+                        scale * dpreatt[qi * seq + j],
+                        &q[qi * hd..(qi + 1) * hd],
+                    );
+                    axpy(dvj, att[qi * seq + j], &dout[qi * hd..(qi + 1) * hd]);
+                }
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+fn sigmoid<F: Real>(x: F) -> F {
+    F::ONE / (F::ONE + (-x).exp())
+}
+
+/// `out = silu(gate) * up`, `silu(x) = x * sigmoid(x)` (the inside of HF `LlamaMLP`,
+/// `down_proj(act_fn(gate_proj(x)) * up_proj(x))`). All `[N, I]`.
+pub fn swiglu_forward<F: Real>(out: &mut [F], gate: &[F], up: &[F]) {
+    assert_eq!(gate.len(), out.len(), "swiglu_forward: gate");
+    assert_eq!(up.len(), out.len(), "swiglu_forward: up");
+    out.par_chunks_mut(ELEM_BLOCK)
+        .zip(gate.par_chunks(ELEM_BLOCK).zip(up.par_chunks(ELEM_BLOCK)))
+        .for_each(|(o, (g, u))| {
+            for ((oi, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
+                *oi = gi * sigmoid(gi) * ui;
+            }
+        });
+}
+
+/// `dgate += dout * up * silu'(gate)` with `silu'(x) = s (1 + x (1 - s))`, `s = sigmoid(x)`;
+/// `dup += dout * silu(gate)`.
+pub fn swiglu_backward<F: Real>(dgate: &mut [F], dup: &mut [F], dout: &[F], gate: &[F], up: &[F]) {
+    let n = dout.len();
+    assert!(
+        dgate.len() == n && dup.len() == n && gate.len() == n && up.len() == n,
+        "swiglu_backward: lengths"
+    );
+    let blk = ELEM_BLOCK;
+    dgate
+        .par_chunks_mut(blk)
+        .zip(dup.par_chunks_mut(blk))
+        .zip(
+            dout.par_chunks(blk)
+                .zip(gate.par_chunks(blk).zip(up.par_chunks(blk))),
+        )
+        .for_each(|((dg, du), (d, (g, u)))| {
+            for i in 0..d.len() {
+                let s = sigmoid(g[i]);
+                dg[i] += d[i] * u[i] * s * (F::ONE + g[i] * (F::ONE - s));
+                du[i] += d[i] * g[i] * s;
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// residual
+
+/// `out = a + b`.
+pub fn residual_forward<F: Real>(out: &mut [F], a: &[F], b: &[F]) {
+    assert!(
+        a.len() == out.len() && b.len() == out.len(),
+        "residual_forward: lengths"
+    );
+    out.par_chunks_mut(ELEM_BLOCK)
+        .zip(a.par_chunks(ELEM_BLOCK).zip(b.par_chunks(ELEM_BLOCK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                *o = x + y;
+            }
+        });
+}
+
+/// `da += dout`, `db += dout`.
+pub fn residual_backward<F: Real>(da: &mut [F], db: &mut [F], dout: &[F]) {
+    assert!(
+        da.len() == dout.len() && db.len() == dout.len(),
+        "residual_backward: lengths"
+    );
+    for ((x, y), &d) in da.iter_mut().zip(db.iter_mut()).zip(dout) {
+        *x += d;
+        *y += d;
+    }
+}
