@@ -4,6 +4,8 @@
 //! ```text
 //! distill loss --input IN.safetensors --output OUT.safetensors [--device cpu] [--kind jsd] ...
 //! distill example --output IN.safetensors [--rows 16] [--vocab 2048] [--hidden 64] [--seed 0]
+//! distill bench loss --rows N --vocab V [--dtype f32] [--kind forward-kl] [--device cpu] [--iters 10]
+//! distill bench floor --rows N --vocab V [--dtype f32] [--iters 10]
 //! ```
 //!
 //! Every failure is reported as one line `error: ...` on stderr with exit status 1 (clap's own

@@ -2,6 +2,7 @@
 //! returns, and dispatch. The library stays free of CLI code; this module tree belongs to the
 //! binary only.
 
+mod bench;
 mod example;
 mod io;
 mod json;
@@ -78,6 +79,84 @@ enum Command {
     /// Show ptxas's register, spill and shared-memory report for every compiled kernel; with
     /// --check, fail if any kernel spills registers (on sm_80 and sm_90 unless --arch is given).
     Ptxas(PtxasArgs),
+    /// Time one measurement and print it as a JSON line: `bench loss` (the fused forward +
+    /// backward a trainer runs) or `bench floor` (a pass that only reads both inputs and writes
+    /// a gradient-sized output: the memory floor of this machine).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time the fused distillation loss, forward + backward (alpha = 0.5, hard labels, none
+    /// ignored, f32 gradient), on synthetic inputs generated before timing. Prints one JSON
+    /// line: device, rows, vocab, dtype, kind, median_ms, min_ms, melem_per_s, peak_rss_mb, ...
+    ///
+    /// On emulated and cuda the inputs are uploaded once and the device-buffer API is timed,
+    /// so host-device copies are excluded.
+    Loss(BenchLossArgs),
+    /// Time the memory floor on the cpu: read student and teacher once, write an f32
+    /// [rows, vocab] output. Prints one JSON line like `bench loss`.
+    Floor(BenchFloorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchLossArgs {
+    /// Rows N (token positions)
+    #[arg(long)]
+    pub rows: usize,
+    /// Vocabulary size V
+    #[arg(long)]
+    pub vocab: usize,
+    /// Dtype of the student and teacher logits (the gradient is f32)
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Soft loss between the teacher and student distributions (jsd uses beta = 0.5)
+    #[arg(long, value_enum, default_value_t = KindArg::ForwardKl)]
+    pub kind: KindArg,
+    /// Device: reference, cpu, emulated or cuda
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Softmax temperature T > 0 of the soft loss
+    #[arg(long, default_value_t = 2.0, allow_hyphen_values = true)]
+    pub temperature: f32,
+    /// Timed runs (the median and minimum are reported)
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed runs before the timed ones
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Seed of the input generator
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Worker threads of the cpu backend [default: one per core]
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchFloorArgs {
+    /// Rows N (token positions)
+    #[arg(long)]
+    pub rows: usize,
+    /// Vocabulary size V
+    #[arg(long)]
+    pub vocab: usize,
+    /// Dtype of the two inputs (the output is f32)
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Timed runs (the median and minimum are reported)
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed runs before the timed ones
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Seed of the input generator
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Worker threads [default: one per core]
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -210,6 +289,8 @@ pub fn run() -> CliResult<()> {
             }
             ptxas::run(&args)
         }
+        Command::Bench(BenchCommand::Loss(args)) => bench::run_loss(&args),
+        Command::Bench(BenchCommand::Floor(args)) => bench::run_floor(&args),
     }
 }
 

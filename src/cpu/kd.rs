@@ -1,0 +1,879 @@
+//! The fused distillation loss of one row (DESIGN section 4): the algorithm of
+//! kernels/kd_loss.cu, run by one thread over a row in chunks of [`CHUNK`] entries.
+//!
+//! - Pass 1 reads student and teacher once. Per chunk: widen to f32 (f16/bf16 are converted on the
+//!   fly into a stack buffer), take the chunk maxima, raise the row's running maxima (rescaling
+//!   the sums gathered so far), then add the chunk's `exp((x - max) / T)` sums relative to the
+//!   running maxima: `z_s`, `z_t`, `z_1` (student at T = 1, for the cross-entropy) and, for
+//!   reverse KL, `sd = sum exp(sc) (sc - tc)` with `sc = (s - m_s) / T`, `tc = (t - m_t) / T`,
+//!   shifted when a maximum moves: then `KL_r = sd / z_s - log z_s + log z_t` from centered
+//!   quantities only. The next chunk is prefetched meanwhile.
+//! - Pass 2 reads them again (from L2/L3: a row of 128k f32 pairs is 1 MiB), forms every
+//!   log-probability `(x - max) / T - log z`, sums the loss terms and writes the gradient.
+//! - JSD's gradient needs `sum_k p_s(k) (log p_s(k) - log m(k))`, known only after a whole pass,
+//!   so JSD with a gradient makes a third pass (over the student and the scratch below only).
+//!
+//! Exponentials are most of the work, so none is computed twice. Pass 1 keeps each entry's
+//! `exp((x - m_c) / T)`, taken relative to the running maximum `m_c` of its chunk, in a per-thread
+//! scratch of O(V) floats (the row's "softmax numerators"; 1 MiB at V = 128k, in L2/L3, never
+//! N x V); pass 2 turns them into probabilities with one multiply by the chunk's factor
+//! `exp((m_c - m) / T) / z`. JSD's pass 2 leaves `log m` in the teacher's slot for pass 3. And at
+//! the usual distillation temperatures T = 1, 2, 3, 4 the cross-entropy's `exp(s - m)` is the
+//! T-th power of `exp((s - m) / T)` ([`HardMode::Pow`]): `z_1 = sum e^T` in pass 1 and
+//! `softmax(s) = (p_s c)^T` with `c = z_s / z_1^(1/T)` in pass 2. So forward and reverse KL with
+//! the cross-entropy take two exponentials per entry, JSD four and two logarithms. The power is
+//! as accurate as the exponential it replaces (its argument `s - m` has the same rounding), and
+//! the base `p_s c` is scaled so that the power underflows only where `softmax(s)` itself does.
+//!
+//! Terms whose weight is 0 are skipped (alpha = 0 never reads the teacher, the cross-entropy runs
+//! only when alpha < 1); `0 * log 0 = 0` and `+inf` for a positive weight against a zero
+//! probability are selects on the log-probabilities, NaN propagates through the sums.
+
+use super::fastmath::{exp, ln, MulAdd};
+use super::simd::{self, Kernel, MaxSum, CHUNK, W};
+use super::{narrow_into, widen};
+use crate::dtype::{HostSlice, HostSliceMut};
+
+const NEG_INF: f32 = f32::NEG_INFINITY;
+const INF: f32 = f32::INFINITY;
+
+/// The soft loss, `Off` when its weight is 0 (alpha = 0: the teacher is not read).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Soft {
+    Off,
+    ForwardKl,
+    ReverseKl,
+    Jsd { beta: f32 },
+}
+
+/// Row-independent parameters of the fused loss.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct KdParams {
+    pub inv_t: f32,
+    pub soft: Soft,
+    /// alpha (times T^2 with scaling on); used when `soft` is not `Off`.
+    pub soft_weight: f32,
+    /// 1 - alpha; 0 when the hard loss is off.
+    pub hard_weight: f32,
+    /// The upstream gradient divided by D.
+    pub grad_scale: f32,
+    /// How the cross-entropy's exponentials are obtained (when it is on).
+    pub hard_mode: HardMode,
+}
+
+/// How the cross-entropy's sums `z_1 = sum exp(s - m)` and probabilities `softmax(s)` are
+/// computed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum HardMode {
+    /// Exponentials of their own (kept in the scratch when the soft loss is off).
+    Exp,
+    /// `exp(s - m) = exp((s - m) / T)^n` with `T = n`, an integer in 1..=4, and the soft loss on.
+    Pow(u32),
+}
+
+impl HardMode {
+    /// `Pow(T)` when the soft loss is on and T is 1, 2, 3 or 4; `Exp` otherwise.
+    pub fn for_temperature(temperature: f32, soft: bool) -> HardMode {
+        if soft && temperature.fract() == 0.0 && (1.0..=4.0).contains(&temperature) {
+            HardMode::Pow(temperature as u32)
+        } else {
+            HardMode::Exp
+        }
+    }
+}
+
+/// `e^N` for N in 1..=4 (by multiplication).
+#[inline(always)]
+fn pow<const N: u32>(e: f32) -> f32 {
+    match N {
+        2 => e * e,
+        3 => e * e * e,
+        4 => {
+            let e2 = e * e;
+            e2 * e2
+        }
+        _ => e,
+    }
+}
+
+/// Runs `$body` with `$N` a `const u32` equal to `$n` (in 0..=5).
+macro_rules! with_const {
+    ($n:expr, $N:ident, $body:expr) => {
+        match $n {
+            0 => {
+                const $N: u32 = 0;
+                $body
+            }
+            1 => {
+                const $N: u32 = 1;
+                $body
+            }
+            2 => {
+                const $N: u32 = 2;
+                $body
+            }
+            3 => {
+                const $N: u32 = 3;
+                $body
+            }
+            4 => {
+                const $N: u32 = 4;
+                $body
+            }
+            _ => {
+                const $N: u32 = 5;
+                $body
+            }
+        }
+    };
+}
+
+/// Floats of scratch one row of `vocab` entries needs (see [`Scratch`]).
+pub(super) fn scratch_len(vocab: usize) -> usize {
+    let chunks = vocab.div_ceil(CHUNK);
+    2 * chunks * CHUNK + 2 * chunks
+}
+
+/// A thread's scratch for one row: per chunk `c`, the student's and the teacher's exponentials
+/// (CHUNK slots each, padded) and the running maxima they are relative to.
+struct Scratch<'a> {
+    es: &'a mut [f32],
+    et: &'a mut [f32],
+    ms: &'a mut [f32],
+    mt: &'a mut [f32],
+}
+
+impl<'a> Scratch<'a> {
+    fn new(buf: &'a mut [f32], vocab: usize) -> Scratch<'a> {
+        let chunks = vocab.div_ceil(CHUNK);
+        let (es, rest) = buf.split_at_mut(chunks * CHUNK);
+        let (et, rest) = rest.split_at_mut(chunks * CHUNK);
+        let (ms, rest) = rest.split_at_mut(chunks);
+        Scratch {
+            es,
+            et,
+            ms,
+            mt: &mut rest[..chunks],
+        }
+    }
+}
+
+/// The `CHUNK` slots of chunk `c`.
+#[inline(always)]
+fn slot(v: &mut [f32], c: usize) -> &mut [f32] {
+    &mut v[c * CHUNK..(c + 1) * CHUNK]
+}
+
+/// One valid row of the fused loss: returns the row's weighted loss (soft and hard), writes
+/// `grad_scale * d loss / d s` into `grad` when given.
+pub(super) struct KdRow<'a> {
+    pub p: &'a KdParams,
+    pub s: HostSlice<'a>,
+    pub t: HostSlice<'a>,
+    /// The row's label; `None` when the hard loss is off.
+    pub label: Option<usize>,
+    pub grad: Option<HostSliceMut<'a>>,
+    /// At least [`scratch_len`] floats.
+    pub scratch: &'a mut [f32],
+}
+
+impl Kernel for KdRow<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn run<M: MulAdd>(self) -> f32 {
+        kd_row::<M>(self)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 1.
+
+/// The row statistics of pass 1.
+struct Stats {
+    /// Raw maximum of the student logits (`max(s / T) = max(s) / T`).
+    ms: f32,
+    /// `sum exp((s - ms) / T)` (soft loss on).
+    zs: f32,
+    /// `sum exp(s - ms)` (hard loss on).
+    z1: f32,
+    t: MaxSum,
+    /// Reverse KL: `sum exp(sc) (sc - tc)`, see the module documentation.
+    sd: f32,
+    /// Reverse KL: a student entry with positive probability against a teacher `-inf`.
+    hole: bool,
+}
+
+#[inline(always)]
+fn larger(a: f32, b: f32) -> f32 {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+#[inline(always)]
+fn pass1<M: MulAdd>(
+    p: &KdParams,
+    hard: bool,
+    s: HostSlice,
+    t: HostSlice,
+    sc: &mut Scratch,
+) -> Stats {
+    let inv_t = p.inv_t;
+    let soft = !matches!(p.soft, Soft::Off);
+    let reverse = matches!(p.soft, Soft::ReverseKl);
+    // What the student's chunk sums add to z1 (see `z1_term`): nothing (no hard loss, or T = 1
+    // where z1 is z_s), its own exponentials (1), or powers of the soft ones (2..=4).
+    let z1_mode = match (hard, p.hard_mode) {
+        (false, _) | (true, HardMode::Pow(1)) => 0,
+        (true, HardMode::Exp) => 1,
+        (true, HardMode::Pow(n)) => n,
+    };
+    let mut st = Stats {
+        ms: NEG_INF,
+        zs: 0.0,
+        z1: 0.0,
+        t: MaxSum::EMPTY,
+        sd: 0.0,
+        hole: false,
+    };
+    let (mut bs, mut bt) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+    let (mut tmp, mut terms) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+    let n = s.len();
+    for c in 0..n.div_ceil(CHUNK) {
+        let range = c * CHUNK..((c + 1) * CHUNK).min(n);
+        let next = range.end..range.end + CHUNK;
+        simd::prefetch(s, next.clone());
+        if soft {
+            simd::prefetch(t, next);
+        }
+        let xs = widen(s, range.clone(), &mut bs, NEG_INF);
+        let ms = larger(st.ms, simd::max(xs));
+        let ys: &[f32] = if soft {
+            widen(t, range, &mut bt, NEG_INF)
+        } else {
+            &[]
+        };
+        if soft {
+            let mt = larger(st.t.m, simd::max(ys));
+            if reverse && st.zs != 0.0 && (ms > st.ms || mt > st.t.m) {
+                // Every recorded sc - tc moves by -shift, every weight exp(sc) by exp(ms' - ms).
+                let shift = ((ms - st.ms) - (mt - st.t.m)) * inv_t;
+                st.sd = (st.sd - shift * st.zs) * exp::<M>((st.ms - ms) * inv_t);
+            }
+            st.t.raise::<M>(mt, inv_t);
+            st.t.add::<M>(ys, inv_t, slot(sc.et, c));
+            sc.mt[c] = st.t.m;
+        }
+        if ms > st.ms {
+            // The same arithmetic as MaxSum::raise, so identical inputs give identical sums.
+            st.zs *= exp::<M>((st.ms - ms) * inv_t);
+            st.z1 *= exp::<M>(st.ms - ms);
+            st.ms = ms;
+        }
+        sc.ms[c] = st.ms;
+        let es = slot(sc.es, c);
+        if st.ms == NEG_INF {
+            if simd::has_nan(xs) {
+                (st.zs, st.z1) = (f32::NAN, f32::NAN);
+            }
+            es.fill(0.0);
+            continue;
+        }
+        if reverse {
+            let c = with_const!(z1_mode, Z1, {
+                rkl_sums::<M, Z1>(xs, ys, st.ms, st.t.m, inv_t, es, &mut tmp, &mut terms)
+            });
+            st.zs += c.z;
+            st.z1 += c.z1;
+            st.sd += c.sd;
+            st.hole |= c.hole;
+        } else if soft {
+            let (z, z1) = with_const!(z1_mode, Z1, exp_sums::<M, Z1>(xs, st.ms, inv_t, es, &mut tmp));
+            st.zs += z;
+            st.z1 += z1;
+        } else {
+            // The cross-entropy alone: its exponentials go to the scratch.
+            st.z1 += simd::exp_sum::<M>(xs, st.ms, 1.0, es);
+        }
+    }
+    if hard && z1_mode == 0 {
+        st.z1 = st.zs;
+    }
+    st
+}
+
+/// Writes `e = exp((x - m) * scale)` of every entry of `xs` to `out` and returns `(sum e, z1)`,
+/// z1 being (`Z1 = 0`) nothing, (`1`) `sum exp(x - m)` (its own exponentials, through `tmp`)
+/// or (`2..=4`) `sum e^Z1` (see [`HardMode`]). Student and teacher take this same code, so
+/// identical inputs give identical sums.
+#[inline(always)]
+fn exp_sums<M: MulAdd, const Z1: u32>(
+    xs: &[f32],
+    m: f32,
+    scale: f32,
+    out: &mut [f32],
+    tmp: &mut [f32; CHUNK],
+) -> (f32, f32) {
+    let z = simd::exp_sum::<M>(xs, m, scale, out);
+    let z1 = match Z1 {
+        0 => 0.0,
+        1 => simd::exp_sum::<M>(xs, m, 1.0, tmp),
+        2 => simd::sum_pow::<2>(&out[..xs.len()]),
+        3 => simd::sum_pow::<3>(&out[..xs.len()]),
+        _ => simd::sum_pow::<4>(&out[..xs.len()]),
+    };
+    (z, z1)
+}
+
+struct RklSums {
+    z: f32,
+    z1: f32,
+    sd: f32,
+    hole: bool,
+}
+
+/// Pass-1 sums of reverse KL over one chunk, relative to the running maxima `ms`, `mt`: `z_s` and
+/// z1 as in [`exp_sums`] (the student's exponentials go to `out`), `sd`, and whether a student
+/// entry meets a teacher `-inf`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rkl_sums<M: MulAdd, const Z1: u32>(
+    xs: &[f32],
+    ys: &[f32],
+    ms: f32,
+    mt: f32,
+    inv_t: f32,
+    out: &mut [f32],
+    tmp: &mut [f32; CHUNK],
+    terms: &mut [f32; CHUNK],
+) -> RklSums {
+    let n = xs.len();
+    let (ys, out, terms) = (&ys[..n], &mut out[..n], &mut terms[..n]);
+    let mut hole = 0u32;
+    for j in 0..n {
+        let (x, y) = (xs[j], ys[j]);
+        let sc = (x - ms) * inv_t;
+        let e = exp::<M>(sc);
+        out[j] = e;
+        let term = e * (sc - (y - mt) * inv_t);
+        // A zero student probability contributes 0; a teacher zero makes the row +inf.
+        let skip = x == NEG_INF || y == NEG_INF;
+        terms[j] = if skip { 0.0 } else { term };
+        hole |= (x > NEG_INF && y == NEG_INF) as u32;
+    }
+    let z = simd::sum(out);
+    let z1 = match Z1 {
+        0 => 0.0,
+        1 => simd::exp_sum::<M>(xs, ms, 1.0, tmp),
+        2 => simd::sum_pow::<2>(out),
+        3 => simd::sum_pow::<3>(out),
+        _ => simd::sum_pow::<4>(out),
+    };
+    RklSums {
+        z,
+        z1,
+        sd: simd::sum(terms),
+        hole: hole != 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 2 (and 3): per-entry terms.
+
+/// Everything pass 2 needs, per row.
+#[derive(Clone, Copy)]
+struct Consts {
+    ms: f32,
+    mt: f32,
+    inv_t: f32,
+    log_zs: f32,
+    log_zt: f32,
+    log_z1: f32,
+    /// Reverse KL: the row's KL (`+inf` with a hole).
+    r: f32,
+    /// `grad_scale * soft_weight / T`: the soft part's factor (d a / d s = 1 / T).
+    a: f32,
+    /// `grad_scale * hard_weight`.
+    b: f32,
+    /// [`HardMode::Pow`]: `softmax(s) = (p_s c)^T`, `c = exp(log z_s - log z_1 / T)`.
+    c: f32,
+    beta: f32,
+    one_minus_beta: f32,
+    /// JSD: `sum_k p_s(k) (1 - beta) (log p_s(k) - log m(k))`.
+    g_mean: f32,
+}
+
+/// Per chunk: the factors that turn the scratch's exponentials into probabilities,
+/// `exp((m_c - m) / T) / z` (or at T = 1 for the cross-entropy alone); after pass 1 they replace
+/// the chunk maxima in the scratch.
+#[derive(Clone, Copy)]
+struct ChunkFactors {
+    fs: f32,
+    ft: f32,
+}
+
+impl Consts {
+    /// `log p_s = (s - m_s) / T - log z_s`, centered before scaling.
+    #[inline(always)]
+    fn log_ps<M: MulAdd>(&self, x: f32) -> f32 {
+        M::mul_add(x - self.ms, self.inv_t, -self.log_zs)
+    }
+
+    #[inline(always)]
+    fn log_pt<M: MulAdd>(&self, y: f32) -> f32 {
+        M::mul_add(y - self.mt, self.inv_t, -self.log_zt)
+    }
+
+    /// The cross-entropy's gradient `b (softmax(s) - onehot)` at the entry with student logit
+    /// `x` and soft probability `ps`: `Q = 1` from an exponential of its own
+    /// ([`HardMode::Exp`]), `Q = n + 1` as `(ps c)^n` ([`HardMode::Pow`]).
+    #[inline(always)]
+    fn hard_grad<M: MulAdd, const Q: u32>(&self, x: f32, ps: f32, onehot: f32) -> f32 {
+        let q = match Q {
+            1 => exp::<M>((x - self.ms) - self.log_z1),
+            2 => ps * self.c,
+            3 => pow::<2>(ps * self.c),
+            4 => pow::<3>(ps * self.c),
+            _ => pow::<4>(ps * self.c),
+        };
+        self.b * (q - onehot)
+    }
+
+    /// `log(beta p_t + (1 - beta) p_s)`, taken about the larger log-probability; exactly that
+    /// log-probability when the two are equal (`beta + (1 - beta)` rounds to 1 for the betas
+    /// used), `-inf` when both are `-inf`, NaN for NaN.
+    #[inline(always)]
+    fn log_mixture<M: MulAdd>(&self, ls: f32, lt: f32) -> f32 {
+        let t_hi = lt >= ls;
+        let (hi, lo) = if t_hi { (lt, ls) } else { (ls, lt) };
+        let (w_hi, w_lo) = if t_hi {
+            (self.beta, self.one_minus_beta)
+        } else {
+            (self.one_minus_beta, self.beta)
+        };
+        let lm = hi + ln::<M>(M::mul_add(w_lo, exp::<M>(lo - hi), w_hi));
+        if hi == NEG_INF {
+            NEG_INF
+        } else {
+            lm
+        }
+    }
+}
+
+/// What one entry of a pass produces: up to two loss terms, the gradient (without the label's
+/// one-hot, which the caller passes as `onehot` for the label entry only), and a value to leave
+/// in the teacher's scratch slot.
+struct Out {
+    terms: [f32; 2],
+    grad: f32,
+    keep: f32,
+}
+
+/// One entry of a pass, from the student and teacher logits `x`, `y` and the scratch values
+/// `es`, `et` of the entry.
+trait Entry: Copy {
+    /// How many of the two terms are summed.
+    const SUMS: usize;
+    /// Whether `keep` is written back to the teacher's scratch slot.
+    const KEEP: bool = false;
+    #[allow(clippy::too_many_arguments)]
+    fn eval<M: MulAdd>(
+        self,
+        c: &Consts,
+        f: ChunkFactors,
+        x: f32,
+        y: f32,
+        es: f32,
+        et: f32,
+        onehot: f32,
+    ) -> Out;
+}
+
+/// Forward KL: `p_t (log p_t - log p_s)`; gradient `a (p_s - p_t)`. `Q`: the cross-entropy's
+/// gradient, 0 for none, else as in [`Consts::hard_grad`] (so for the other entries).
+#[derive(Clone, Copy)]
+struct ForwardKl<const Q: u32>;
+
+impl<const Q: u32> Entry for ForwardKl<Q> {
+    const SUMS: usize = 1;
+    #[inline(always)]
+    fn eval<M: MulAdd>(
+        self,
+        c: &Consts,
+        f: ChunkFactors,
+        x: f32,
+        y: f32,
+        es: f32,
+        et: f32,
+        onehot: f32,
+    ) -> Out {
+        let (ls, lt) = (c.log_ps::<M>(x), c.log_pt::<M>(y));
+        let (ps, pt) = (es * f.fs, et * f.ft);
+        let term = pt * (lt - ls);
+        let term = if ls == NEG_INF { INF } else { term };
+        let term = if lt == NEG_INF { 0.0 } else { term };
+        let d = ps - pt;
+        let grad = if Q > 0 {
+            M::mul_add(c.a, d, c.hard_grad::<M, Q>(x, ps, onehot))
+        } else {
+            c.a * d
+        };
+        Out {
+            terms: [term, 0.0],
+            grad,
+            keep: 0.0,
+        }
+    }
+}
+
+/// Reverse KL: `p_s (log p_s - log p_t)`; gradient `a p_s (log p_s - log p_t - KL_r)`.
+#[derive(Clone, Copy)]
+struct ReverseKl<const Q: u32>;
+
+impl<const Q: u32> Entry for ReverseKl<Q> {
+    const SUMS: usize = 1;
+    #[inline(always)]
+    fn eval<M: MulAdd>(
+        self,
+        c: &Consts,
+        f: ChunkFactors,
+        x: f32,
+        y: f32,
+        es: f32,
+        _: f32,
+        onehot: f32,
+    ) -> Out {
+        let (ls, lt) = (c.log_ps::<M>(x), c.log_pt::<M>(y));
+        let ps = es * f.fs;
+        let d = ls - lt;
+        let term = ps * d;
+        let term = if lt == NEG_INF { INF } else { term };
+        let term = if ls == NEG_INF { 0.0 } else { term };
+        let gs = c.a * (ps * (d - c.r));
+        let gs = if ls == NEG_INF { 0.0 } else { gs };
+        let grad = if Q > 0 {
+            gs + c.hard_grad::<M, Q>(x, ps, onehot)
+        } else {
+            gs
+        };
+        Out {
+            terms: [term, 0.0],
+            grad,
+            keep: 0.0,
+        }
+    }
+}
+
+/// JSD, pass 2: `p_t (log p_t - log m)` and `p_s (log p_s - log m)`; keeps `log m` for pass 3.
+#[derive(Clone, Copy)]
+struct JsdLoss;
+
+impl Entry for JsdLoss {
+    const SUMS: usize = 2;
+    const KEEP: bool = true;
+    #[inline(always)]
+    fn eval<M: MulAdd>(
+        self,
+        c: &Consts,
+        f: ChunkFactors,
+        x: f32,
+        y: f32,
+        es: f32,
+        et: f32,
+        _: f32,
+    ) -> Out {
+        let (ls, lt) = (c.log_ps::<M>(x), c.log_pt::<M>(y));
+        let lm = c.log_mixture::<M>(ls, lt);
+        let ta = (et * f.ft) * (lt - lm);
+        let tb = (es * f.fs) * (ls - lm);
+        let ta = if lt == NEG_INF { 0.0 } else { ta };
+        let tb = if ls == NEG_INF { 0.0 } else { tb };
+        Out {
+            terms: [ta, tb],
+            grad: 0.0,
+            keep: lm,
+        }
+    }
+}
+
+/// JSD, pass 3: gradient `a p_s ((1 - beta)(log p_s - log m) - g_mean)`, with `log m` read back
+/// from the teacher's slot (the teacher itself is not read again); no loss.
+#[derive(Clone, Copy)]
+struct JsdGrad<const Q: u32>;
+
+impl<const Q: u32> Entry for JsdGrad<Q> {
+    const SUMS: usize = 0;
+    #[inline(always)]
+    fn eval<M: MulAdd>(
+        self,
+        c: &Consts,
+        f: ChunkFactors,
+        x: f32,
+        _: f32,
+        es: f32,
+        lm: f32,
+        onehot: f32,
+    ) -> Out {
+        let ls = c.log_ps::<M>(x);
+        let ps = es * f.fs;
+        let gs = c.a * (ps * M::mul_add(c.one_minus_beta, ls - lm, -c.g_mean));
+        let gs = if ls == NEG_INF { 0.0 } else { gs };
+        let grad = if Q > 0 {
+            gs + c.hard_grad::<M, Q>(x, ps, onehot)
+        } else {
+            gs
+        };
+        Out {
+            terms: [0.0, 0.0],
+            grad,
+            keep: 0.0,
+        }
+    }
+}
+
+/// The cross-entropy alone (alpha = 0): its gradient `b (exp(s - m) / z_1 - onehot)` from the
+/// exponentials pass 1 kept; the teacher is not read.
+#[derive(Clone, Copy)]
+struct HardOnly;
+
+impl Entry for HardOnly {
+    const SUMS: usize = 0;
+    #[inline(always)]
+    fn eval<M: MulAdd>(
+        self,
+        c: &Consts,
+        f: ChunkFactors,
+        _: f32,
+        _: f32,
+        es: f32,
+        _: f32,
+        onehot: f32,
+    ) -> Out {
+        Out {
+            terms: [0.0, 0.0],
+            grad: c.b * (es * f.fs - onehot),
+            keep: 0.0,
+        }
+    }
+}
+
+/// Which inputs a pass reads besides the scratch.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    s: HostSlice<'a>,
+    /// `None`: the student stands in (and the entry ignores it).
+    t: Option<HostSlice<'a>>,
+}
+
+/// One pass over a row: the sums of `e`'s terms, and (when `grad` is given) its gradient written
+/// a chunk at a time. The label entry's gradient is recomputed with its one-hot.
+#[inline(always)]
+fn row_pass<M: MulAdd, E: Entry>(
+    e: E,
+    c: &Consts,
+    input: Inputs,
+    sc: &mut Scratch,
+    label: Option<usize>,
+    grad: Option<&mut HostSliceMut>,
+) -> [f32; 2] {
+    // Separate loops with and without the gradient: the loss terms are the same code in both, so
+    // the loss-only path gives the same bits.
+    match grad {
+        Some(g) => chunks::<M, E, true>(e, c, input, sc, label, Some(g)),
+        None => chunks::<M, E, false>(e, c, input, sc, label, None),
+    }
+}
+
+#[inline(always)]
+fn chunks<M: MulAdd, E: Entry, const GRAD: bool>(
+    e: E,
+    c: &Consts,
+    input: Inputs,
+    sc: &mut Scratch,
+    label: Option<usize>,
+    mut grad: Option<&mut HostSliceMut>,
+) -> [f32; 2] {
+    let (mut bs, mut bt, mut bg) = ([0.0f32; CHUNK], [0.0f32; CHUNK], [0.0f32; CHUNK]);
+    let (mut b0, mut b1) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+    let (mut total0, mut total1) = (0.0f32, 0.0f32);
+    let n = input.s.len();
+    for ci in 0..n.div_ceil(CHUNK) {
+        let range = ci * CHUNK..((ci + 1) * CHUNK).min(n);
+        let f = ChunkFactors {
+            fs: sc.ms[ci],
+            ft: sc.mt[ci],
+        };
+        let xs = widen(input.s, range.clone(), &mut bs, NEG_INF);
+        let ys = match input.t {
+            Some(t) => widen(t, range.clone(), &mut bt, NEG_INF),
+            None => xs,
+        };
+        // An f32 gradient is written in place when the chunk needs no padding; otherwise into
+        // `bg`, narrowed (or copied) afterwards.
+        let direct = match grad.as_deref_mut() {
+            Some(HostSliceMut::F32(d)) if range.len().is_multiple_of(W) => {
+                Some(&mut d[range.clone()])
+            }
+            _ => None,
+        };
+        let in_place = direct.is_some();
+        let out: &mut [f32] = match direct {
+            Some(d) => d,
+            None => &mut bg[..],
+        };
+        // A plain loop over the entries (vectorized as a map), the terms summed afterwards
+        // (see `simd::sum`). Equal lengths let LLVM drop the bounds checks.
+        let m = xs.len();
+        let (ys, es, et) = (&ys[..m], &slot(sc.es, ci)[..m], &mut slot(sc.et, ci)[..m]);
+        let (out, t0, t1) = (&mut out[..m], &mut b0[..m], &mut b1[..m]);
+        for j in 0..m {
+            let o = e.eval::<M>(c, f, xs[j], ys[j], es[j], et[j], 0.0);
+            if E::SUMS > 0 {
+                t0[j] = o.terms[0];
+            }
+            if E::SUMS > 1 {
+                t1[j] = o.terms[1];
+            }
+            if GRAD {
+                out[j] = o.grad;
+            }
+            if E::KEEP {
+                et[j] = o.keep;
+            }
+        }
+        if E::SUMS > 0 {
+            total0 += simd::sum(t0);
+        }
+        if E::SUMS > 1 {
+            total1 += simd::sum(t1);
+        }
+        if GRAD {
+            if let Some(y) = label.filter(|y| range.contains(y)) {
+                let j = y - range.start;
+                // No kind both keeps a value in the teacher's slot and writes a gradient, so
+                // `et[j]` still holds what the loop read.
+                out[j] = e.eval::<M>(c, f, xs[j], ys[j], es[j], et[j], 1.0).grad;
+            }
+            if !in_place {
+                if let Some(g) = grad.as_deref_mut() {
+                    narrow_into(&bg[..range.len()], g, range.start);
+                }
+            }
+        }
+    }
+    [total0, total1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The row.
+
+#[inline(always)]
+fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
+    let KdRow {
+        p,
+        s,
+        t,
+        label,
+        mut grad,
+        scratch,
+    } = row;
+    let mut sc = Scratch::new(scratch, s.len());
+    let hard = p.hard_weight > 0.0 && label.is_some();
+    let soft = !matches!(p.soft, Soft::Off);
+    let st = pass1::<M>(p, hard, s, t, &mut sc);
+    if super::AB_TOGGLE.load(std::sync::atomic::Ordering::Relaxed) {
+        return st.zs + st.t.z + st.z1;
+    }
+
+    let (beta, one_minus_beta) = match p.soft {
+        Soft::Jsd { beta } => (beta, 1.0 - beta),
+        _ => (0.0, 0.0),
+    };
+    let log_zs = ln::<M>(st.zs);
+    let log_zt = ln::<M>(st.t.z);
+    let log_z1 = ln::<M>(st.z1);
+    let c = match p.hard_mode {
+        // At T = 1, z1 is z_s: c = exp(0) = 1 exactly.
+        HardMode::Pow(n) if hard => exp::<M>(log_zs - log_z1 / n as f32),
+        _ => 0.0,
+    };
+    let mut c = Consts {
+        ms: st.ms,
+        mt: st.t.m,
+        inv_t: p.inv_t,
+        log_zs,
+        log_zt,
+        log_z1,
+        r: if st.hole {
+            INF
+        } else {
+            st.sd / st.zs - log_zs + log_zt
+        },
+        a: p.grad_scale * p.soft_weight * p.inv_t,
+        b: p.grad_scale * p.hard_weight,
+        c,
+        beta,
+        one_minus_beta,
+        g_mean: 0.0,
+    };
+    // The chunk maxima become the factors exp((m_c - m) / T) / z (at T = 1 for the
+    // cross-entropy alone) that turn the kept exponentials into probabilities.
+    for ci in 0..s.len().div_ceil(CHUNK) {
+        if soft {
+            sc.ms[ci] = exp::<M>((sc.ms[ci] - st.ms) * p.inv_t) / st.zs;
+            sc.mt[ci] = exp::<M>((sc.mt[ci] - st.t.m) * p.inv_t) / st.t.z;
+        } else {
+            sc.ms[ci] = exp::<M>(sc.ms[ci] - st.ms) / st.z1;
+        }
+    }
+
+    // The cross-entropy's gradient, as the const parameter Q of the entries (0: none; the loss
+    // alone never needs it).
+    let q = match (hard && grad.is_some(), p.hard_mode) {
+        (false, _) => 0,
+        (true, HardMode::Exp) => 1,
+        (true, HardMode::Pow(n)) => n + 1,
+    };
+    let g_label = if q > 0 { label } else { None };
+    let both = Inputs { s, t: Some(t) };
+    let g = grad.as_mut();
+    let soft_loss = match p.soft {
+        Soft::Off => {
+            if let Some(g) = g {
+                let input = Inputs { s, t: None };
+                let label = if hard { label } else { None };
+                row_pass::<M, _>(HardOnly, &c, input, &mut sc, label, Some(g));
+            }
+            0.0
+        }
+        Soft::ForwardKl => with_const!(q, Q, {
+            row_pass::<M, _>(ForwardKl::<Q>, &c, both, &mut sc, g_label, g)[0]
+        }),
+        Soft::ReverseKl => with_const!(q, Q, {
+            row_pass::<M, _>(ReverseKl::<Q>, &c, both, &mut sc, g_label, g)[0]
+        }),
+        Soft::Jsd { .. } => {
+            let [kl_t_m, kl_s_m] = row_pass::<M, _>(JsdLoss, &c, both, &mut sc, None, None);
+            if let Some(g) = g {
+                c.g_mean = one_minus_beta * kl_s_m;
+                let input = Inputs { s, t: None };
+                with_const!(q, Q, {
+                    row_pass::<M, _>(JsdGrad::<Q>, &c, input, &mut sc, g_label, Some(&mut *g))
+                });
+            }
+            beta * kl_t_m + one_minus_beta * kl_s_m
+        }
+    };
+
+    let mut loss = 0.0;
+    if soft {
+        loss += p.soft_weight * soft_loss;
+    }
+    if let (true, Some(y)) = (hard, label) {
+        let sy = s.get_f32(y);
+        loss += p.hard_weight * -((sy - st.ms) - c.log_z1);
+    }
+    loss
+}

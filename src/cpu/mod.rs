@@ -1,0 +1,342 @@
+//! The CPU backend (`cpu`): every kernel of the crate (fused KD loss with cross-entropy, hidden
+//! MSE, softmax with temperature, forward and backward) in f32, rows in parallel with rayon.
+//!
+//! The algorithm is the GPU kernels' (kernels/kd_loss.cu): one thread owns a whole row and reads
+//! it at most twice (three times for JSD with a gradient), keeping online statistics (running
+//! maxima, sums of exponentials, reverse KL relative to the running maxima) in pass 1 and
+//! recomputing every probability in pass 2. Memory beyond the outputs is O(rows) plus a few KiB
+//! of stack per thread: a row is processed in chunks of [`simd::CHUNK`] entries, widened from
+//! f16/bf16 into a stack buffer on the fly. See `kd.rs` for the loss, `softmax.rs`, `hidden.rs`.
+//!
+//! Speed comes from loops that LLVM vectorizes: every hot loop is written over blocks of
+//! [`simd::W`] lanes with one accumulator per lane, and `exp`/`ln` are the branch-free
+//! polynomials of [`fastmath`] (errors below 2 ulp, stated and tested there). The loops are
+//! compiled three times, for AVX-512, AVX2+FMA and the target's baseline, and the best level the
+//! CPU supports is picked at run time ([`SimdLevel`]); no `-C target-cpu` is needed.
+//!
+//! Numerics: log-probabilities are `(x - max) / T - log z`, centered before scaling, so logits of
+//! magnitude 1e4 keep their differences. Sums along a row go into 16 lane accumulators per chunk
+//! of 512 entries, and chunk sums into the row's total, so the rounding of `log z` at V = 128k
+//! stays near 1e-7. The semantics, including the conventions for zeros, infinities and NaN, are
+//! those of [`crate::reference`].
+//!
+//! Determinism: each row is computed by one thread in a fixed order, and the row losses are
+//! summed in f64 in row order on the calling thread, so results are bit-identical whatever the
+//! number of threads. The order of every floating-point operation is fixed by the source (no
+//! reassociation, no contraction), so the AVX-512, AVX2 and aarch64 builds give the same bits;
+//! only an x86_64 CPU without FMA (the portable level with separate multiply and add) may differ
+//! in the last bits, within the same error bounds.
+
+pub mod fastmath;
+mod floor;
+mod hidden;
+mod kd;
+mod simd;
+mod softmax;
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::backend::{check_same_dtype, Backend};
+use crate::dtype::{Dtype, HostSlice, HostSliceMut};
+use crate::error::{Error, Result};
+use crate::semantics::{
+    check_inputs, check_softmax, DistillInputs, GradOutputs, LossConfig, LossKind, LossValue,
+    Reduction,
+};
+
+pub use floor::memory_floor;
+
+#[doc(hidden)]
+pub static AB_TOGGLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub use simd::SimdLevel;
+
+use kd::{HardMode, KdParams, KdRow, Soft};
+use simd::{Lanes, CHUNK};
+
+/// The multi-threaded CPU backend.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+impl Cpu {
+    pub fn new() -> Self {
+        Cpu
+    }
+
+    /// The instruction set the hot loops use on this machine.
+    pub fn simd_level(&self) -> SimdLevel {
+        SimdLevel::detect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows of host slices, widened and narrowed a chunk at a time.
+
+/// Row `r` of a `[rows, vocab]` tensor.
+fn row_of(x: HostSlice, r: usize, vocab: usize) -> HostSlice {
+    let range = r * vocab..(r + 1) * vocab;
+    match x {
+        HostSlice::F32(v) => HostSlice::F32(&v[range]),
+        HostSlice::F16(v) => HostSlice::F16(&v[range]),
+        HostSlice::Bf16(v) => HostSlice::Bf16(&v[range]),
+    }
+}
+
+/// `x[range]` (at most [`CHUNK`] entries) as f32, padded with `pad` to a multiple of
+/// [`simd::W`] (see [`Lanes::widen`]).
+#[inline(always)]
+fn widen<'a>(
+    x: HostSlice<'a>,
+    range: Range<usize>,
+    buf: &'a mut [f32; CHUNK],
+    pad: f32,
+) -> &'a [f32] {
+    match x {
+        HostSlice::F32(v) => f32::widen(&v[range], buf, pad),
+        HostSlice::F16(v) => f16::widen(&v[range], buf, pad),
+        HostSlice::Bf16(v) => bf16::widen(&v[range], buf, pad),
+    }
+}
+
+/// `dst[start..start + src.len()] = src`, rounded to `dst`'s dtype.
+#[inline(always)]
+fn narrow_into(src: &[f32], dst: &mut HostSliceMut, start: usize) {
+    let range = start..start + src.len();
+    match dst {
+        HostSliceMut::F32(d) => f32::narrow(src, &mut d[range]),
+        HostSliceMut::F16(d) => f16::narrow(src, &mut d[range]),
+        HostSliceMut::Bf16(d) => bf16::narrow(src, &mut d[range]),
+    }
+}
+
+fn dtype_error(tensor: &'static str, got: Dtype, want: Dtype) -> Error {
+    Error::Dtype {
+        tensor,
+        dtype: format!("{got} (must match the output's {want})"),
+    }
+}
+
+thread_local! {
+    /// Each thread's row scratch (see `kd.rs`): O(vocab) floats, kept between calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `len` floats of this thread's scratch (a fresh buffer if it is in use).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused loss.
+
+/// [`Backend::distill_loss`] of [`Cpu`] with its hot loops compiled for `level` (lowered to
+/// what this CPU supports). `Cpu` uses [`SimdLevel::detect`]; the other levels are for tests and
+/// comparisons.
+pub fn distill_loss_with(
+    level: SimdLevel,
+    cfg: &LossConfig,
+    inputs: &DistillInputs,
+    grads: GradOutputs,
+) -> Result<LossValue> {
+    let valid_rows = check_inputs(cfg, inputs, &grads)?;
+    let (loss_scale, grad_scale) = cfg.scales(valid_rows);
+    let soft_weight = cfg.soft_weight();
+    let soft = if soft_weight == 0.0 {
+        Soft::Off
+    } else {
+        match cfg.kind {
+            LossKind::ForwardKl => Soft::ForwardKl,
+            LossKind::ReverseKl => Soft::ReverseKl,
+            LossKind::Jsd { beta } => Soft::Jsd { beta },
+        }
+    };
+    let params = KdParams {
+        inv_t: 1.0 / cfg.temperature,
+        soft,
+        soft_weight,
+        hard_weight: cfg.hard_weight(),
+        grad_scale: grad_scale as f32,
+        hard_mode: HardMode::for_temperature(cfg.temperature, !matches!(soft, Soft::Off)),
+    };
+
+    let mut row_loss = vec![0.0f32; inputs.rows];
+    let level = level.supported();
+    match grads.logits {
+        None => kd_rows::<f32>(level, &params, cfg, inputs, None, &mut row_loss),
+        Some(HostSliceMut::F32(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
+        Some(HostSliceMut::F16(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
+        Some(HostSliceMut::Bf16(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
+    }
+    if let Some(h) = &inputs.hidden {
+        let gs = grad_scale as f32;
+        match grads.hidden {
+            None => hidden::rows::<f32>(level, cfg, h, inputs.labels, gs, None, &mut row_loss),
+            Some(HostSliceMut::F32(g)) => {
+                hidden::rows(level, cfg, h, inputs.labels, gs, Some(g), &mut row_loss)
+            }
+            Some(HostSliceMut::F16(g)) => {
+                hidden::rows(level, cfg, h, inputs.labels, gs, Some(g), &mut row_loss)
+            }
+            Some(HostSliceMut::Bf16(g)) => {
+                hidden::rows(level, cfg, h, inputs.labels, gs, Some(g), &mut row_loss)
+            }
+        }
+    }
+
+    let values = match cfg.reduction {
+        Reduction::None => row_loss
+            .iter()
+            .map(|&l| (l as f64 * loss_scale) as f32)
+            .collect(),
+        Reduction::Sum | Reduction::Mean => {
+            // One thread, row order: deterministic whatever the thread count.
+            let total: f64 = row_loss.iter().map(|&l| l as f64).sum();
+            vec![(total * loss_scale) as f32]
+        }
+    };
+    Ok(LossValue { values, valid_rows })
+}
+
+/// The fused soft/hard loss of every row into `row_loss`, its gradient into `grad`; one row per
+/// rayon task.
+fn kd_rows<G: Lanes>(
+    level: SimdLevel,
+    p: &KdParams,
+    cfg: &LossConfig,
+    inputs: &DistillInputs,
+    grad: Option<&mut [G]>,
+    row_loss: &mut [f32],
+) {
+    let v = inputs.vocab;
+    let run = |r: usize, grad: Option<&mut [G]>| -> f32 {
+        let label = inputs.labels.map(|l| l[r]);
+        if !cfg.row_is_valid(label) {
+            if let Some(g) = grad {
+                g.fill(G::from_f32(0.0));
+            }
+            return 0.0;
+        }
+        // A valid label is in [0, vocab) (checked by check_inputs).
+        let label = if p.hard_weight > 0.0 {
+            label.map(|y| y as usize)
+        } else {
+            None
+        };
+        with_scratch(kd::scratch_len(v), |scratch| {
+            simd::run(
+                level,
+                KdRow {
+                    p,
+                    s: row_of(inputs.student, r, v),
+                    t: row_of(inputs.teacher, r, v),
+                    label,
+                    grad: grad.map(G::host_mut),
+                    scratch,
+                },
+            )
+        })
+    };
+    match grad {
+        Some(g) => g
+            .par_chunks_mut(v)
+            .zip(row_loss.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (g, l))| *l = run(r, Some(g))),
+        None => row_loss
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(r, l)| *l = run(r, None)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+impl Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn distill_loss(
+        &self,
+        cfg: &LossConfig,
+        inputs: &DistillInputs,
+        grads: GradOutputs,
+    ) -> Result<LossValue> {
+        distill_loss_with(SimdLevel::detect(), cfg, inputs, grads)
+    }
+
+    fn softmax(
+        &self,
+        input: HostSlice,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+        log: bool,
+        output: HostSliceMut,
+    ) -> Result<()> {
+        check_softmax(
+            rows,
+            vocab,
+            temperature,
+            &[("input", input.len()), ("output", output.len())],
+        )?;
+        check_same_dtype("output", input, &output)?;
+        let level = SimdLevel::detect();
+        let inv_t = 1.0 / temperature;
+        match output {
+            HostSliceMut::F32(o) => softmax::rows(level, input, vocab, inv_t, log, o),
+            HostSliceMut::F16(o) => softmax::rows(level, input, vocab, inv_t, log, o),
+            HostSliceMut::Bf16(o) => softmax::rows(level, input, vocab, inv_t, log, o),
+        }
+        Ok(())
+    }
+
+    fn softmax_backward(
+        &self,
+        output: HostSlice,
+        grad_output: HostSlice,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+        log: bool,
+        grad_input: HostSliceMut,
+    ) -> Result<()> {
+        check_softmax(
+            rows,
+            vocab,
+            temperature,
+            &[
+                ("output", output.len()),
+                ("grad_output", grad_output.len()),
+                ("grad_input", grad_input.len()),
+            ],
+        )?;
+        check_same_dtype("grad_input", output, &grad_input)?;
+        if grad_output.dtype() != output.dtype() {
+            return Err(dtype_error(
+                "grad_output",
+                grad_output.dtype(),
+                output.dtype(),
+            ));
+        }
+        let level = SimdLevel::detect();
+        let inv_t = 1.0 / temperature;
+        let (y, dy) = (output, grad_output);
+        match grad_input {
+            HostSliceMut::F32(dx) => softmax::backward_rows(level, y, dy, vocab, inv_t, log, dx),
+            HostSliceMut::F16(dx) => softmax::backward_rows(level, y, dy, vocab, inv_t, log, dx),
+            HostSliceMut::Bf16(dx) => softmax::backward_rows(level, y, dy, vocab, inv_t, log, dx),
+        }
+        Ok(())
+    }
+}
