@@ -1,14 +1,18 @@
-//! The CPU backend's vectorizable `exp` and `ln` (`distill_kernels::cpu::fastmath`) against the
-//! f64 library functions, for both multiply-add flavours (fused: the AVX2/AVX-512/aarch64 code;
-//! unfused: x86_64 without FMA).
+//! The CPU backend's vectorizable `exp2_nonpositive`, `log2`, `exp` and `ln`
+//! (`distill_kernels::cpu::fastmath`) against the f64 library functions, for both multiply-add
+//! flavours (fused: the AVX2/AVX-512/aarch64 code; unfused: x86_64 without FMA).
 //!
-//! The bounds asserted are the documented ones ([`EXP_MAX_ULP`], [`LN_MAX_ULP`]), measured on
-//! every f32 of the ranges (1.63 / 1.98 ulp for exp fused / unfused, 1.20 / 1.23 ulp for ln);
-//! here a dense sample (every 61st f32 bit pattern, ~36 million values per function and flavour)
-//! plus the edges and special values is checked, and the worst error found is printed
+//! The bounds asserted are the documented ones ([`EXP2_MAX_ULP`], [`LOG2_MAX_ULP`],
+//! [`EXP_MAX_ULP`], [`LN_MAX_ULP`]), measured on every f32 of the ranges (fused / unfused: exp2
+//! 0.93 / 1.21 ulp, log2 1.41 / 2.37, exp 1.63 / 1.98, ln 1.20 / 1.23); here a dense sample
+//! (every 61st f32 bit pattern, tens of millions of values per function and flavour) plus the
+//! edges and special values is checked, and the worst error found is printed
 //! (`cargo test --release --test fastmath -- --nocapture`).
 
-use distill_kernels::cpu::fastmath::{exp, ln, Fused, MulAdd, Unfused, EXP_MAX_ULP, LN_MAX_ULP};
+use distill_kernels::cpu::fastmath::{
+    exp, exp2_nonpositive, ln, log2, log2_normal, Fused, MulAdd, Unfused, EXP2_MAX_ULP,
+    EXP_MAX_ULP, LN_MAX_ULP, LOG2_MAX_ULP,
+};
 
 /// The exact value's ulp as an f32 (normal range; the subnormal spacing below it).
 fn ulp_of(exact: f64) -> f64 {
@@ -187,6 +191,144 @@ fn check_ln_specials<M: MulAdd>(name: &str) {
             "{name} ln(exp({x}))"
         );
     }
+}
+
+fn check_exp2<M: MulAdd>(name: &str) -> Worst {
+    let mut worst = Worst { ulp: 0.0, at: 0.0 };
+    for t in sample(-160.0, 0.0, 61).chain([-126.0, -125.5, -126.5, -127.0, -149.0, -150.0]) {
+        let got = exp2_nonpositive::<M>(t);
+        let want = (t as f64).exp2();
+        if want < f32::MIN_POSITIVE as f64 {
+            // Flushed to 0, or near -126 the correctly rounded subnormal.
+            assert!(
+                got == 0.0 || (got as f64 - want).abs() <= 2f64.powi(-149),
+                "{name} exp2({t:e}) = {got:e}, exact {want:e}"
+            );
+            continue;
+        }
+        let ulp = (got as f64 - want).abs() / ulp_of(want);
+        assert!(
+            ulp <= EXP2_MAX_ULP,
+            "{name} exp2({t:e}) = {got:e}, exact {want:e}: {ulp:.3} ulp"
+        );
+        if ulp > worst.ulp {
+            worst = Worst { ulp, at: t };
+        }
+    }
+    let zero_bits = 0.0f32.to_bits();
+    for t in [
+        f32::NEG_INFINITY,
+        -f32::MAX,
+        -1e30,
+        -1e4,
+        -200.0,
+        -128.0,
+        -127.5,
+    ] {
+        assert_eq!(
+            exp2_nonpositive::<M>(t).to_bits(),
+            zero_bits,
+            "{name} exp2({t:e}) is +0"
+        );
+    }
+    assert!(exp2_nonpositive::<M>(f32::NAN).is_nan(), "{name} exp2(NaN)");
+    assert!(
+        exp2_nonpositive::<M>(f32::from_bits(0xffa0_0001)).is_nan(),
+        "{name} exp2(-NaN with payload)"
+    );
+    assert_eq!(
+        exp2_nonpositive::<M>(0.0),
+        1.0,
+        "{name} exp2(0) is exactly 1"
+    );
+    assert_eq!(
+        exp2_nonpositive::<M>(-0.0),
+        1.0,
+        "{name} exp2(-0) is exactly 1"
+    );
+    for k in 1..126 {
+        assert_eq!(
+            exp2_nonpositive::<M>(-(k as f32)),
+            2f32.powi(-k),
+            "{name} 2^-{k} exactly"
+        );
+    }
+    worst
+}
+
+fn check_log2<M: MulAdd>(name: &str) -> Worst {
+    let mut worst = Worst { ulp: 0.0, at: 0.0 };
+    let positives = (1..0x7f80_0000u32).step_by(61).map(f32::from_bits).chain([
+        f32::from_bits(1),
+        f32::MIN_POSITIVE,
+        f32::MAX,
+        1.0 + f32::EPSILON,
+    ]);
+    for x in positives {
+        let got = log2::<M>(x);
+        if x >= f32::MIN_POSITIVE {
+            assert_eq!(
+                got.to_bits(),
+                log2_normal::<M>(x).to_bits(),
+                "{name} log2_normal({x:e})"
+            );
+        }
+        let want = (x as f64).log2();
+        if want == 0.0 {
+            assert_eq!(got, 0.0, "{name} log2(1)");
+            continue;
+        }
+        let ulp = (got as f64 - want).abs() / ulp_of(want);
+        assert!(
+            ulp <= LOG2_MAX_ULP,
+            "{name} log2({x:e}) = {got:e}, exact {want:e}: {ulp:.3} ulp"
+        );
+        if ulp > worst.ulp {
+            worst = Worst { ulp, at: x };
+        }
+    }
+    assert_eq!(log2::<M>(1.0).to_bits(), 0, "{name} log2(1) is exactly +0");
+    assert_eq!(log2::<M>(0.0), f32::NEG_INFINITY, "{name} log2(0)");
+    assert_eq!(log2::<M>(-0.0), f32::NEG_INFINITY, "{name} log2(-0)");
+    assert_eq!(log2::<M>(f32::INFINITY), f32::INFINITY, "{name} log2(inf)");
+    for x in [
+        -1.0,
+        -f32::from_bits(1),
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+    ] {
+        assert!(log2::<M>(x).is_nan(), "{name} log2({x:e}) is NaN");
+    }
+    for k in -149i32..128 {
+        let x = if k >= -126 {
+            f32::from_bits(((k + 127) as u32) << 23)
+        } else {
+            f32::from_bits(1 << (k + 149))
+        };
+        assert_eq!(log2::<M>(x), k as f32, "{name} log2(2^{k}) exactly");
+    }
+    worst
+}
+
+#[test]
+fn exp2_is_within_its_bound() {
+    let f = check_exp2::<Fused>("fused");
+    let u = check_exp2::<Unfused>("unfused");
+    println!(
+        "exp2_nonpositive: worst {:.3} ulp at {:e} fused, {:.3} ulp at {:e} unfused",
+        f.ulp, f.at, u.ulp, u.at
+    );
+}
+
+#[test]
+fn log2_is_within_its_bound() {
+    let f = check_log2::<Fused>("fused");
+    let u = check_log2::<Unfused>("unfused");
+    println!(
+        "log2: worst {:.3} ulp at {:e} fused, {:.3} ulp at {:e} unfused",
+        f.ulp, f.at, u.ulp, u.at
+    );
 }
 
 #[test]

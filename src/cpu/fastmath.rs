@@ -29,8 +29,8 @@
 //!   subnormal; `2^-inf = 0`, `2^NaN = NaN`, `2^0 = 1` exactly. Positive arguments are outside
 //!   its domain (every argument in the kernels is `x - max <= 0` scaled, or a difference of
 //!   log-probabilities about the larger one).
-//! - [`log2`]: at most [`LOG2_MAX_ULP`] = 1.5 ulp on every positive f32 (special values as
-//!   [`ln`]).
+//! - [`log2`]: at most [`LOG2_MAX_ULP`] = 2.5 ulp (measured: 1.41 fused, 2.37 unfused) on every
+//!   positive f32, subnormals included (special values as [`ln`]).
 
 /// `a * b + c`, fused or not: the one operation whose rounding the two flavours choose.
 pub trait MulAdd: Copy + Send + Sync + 'static {
@@ -68,7 +68,7 @@ pub const LN_MAX_ULP: f64 = 1.5;
 /// normal f32.
 pub const EXP2_MAX_ULP: f64 = 1.5;
 /// The largest error of [`log2`] in ulps of the exact result, over every positive f32.
-pub const LOG2_MAX_ULP: f64 = 1.5;
+pub const LOG2_MAX_ULP: f64 = 2.5;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// `ln 2 = LN2_HI + LN2_LO`; `LN2_HI = 355 / 512` has 9 significant bits, so `k * LN2_HI` is exact
@@ -204,6 +204,37 @@ pub fn exp2_nonpositive<M: MulAdd>(t: f32) -> f32 {
     p * f32::from_bits((biased as u32) << 23)
 }
 
+/// [`log2`] without the special cases, for `x` a positive normal f32 (or NaN, which stays NaN):
+/// the JSD's `log2(beta + (1 - beta) 2^(lo - hi))`, whose argument is in `[min(beta, 1 - beta),
+/// 1]`. The same bits as [`log2`] there, in 8 fewer operations.
+#[inline(always)]
+pub fn log2_normal<M: MulAdd>(x: f32) -> f32 {
+    let ix = (x.to_bits() as i32).wrapping_sub(SQRT_HALF_BITS);
+    let e = (ix >> 23) as f32;
+    let m = f32::from_bits(((ix & 0x007f_ffff) + SQRT_HALF_BITS) as u32);
+    let r = log2_reduced::<M>(m - 1.0, e);
+    if x.is_nan() {
+        x
+    } else {
+        r
+    }
+}
+
+/// `e + log2(1 + f)` for the reduced argument (see [`log2`]).
+#[inline(always)]
+fn log2_reduced<M: MulAdd>(f: f32, e: f32) -> f32 {
+    let p = M::mul_add(f, LN_C9, LN_C8);
+    let p = M::mul_add(f, p, LN_C7);
+    let p = M::mul_add(f, p, LN_C6);
+    let p = M::mul_add(f, p, LN_C5);
+    let p = M::mul_add(f, p, LN_C4);
+    let p = M::mul_add(f, p, LN_C3);
+    let f2 = f * f;
+    let y = M::mul_add(f2 * f, p, -0.5 * f2);
+    let u = M::mul_add(y, LOG2E_HI, f * LOG2E_LO);
+    M::mul_add(f, LOG2E_HI, u) + e
+}
+
 /// `log2 e = LOG2E_HI + LOG2E_LO`.
 const LOG2E_HI: f32 = std::f32::consts::LOG2_E;
 const LOG2E_LO: f32 = 1.925_963e-8;
@@ -219,17 +250,7 @@ pub fn log2<M: MulAdd>(x: f32) -> f32 {
     let ix = (xs.to_bits() as i32).wrapping_sub(SQRT_HALF_BITS);
     let e = (ix >> 23) as f32 - bias;
     let m = f32::from_bits(((ix & 0x007f_ffff) + SQRT_HALF_BITS) as u32);
-    let f = m - 1.0;
-    let p = M::mul_add(f, LN_C9, LN_C8);
-    let p = M::mul_add(f, p, LN_C7);
-    let p = M::mul_add(f, p, LN_C6);
-    let p = M::mul_add(f, p, LN_C5);
-    let p = M::mul_add(f, p, LN_C4);
-    let p = M::mul_add(f, p, LN_C3);
-    let f2 = f * f;
-    let y = M::mul_add(f2 * f, p, -0.5 * f2);
-    let u = M::mul_add(y, LOG2E_HI, f * LOG2E_LO);
-    let r = M::mul_add(f, LOG2E_HI, u) + e;
+    let r = log2_reduced::<M>(m - 1.0, e);
     let r = if x == f32::INFINITY { x } else { r };
     let r = if x == 0.0 { f32::NEG_INFINITY } else { r };
     if x >= 0.0 {

@@ -29,10 +29,11 @@
 //! only when alpha < 1); `0 * log 0 = 0` and `+inf` for a positive weight against a zero
 //! probability are selects on the log-probabilities, NaN propagates through the sums.
 
-use super::fastmath::{exp, ln, MulAdd};
+use super::fastmath::{exp, exp2_nonpositive as exp2, log2, log2_normal, MulAdd};
 use super::simd::{self, Kernel, MaxSum, CHUNK, W};
 use super::{narrow_into, widen};
 use crate::dtype::{HostSlice, HostSliceMut};
+use std::f32::consts::{LN_2, LOG2_E};
 
 const NEG_INF: f32 = f32::NEG_INFINITY;
 const INF: f32 = f32::INFINITY;
@@ -50,6 +51,8 @@ pub(super) enum Soft {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct KdParams {
     pub inv_t: f32,
+    /// `log2 e / T`: exponentials are `2^((x - max) * scale2)`, log-probabilities kept in base 2.
+    pub scale2: f32,
     pub soft: Soft,
     /// alpha (times T^2 with scaling on); used when `soft` is not `Off`.
     pub soft_weight: f32,
@@ -220,7 +223,7 @@ fn pass1<M: MulAdd>(
     t: HostSlice,
     sc: &mut Scratch,
 ) -> Stats {
-    let inv_t = p.inv_t;
+    let s2 = p.scale2;
     let soft = !matches!(p.soft, Soft::Off);
     let reverse = matches!(p.soft, Soft::ReverseKl);
     // What the student's chunk sums add to z1 (see `z1_term`): nothing (no hard loss, or T = 1
@@ -259,17 +262,17 @@ fn pass1<M: MulAdd>(
             let mt = larger(st.t.m, simd::max(ys));
             if reverse && st.zs != 0.0 && (ms > st.ms || mt > st.t.m) {
                 // Every recorded sc - tc moves by -shift, every weight exp(sc) by exp(ms' - ms).
-                let shift = ((ms - st.ms) - (mt - st.t.m)) * inv_t;
-                st.sd = (st.sd - shift * st.zs) * exp::<M>((st.ms - ms) * inv_t);
+                let shift = ((ms - st.ms) - (mt - st.t.m)) * s2;
+                st.sd = (st.sd - shift * st.zs) * exp2::<M>((st.ms - ms) * s2);
             }
-            st.t.raise::<M>(mt, inv_t);
-            st.t.add::<M>(ys, inv_t, slot(sc.et, c));
+            st.t.raise::<M>(mt, s2);
+            st.t.add::<M>(ys, s2, slot(sc.et, c));
             sc.mt[c] = st.t.m;
         }
         if ms > st.ms {
             // The same arithmetic as MaxSum::raise, so identical inputs give identical sums.
-            st.zs *= exp::<M>((st.ms - ms) * inv_t);
-            st.z1 *= exp::<M>(st.ms - ms);
+            st.zs *= exp2::<M>((st.ms - ms) * s2);
+            st.z1 *= exp2::<M>((st.ms - ms) * LOG2_E);
             st.ms = ms;
         }
         sc.ms[c] = st.ms;
@@ -283,19 +286,19 @@ fn pass1<M: MulAdd>(
         }
         if reverse {
             let c = with_const!(z1_mode, Z1, {
-                rkl_sums::<M, Z1>(xs, ys, st.ms, st.t.m, inv_t, es, &mut tmp, &mut terms)
+                rkl_sums::<M, Z1>(xs, ys, st.ms, st.t.m, s2, es, &mut tmp, &mut terms)
             });
             st.zs += c.z;
             st.z1 += c.z1;
             st.sd += c.sd;
             st.hole |= c.hole;
         } else if soft {
-            let (z, z1) = with_const!(z1_mode, Z1, exp_sums::<M, Z1>(xs, st.ms, inv_t, es, &mut tmp));
+            let (z, z1) = with_const!(z1_mode, Z1, exp_sums::<M, Z1>(xs, st.ms, s2, es, &mut tmp));
             st.zs += z;
             st.z1 += z1;
         } else {
             // The cross-entropy alone: its exponentials go to the scratch.
-            st.z1 += simd::exp_sum::<M>(xs, st.ms, 1.0, es);
+            st.z1 += simd::exp2_sum::<M>(xs, st.ms, LOG2_E, es);
         }
     }
     if hard && z1_mode == 0 {
@@ -304,7 +307,7 @@ fn pass1<M: MulAdd>(
     st
 }
 
-/// Writes `e = exp((x - m) * scale)` of every entry of `xs` to `out` and returns `(sum e, z1)`,
+/// Writes `e = 2^((x - m) * scale2)` of every entry of `xs` to `out` and returns `(sum e, z1)`,
 /// z1 being (`Z1 = 0`) nothing, (`1`) `sum exp(x - m)` (its own exponentials, through `tmp`)
 /// or (`2..=4`) `sum e^Z1` (see [`HardMode`]). Student and teacher take this same code, so
 /// identical inputs give identical sums.
@@ -312,14 +315,14 @@ fn pass1<M: MulAdd>(
 fn exp_sums<M: MulAdd, const Z1: u32>(
     xs: &[f32],
     m: f32,
-    scale: f32,
+    scale2: f32,
     out: &mut [f32],
     tmp: &mut [f32; CHUNK],
 ) -> (f32, f32) {
-    let z = simd::exp_sum::<M>(xs, m, scale, out);
+    let z = simd::exp2_sum::<M>(xs, m, scale2, out);
     let z1 = match Z1 {
         0 => 0.0,
-        1 => simd::exp_sum::<M>(xs, m, 1.0, tmp),
+        1 => simd::exp2_sum::<M>(xs, m, LOG2_E, tmp),
         2 => simd::sum_pow::<2>(&out[..xs.len()]),
         3 => simd::sum_pow::<3>(&out[..xs.len()]),
         _ => simd::sum_pow::<4>(&out[..xs.len()]),
@@ -344,7 +347,7 @@ fn rkl_sums<M: MulAdd, const Z1: u32>(
     ys: &[f32],
     ms: f32,
     mt: f32,
-    inv_t: f32,
+    s2: f32,
     out: &mut [f32],
     tmp: &mut [f32; CHUNK],
     terms: &mut [f32; CHUNK],
@@ -354,10 +357,10 @@ fn rkl_sums<M: MulAdd, const Z1: u32>(
     let mut hole = 0u32;
     for j in 0..n {
         let (x, y) = (xs[j], ys[j]);
-        let sc = (x - ms) * inv_t;
-        let e = exp::<M>(sc);
+        let sc = (x - ms) * s2;
+        let e = exp2::<M>(sc);
         out[j] = e;
-        let term = e * (sc - (y - mt) * inv_t);
+        let term = e * (sc - (y - mt) * s2);
         // A zero student probability contributes 0; a teacher zero makes the row +inf.
         let skip = x == NEG_INF || y == NEG_INF;
         terms[j] = if skip { 0.0 } else { term };
@@ -366,7 +369,7 @@ fn rkl_sums<M: MulAdd, const Z1: u32>(
     let z = simd::sum(out);
     let z1 = match Z1 {
         0 => 0.0,
-        1 => simd::exp_sum::<M>(xs, ms, 1.0, tmp),
+        1 => simd::exp2_sum::<M>(xs, ms, LOG2_E, tmp),
         2 => simd::sum_pow::<2>(out),
         3 => simd::sum_pow::<3>(out),
         _ => simd::sum_pow::<4>(out),
@@ -382,26 +385,31 @@ fn rkl_sums<M: MulAdd, const Z1: u32>(
 // ---------------------------------------------------------------------------------------------
 // Pass 2 (and 3): per-entry terms.
 
-/// Everything pass 2 needs, per row.
+/// Everything pass 2 needs, per row. Logarithms are in base 2 (`log2 p = ln p / ln 2`): the
+/// loss terms are summed in base-2 units and the row's sum converted once.
 #[derive(Clone, Copy)]
 struct Consts {
     ms: f32,
     mt: f32,
-    inv_t: f32,
+    /// `log2 e / T`.
+    scale2: f32,
+    /// `log2 z_s`, `log2 z_t`, `log2 z_1`.
     log_zs: f32,
     log_zt: f32,
     log_z1: f32,
-    /// Reverse KL: the row's KL (`+inf` with a hole).
+    /// Reverse KL: the row's KL in base-2 units (`+inf` with a hole).
     r: f32,
     /// `grad_scale * soft_weight / T`: the soft part's factor (d a / d s = 1 / T).
     a: f32,
+    /// `a ln 2`: the factor of gradients written with base-2 log-probabilities.
+    a2: f32,
     /// `grad_scale * hard_weight`.
     b: f32,
     /// [`HardMode::Pow`]: `softmax(s) = (p_s c)^T`, `c = exp(log z_s - log z_1 / T)`.
     c: f32,
     beta: f32,
     one_minus_beta: f32,
-    /// JSD: `sum_k p_s(k) (1 - beta) (log p_s(k) - log m(k))`.
+    /// JSD: `sum_k p_s(k) (1 - beta) (log2 p_s(k) - log2 m(k))`.
     g_mean: f32,
 }
 
@@ -415,15 +423,15 @@ struct ChunkFactors {
 }
 
 impl Consts {
-    /// `log p_s = (s - m_s) / T - log z_s`, centered before scaling.
+    /// `log2 p_s = (s - m_s) log2 e / T - log2 z_s`, centered before scaling.
     #[inline(always)]
     fn log_ps<M: MulAdd>(&self, x: f32) -> f32 {
-        M::mul_add(x - self.ms, self.inv_t, -self.log_zs)
+        M::mul_add(x - self.ms, self.scale2, -self.log_zs)
     }
 
     #[inline(always)]
     fn log_pt<M: MulAdd>(&self, y: f32) -> f32 {
-        M::mul_add(y - self.mt, self.inv_t, -self.log_zt)
+        M::mul_add(y - self.mt, self.scale2, -self.log_zt)
     }
 
     /// The cross-entropy's gradient `b (softmax(s) - onehot)` at the entry with student logit
@@ -432,7 +440,7 @@ impl Consts {
     #[inline(always)]
     fn hard_grad<M: MulAdd, const Q: u32>(&self, x: f32, ps: f32, onehot: f32) -> f32 {
         let q = match Q {
-            1 => exp::<M>((x - self.ms) - self.log_z1),
+            1 => exp2::<M>(M::mul_add(x - self.ms, LOG2_E, -self.log_z1)),
             2 => ps * self.c,
             3 => pow::<2>(ps * self.c),
             4 => pow::<3>(ps * self.c),
@@ -441,7 +449,7 @@ impl Consts {
         self.b * (q - onehot)
     }
 
-    /// `log(beta p_t + (1 - beta) p_s)`, taken about the larger log-probability; exactly that
+    /// `log2(beta p_t + (1 - beta) p_s)`, taken about the larger log-probability; exactly that
     /// log-probability when the two are equal (`beta + (1 - beta)` rounds to 1 for the betas
     /// used), `-inf` when both are `-inf`, NaN for NaN.
     #[inline(always)]
@@ -453,7 +461,8 @@ impl Consts {
         } else {
             (self.one_minus_beta, self.beta)
         };
-        let lm = hi + ln::<M>(M::mul_add(w_lo, exp::<M>(lo - hi), w_hi));
+        // The argument is in [min(beta, 1 - beta), 1] (or NaN).
+        let lm = hi + log2_normal::<M>(M::mul_add(w_lo, exp2::<M>(lo - hi), w_hi));
         if hi == NEG_INF {
             NEG_INF
         } else {
@@ -551,7 +560,7 @@ impl<const Q: u32> Entry for ReverseKl<Q> {
         let term = ps * d;
         let term = if lt == NEG_INF { INF } else { term };
         let term = if ls == NEG_INF { 0.0 } else { term };
-        let gs = c.a * (ps * (d - c.r));
+        let gs = c.a2 * (ps * (d - c.r));
         let gs = if ls == NEG_INF { 0.0 } else { gs };
         let grad = if Q > 0 {
             gs + c.hard_grad::<M, Q>(x, ps, onehot)
@@ -618,7 +627,7 @@ impl<const Q: u32> Entry for JsdGrad<Q> {
     ) -> Out {
         let ls = c.log_ps::<M>(x);
         let ps = es * f.fs;
-        let gs = c.a * (ps * M::mul_add(c.one_minus_beta, ls - lm, -c.g_mean));
+        let gs = c.a2 * (ps * M::mul_add(c.one_minus_beta, ls - lm, -c.g_mean));
         let gs = if ls == NEG_INF { 0.0 } else { gs };
         let grad = if Q > 0 {
             gs + c.hard_grad::<M, Q>(x, ps, onehot)
@@ -783,26 +792,24 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
     let hard = p.hard_weight > 0.0 && label.is_some();
     let soft = !matches!(p.soft, Soft::Off);
     let st = pass1::<M>(p, hard, s, t, &mut sc);
-    if super::AB_TOGGLE.load(std::sync::atomic::Ordering::Relaxed) {
-        return st.zs + st.t.z + st.z1;
-    }
 
     let (beta, one_minus_beta) = match p.soft {
         Soft::Jsd { beta } => (beta, 1.0 - beta),
         _ => (0.0, 0.0),
     };
-    let log_zs = ln::<M>(st.zs);
-    let log_zt = ln::<M>(st.t.z);
-    let log_z1 = ln::<M>(st.z1);
+    let log_zs = log2::<M>(st.zs);
+    let log_zt = log2::<M>(st.t.z);
+    let log_z1 = log2::<M>(st.z1);
     let c = match p.hard_mode {
         // At T = 1, z1 is z_s: c = exp(0) = 1 exactly.
-        HardMode::Pow(n) if hard => exp::<M>(log_zs - log_z1 / n as f32),
+        HardMode::Pow(n) if hard => exp::<M>((log_zs - log_z1 / n as f32) * LN_2),
         _ => 0.0,
     };
+    let a = p.grad_scale * p.soft_weight * p.inv_t;
     let mut c = Consts {
         ms: st.ms,
         mt: st.t.m,
-        inv_t: p.inv_t,
+        scale2: p.scale2,
         log_zs,
         log_zt,
         log_z1,
@@ -811,7 +818,8 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
         } else {
             st.sd / st.zs - log_zs + log_zt
         },
-        a: p.grad_scale * p.soft_weight * p.inv_t,
+        a,
+        a2: a * LN_2,
         b: p.grad_scale * p.hard_weight,
         c,
         beta,
@@ -820,12 +828,17 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
     };
     // The chunk maxima become the factors exp((m_c - m) / T) / z (at T = 1 for the
     // cross-entropy alone) that turn the kept exponentials into probabilities.
-    for ci in 0..s.len().div_ceil(CHUNK) {
-        if soft {
-            sc.ms[ci] = exp::<M>((sc.ms[ci] - st.ms) * p.inv_t) / st.zs;
-            sc.mt[ci] = exp::<M>((sc.mt[ci] - st.t.m) * p.inv_t) / st.t.z;
-        } else {
-            sc.ms[ci] = exp::<M>(sc.ms[ci] - st.ms) / st.z1;
+    // (Plain loops over the chunks, vectorized.)
+    if soft {
+        for f in sc.ms.iter_mut() {
+            *f = exp2::<M>((*f - st.ms) * p.scale2) / st.zs;
+        }
+        for f in sc.mt.iter_mut() {
+            *f = exp2::<M>((*f - st.t.m) * p.scale2) / st.t.z;
+        }
+    } else {
+        for f in sc.ms.iter_mut() {
+            *f = exp2::<M>((*f - st.ms) * LOG2_E) / st.z1;
         }
     }
 
@@ -869,11 +882,12 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
 
     let mut loss = 0.0;
     if soft {
-        loss += p.soft_weight * soft_loss;
+        // The terms were summed in base-2 units.
+        loss += p.soft_weight * (soft_loss * LN_2);
     }
     if let (true, Some(y)) = (hard, label) {
         let sy = s.get_f32(y);
-        loss += p.hard_weight * -((sy - st.ms) - c.log_z1);
+        loss += p.hard_weight * -((sy - st.ms) - c.log_z1 * LN_2);
     }
     loss
 }

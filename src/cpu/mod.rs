@@ -2,23 +2,26 @@
 //! MSE, softmax with temperature, forward and backward) in f32, rows in parallel with rayon.
 //!
 //! The algorithm is the GPU kernels' (kernels/kd_loss.cu): one thread owns a whole row and reads
-//! it at most twice (three times for JSD with a gradient), keeping online statistics (running
-//! maxima, sums of exponentials, reverse KL relative to the running maxima) in pass 1 and
-//! recomputing every probability in pass 2. Memory beyond the outputs is O(rows) plus a few KiB
-//! of stack per thread: a row is processed in chunks of [`simd::CHUNK`] entries, widened from
-//! f16/bf16 into a stack buffer on the fly. See `kd.rs` for the loss, `softmax.rs`, `hidden.rs`.
+//! it at most twice (JSD with a gradient makes a third pass over the student only), keeping
+//! online statistics (running maxima, sums of exponentials, reverse KL relative to the running
+//! maxima) in pass 1 and forming the loss terms and the gradient in pass 2. A row is processed in
+//! chunks of [`simd::CHUNK`] entries, widened from f16/bf16 into a stack buffer on the fly; the
+//! exponentials of pass 1 are kept in a per-thread scratch of O(vocab) floats (never N x V) so
+//! that pass 2 computes none. See `kd.rs` for the loss, `softmax.rs`, `hidden.rs`, `floor.rs`.
 //!
-//! Speed comes from loops that LLVM vectorizes: every hot loop is written over blocks of
-//! [`simd::W`] lanes with one accumulator per lane, and `exp`/`ln` are the branch-free
-//! polynomials of [`fastmath`] (errors below 2 ulp, stated and tested there). The loops are
-//! compiled three times, for AVX-512, AVX2+FMA and the target's baseline, and the best level the
-//! CPU supports is picked at run time ([`SimdLevel`]); no `-C target-cpu` is needed.
+//! Speed comes from loops that LLVM vectorizes: per-entry values are computed by plain loops
+//! (vectorized as maps), sums by loops over [`simd::W`] lanes with one accumulator per lane
+//! (`simd::sum`), and the exponentials and logarithms are the branch-free polynomials of
+//! [`fastmath`] (errors of at most 1.5 / 2.5 ulp, stated and tested there), in base 2 so that
+//! `log2 e / T` folds into one scale. The loops are compiled three times, for AVX-512, AVX2+FMA and
+//! the target's baseline, and the best level the CPU supports is picked at run time
+//! ([`SimdLevel`]); no `-C target-cpu` is needed.
 //!
-//! Numerics: log-probabilities are `(x - max) / T - log z`, centered before scaling, so logits of
-//! magnitude 1e4 keep their differences. Sums along a row go into 16 lane accumulators per chunk
-//! of 512 entries, and chunk sums into the row's total, so the rounding of `log z` at V = 128k
-//! stays near 1e-7. The semantics, including the conventions for zeros, infinities and NaN, are
-//! those of [`crate::reference`].
+//! Numerics: log-probabilities are `(x - max) / T - log z` (in base 2), centered before scaling,
+//! so logits of magnitude 1e4 keep their differences. Sums along a row go into 16 lane
+//! accumulators per chunk of 512 entries, and chunk sums into the row's total, so the rounding of
+//! `log z` at V = 128k stays near 1e-7. The semantics, including the conventions for zeros,
+//! infinities and NaN, are those of [`crate::reference`].
 //!
 //! Determinism: each row is computed by one thread in a fixed order, and the row losses are
 //! summed in f64 in row order on the calling thread, so results are bit-identical whatever the
@@ -49,8 +52,6 @@ use crate::semantics::{
 
 pub use floor::memory_floor;
 
-#[doc(hidden)]
-pub static AB_TOGGLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 pub use simd::SimdLevel;
 
 use kd::{HardMode, KdParams, KdRow, Soft};
@@ -160,8 +161,10 @@ pub fn distill_loss_with(
             LossKind::Jsd { beta } => Soft::Jsd { beta },
         }
     };
+    let inv_t = 1.0 / cfg.temperature;
     let params = KdParams {
-        inv_t: 1.0 / cfg.temperature,
+        inv_t,
+        scale2: inv_t * std::f32::consts::LOG2_E,
         soft,
         soft_weight,
         hard_weight: cfg.hard_weight(),

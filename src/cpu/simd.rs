@@ -1,13 +1,14 @@
 //! The building blocks of the hot loops: lane-blocked reductions, on-the-fly dtype conversion of
 //! one chunk of a row, and the run-time choice of instruction set.
 //!
-//! Every loop here works on blocks of [`W`] elements with one accumulator per lane, written as
-//! plain arrays: the order of every floating-point operation is fixed by the source (lane `l`
-//! sums elements `l, l + W, l + 2W, ...`; lanes are combined in a fixed tree), so LLVM's SLP
-//! vectorizer may put a block in one zmm, two ymm or four xmm/NEON registers without changing a
-//! bit of the result. The kernels are `#[inline(always)]` generic code, instantiated once per
-//! instruction set by [`run`] inside a `#[target_feature]` function, so the same source becomes
-//! AVX-512, AVX2 or baseline (SSE2/NEON) machine code.
+//! Per-entry work is written as plain loops over slices, which LLVM vectorizes as maps; sums
+//! are loops over blocks of [`W`] elements with one accumulator per lane, written as plain arrays:
+//! the order of every floating-point operation is fixed by the source (lane `l` sums elements
+//! `l, l + W, l + 2W, ...`; lanes are then added left to right), so the vectorizer may put a
+//! block in one zmm, two ymm or four xmm/NEON registers without changing a bit of the result.
+//! The kernels are `#[inline(always)]` generic code, instantiated once per instruction set by
+//! [`run`] inside a `#[target_feature]` function, so the same source becomes AVX-512, AVX2 or
+//! baseline (SSE2/NEON) machine code.
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -313,13 +314,13 @@ pub fn max(xs: &[f32]) -> f32 {
     m[0]
 }
 
-/// `out[i] = exp((xs[i] - m) * scale)` (`out` at least as long as `xs`) and their sum, lane by
-/// lane as in [`sum`].
+/// `out[i] = 2^((xs[i] - m) * scale2)` (`out` at least as long as `xs`; `m` at least every
+/// `xs[i]`, so the exponent is at most 0) and their sum, lane by lane as in [`sum`].
 #[inline(always)]
-pub fn exp_sum<M: MulAdd>(xs: &[f32], m: f32, scale: f32, out: &mut [f32]) -> f32 {
+pub fn exp2_sum<M: MulAdd>(xs: &[f32], m: f32, scale2: f32, out: &mut [f32]) -> f32 {
     let out = &mut out[..xs.len()];
     for (o, &x) in out.iter_mut().zip(xs) {
-        *o = super::fastmath::exp::<M>((x - m) * scale);
+        *o = super::fastmath::exp2_nonpositive::<M>((x - m) * scale2);
     }
     sum(out)
 }
@@ -366,8 +367,9 @@ pub fn has_nan(xs: &[f32]) -> bool {
     xs.iter().any(|v| v.is_nan())
 }
 
-/// Online statistics of one input: the running maximum `m` and `z = sum exp((x - m) * scale)`,
-/// fed a chunk at a time. Sums are taken relative to the running maximum, rescaled when it grows.
+/// Online statistics of one input: the running maximum `m` and `z = sum 2^((x - m) * scale2)`,
+/// fed a chunk at a time (`scale2 = log2 e / T`). Sums are taken relative to the running
+/// maximum, rescaled when it grows.
 #[derive(Clone, Copy, Debug)]
 pub struct MaxSum {
     pub m: f32,
@@ -380,25 +382,25 @@ impl MaxSum {
     /// Moves the maximum up to `m` (when larger), rescaling the sum. From an empty state the
     /// factor is `exp(-inf) = 0` and the sum (0, or NaN after a NaN) stays what it was.
     #[inline(always)]
-    pub fn raise<M: MulAdd>(&mut self, m: f32, scale: f32) {
+    pub fn raise<M: MulAdd>(&mut self, m: f32, scale2: f32) {
         if m > self.m {
-            self.z *= super::fastmath::exp::<M>((self.m - m) * scale);
+            self.z *= super::fastmath::exp2_nonpositive::<M>((self.m - m) * scale2);
             self.m = m;
         }
     }
 
     /// Adds the chunk `xs`, whose maximum is at most `self.m` (call [`MaxSum::raise`] first),
-    /// leaving each entry's `exp((x - m) * scale)` in `out` (zeros while no finite value has been
-    /// seen: then `m = -inf` and only a NaN changes the state).
+    /// leaving each entry's `2^((x - m) * scale2)` in `out` (zeros while no finite value has
+    /// been seen: then `m = -inf` and only a NaN changes the state).
     #[inline(always)]
-    pub fn add<M: MulAdd>(&mut self, xs: &[f32], scale: f32, out: &mut [f32]) {
+    pub fn add<M: MulAdd>(&mut self, xs: &[f32], scale2: f32, out: &mut [f32]) {
         if self.m == NEG_INF {
             if has_nan(xs) {
                 self.z = f32::NAN;
             }
             out[..xs.len()].fill(0.0);
         } else {
-            self.z += exp_sum::<M>(xs, self.m, scale, out);
+            self.z += exp2_sum::<M>(xs, self.m, scale2, out);
         }
     }
 }

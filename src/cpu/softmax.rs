@@ -4,10 +4,11 @@
 
 use rayon::prelude::*;
 
-use super::fastmath::{exp, ln, MulAdd};
+use super::fastmath::{exp, exp2_nonpositive, log2, MulAdd};
 use super::simd::{self, hsum, Kernel, Lanes, MaxSum, SimdLevel, CHUNK, W};
 use super::{narrow_into, row_of, widen};
 use crate::dtype::{HostSlice, HostSliceMut};
+use std::f32::consts::{LN_2, LOG2_E};
 
 const NEG_INF: f32 = f32::NEG_INFINITY;
 
@@ -47,15 +48,17 @@ impl Kernel for SoftmaxRow<'_> {
     #[inline(always)]
     fn run<M: MulAdd>(mut self) {
         let (x, inv_t, n) = (self.x, self.inv_t, self.x.len());
+        let scale2 = inv_t * LOG2_E;
         let mut bx = [0.0f32; CHUNK];
         let mut bo = [0.0f32; CHUNK];
         let mut st = MaxSum::EMPTY;
         for start in (0..n).step_by(CHUNK) {
             let xs = widen(x, start..(start + CHUNK).min(n), &mut bx, NEG_INF);
-            st.raise::<M>(simd::max(xs), inv_t);
-            st.add::<M>(xs, inv_t, &mut bo);
+            st.raise::<M>(simd::max(xs), scale2);
+            st.add::<M>(xs, scale2, &mut bo);
         }
-        let log_z = ln::<M>(st.z);
+        let log2_z = log2::<M>(st.z);
+        let log_z = log2_z * LN_2;
         for start in (0..n).step_by(CHUNK) {
             let end = (start + CHUNK).min(n);
             let xs = widen(x, start..end, &mut bx, NEG_INF);
@@ -65,7 +68,7 @@ impl Kernel for SoftmaxRow<'_> {
                 }
             } else {
                 for (o, &v) in bo.iter_mut().zip(xs) {
-                    *o = exp::<M>(M::mul_add(v - st.m, inv_t, -log_z));
+                    *o = exp2_nonpositive::<M>(M::mul_add(v - st.m, scale2, -log2_z));
                 }
             }
             narrow_into(&bo[..end - start], &mut self.out, start);
