@@ -191,7 +191,7 @@ impl Kernel for KdRow<'_> {
 // ---------------------------------------------------------------------------------------------
 // Pass 1.
 
-/// The row statistics of pass 1.
+/// The row statistics of pass 1 (exponentials are computed as `2^(d log2 e / T)`).
 struct Stats {
     /// Raw maximum of the student logits (`max(s / T) = max(s) / T`).
     ms: f32,
@@ -200,7 +200,8 @@ struct Stats {
     /// `sum exp(s - ms)` (hard loss on).
     z1: f32,
     t: MaxSum,
-    /// Reverse KL: `sum exp(sc) (sc - tc)`, see the module documentation.
+    /// Reverse KL: `sum exp(sc) (sc - tc)` (see the module documentation), with `sc`, `tc` in
+    /// base-2 units (`(s - ms) log2 e / T`).
     sd: f32,
     /// Reverse KL: a student entry with positive probability against a teacher `-inf`.
     hole: bool,

@@ -5,12 +5,12 @@
 //! it at most twice (JSD with a gradient makes a third pass over the student only), keeping
 //! online statistics (running maxima, sums of exponentials, reverse KL relative to the running
 //! maxima) in pass 1 and forming the loss terms and the gradient in pass 2. A row is processed in
-//! chunks of [`simd::CHUNK`] entries, widened from f16/bf16 into a stack buffer on the fly; the
+//! chunks of `simd::CHUNK` (512) entries, widened from f16/bf16 into a stack buffer on the fly; the
 //! exponentials of pass 1 are kept in a per-thread scratch of O(vocab) floats (never N x V) so
 //! that pass 2 computes none. See `kd.rs` for the loss, `softmax.rs`, `hidden.rs`, `floor.rs`.
 //!
 //! Speed comes from loops that LLVM vectorizes: per-entry values are computed by plain loops
-//! (vectorized as maps), sums by loops over [`simd::W`] lanes with one accumulator per lane
+//! (vectorized as maps), sums by loops over `simd::W` (16) lanes with one accumulator per lane
 //! (`simd::sum`), and the exponentials and logarithms are the branch-free polynomials of
 //! [`fastmath`] (errors of at most 1.5 / 2.5 ulp, stated and tested there), in base 2 so that
 //! `log2 e / T` folds into one scale. The loops are compiled three times, for AVX-512, AVX2+FMA and
