@@ -91,3 +91,37 @@ pub fn check_same_dtype(what: &'static str, a: HostSlice, b: &HostSliceMut) -> R
     }
     Ok(())
 }
+
+/// The argument checks every backend's `softmax_backward` shares: shapes, temperature, and one
+/// dtype for `output`, `grad_output` and `grad_input`.
+pub fn check_softmax_backward(
+    output: HostSlice,
+    grad_output: HostSlice,
+    grad_input: &HostSliceMut,
+    rows: usize,
+    vocab: usize,
+    temperature: f32,
+) -> Result<()> {
+    crate::semantics::check_softmax(
+        rows,
+        vocab,
+        temperature,
+        &[
+            ("output", output.len()),
+            ("grad_output", grad_output.len()),
+            ("grad_input", grad_input.len()),
+        ],
+    )?;
+    check_same_dtype("grad_input", output, grad_input)?;
+    if grad_output.dtype() != output.dtype() {
+        return Err(Error::Dtype {
+            tensor: "grad_output",
+            dtype: format!(
+                "{} (must match the output's {})",
+                grad_output.dtype(),
+                output.dtype()
+            ),
+        });
+    }
+    Ok(())
+}

@@ -499,27 +499,14 @@ impl Backend for Reference {
         log: bool,
         grad_input: HostSliceMut,
     ) -> Result<()> {
-        check_softmax(
+        crate::backend::check_softmax_backward(
+            output,
+            grad_output,
+            &grad_input,
             rows,
             vocab,
             temperature,
-            &[
-                ("output", output.len()),
-                ("grad_output", grad_output.len()),
-                ("grad_input", grad_input.len()),
-            ],
         )?;
-        check_same_dtype("grad_input", output, &grad_input)?;
-        if grad_output.dtype() != output.dtype() {
-            return Err(Error::Dtype {
-                tensor: "grad_output",
-                dtype: format!(
-                    "{} (must match the output's {})",
-                    grad_output.dtype(),
-                    output.dtype()
-                ),
-            });
-        }
         let dx = softmax_backward_f64(
             &widen(output),
             &widen(grad_output),

@@ -43,8 +43,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::backend::{check_same_dtype, Backend};
-use crate::dtype::{Dtype, HostSlice, HostSliceMut};
-use crate::error::{Error, Result};
+use crate::dtype::{HostSlice, HostSliceMut};
+use crate::error::Result;
 use crate::semantics::{
     check_inputs, check_softmax, DistillInputs, GradOutputs, LossConfig, LossKind, LossValue,
     Reduction,
@@ -109,13 +109,6 @@ fn narrow_into(src: &[f32], dst: &mut HostSliceMut, start: usize) {
         HostSliceMut::F32(d) => f32::narrow(src, &mut d[range]),
         HostSliceMut::F16(d) => f16::narrow(src, &mut d[range]),
         HostSliceMut::Bf16(d) => bf16::narrow(src, &mut d[range]),
-    }
-}
-
-fn dtype_error(tensor: &'static str, got: Dtype, want: Dtype) -> Error {
-    Error::Dtype {
-        tensor,
-        dtype: format!("{got} (must match the output's {want})"),
     }
 }
 
@@ -314,24 +307,14 @@ impl Backend for Cpu {
         log: bool,
         grad_input: HostSliceMut,
     ) -> Result<()> {
-        check_softmax(
+        crate::backend::check_softmax_backward(
+            output,
+            grad_output,
+            &grad_input,
             rows,
             vocab,
             temperature,
-            &[
-                ("output", output.len()),
-                ("grad_output", grad_output.len()),
-                ("grad_input", grad_input.len()),
-            ],
         )?;
-        check_same_dtype("grad_input", output, &grad_input)?;
-        if grad_output.dtype() != output.dtype() {
-            return Err(dtype_error(
-                "grad_output",
-                grad_output.dtype(),
-                output.dtype(),
-            ));
-        }
         let level = SimdLevel::detect();
         let inv_t = 1.0 / temperature;
         let (y, dy) = (output, grad_output);

@@ -136,16 +136,13 @@ impl Backend for CudaDevice {
         log: bool,
         grad_input: HostSliceMut,
     ) -> Result<()> {
-        check_same_dtype("grad_input", output, &grad_input)?;
-        crate::semantics::check_softmax(
+        crate::backend::check_softmax_backward(
+            output,
+            grad_output,
+            &grad_input,
             rows,
             vocab,
             temperature,
-            &[
-                ("output", output.len()),
-                ("grad_output", grad_output.len()),
-                ("grad_input", grad_input.len()),
-            ],
         )?;
         let y = self.upload(output)?;
         let dy = self.upload(grad_output)?;
