@@ -56,6 +56,14 @@ pub enum Error {
     Io { path: String, message: String },
     #[error("invalid file {path}: {message}")]
     File { path: String, message: String },
+    #[error("data: {0}")]
+    Data(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: String, message: String },
+    #[error("training stopped at step {step}: {message}")]
+    Training { step: u64, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
