@@ -3,12 +3,16 @@
 //! binary only.
 
 mod bench;
+mod bench_train;
+mod demo;
 mod example;
 mod io;
 mod json;
 mod loss;
+mod progress;
 mod ptxas;
 mod rng;
+mod train;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -63,6 +67,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job on the embedded synthetic language: train a teacher, then two smaller
+    /// students for the same steps (hard labels only, and distilled), and compare their
+    /// validation loss with the entropy floor. Writes runs/demo/{metrics.json,loss_curves.png}.
+    Demo(demo::DemoArgs),
+    /// Train a model on hard labels (a byte-level BPE tokenizer is trained on the data first).
+    Train(train::TrainArgs),
+    /// Distill a teacher run into a student with the fused loss (and hidden-state MSE).
+    Distill(train::DistillArgs),
+    /// Validation loss of a run on data, as one JSON line with val_loss and val_ppl.
+    Eval(train::EvalArgs),
+    /// Continue a prompt with a trained model.
+    Sample(train::SampleArgs),
     /// Compute the fused distillation loss and the gradient of the student logits (and hidden
     /// states) for the tensors in a safetensors file.
     ///
@@ -98,6 +114,10 @@ pub enum BenchCommand {
     /// Time the memory floor on the cpu: read student and teacher once, write an f32
     /// [rows, vocab] output. Prints one JSON line like `bench loss`.
     Floor(BenchFloorArgs),
+    /// Time training steps of a distilled student (teacher forward, student forward and
+    /// backward, fused loss, clipping, AdamW) on random tokens. Prints one JSON line with
+    /// tokens_per_s and ms_per_step.
+    Train(bench_train::BenchTrainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -281,6 +301,11 @@ pub struct PtxasArgs {
 pub fn run() -> CliResult<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(&args),
+        Command::Train(args) => train::run_train(&args),
+        Command::Distill(args) => train::run_distill(&args),
+        Command::Eval(args) => train::run_eval(&args),
+        Command::Sample(args) => train::run_sample(&args),
         Command::Loss(args) => loss::run(&args),
         Command::Example(args) => example::run(&args),
         Command::Ptxas(mut args) => {
@@ -291,6 +316,7 @@ pub fn run() -> CliResult<()> {
         }
         Command::Bench(BenchCommand::Loss(args)) => bench::run_loss(&args),
         Command::Bench(BenchCommand::Floor(args)) => bench::run_floor(&args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train::run(&args),
     }
 }
 

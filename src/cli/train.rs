@@ -1,0 +1,427 @@
+//! `distill train`, `distill distill`, `distill eval` and `distill sample`: the trainer on text
+//! data, with checkpoints in run directories that Llama-compatible tools can read.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::json;
+
+use distill_kernels::data::batches::{val_windows, TokenStream};
+use distill_kernels::data::corpus::Corpus;
+use distill_kernels::data::tokenizer::Tokenizer;
+use distill_kernels::model::{Activations, Llama, LlamaConfig};
+use distill_kernels::train::checkpoint::{load_config, load_model_dir};
+use distill_kernels::train::config::{parse_hidden_layers, preset, DistillConfig, TrainConfig};
+use distill_kernels::train::session::{self, RunSpec, RunSummary};
+use distill_kernels::train::trainer::{eval_loss, Teacher};
+use distill_kernels::LossKind;
+
+use super::progress::Display;
+use super::rng::SplitMix64;
+use super::{print_line, CliError, CliResult, KindArg};
+
+/// The validation share of the data and the seed of the split: fixed, so that `eval` sees the
+/// split `train` saw, whatever the training seed.
+pub const VAL_FRACTION: f64 = 0.1;
+pub const SPLIT_SEED: u64 = 0;
+
+/// Options every training command shares.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Text data: a UTF-8 file or a directory of them (split into train and validation by file
+    /// or document)
+    #[arg(long, value_name = "PATH")]
+    pub data: PathBuf,
+    /// Run directory (checkpoint, metrics.json, loss.png)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Model size: tiny, small, or a Hugging Face config.json
+    #[arg(long, default_value = "tiny")]
+    pub config: String,
+    /// Optimizer steps
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Seed of the initialization and of the order of training windows
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Sequences per step
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Tokens per sequence
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Peak learning rate
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Warm-up steps
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Evaluate every N steps
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Checkpoint every N steps
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Continue the run in --out from its last checkpoint (same options)
+    #[arg(long)]
+    pub resume: bool,
+    /// Replace the run in --out
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// Stop after this many steps with a checkpoint, as an interruption would (the schedule
+    /// still spans --steps); continue later with --resume
+    #[arg(long)]
+    pub stop_at: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Vocabulary size of the byte-level BPE tokenizer trained on the training split
+    #[arg(long, default_value_t = 512)]
+    pub vocab_size: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct DistillArgs {
+    /// The teacher's run directory (config.json, model.safetensors, tokenizer.json)
+    #[arg(long, value_name = "DIR")]
+    pub teacher: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Soft loss between teacher and student
+    #[arg(long, value_enum, default_value_t = KindArg::ForwardKl)]
+    pub kind: KindArg,
+    /// JSD weight of the teacher, in (0, 1)
+    #[arg(long, default_value_t = 0.5)]
+    pub beta: f32,
+    /// Softmax temperature of the soft loss
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Temperature at the last step (linear decay from --temperature)
+    #[arg(long)]
+    pub temperature_end: Option<f32>,
+    /// Weight of the soft loss in [0, 1]; the hard-label cross-entropy gets 1 - alpha
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Do not multiply the soft loss by T^2
+    #[arg(long)]
+    pub no_t2_scale: bool,
+    /// Weight of the hidden-state MSE between mapped layers
+    #[arg(long, default_value_t = 0.0)]
+    pub hidden_weight: f32,
+    /// Student:teacher hidden-state pairs, HF output_hidden_states indices (e.g. 1:2,2:4)
+    #[arg(long)]
+    pub hidden_layers: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Run directory of the model
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Text data (its validation split is used unless --all)
+    #[arg(long, value_name = "PATH")]
+    pub data: PathBuf,
+    /// Evaluate on all of the data, not only its validation split
+    #[arg(long)]
+    pub all: bool,
+    /// Tokens per window [default: the model's max_position_embeddings, at most 512]
+    #[arg(long)]
+    pub seq: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// Run directory of the model
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Text to continue
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Sampling temperature (0: greedy)
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Seed of the sampler
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// The training options: defaults, overridden by what the command line gives.
+pub fn train_config(a: &RunArgs, distill: Option<DistillConfig>) -> TrainConfig {
+    let d = TrainConfig::default();
+    TrainConfig {
+        steps: a.steps.unwrap_or(d.steps),
+        seed: a.seed.unwrap_or(d.seed),
+        batch: a.batch.unwrap_or(d.batch),
+        seq: a.seq.unwrap_or(d.seq),
+        lr: a.lr.unwrap_or(d.lr),
+        warmup: a.warmup.unwrap_or(d.warmup),
+        eval_every: a.eval_every.unwrap_or(d.eval_every),
+        checkpoint_every: a.checkpoint_every.unwrap_or(d.checkpoint_every),
+        distill,
+        ..d
+    }
+}
+
+/// `tiny`, `small` or a config.json; the vocabulary is the tokenizer's and the context is at
+/// least the training sequence.
+fn model_config(name: &str, vocab: usize, seq: usize) -> CliResult<LlamaConfig> {
+    if name.ends_with(".json") || Path::new(name).is_file() {
+        let cfg = load_config(Path::new(name))?;
+        if cfg.vocab_size != vocab {
+            return Err(CliError::new(format!(
+                "--config {name}: vocab_size {} differs from the tokenizer's {vocab}",
+                cfg.vocab_size
+            )));
+        }
+        return Ok(cfg);
+    }
+    Ok(preset(name, vocab, seq)?)
+}
+
+/// The data's two splits, tokenized.
+pub struct Prepared {
+    pub train: TokenStream,
+    pub val: Vec<(Vec<u32>, Vec<u32>)>,
+    pub train_docs: usize,
+    pub val_docs: usize,
+}
+
+pub fn prepare(corpus: &Corpus, tok: &Tokenizer, seq: usize) -> CliResult<Prepared> {
+    let train = TokenStream::encode(&corpus.train, tok)?;
+    let val_stream = TokenStream::encode(&corpus.val, tok)?;
+    let val = val_windows(&val_stream, seq);
+    if val.is_empty() {
+        return Err(CliError::new(format!(
+            "the validation split ({} documents, {} tokens) is shorter than one window of {seq} tokens: give more data or a smaller --seq",
+            corpus.val.len(),
+            val_stream.tokens.len()
+        )));
+    }
+    Ok(Prepared {
+        train,
+        val,
+        train_docs: corpus.train.len(),
+        val_docs: corpus.val.len(),
+    })
+}
+
+fn print_summary(name: &str, out: &Path, s: &RunSummary) -> CliResult<()> {
+    print_line(
+        &json!({
+            "run": name,
+            "out": out.display().to_string(),
+            "val_loss": s.val_loss,
+            "val_ppl": s.val_ppl,
+            "steps": s.steps,
+            "train_tokens": s.train_tokens,
+            "tokens_per_s": s.tokens_per_s,
+            "params": s.params,
+        })
+        .to_string(),
+    )
+}
+
+pub fn run_train(a: &TrainArgs) -> CliResult<()> {
+    let r = &a.run;
+    let cfg = train_config(r, None);
+    let corpus = Corpus::load(&r.data, VAL_FRACTION, SPLIT_SEED)?;
+    // A resumed run keeps its tokenizer (training it again would give the same, but loading is
+    // the check that the directory is what it claims).
+    let tok = match r.resume {
+        true => Tokenizer::load(&r.out.join("tokenizer.json"))?,
+        false => Tokenizer::train(&corpus.train, a.vocab_size)?,
+    };
+    let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
+    let data = prepare(&corpus, &tok, cfg.seq)?;
+    let summary = session::run(
+        RunSpec {
+            name: "train",
+            out: &r.out,
+            model,
+            train: cfg,
+            teacher: None,
+            tokenizer: &tok,
+            train_stream: &data.train,
+            val_windows: &data.val,
+            resume: r.resume,
+            force: r.force,
+            stop_at: r.stop_at,
+            meta: json!({ "data": r.data.display().to_string() }),
+        },
+        &mut Display::new(),
+    )?;
+    print_summary("train", &r.out, &summary)
+}
+
+/// Loads a teacher run directory: its model and the tokenizer the student must share.
+pub fn load_teacher(dir: &Path) -> CliResult<(Teacher, Tokenizer)> {
+    let tok = Tokenizer::load(&dir.join("tokenizer.json"))?;
+    let (model, params) = load_model_dir(dir)?;
+    if model.config().vocab_size != tok.vocab_size() {
+        return Err(CliError::new(format!(
+            "teacher {}: config.json has vocab_size {} but tokenizer.json has {} tokens",
+            dir.display(),
+            model.config().vocab_size,
+            tok.vocab_size()
+        )));
+    }
+    Ok((Teacher { model, params }, tok))
+}
+
+pub fn loss_kind(kind: KindArg, beta: f32) -> LossKind {
+    match kind {
+        KindArg::ForwardKl => LossKind::ForwardKl,
+        KindArg::ReverseKl => LossKind::ReverseKl,
+        KindArg::Jsd => LossKind::Jsd { beta },
+    }
+}
+
+pub fn distill_config(a: &DistillArgs) -> CliResult<DistillConfig> {
+    let d = DistillConfig::default();
+    let kind = loss_kind(a.kind, a.beta);
+    let hidden_layers = match &a.hidden_layers {
+        Some(text) => parse_hidden_layers(text)?,
+        None => Vec::new(),
+    };
+    Ok(DistillConfig {
+        kind,
+        temperature: a.temperature.unwrap_or(d.temperature),
+        temperature_end: a.temperature_end,
+        alpha: a.alpha.unwrap_or(d.alpha),
+        t2_scale: !a.no_t2_scale,
+        hidden_weight: a.hidden_weight,
+        hidden_layers,
+    })
+}
+
+pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
+    let r = &a.run;
+    let cfg = train_config(r, Some(distill_config(a)?));
+    let (teacher, tok) = load_teacher(&a.teacher)?;
+    let corpus = Corpus::load(&r.data, VAL_FRACTION, SPLIT_SEED)?;
+    let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
+    let data = prepare(&corpus, &tok, cfg.seq)?;
+    let summary = session::run(
+        RunSpec {
+            name: "distill",
+            out: &r.out,
+            model,
+            train: cfg,
+            teacher: Some(teacher),
+            tokenizer: &tok,
+            train_stream: &data.train,
+            val_windows: &data.val,
+            resume: r.resume,
+            force: r.force,
+            stop_at: r.stop_at,
+            meta: json!({
+                "data": r.data.display().to_string(),
+                "teacher": a.teacher.display().to_string(),
+            }),
+        },
+        &mut Display::new(),
+    )?;
+    print_summary("distill", &r.out, &summary)
+}
+
+pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
+    let (model, params) = load_model_dir(&a.model)?;
+    let tok = Tokenizer::load(&a.model.join("tokenizer.json"))?;
+    let seq = a
+        .seq
+        .unwrap_or(model.config().max_position_embeddings.min(512));
+    let corpus = Corpus::load(&a.data, VAL_FRACTION, SPLIT_SEED)?;
+    let docs: Vec<_> = match a.all {
+        true => corpus.train.into_iter().chain(corpus.val).collect(),
+        false => corpus.val,
+    };
+    let stream = TokenStream::encode(&docs, &tok)?;
+    let windows = val_windows(&stream, seq);
+    let picked: Vec<_> = windows.iter().collect();
+    let mut acts = Activations::new(&model, 8.min(picked.len().max(1)), seq)?;
+    let loss = eval_loss(&model, &params, &picked, &mut acts)?;
+    print_line(
+        &json!({
+            "model": a.model.display().to_string(),
+            "val_loss": loss,
+            "val_ppl": loss.exp(),
+            "tokens": picked.len() * seq,
+            "split": if a.all { "all" } else { "val" },
+        })
+        .to_string(),
+    )
+}
+
+pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        return Err(CliError::new(format!(
+            "--temperature {}: must be a finite number >= 0",
+            a.temperature
+        )));
+    }
+    let (model, params) = load_model_dir(&a.model)?;
+    let tok = Tokenizer::load(&a.model.join("tokenizer.json"))?;
+    let mut ids = tok.encode(&a.prompt)?;
+    if ids.is_empty() {
+        ids.push(tok.eos_id());
+    }
+    let generated = generate(&model, &params, &mut ids, a.tokens, a.temperature, a.seed)?;
+    print_line(&format!("{}{}", a.prompt, tok.decode(&generated)?))
+}
+
+/// Appends `count` sampled tokens to `ids` (recomputing the window each time: no KV cache, the
+/// models here are small) and returns them.
+fn generate(
+    model: &Llama,
+    params: &[f32],
+    ids: &mut Vec<u32>,
+    count: usize,
+    temperature: f32,
+    seed: u64,
+) -> CliResult<Vec<u32>> {
+    let ctx = model.config().max_position_embeddings;
+    let v = model.config().vocab_size;
+    let mut rng = SplitMix64::new(seed);
+    let start = ids.len();
+    for _ in 0..count {
+        let window = &ids[ids.len().saturating_sub(ctx)..];
+        let mut acts = Activations::new(model, 1, window.len())?;
+        let logits = model.forward(params, window, &mut acts)?;
+        let last = &logits[(window.len() - 1) * v..];
+        ids.push(pick_token(last, temperature, &mut rng));
+    }
+    Ok(ids[start..].to_vec())
+}
+
+fn pick_token(logits: &[f32], temperature: f32, rng: &mut SplitMix64) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .0 as u32
+    };
+    if temperature == 0.0 {
+        return argmax();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&x| (((x - max) / temperature) as f64).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.uniform() * total;
+    for (i, w) in weights.iter().enumerate() {
+        u -= w;
+        if u < 0.0 {
+            return i as u32;
+        }
+    }
+    argmax()
+}

@@ -1,0 +1,9 @@
+//! The trainer: a Llama-style student trained on hard labels or distilled from a teacher with the
+//! crate's fused losses, on the `cpu` backend.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod plot;
+pub mod session;
+pub mod trainer;

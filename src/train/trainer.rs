@@ -1,0 +1,703 @@
+//! One training run, llm.c style: parameters, gradients and optimizer moments each in one flat
+//! buffer, one function per phase (`step`, `evaluate`, `save`). Hard-label training and
+//! distillation share the step: the loss on the logits is always the crate's fused loss on the
+//! `cpu` backend (alpha = 0 is plain cross-entropy and never reads a teacher).
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::backend::Backend;
+use crate::cpu::Cpu;
+use crate::data::batches::{train_batch, TokenStream};
+use crate::error::{Error, Result};
+use crate::model::{ops, Activations, HiddenPoint, Llama, LlamaConfig};
+use crate::semantics::{DistillInputs, GradOutputs, HiddenInputs, LossConfig, Reduction};
+use crate::train::checkpoint::{self, ConfigExtras, TrainerState};
+use crate::train::config::{DistillConfig, TrainConfig};
+use crate::train::optim::{clip_grad_norm, AdamW, DecayMask, LrSchedule};
+
+/// A frozen model whose logits (and hidden states) the student learns from.
+pub struct Teacher {
+    pub model: Llama,
+    pub params: Vec<f32>,
+}
+
+/// One hidden-state pair: where to read in each model, and the FitNets projection from the
+/// student's width to the teacher's (`None` when the widths agree).
+#[derive(Debug, Clone, Copy)]
+struct HiddenPair {
+    student: HiddenPoint,
+    teacher: HiddenPoint,
+    /// Offset of the `[C_teacher, C_student]` projection in the trainer's parameter buffer.
+    proj: Option<usize>,
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    pub step: u64,
+    pub loss: f32,
+    pub grad_norm: f32,
+    pub lr: f32,
+    pub temperature: f32,
+}
+
+/// Loss curves and counters of a run; saved with every checkpoint so that a resumed run
+/// continues them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    /// (step after the update, training loss of that step)
+    pub train: Vec<(u64, f64)>,
+    /// (step, validation cross-entropy in nats per token)
+    pub val: Vec<(u64, f64)>,
+    /// Seconds spent in training steps (not evaluation or checkpoints).
+    pub train_seconds: f64,
+}
+
+impl History {
+    fn to_json(&self) -> Value {
+        json!({ "train": self.train, "val": self.val, "train_seconds": self.train_seconds })
+    }
+
+    fn from_json(v: &Value) -> Option<History> {
+        let curve = |key: &str| -> Option<Vec<(u64, f64)>> {
+            v.get(key)?
+                .as_array()?
+                .iter()
+                .map(|p| Some((p.get(0)?.as_u64()?, p.get(1)?.as_f64()?)))
+                .collect()
+        };
+        Some(History {
+            train: curve("train")?,
+            val: curve("val")?,
+            train_seconds: v.get("train_seconds")?.as_f64()?,
+        })
+    }
+}
+
+/// A student (or a model trained from scratch) and everything its training updates.
+pub struct Trainer {
+    cfg: TrainConfig,
+    model: Llama,
+    /// Model parameters `[0, n_model)`, then the hidden projections.
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    n_model: usize,
+    pairs: Vec<HiddenPair>,
+    adam: AdamW,
+    decay: DecayMask,
+    schedule: LrSchedule,
+    acts: Activations<f32>,
+    teacher: Option<(Teacher, Activations<f32>)>,
+    dlogits: Vec<f32>,
+    labels: Vec<i64>,
+    step: u64,
+    pub history: History,
+}
+
+fn hidden_point(index: usize, layers: usize, who: &str, pair: (usize, usize)) -> Result<HiddenPoint> {
+    HiddenPoint::from_hf_index(index, layers).ok_or_else(|| Error::InvalidOption {
+        name: "hidden-layers",
+        value: format!("{}:{}", pair.0, pair.1),
+        reason: if who == "student" {
+            "the student index is past the student's last hidden state (0 ..= num_hidden_layers)"
+        } else {
+            "the teacher index is past the teacher's last hidden state (0 ..= num_hidden_layers)"
+        },
+    })
+}
+
+impl Trainer {
+    /// A fresh run: parameters initialized from the seed, projections included.
+    pub fn new(cfg: TrainConfig, model_cfg: LlamaConfig, teacher: Option<Teacher>) -> Result<Self> {
+        cfg.validate()?;
+        let model = Llama::new(model_cfg)?;
+        if cfg.seq > model.config().max_position_embeddings {
+            return Err(Error::InvalidOption {
+                name: "seq",
+                value: cfg.seq.to_string(),
+                reason: "exceeds the model's max_position_embeddings",
+            });
+        }
+        let n_model = model.num_params();
+        let (pairs, n_proj) = Self::plan_hidden(&cfg, &model, teacher.as_ref())?;
+        let mut params = model.init_params::<f32>(cfg.seed);
+        params.extend(init_projections(&pairs, &model, teacher.as_ref(), n_proj, cfg.seed));
+        let total = params.len();
+        let decay = DecayMask::from_layout(model.layout()).with_extra(total - n_model, true);
+        let adam = AdamW::new(total, cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.weight_decay);
+        let schedule = LrSchedule {
+            peak: cfg.lr,
+            warmup: cfg.warmup,
+            total: cfg.steps,
+            min_ratio: cfg.min_lr_ratio,
+        };
+        let acts = Activations::new(&model, cfg.batch, cfg.seq)?;
+        let teacher = match teacher {
+            Some(t) => {
+                let acts = Activations::new(&t.model, cfg.batch, cfg.seq)?;
+                Some((t, acts))
+            }
+            None => None,
+        };
+        let n = cfg.batch * cfg.seq;
+        let v = model.config().vocab_size;
+        Ok(Trainer {
+            grads: vec![0.0; total],
+            dlogits: vec![0.0; n * v],
+            labels: vec![0; n],
+            cfg,
+            model,
+            params,
+            n_model,
+            pairs,
+            adam,
+            decay,
+            schedule,
+            acts,
+            teacher,
+            step: 0,
+            history: History::default(),
+        })
+    }
+
+    /// Checks the distillation settings against the two models and lays out the projections.
+    fn plan_hidden(
+        cfg: &TrainConfig,
+        model: &Llama,
+        teacher: Option<&Teacher>,
+    ) -> Result<(Vec<HiddenPair>, usize)> {
+        let Some(d) = &cfg.distill else {
+            return Ok((Vec::new(), 0));
+        };
+        let Some(t) = teacher else {
+            return Err(Error::InvalidOption {
+                name: "teacher",
+                value: "(none)".into(),
+                reason: "distillation needs a teacher",
+            });
+        };
+        let (sc, tc) = (model.config(), t.model.config());
+        if sc.vocab_size != tc.vocab_size {
+            return Err(Error::InvalidOption {
+                name: "teacher",
+                value: format!("vocab_size {}", tc.vocab_size),
+                reason: "the teacher's vocabulary differs from the student's (they must share one tokenizer)",
+            });
+        }
+        if cfg.seq > tc.max_position_embeddings {
+            return Err(Error::InvalidOption {
+                name: "seq",
+                value: cfg.seq.to_string(),
+                reason: "exceeds the teacher's max_position_embeddings",
+            });
+        }
+        if d.hidden_weight == 0.0 {
+            return Ok((Vec::new(), 0));
+        }
+        let (cs, ct) = (sc.hidden_size, tc.hidden_size);
+        let mut offset = model.num_params();
+        let mut pairs = Vec::new();
+        for &pair in &d.hidden_layers {
+            let student = hidden_point(pair.0, sc.num_hidden_layers, "student", pair)?;
+            let teacher = hidden_point(pair.1, tc.num_hidden_layers, "teacher", pair)?;
+            let proj = (cs != ct).then(|| {
+                offset += ct * cs;
+                offset - ct * cs
+            });
+            pairs.push(HiddenPair { student, teacher, proj });
+        }
+        Ok((pairs, offset - model.num_params()))
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// The model's parameters (projections excluded).
+    pub fn params(&self) -> &[f32] {
+        &self.params[..self.n_model]
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn temperature(&self) -> f32 {
+        match &self.cfg.distill {
+            Some(d) => d.temperature_at(self.step, self.cfg.steps),
+            None => 1.0,
+        }
+    }
+
+    fn loss_config(&self, d: Option<&DistillConfig>) -> LossConfig {
+        match d {
+            Some(d) => LossConfig {
+                kind: d.kind,
+                temperature: self.temperature(),
+                alpha: d.alpha,
+                t2_scale: d.t2_scale,
+                hidden_weight: if self.pairs.is_empty() { 0.0 } else { d.hidden_weight },
+                reduction: Reduction::Mean,
+                ..LossConfig::default()
+            },
+            None => LossConfig {
+                alpha: 0.0,
+                reduction: Reduction::Mean,
+                ..LossConfig::default()
+            },
+        }
+    }
+
+    /// One optimizer step on the training batch of the current step.
+    pub fn step(&mut self, train: &TokenStream) -> Result<StepStats> {
+        let started = Instant::now();
+        let step = self.step;
+        let (inputs, targets) = train_batch(train, self.cfg.seed, step, self.cfg.batch, self.cfg.seq)?;
+        for (l, &t) in self.labels.iter_mut().zip(&targets) {
+            *l = t as i64;
+        }
+        self.grads.fill(0.0);
+        let loss = self.forward_backward(&inputs)?;
+        if !loss.is_finite() {
+            return Err(Error::Training {
+                step: step + 1,
+                message: format!("the loss is {loss}; the last checkpoint is kept"),
+            });
+        }
+        let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
+        if !grad_norm.is_finite() {
+            return Err(Error::Training {
+                step: step + 1,
+                message: format!("the gradient norm is {grad_norm}; the last checkpoint is kept"),
+            });
+        }
+        let lr = self.schedule.lr(step);
+        let temperature = self.temperature();
+        self.adam.update(&mut self.params, &self.grads, &self.decay, lr)?;
+        self.step += 1;
+        self.history.train.push((self.step, loss as f64));
+        self.history.train_seconds += started.elapsed().as_secs_f64();
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            grad_norm,
+            lr,
+            temperature,
+        })
+    }
+
+    /// Teacher forward (no gradient), student forward, fused loss, student backward into
+    /// `self.grads`. Returns the loss.
+    fn forward_backward(&mut self, inputs: &[u32]) -> Result<f32> {
+        let distill = self.cfg.distill.clone();
+        let loss_cfg = self.loss_config(distill.as_ref());
+        let (n, v) = (self.labels.len(), self.model.config().vocab_size);
+        let (params, proj_params) = self.params.split_at(self.n_model);
+        let (grads, proj_grads) = self.grads.split_at_mut(self.n_model);
+
+        if let (Some((t, acts)), Some(_)) = (&mut self.teacher, &distill) {
+            t.model.forward(&t.params, inputs, acts)?;
+        }
+        self.model.forward(params, inputs, &mut self.acts)?;
+        let logits = self.acts.logits();
+        let teacher_logits = match (&self.teacher, &distill) {
+            (Some((_, acts)), Some(_)) => Some(acts.logits()),
+            _ => None,
+        };
+
+        // Hidden states: every pair's (projected) student state and teacher state side by side
+        // in one row, so one fused call averages the pairs' MSEs.
+        let hidden = match (&self.teacher, self.pairs.is_empty()) {
+            (Some((t, t_acts)), false) => Some(HiddenBatch::gather(
+                &self.pairs,
+                &self.acts,
+                t_acts,
+                proj_params,
+                self.n_model,
+                self.model.config().hidden_size,
+                t.model.config().hidden_size,
+            )),
+            _ => None,
+        };
+        let mut dhidden_cat = hidden.as_ref().map(|h| vec![0.0f32; h.student.len()]);
+        let loss = Cpu.distill_loss(
+            &loss_cfg,
+            &DistillInputs {
+                rows: n,
+                vocab: v,
+                student: logits.into(),
+                teacher: teacher_logits.unwrap_or(logits).into(),
+                labels: Some(&self.labels),
+                hidden: hidden.as_ref().map(|h| HiddenInputs {
+                    size: h.width,
+                    student: h.student[..].into(),
+                    teacher: h.teacher[..].into(),
+                }),
+            },
+            GradOutputs {
+                logits: Some((&mut self.dlogits[..]).into()),
+                hidden: dhidden_cat.as_mut().map(|g| (&mut g[..]).into()),
+            },
+        )?;
+
+        let dstates = match (&hidden, &dhidden_cat) {
+            (Some(h), Some(dcat)) => {
+                h.scatter_grad(&self.pairs, &self.acts, proj_params, proj_grads, self.n_model, dcat)
+            }
+            _ => Vec::new(),
+        };
+        let dhidden: Vec<(HiddenPoint, &[f32])> = self
+            .pairs
+            .iter()
+            .zip(&dstates)
+            .map(|(p, g)| (p.student, &g[..]))
+            .collect();
+        self.model
+            .backward_with_hidden(params, &mut self.acts, Some(&self.dlogits), &dhidden, grads)?;
+        Ok(loss.total())
+    }
+
+    /// Mean cross-entropy (nats per token) of the model on validation windows, at most
+    /// `eval_windows` of them (evenly spread) when that option is set.
+    pub fn evaluate(&mut self, windows: &[(Vec<u32>, Vec<u32>)]) -> Result<f64> {
+        let picked = pick_windows(windows, self.cfg.eval_windows);
+        let params = &self.params[..self.n_model];
+        let loss = eval_loss(&self.model, params, &picked, &mut self.acts)?;
+        self.history.val.push((self.step, loss));
+        Ok(loss)
+    }
+
+    /// Writes a checkpoint: config.json, model.safetensors, tokenizer.json, then
+    /// trainer_state.safetensors last (each file atomically), so a crash mid-save leaves either
+    /// the previous state or weights newer than the state (detected on resume by the step).
+    pub fn save(&self, dir: &Path, tokenizer_json: &[u8], extras: &ConfigExtras, meta: Value) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        checkpoint::save_config(&dir.join("config.json"), self.model.config(), extras)?;
+        checkpoint::save_weights(&dir.join("model.safetensors"), &self.model, self.params(), self.step)?;
+        checkpoint::write_atomic(&dir.join("tokenizer.json"), tokenizer_json)?;
+        let extra = self
+            .pairs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let at = p.proj?;
+                let (ct, cs) = self.proj_shape();
+                Some((
+                    format!("distill.hidden_proj.{i}"),
+                    vec![ct, cs],
+                    self.params[at..at + ct * cs].to_vec(),
+                ))
+            })
+            .collect();
+        let state = TrainerState {
+            step: self.step,
+            adam_m: self.adam.m.clone(),
+            adam_v: self.adam.v.clone(),
+            extra,
+            meta: json!({
+                "train_config": self.cfg.to_json(),
+                "history": self.history.to_json(),
+                "run": meta,
+            }),
+        };
+        checkpoint::save_trainer_state(&dir.join("trainer_state.safetensors"), &state)
+    }
+
+    fn proj_shape(&self) -> (usize, usize) {
+        let cs = self.model.config().hidden_size;
+        let ct = self
+            .teacher
+            .as_ref()
+            .map_or(cs, |(t, _)| t.model.config().hidden_size);
+        (ct, cs)
+    }
+
+    /// Continues the run saved in `dir`: same model configuration and training options (else an
+    /// error naming the difference), weights, projections, optimizer moments, step and history.
+    /// Returns the run metadata that was passed to [`Trainer::save`].
+    pub fn resume(&mut self, dir: &Path) -> Result<Value> {
+        let ckpt_err = |file: &str, message: String| Error::Checkpoint {
+            path: dir.join(file).display().to_string(),
+            message,
+        };
+        let cfg = checkpoint::load_config(&dir.join("config.json"))?;
+        if &cfg != self.model.config() {
+            return Err(ckpt_err(
+                "config.json",
+                "the saved model configuration differs from this run's".into(),
+            ));
+        }
+        let state = checkpoint::load_trainer_state(&dir.join("trainer_state.safetensors"))?;
+        let (weights, weights_step) =
+            checkpoint::load_weights(&dir.join("model.safetensors"), &self.model)?;
+        if weights_step != Some(state.step) {
+            return Err(ckpt_err(
+                "model.safetensors",
+                format!(
+                    "holds step {weights_step:?} but trainer_state.safetensors holds step {} (interrupted save?)",
+                    state.step
+                ),
+            ));
+        }
+        let saved_cfg = state.meta.get("train_config").cloned().unwrap_or(Value::Null);
+        if saved_cfg != self.cfg.to_json() {
+            return Err(ckpt_err(
+                "trainer_state.safetensors",
+                format!(
+                    "was written with other training options ({}); resume with the same options",
+                    json_diff(&saved_cfg, &self.cfg.to_json())
+                ),
+            ));
+        }
+        if state.adam_m.len() != self.params.len() || state.adam_v.len() != self.params.len() {
+            return Err(ckpt_err(
+                "trainer_state.safetensors",
+                format!(
+                    "optimizer state has {} values, this run has {} parameters",
+                    state.adam_m.len(),
+                    self.params.len()
+                ),
+            ));
+        }
+        self.params[..self.n_model].copy_from_slice(&weights);
+        let (ct, cs) = self.proj_shape();
+        for (i, p) in self.pairs.iter().enumerate() {
+            let Some(at) = p.proj else { continue };
+            let name = format!("distill.hidden_proj.{i}");
+            let found = state.extra.iter().find(|(n, _, _)| *n == name);
+            match found {
+                Some((_, shape, data)) if shape == &[ct, cs] && data.len() == ct * cs => {
+                    self.params[at..at + ct * cs].copy_from_slice(data)
+                }
+                _ => return Err(ckpt_err("trainer_state.safetensors", format!("lacks tensor {name} [{ct}, {cs}]"))),
+            }
+        }
+        self.adam.m = state.adam_m;
+        self.adam.v = state.adam_v;
+        self.adam.step = state.step;
+        self.step = state.step;
+        self.history = state
+            .meta
+            .get("history")
+            .and_then(History::from_json)
+            .ok_or_else(|| ckpt_err("trainer_state.safetensors", "has no loss history".into()))?;
+        Ok(state.meta.get("run").cloned().unwrap_or(Value::Null))
+    }
+}
+
+/// The keys whose values differ between two JSON objects, as `key: saved -> now`.
+fn json_diff(saved: &Value, now: &Value) -> String {
+    let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else {
+        return "no saved options".into();
+    };
+    let mut diffs: Vec<String> = b
+        .iter()
+        .filter(|(k, v)| a.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: {} -> {v}", a.get(k).unwrap_or(&Value::Null)))
+        .collect();
+    diffs.sort();
+    diffs.join(", ")
+}
+
+/// Up to `max` windows spread evenly over all of them (all when `max` is 0).
+fn pick_windows(windows: &[(Vec<u32>, Vec<u32>)], max: usize) -> Vec<&(Vec<u32>, Vec<u32>)> {
+    if max == 0 || windows.len() <= max {
+        return windows.iter().collect();
+    }
+    (0..max).map(|i| &windows[i * windows.len() / max]).collect()
+}
+
+/// Mean next-token cross-entropy over `windows` (each `seq` inputs and `seq` targets), in
+/// batches of the activations' batch size (a smaller last batch gets its own buffers).
+pub fn eval_loss(
+    model: &Llama,
+    params: &[f32],
+    windows: &[&(Vec<u32>, Vec<u32>)],
+    acts: &mut Activations<f32>,
+) -> Result<f64> {
+    if windows.is_empty() {
+        return Err(Error::Data("no validation windows: the validation split is shorter than one sequence".into()));
+    }
+    let (batch, seq) = (acts.batch(), acts.seq());
+    let v = model.config().vocab_size;
+    let cfg = LossConfig {
+        alpha: 0.0,
+        reduction: Reduction::Sum,
+        ..LossConfig::default()
+    };
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for group in windows.chunks(batch) {
+        let inputs: Vec<u32> = group.iter().flat_map(|w| w.0.iter().copied()).collect();
+        let labels: Vec<i64> = group.iter().flat_map(|w| w.1.iter().map(|&t| t as i64)).collect();
+        if inputs.len() != group.len() * seq || labels.len() != inputs.len() {
+            return Err(Error::Data(format!("validation windows must hold {seq} tokens each")));
+        }
+        let mut small;
+        let acts = if group.len() == batch {
+            &mut *acts
+        } else {
+            small = Activations::new(model, group.len(), seq)?;
+            &mut small
+        };
+        let logits = model.forward(params, &inputs, acts)?;
+        let loss = Cpu.distill_loss(
+            &cfg,
+            &DistillInputs {
+                rows: labels.len(),
+                vocab: v,
+                student: logits.into(),
+                teacher: logits.into(),
+                labels: Some(&labels),
+                hidden: None,
+            },
+            GradOutputs::default(),
+        )?;
+        total += loss.total() as f64;
+        count += labels.len();
+    }
+    Ok(total / count as f64)
+}
+
+/// Projections start as `normal(0, 1/sqrt(C_student))` (variance-preserving), from the seed.
+fn init_projections(
+    pairs: &[HiddenPair],
+    model: &Llama,
+    teacher: Option<&Teacher>,
+    n_proj: usize,
+    seed: u64,
+) -> Vec<f32> {
+    let Some(t) = teacher else { return Vec::new() };
+    if n_proj == 0 {
+        return Vec::new();
+    }
+    let cs = model.config().hidden_size;
+    let ct = t.model.config().hidden_size;
+    // A throw-away linear layer of the right shape borrows the model's seeded initializer.
+    let shape_cfg = LlamaConfig {
+        vocab_size: ct,
+        hidden_size: cs,
+        intermediate_size: 1,
+        num_hidden_layers: 1,
+        num_attention_heads: 1,
+        num_key_value_heads: 1,
+        head_dim: None,
+        max_position_embeddings: 1,
+        initializer_range: 1.0 / (cs as f64).sqrt(),
+        tie_word_embeddings: true,
+        ..LlamaConfig::default()
+    };
+    let init = Llama::new(shape_cfg).expect("a valid one-layer shape");
+    let mut out = Vec::with_capacity(n_proj);
+    for (i, _) in pairs.iter().enumerate().filter(|(_, p)| p.proj.is_some()) {
+        let p = init.init_params::<f32>(seed ^ 0x5EED_0000 ^ i as u64);
+        let embed = &init.layout().tensors()[0];
+        out.extend_from_slice(embed.span.of(&p));
+    }
+    out
+}
+
+/// The hidden states of one step, every pair side by side: `[N, pairs * C_teacher]`.
+struct HiddenBatch {
+    width: usize,
+    student: Vec<f32>,
+    teacher: Vec<f32>,
+    ct: usize,
+    cs: usize,
+}
+
+impl HiddenBatch {
+    fn gather(
+        pairs: &[HiddenPair],
+        s_acts: &Activations<f32>,
+        t_acts: &Activations<f32>,
+        proj_params: &[f32],
+        n_model: usize,
+        cs: usize,
+        ct: usize,
+    ) -> HiddenBatch {
+        let n = s_acts.batch() * s_acts.seq();
+        let width = pairs.len() * ct;
+        let mut student = vec![0.0f32; n * width];
+        let mut teacher = vec![0.0f32; n * width];
+        let mut projected = vec![0.0f32; n * ct];
+        for (k, p) in pairs.iter().enumerate() {
+            let hs = s_acts.hidden(p.student).expect("pairs are checked");
+            let ht = t_acts.hidden(p.teacher).expect("pairs are checked");
+            let hs = match p.proj {
+                Some(at) => {
+                    let w = &proj_params[at - n_model..at - n_model + ct * cs];
+                    ops::matmul_forward(&mut projected, hs, w, cs, ct);
+                    &projected[..]
+                }
+                None => hs,
+            };
+            for row in 0..n {
+                let dst = row * width + k * ct;
+                student[dst..dst + ct].copy_from_slice(&hs[row * ct..(row + 1) * ct]);
+                teacher[dst..dst + ct].copy_from_slice(&ht[row * ct..(row + 1) * ct]);
+            }
+        }
+        HiddenBatch {
+            width,
+            student,
+            teacher,
+            ct,
+            cs,
+        }
+    }
+
+    /// From the gradient of the side-by-side projected states to each pair's gradient with
+    /// respect to the student's hidden state (accumulating the projections' gradients).
+    fn scatter_grad(
+        &self,
+        pairs: &[HiddenPair],
+        s_acts: &Activations<f32>,
+        proj_params: &[f32],
+        proj_grads: &mut [f32],
+        n_model: usize,
+        dcat: &[f32],
+    ) -> Vec<Vec<f32>> {
+        let (ct, cs, width) = (self.ct, self.cs, self.width);
+        let n = dcat.len() / width;
+        let mut dproj = vec![0.0f32; n * ct];
+        pairs
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                for row in 0..n {
+                    let src = row * width + k * ct;
+                    dproj[row * ct..(row + 1) * ct].copy_from_slice(&dcat[src..src + ct]);
+                }
+                match p.proj {
+                    Some(at) => {
+                        let hs = s_acts.hidden(p.student).expect("pairs are checked");
+                        let range = at - n_model..at - n_model + ct * cs;
+                        let mut dhs = vec![0.0f32; n * cs];
+                        ops::matmul_backward(
+                            &mut dhs,
+                            &mut proj_grads[range.clone()],
+                            &dproj,
+                            hs,
+                            &proj_params[range],
+                            cs,
+                            ct,
+                        );
+                        dhs
+                    }
+                    None => dproj.clone(),
+                }
+            })
+            .collect()
+    }
+}
