@@ -291,9 +291,11 @@ impl SyntheticLanguage {
 }
 
 impl Corpus {
-    /// `train_docs` and `val_docs` documents of [`SyntheticLanguage::new(seed)`]. Training uses
+    /// `train_docs` and `val_docs` documents of `SyntheticLanguage::new(seed)`. Training uses
     /// indices `0..train_docs`, validation `2^63..2^63 + val_docs`: disjoint, and the
     /// validation set does not change with the size of the training set.
+    /// Either count may be 0 (unlike [`Corpus::load`], nothing here guarantees two non-empty
+    /// sides; [`super::train_batch`] reports an empty stream).
     pub fn synthetic(seed: u64, train_docs: usize, val_docs: usize) -> Corpus {
         let lang = SyntheticLanguage::new(seed);
         Corpus {
