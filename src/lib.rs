@@ -5,6 +5,7 @@ pub mod abi;
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod data;
 pub mod dtype;
 pub mod error;
 pub mod model;
