@@ -447,3 +447,30 @@ fn atomic_writes_leave_no_temporary_files() {
     assert!(matches!(err, Error::Io { .. }));
     no_tmp_files(&dir);
 }
+
+#[test]
+fn sharded_checkpoint_loads_through_its_index() {
+    let dir = tmpdir("sharded");
+    let (m, p) = model(false);
+    save_config(&dir.join(CONFIG_FILE), m.config(), &ConfigExtras::default()).unwrap();
+    let all = hf_tensors(&m, &p, Dtype::F32);
+    let (a, b) = all.split_at(all.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        write_tensors(&dir.join(shard), part);
+        for t in part {
+            map.insert(t.0.clone(), json!(shard));
+        }
+    }
+    let index = json!({"metadata": {"total_size": 4 * p.len()}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (_, loaded) = load_model_dir(&dir).unwrap();
+    assert_eq!(bits(&loaded), bits(&p));
+
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = load_model_dir(&dir).unwrap_err();
+    assert!(matches!(err, Error::Io { ref path, .. } if path.contains("model-00002-of-00002")));
+}
