@@ -11,6 +11,7 @@ pub mod error;
 pub mod model;
 pub mod reference;
 pub mod semantics;
+pub mod train;
 
 pub use backend::{open, Backend, DeviceKind};
 pub use dtype::{Dtype, Element, HostSlice, HostSliceMut, HostVec};

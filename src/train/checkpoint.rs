@@ -1,0 +1,944 @@
+//! Checkpoint directories in the layout Hugging Face `transformers` and other Llama tools read:
+//!
+//! | file | content |
+//! |------|---------|
+//! | `config.json` | HF `LlamaConfig` JSON ([`save_config`], [`load_config`]) |
+//! | `model.safetensors` | f32 weights under HF names and shapes, `__metadata__` `{"format": "pt", "step": "N"}` |
+//! | `tokenizer.json` | the tokenizer, bytes copied in by the caller ([`write_atomic`]) |
+//! | `trainer_state.safetensors` | ours, for resuming: AdamW moments `adam.m`, `adam.v`, extra f32 tensors, `__metadata__` `{"format": "distill-trainer-state", "version": "1", "step": "N", "extra": [names], "meta": JSON}` |
+//!
+//! **Atomicity and ordering.** Every file is written as `NAME.tmp` in the same directory,
+//! fsynced, renamed over `NAME`, and then the directory is fsynced, so each rename is durable
+//! before the next file is started. [`save_checkpoint`] writes `config.json`, `tokenizer.json`,
+//! `model.safetensors` and `trainer_state.safetensors` in that order. After a crash at any point
+//! every file is either its old or its new version, and a new trainer state implies new weights:
+//! the state never loads as newer than the weights. The reverse (new weights, old state) is
+//! possible, so the step is stored in both files and [`load_resume`] refuses to pair them when
+//! they disagree.
+
+use crate::error::{Error, Result};
+use crate::model::{Llama, LlamaConfig, ParamLayout};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors, View};
+use serde_json::{json, Map, Value};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TRAINER_STATE_FILE: &str = "trainer_state.safetensors";
+
+const STATE_FORMAT: &str = "distill-trainer-state";
+const STATE_VERSION: &str = "1";
+const ADAM_M: &str = "adam.m";
+const ADAM_V: &str = "adam.v";
+
+/// Elements converted per parallel work item when decoding tensors.
+const CHUNK: usize = 1 << 16;
+
+fn shown(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn ckpt_err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: shown(path),
+        message: message.into(),
+    }
+}
+
+fn shape_str(shape: &[usize]) -> String {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Atomic files
+
+/// `NAME.tmp` next to `path`.
+fn tmp_path(path: &Path) -> Option<PathBuf> {
+    let mut name: OsString = path.file_name()?.to_os_string();
+    name.push(".tmp");
+    Some(path.with_file_name(name))
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Makes a completed rename durable; without it a crash may persist a later rename but not an
+/// earlier one, which would break the ordering guarantee of [`save_checkpoint`].
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// Runs `write` on `NAME.tmp`, fsyncs it, renames it over `path` and fsyncs the directory. The
+/// temporary file is removed on failure.
+fn commit_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let io_err = |message: String| Error::Io {
+        path: shown(path),
+        message,
+    };
+    let tmp = tmp_path(path).ok_or_else(|| io_err("the path does not name a file".into()))?;
+    if path.is_dir() {
+        return Err(io_err("the path is a directory".into()));
+    }
+    let result = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .and_then(|()| sync_dir(&parent_dir(path)))
+            .map_err(|e| e.to_string())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io_err)
+}
+
+/// Writes `bytes` to `path` atomically: readers see the old file or the complete new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    commit_atomic(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
+        f.write_all(bytes).map_err(|e| e.to_string())
+    })
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::Io {
+        path: shown(path),
+        message: e.to_string(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// config.json
+
+/// The fields of an HF `config.json` that [`LlamaConfig`] does not hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfigExtras {
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// The HF `config.json` object of `cfg`: every field under its HF name, plus the fixed values
+/// of what our math implements (`silu`, no biases, no RoPE scaling) so that HF builds the same
+/// model. `head_dim` is written only when set, so a default head width round-trips as `None`.
+pub fn config_to_json(cfg: &LlamaConfig, extras: &ConfigExtras) -> Value {
+    let mut v = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "mlp_bias": false,
+        "rope_scaling": null,
+        "use_cache": true,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    });
+    let obj = v.as_object_mut().expect("a JSON object literal");
+    if let Some(d) = cfg.head_dim {
+        obj.insert("head_dim".into(), d.into());
+    }
+    if let Some(id) = extras.bos_token_id {
+        obj.insert("bos_token_id".into(), id.into());
+    }
+    if let Some(id) = extras.eos_token_id {
+        obj.insert("eos_token_id".into(), id.into());
+    }
+    v
+}
+
+/// Writes `config.json` (atomically).
+pub fn save_config(path: &Path, cfg: &LlamaConfig, extras: &ConfigExtras) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(&config_to_json(cfg, extras))
+        .map_err(|e| ckpt_err(path, e.to_string()))?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// Reads an HF `config.json` (see [`config_from_json`]); errors name the file and the field.
+pub fn load_config(path: &Path) -> Result<LlamaConfig> {
+    let bytes = read_file(path)?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|e| ckpt_err(path, format!("not UTF-8: {e}")))?;
+    config_from_json(text).map_err(|e| match e {
+        Error::Checkpoint { message, .. } => ckpt_err(path, message),
+        other => ckpt_err(path, other.to_string()),
+    })
+}
+
+/// A field of a config object; JSON `null` counts as absent, as HF's defaults treat it.
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+fn usize_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<usize>, String> {
+    field(obj, name)
+        .map(|v| {
+            v.as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| format!("field `{name}` = {v} is not a non-negative integer"))
+        })
+        .transpose()
+}
+
+fn f64_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<f64>, String> {
+    field(obj, name)
+        .map(|v| {
+            v.as_f64()
+                .ok_or_else(|| format!("field `{name}` = {v} is not a number"))
+        })
+        .transpose()
+}
+
+fn bool_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<bool>, String> {
+    field(obj, name)
+        .map(|v| {
+            v.as_bool()
+                .ok_or_else(|| format!("field `{name}` = {v} is not true or false"))
+        })
+        .transpose()
+}
+
+fn str_field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+) -> std::result::Result<Option<&'a str>, String> {
+    field(obj, name)
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| format!("field `{name}` = {v} is not a string"))
+        })
+        .transpose()
+}
+
+/// The RoPE variant named by a `rope_scaling` / `rope_parameters` object (`rope_type`, or the
+/// older `type`).
+fn rope_type(v: &Value) -> Option<&str> {
+    v.get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+}
+
+fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let obj = value
+        .as_object()
+        .ok_or("the top level is not a JSON object")?;
+
+    match str_field(obj, "model_type")? {
+        None | Some("llama") => {}
+        // Mistral is Llama with a sliding window; without one (or with one that never bites)
+        // the math and the tensor names are the same.
+        Some("mistral") => {
+            let window = usize_field(obj, "sliding_window")?;
+            let max_pos = usize_field(obj, "max_position_embeddings")?.unwrap_or(2048);
+            if let Some(w) = window.filter(|&w| w < max_pos) {
+                return Err(format!(
+                    "field `sliding_window` = {w}: sliding-window attention is not implemented"
+                ));
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "field `model_type` = \"{other}\" is not supported (llama or mistral expected)"
+            ))
+        }
+    }
+    if let Some(act) = str_field(obj, "hidden_act")? {
+        if act != "silu" {
+            return Err(format!(
+                "field `hidden_act` = \"{act}\" is not supported (only silu is implemented)"
+            ));
+        }
+    }
+    for name in ["attention_bias", "mlp_bias"] {
+        if bool_field(obj, name)? == Some(true) {
+            return Err(format!(
+                "field `{name}` = true is not supported (the model has no biases)"
+            ));
+        }
+    }
+    if let Some(p) = f64_field(obj, "attention_dropout")? {
+        if p != 0.0 {
+            return Err(format!(
+                "field `attention_dropout` = {p} is not supported (no dropout is implemented)"
+            ));
+        }
+    }
+    if let Some(rs) = field(obj, "rope_scaling") {
+        if rope_type(rs) != Some("default") {
+            return Err(format!(
+                "field `rope_scaling` = {rs} is not supported (only plain RoPE, rope_scaling: null)"
+            ));
+        }
+    }
+    // transformers 5 moves rope_theta into `rope_parameters`.
+    let mut rope_theta = f64_field(obj, "rope_theta")?;
+    if let Some(rp) = field(obj, "rope_parameters") {
+        let rp_obj = rp
+            .as_object()
+            .ok_or_else(|| format!("field `rope_parameters` = {rp} is not an object"))?;
+        if let Some(t) = rope_type(rp) {
+            if t != "default" {
+                return Err(format!(
+                    "field `rope_parameters.rope_type` = \"{t}\" is not supported (only default RoPE)"
+                ));
+            }
+        }
+        if rope_theta.is_none() {
+            rope_theta = f64_field(rp_obj, "rope_theta")
+                .map_err(|e| e.replace("`rope_theta`", "`rope_parameters.rope_theta`"))?;
+        }
+    }
+
+    let d = LlamaConfig::default();
+    let num_attention_heads =
+        usize_field(obj, "num_attention_heads")?.unwrap_or(d.num_attention_heads);
+    let cfg = LlamaConfig {
+        vocab_size: usize_field(obj, "vocab_size")?.unwrap_or(d.vocab_size),
+        hidden_size: usize_field(obj, "hidden_size")?.unwrap_or(d.hidden_size),
+        intermediate_size: usize_field(obj, "intermediate_size")?.unwrap_or(d.intermediate_size),
+        num_hidden_layers: usize_field(obj, "num_hidden_layers")?.unwrap_or(d.num_hidden_layers),
+        num_attention_heads,
+        // HF: `if num_key_value_heads is None: num_key_value_heads = num_attention_heads`.
+        num_key_value_heads: usize_field(obj, "num_key_value_heads")?
+            .unwrap_or(num_attention_heads),
+        head_dim: usize_field(obj, "head_dim")?,
+        max_position_embeddings: usize_field(obj, "max_position_embeddings")?
+            .unwrap_or(d.max_position_embeddings),
+        initializer_range: f64_field(obj, "initializer_range")?.unwrap_or(d.initializer_range),
+        rms_norm_eps: f64_field(obj, "rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
+        rope_theta: rope_theta.unwrap_or(d.rope_theta),
+        tie_word_embeddings: bool_field(obj, "tie_word_embeddings")?
+            .unwrap_or(d.tie_word_embeddings),
+    };
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+/// Parses an HF `config.json` text: unknown fields are ignored, missing ones take HF's
+/// defaults, and what the model does not implement (another activation, biases, RoPE scaling,
+/// dropout, a sliding window) is rejected naming the field. The result is validated.
+pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
+    parse_config(text).map_err(|message| Error::Checkpoint {
+        path: "config.json".into(),
+        message,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors helpers
+
+/// Wording for the safetensors crate's header errors (its Display is its Debug).
+fn describe(e: &SafeTensorError) -> String {
+    match e {
+        SafeTensorError::HeaderTooSmall => {
+            "not a safetensors file: shorter than the 8-byte header length (empty or truncated)"
+                .into()
+        }
+        SafeTensorError::HeaderTooLarge => {
+            "not a safetensors file: the header length is over 100 MB (corrupt)".into()
+        }
+        SafeTensorError::InvalidHeaderLength => {
+            "the header length exceeds the file size (truncated or corrupt file)".into()
+        }
+        SafeTensorError::InvalidHeader | SafeTensorError::InvalidHeaderStart => {
+            "the header is not UTF-8 JSON (corrupt file)".into()
+        }
+        SafeTensorError::InvalidHeaderDeserialization => {
+            "the header is not a valid safetensors tensor table (corrupt file)".into()
+        }
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "the tensor data does not match the file size (truncated or padded file)".into()
+        }
+        SafeTensorError::InvalidOffset(name) => {
+            format!("tensor `{name}` has invalid data offsets in the header (corrupt file)")
+        }
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's data size does not match its shape and dtype (corrupt file)".into()
+        }
+        SafeTensorError::ValidationOverflow => "a tensor shape overflows (corrupt file)".into(),
+        SafeTensorError::TensorNotFound(name) => format!("tensor `{name}` not found"),
+        SafeTensorError::IoError(io) => format!("I/O error: {io}"),
+        SafeTensorError::JsonError(j) => format!("JSON error: {j}"),
+        SafeTensorError::InvalidTensorView(dtype, shape, n) => {
+            format!("{n} bytes do not make a {dtype:?} tensor of shape {shape:?}")
+        }
+    }
+}
+
+/// An f32 tensor to be written; bytes are produced one tensor at a time while writing, so a
+/// save needs memory for one tensor, not a second copy of the model.
+struct F32Out<'a> {
+    shape: Vec<usize>,
+    data: &'a [f32],
+}
+
+impl View for &F32Out<'_> {
+    fn dtype(&self) -> StDtype {
+        StDtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut bytes = vec![0u8; self.data.len() * 4];
+        bytes
+            .par_chunks_mut(CHUNK * 4)
+            .zip(self.data.par_chunks(CHUNK))
+            .for_each(|(b, x)| {
+                for (dst, v) in b.chunks_exact_mut(4).zip(x) {
+                    dst.copy_from_slice(&v.to_le_bytes());
+                }
+            });
+        Cow::Owned(bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+fn save_safetensors(
+    path: &Path,
+    tensors: &[(String, F32Out<'_>)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let metadata = Some(metadata);
+    commit_atomic(path, |tmp| {
+        let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
+        safetensors::serialize_to_file(views, &metadata, tmp).map_err(|e| describe(&e))
+    })
+}
+
+/// A parsed safetensors file: the tensor table and the `__metadata__` strings.
+fn parse_safetensors<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| ckpt_err(path, describe(&e)))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ckpt_err(path, describe(&e)))?;
+    Ok((st, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// Decodes a float tensor into `dst` (same element count, checked by the caller), converting
+/// F16/BF16 to f32; non-finite values are rejected since no trained weight is NaN or infinite.
+fn decode_into(
+    view: &TensorView<'_>,
+    dst: &mut [f32],
+    allow: &[StDtype],
+) -> std::result::Result<(), String> {
+    let src = view.data();
+    let dtype = view.dtype();
+    if !allow.contains(&dtype) {
+        let names: Vec<String> = allow.iter().map(|d| format!("{d:?}")).collect();
+        return Err(format!(
+            "has dtype {dtype:?}, expected {}",
+            names.join(" or ")
+        ));
+    }
+    let width = dtype.size();
+    let convert = |b: &[u8]| -> f32 {
+        match dtype {
+            StDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            StDtype::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+            _ => bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        }
+    };
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK * width))
+        .for_each(|(d, s)| {
+            for (x, b) in d.iter_mut().zip(s.chunks_exact(width)) {
+                *x = convert(b);
+            }
+        });
+    if let Some(i) = dst.par_iter().position_first(|x| !x.is_finite()) {
+        return Err(format!(
+            "contains a non-finite value ({}) at element {i}",
+            dst[i]
+        ));
+    }
+    Ok(())
+}
+
+fn parse_step(path: &Path, meta: &HashMap<String, String>) -> Result<Option<u64>> {
+    meta.get("step")
+        .map(|s| {
+            s.parse::<u64>().map_err(|_| {
+                ckpt_err(
+                    path,
+                    format!("metadata `step` = \"{s}\" is not a non-negative integer"),
+                )
+            })
+        })
+        .transpose()
+}
+
+// ---------------------------------------------------------------------------------------------
+// model.safetensors
+
+/// Writes the weights as f32 tensors under HF names and shapes (with tied embeddings only
+/// `model.embed_tokens.weight`, as HF does), `__metadata__` `{"format": "pt", "step": "N"}`
+/// (`format` is what `transformers` checks before loading).
+pub fn save_weights(path: &Path, model: &Llama, params: &[f32], step: u64) -> Result<()> {
+    if params.len() != model.num_params() {
+        return Err(Error::ShapeMismatch {
+            tensor: "params",
+            expected: model.num_params(),
+            actual: params.len(),
+            shape: "the model's parameter count".into(),
+        });
+    }
+    let tensors: Vec<(String, F32Out<'_>)> = model
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| {
+            let out = F32Out {
+                shape: t.shape.clone(),
+                data: t.span.of(params),
+            };
+            (t.name.clone(), out)
+        })
+        .collect();
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("step".to_string(), step.to_string()),
+    ]);
+    save_safetensors(path, &tensors, metadata)
+}
+
+/// Fills the tensors of `layout` found in `st` into `params`, marking them in `found`; extra
+/// tensors are checked by [`check_extra`].
+fn fill_params(
+    path: &Path,
+    st: &SafeTensors<'_>,
+    layout: &ParamLayout,
+    params: &mut [f32],
+    found: &mut [bool],
+) -> Result<()> {
+    for (k, t) in layout.tensors().iter().enumerate() {
+        let Ok(view) = st.tensor(&t.name) else {
+            continue;
+        };
+        if view.shape() != t.shape.as_slice() {
+            return Err(ckpt_err(
+                path,
+                format!(
+                    "tensor `{}` has shape {}, expected {}",
+                    t.name,
+                    shape_str(view.shape()),
+                    shape_str(&t.shape)
+                ),
+            ));
+        }
+        let allow = [StDtype::F32, StDtype::F16, StDtype::BF16];
+        decode_into(&view, t.span.of_mut(params), &allow)
+            .map_err(|m| ckpt_err(path, format!("tensor `{}` {m}", t.name)))?;
+        found[k] = true;
+    }
+    Ok(())
+}
+
+/// Tensors a Llama file may hold besides the layout's: HF's non-persistent RoPE buffer, and
+/// `lm_head.weight` next to tied embeddings (HF ignores it then). Anything else under `model.`
+/// means the file and the configuration disagree (other depth, biases): an error rather than
+/// weights silently dropped. Names outside `model.` and `lm_head.` are left to their owners.
+fn check_extra(path: &Path, st: &SafeTensors<'_>, layout: &ParamLayout) -> Result<()> {
+    for name in st.names() {
+        if layout.get(name).is_some() || name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        if name.starts_with("model.") || name.starts_with("lm_head.") {
+            return Err(ckpt_err(
+                path,
+                format!(
+                    "unexpected tensor `{name}`: not part of the model config.json describes \
+                     (another layer count, biases, or a different architecture?)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn missing_error(path: &Path, layout: &ParamLayout, found: &[bool]) -> Result<()> {
+    if let Some(k) = found.iter().position(|f| !f) {
+        let t = &layout.tensors()[k];
+        let hint = if t.name == "lm_head.weight" {
+            " (config.json has tie_word_embeddings = false, so the file must hold lm_head.weight)"
+        } else {
+            ""
+        };
+        return Err(ckpt_err(
+            path,
+            format!(
+                "missing tensor `{}` of shape {}{hint}",
+                t.name,
+                shape_str(&t.shape)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads weights into one flat f32 buffer of `model`'s layout, mapping tensors by HF name and
+/// converting F16/BF16. Returns the `step` of `__metadata__` when present. Every problem
+/// (missing, misshapen, wrong dtype, non-finite, unexpected tensor, truncated or corrupt file)
+/// is an [`Error::Checkpoint`] naming the file and the tensor.
+pub fn load_weights(path: &Path, model: &Llama) -> Result<(Vec<f32>, Option<u64>)> {
+    let bytes = read_file(path)?;
+    let (st, meta) = parse_safetensors(path, &bytes)?;
+    let layout = model.layout();
+    let mut params = vec![0.0f32; model.num_params()];
+    let mut found = vec![false; layout.tensors().len()];
+    fill_params(path, &st, layout, &mut params, &mut found)?;
+    check_extra(path, &st, layout)?;
+    missing_error(path, layout, &found)?;
+    Ok((params, parse_step(path, &meta)?))
+}
+
+/// Reads a sharded checkpoint through its `model.safetensors.index.json` (`weight_map`: tensor
+/// name to shard file).
+fn load_sharded_weights(index_path: &Path, model: &Llama) -> Result<Vec<f32>> {
+    let bytes = read_file(index_path)?;
+    let index: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ckpt_err(index_path, format!("invalid JSON: {e}")))?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ckpt_err(index_path, "no `weight_map` object"))?;
+    let mut shards: Vec<&str> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| ckpt_err(index_path, format!("`weight_map.{name}` is not a string")))?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(ckpt_err(
+                index_path,
+                format!("`weight_map.{name}` = \"{file}\" is not a file name in this directory"),
+            ));
+        }
+        if !shards.contains(&file) {
+            shards.push(file);
+        }
+    }
+    let dir = parent_dir(index_path);
+    let layout = model.layout();
+    let mut params = vec![0.0f32; model.num_params()];
+    let mut found = vec![false; layout.tensors().len()];
+    for shard in shards {
+        let path = dir.join(shard);
+        let bytes = read_file(&path)?;
+        let (st, _) = parse_safetensors(&path, &bytes)?;
+        fill_params(&path, &st, layout, &mut params, &mut found)?;
+        check_extra(&path, &st, layout)?;
+    }
+    missing_error(index_path, layout, &found)?;
+    Ok(params)
+}
+
+/// Loads `config.json` and the weights of a checkpoint directory: `model.safetensors`, or the
+/// shards listed in `model.safetensors.index.json` when there is no single file.
+pub fn load_model_dir(dir: &Path) -> Result<(Llama, Vec<f32>)> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let cfg = load_config(&cfg_path)?;
+    let model = Llama::new(cfg).map_err(|e| ckpt_err(&cfg_path, e.to_string()))?;
+    let single = dir.join(WEIGHTS_FILE);
+    let index = dir.join("model.safetensors.index.json");
+    let params = if !single.exists() && index.exists() {
+        load_sharded_weights(&index, &model)?
+    } else {
+        load_weights(&single, &model)?.0
+    };
+    Ok((model, params))
+}
+
+// ---------------------------------------------------------------------------------------------
+// trainer_state.safetensors
+
+/// What resuming needs beyond the weights. `adam_m`/`adam_v` are the optimizer's flat moments
+/// (they may be longer than the model's parameters when the trainer optimizes extra tensors in
+/// the same buffer); `extra` holds named f32 tensors `(name, shape, values)` such as a
+/// distillation projection; `meta` is the trainer's own JSON (data position, RNG, options).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerState {
+    pub step: u64,
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+    pub extra: Vec<(String, Vec<usize>, Vec<f32>)>,
+    pub meta: Value,
+}
+
+/// Writes the trainer state (atomically). Extra tensor names must be unique, must not be
+/// `adam.m`/`adam.v`, and their shapes must match their lengths.
+pub fn save_trainer_state(path: &Path, st: &TrainerState) -> Result<()> {
+    if st.adam_m.len() != st.adam_v.len() {
+        return Err(ckpt_err(
+            path,
+            format!(
+                "adam_m has {} elements but adam_v has {}",
+                st.adam_m.len(),
+                st.adam_v.len()
+            ),
+        ));
+    }
+    let mut tensors = vec![
+        (
+            ADAM_M.to_string(),
+            F32Out {
+                shape: vec![st.adam_m.len()],
+                data: &st.adam_m,
+            },
+        ),
+        (
+            ADAM_V.to_string(),
+            F32Out {
+                shape: vec![st.adam_v.len()],
+                data: &st.adam_v,
+            },
+        ),
+    ];
+    let mut names = Vec::new();
+    for (name, shape, data) in &st.extra {
+        if name.is_empty() || name == "__metadata__" || tensors.iter().any(|(n, _)| n == name) {
+            return Err(ckpt_err(
+                path,
+                format!("extra tensor name `{name}` is empty, reserved or used twice"),
+            ));
+        }
+        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(data.len()) {
+            return Err(ckpt_err(
+                path,
+                format!(
+                    "extra tensor `{name}` has {} elements, which does not match its shape {}",
+                    data.len(),
+                    shape_str(shape)
+                ),
+            ));
+        }
+        names.push(name.clone());
+        tensors.push((
+            name.clone(),
+            F32Out {
+                shape: shape.clone(),
+                data,
+            },
+        ));
+    }
+    let metadata = HashMap::from([
+        ("format".to_string(), STATE_FORMAT.to_string()),
+        ("version".to_string(), STATE_VERSION.to_string()),
+        ("step".to_string(), st.step.to_string()),
+        ("extra".to_string(), Value::from(names).to_string()),
+        ("meta".to_string(), st.meta.to_string()),
+    ]);
+    save_safetensors(path, &tensors, metadata)
+}
+
+/// Reads a trainer state written by [`save_trainer_state`]; every problem names the file and
+/// the tensor or metadata key.
+pub fn load_trainer_state(path: &Path) -> Result<TrainerState> {
+    let bytes = read_file(path)?;
+    let (st, meta) = parse_safetensors(path, &bytes)?;
+    let key = |k: &str| {
+        meta.get(k).ok_or_else(|| {
+            ckpt_err(
+                path,
+                format!("metadata key `{k}` is missing (not a trainer state file?)"),
+            )
+        })
+    };
+    let format = key("format")?;
+    if format != STATE_FORMAT {
+        return Err(ckpt_err(
+            path,
+            format!("metadata `format` = \"{format}\", expected \"{STATE_FORMAT}\""),
+        ));
+    }
+    let version = key("version")?;
+    if version != STATE_VERSION {
+        return Err(ckpt_err(
+            path,
+            format!(
+                "metadata `version` = \"{version}\" is not supported (expected {STATE_VERSION})"
+            ),
+        ));
+    }
+    let step =
+        parse_step(path, &meta)?.ok_or_else(|| ckpt_err(path, "metadata key `step` is missing"))?;
+    let meta_json: Value = serde_json::from_str(key("meta")?)
+        .map_err(|e| ckpt_err(path, format!("metadata `meta` is not JSON: {e}")))?;
+    let names: Vec<String> = serde_json::from_str(key("extra")?).map_err(|e| {
+        ckpt_err(
+            path,
+            format!("metadata `extra` is not a JSON list of names: {e}"),
+        )
+    })?;
+
+    let read = |name: &str, rank1: bool| -> Result<(Vec<usize>, Vec<f32>)> {
+        let view = st
+            .tensor(name)
+            .map_err(|_| ckpt_err(path, format!("missing tensor `{name}`")))?;
+        let shape = view.shape().to_vec();
+        if rank1 && shape.len() != 1 {
+            return Err(ckpt_err(
+                path,
+                format!(
+                    "tensor `{name}` has shape {}, expected rank 1",
+                    shape_str(&shape)
+                ),
+            ));
+        }
+        let mut data = vec![0.0f32; shape.iter().product()];
+        decode_into(&view, &mut data, &[StDtype::F32])
+            .map_err(|m| ckpt_err(path, format!("tensor `{name}` {m}")))?;
+        Ok((shape, data))
+    };
+    let (_, adam_m) = read(ADAM_M, true)?;
+    let (_, adam_v) = read(ADAM_V, true)?;
+    if adam_m.len() != adam_v.len() {
+        return Err(ckpt_err(
+            path,
+            format!(
+                "tensor `{ADAM_V}` has {} elements but `{ADAM_M}` has {}",
+                adam_v.len(),
+                adam_m.len()
+            ),
+        ));
+    }
+    let mut extra = Vec::with_capacity(names.len());
+    for name in &names {
+        let (shape, data) = read(name, false)?;
+        extra.push((name.clone(), shape, data));
+    }
+    if let Some(stray) = st
+        .names()
+        .into_iter()
+        .find(|n| *n != ADAM_M && *n != ADAM_V && !names.contains(n))
+    {
+        return Err(ckpt_err(
+            path,
+            format!("unexpected tensor `{stray}` (not listed in metadata `extra`)"),
+        ));
+    }
+    Ok(TrainerState {
+        step,
+        adam_m,
+        adam_v,
+        extra,
+        meta: meta_json,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole checkpoints
+
+/// Everything one checkpoint save writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Checkpoint<'a> {
+    pub model: &'a Llama,
+    pub params: &'a [f32],
+    /// Updates done; stored in the weights and (when present) must equal the trainer state's.
+    pub step: u64,
+    pub config_extras: ConfigExtras,
+    /// `tokenizer.json` bytes to copy in, if any.
+    pub tokenizer_json: Option<&'a [u8]>,
+    /// Written last; `None` for an export that is not meant to be resumed.
+    pub trainer_state: Option<&'a TrainerState>,
+}
+
+/// Saves a checkpoint into `dir` (created if needed): `config.json`, `tokenizer.json`,
+/// `model.safetensors`, `trainer_state.safetensors`, in that order, each atomically and durably
+/// (see the module documentation for what a crash can leave).
+pub fn save_checkpoint(dir: &Path, ckpt: &Checkpoint<'_>) -> Result<()> {
+    if let Some(st) = ckpt.trainer_state {
+        if st.step != ckpt.step {
+            return Err(ckpt_err(
+                dir,
+                format!(
+                    "trainer state step {} differs from the checkpoint step {}",
+                    st.step, ckpt.step
+                ),
+            ));
+        }
+    }
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| sync_dir(&parent_dir(dir)))
+            .map_err(|e| Error::Io {
+                path: shown(dir),
+                message: format!("cannot create the checkpoint directory: {e}"),
+            })?;
+    }
+    save_config(
+        &dir.join(CONFIG_FILE),
+        ckpt.model.config(),
+        &ckpt.config_extras,
+    )?;
+    if let Some(tok) = ckpt.tokenizer_json {
+        write_atomic(&dir.join(TOKENIZER_FILE), tok)?;
+    }
+    save_weights(&dir.join(WEIGHTS_FILE), ckpt.model, ckpt.params, ckpt.step)?;
+    if let Some(st) = ckpt.trainer_state {
+        save_trainer_state(&dir.join(TRAINER_STATE_FILE), st)?;
+    }
+    Ok(())
+}
+
+/// Loads what resuming needs from `dir` for `model`: the weights and the trainer state, which
+/// must carry the same step (a mismatch means the last save was interrupted between the two
+/// files; the error says so rather than pairing new weights with old optimizer moments).
+pub fn load_resume(dir: &Path, model: &Llama) -> Result<(Vec<f32>, TrainerState)> {
+    let wpath = dir.join(WEIGHTS_FILE);
+    let (params, wstep) = load_weights(&wpath, model)?;
+    let spath = dir.join(TRAINER_STATE_FILE);
+    let state = load_trainer_state(&spath)?;
+    match wstep {
+        Some(s) if s == state.step => Ok((params, state)),
+        Some(s) => Err(ckpt_err(
+            dir,
+            format!(
+                "{WEIGHTS_FILE} is at step {s} but {TRAINER_STATE_FILE} at step {}: the last save \
+                 was interrupted; resume from an earlier checkpoint or restart the optimizer",
+                state.step
+            ),
+        )),
+        None => Err(ckpt_err(
+            &wpath,
+            "no `step` in the metadata: not written by this trainer, cannot be resumed",
+        )),
+    }
+}
