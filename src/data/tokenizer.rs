@@ -67,11 +67,17 @@ impl Tokenizer {
         Self::from_inner(inner).map_err(Error::Tokenizer)
     }
 
+    /// The `tokenizer.json` text (Hugging Face format); the same tokenizer always gives the same
+    /// bytes, whether trained or loaded.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(format!("cannot serialize: {e}")))
+    }
+
     /// Writes `tokenizer.json` (Hugging Face format).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = self.inner.to_string(true).map_err(|e| {
-            Error::Tokenizer(format!("cannot serialize for {}: {e}", path.display()))
-        })?;
+        let json = self.to_json()?;
         std::fs::write(path, json).map_err(|e| Error::Io {
             path: path.display().to_string(),
             message: e.to_string(),

@@ -143,7 +143,7 @@ pub fn prepare_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
 pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
     let wall = Instant::now();
     prepare_out_dir(spec.out, spec.resume, spec.force)?;
-    let tokenizer_json = spec.tokenizer.to_json_bytes()?;
+    let tokenizer_json = spec.tokenizer.to_json()?.into_bytes();
     let extras = ConfigExtras {
         bos_token_id: None,
         eos_token_id: Some(spec.tokenizer.eos_id()),
@@ -197,7 +197,7 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
     let metrics = json!({
         "run": spec.name,
         "metrics": summary.to_json(),
-        "model": checkpoint::config_json(trainer.model().config(), &extras),
+        "model": checkpoint::config_to_json(trainer.model().config(), &extras),
         "train_config": cfg.to_json(),
         "meta": spec.meta,
     });

@@ -11,10 +11,11 @@ use serde_json::{json, Value};
 use crate::backend::Backend;
 use crate::cpu::Cpu;
 use crate::data::batches::{train_batch, TokenStream};
+use crate::dtype::HostSliceMut;
 use crate::error::{Error, Result};
 use crate::model::{ops, Activations, HiddenPoint, Llama, LlamaConfig};
 use crate::semantics::{DistillInputs, GradOutputs, HiddenInputs, LossConfig, Reduction};
-use crate::train::checkpoint::{self, ConfigExtras, TrainerState};
+use crate::train::checkpoint::{self, Checkpoint, ConfigExtras, TrainerState};
 use crate::train::config::{DistillConfig, TrainConfig};
 use crate::train::optim::{clip_grad_norm, AdamW, DecayMask, LrSchedule};
 
@@ -126,7 +127,8 @@ impl Trainer {
         let mut params = model.init_params::<f32>(cfg.seed);
         params.extend(init_projections(&pairs, &model, teacher.as_ref(), n_proj, cfg.seed));
         let total = params.len();
-        let decay = DecayMask::from_layout(model.layout()).with_extra(total - n_model, true);
+        let mut decay = DecayMask::from_layout(model.layout());
+        decay.push(total - n_model, true);
         let adam = AdamW::new(total, cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.weight_decay);
         let schedule = LrSchedule {
             peak: cfg.lr,
@@ -343,8 +345,8 @@ impl Trainer {
                 }),
             },
             GradOutputs {
-                logits: Some((&mut self.dlogits[..]).into()),
-                hidden: dhidden_cat.as_mut().map(|g| (&mut g[..]).into()),
+                logits: Some(HostSliceMut::F32(&mut self.dlogits)),
+                hidden: dhidden_cat.as_mut().map(|g| HostSliceMut::F32(g)),
             },
         )?;
 
@@ -375,29 +377,18 @@ impl Trainer {
         Ok(loss)
     }
 
-    /// Writes a checkpoint: config.json, model.safetensors, tokenizer.json, then
-    /// trainer_state.safetensors last (each file atomically), so a crash mid-save leaves either
-    /// the previous state or weights newer than the state (detected on resume by the step).
+    /// Writes a checkpoint (each file atomically, the trainer state last: a crash mid-save
+    /// leaves at worst weights newer than the state, which resuming detects by the step).
     pub fn save(&self, dir: &Path, tokenizer_json: &[u8], extras: &ConfigExtras, meta: Value) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        })?;
-        checkpoint::save_config(&dir.join("config.json"), self.model.config(), extras)?;
-        checkpoint::save_weights(&dir.join("model.safetensors"), &self.model, self.params(), self.step)?;
-        checkpoint::write_atomic(&dir.join("tokenizer.json"), tokenizer_json)?;
+        let (ct, cs) = self.proj_shape();
         let extra = self
             .pairs
             .iter()
             .enumerate()
             .filter_map(|(i, p)| {
                 let at = p.proj?;
-                let (ct, cs) = self.proj_shape();
-                Some((
-                    format!("distill.hidden_proj.{i}"),
-                    vec![ct, cs],
-                    self.params[at..at + ct * cs].to_vec(),
-                ))
+                let data = self.params[at..at + ct * cs].to_vec();
+                Some((format!("distill.hidden_proj.{i}"), vec![ct, cs], data))
             })
             .collect();
         let state = TrainerState {
@@ -411,7 +402,17 @@ impl Trainer {
                 "run": meta,
             }),
         };
-        checkpoint::save_trainer_state(&dir.join("trainer_state.safetensors"), &state)
+        checkpoint::save_checkpoint(
+            dir,
+            &Checkpoint {
+                model: &self.model,
+                params: self.params(),
+                step: self.step,
+                config_extras: *extras,
+                tokenizer_json: Some(tokenizer_json),
+                trainer_state: Some(&state),
+            },
+        )
     }
 
     fn proj_shape(&self) -> (usize, usize) {
@@ -438,18 +439,7 @@ impl Trainer {
                 "the saved model configuration differs from this run's".into(),
             ));
         }
-        let state = checkpoint::load_trainer_state(&dir.join("trainer_state.safetensors"))?;
-        let (weights, weights_step) =
-            checkpoint::load_weights(&dir.join("model.safetensors"), &self.model)?;
-        if weights_step != Some(state.step) {
-            return Err(ckpt_err(
-                "model.safetensors",
-                format!(
-                    "holds step {weights_step:?} but trainer_state.safetensors holds step {} (interrupted save?)",
-                    state.step
-                ),
-            ));
-        }
+        let (weights, state) = checkpoint::load_resume(dir, &self.model)?;
         let saved_cfg = state.meta.get("train_config").cloned().unwrap_or(Value::Null);
         if saved_cfg != self.cfg.to_json() {
             return Err(ckpt_err(
