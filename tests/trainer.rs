@@ -90,25 +90,42 @@ fn ten_steps_equal_five_plus_five_resumed_bit_for_bit() {
     for file in ["model.safetensors", "tokenizer.json", "config.json"] {
         let x = std::fs::read(s.path("straight").join(file)).unwrap();
         let y = std::fs::read(s.path("resumed").join(file)).unwrap();
-        assert!(x == y, "{file} differs between the straight and the resumed run");
+        assert!(
+            x == y,
+            "{file} differs between the straight and the resumed run"
+        );
     }
     // The trainer state also holds wall-clock seconds; everything else must agree exactly.
-    let state = |run: &str| {
-        load_trainer_state(&s.path(run).join("trainer_state.safetensors")).unwrap()
-    };
+    let state =
+        |run: &str| load_trainer_state(&s.path(run).join("trainer_state.safetensors")).unwrap();
     let (x, y) = (state("straight"), state("resumed"));
     assert_eq!(x.step, 10);
     assert_eq!(x.step, y.step);
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-    assert!(bits(&x.adam_m) == bits(&y.adam_m), "AdamW first moments differ");
-    assert!(bits(&x.adam_v) == bits(&y.adam_v), "AdamW second moments differ");
+    assert!(
+        bits(&x.adam_m) == bits(&y.adam_m),
+        "AdamW first moments differ"
+    );
+    assert!(
+        bits(&x.adam_v) == bits(&y.adam_v),
+        "AdamW second moments differ"
+    );
     for key in ["train", "val"] {
-        assert_eq!(x.meta["history"][key], y.meta["history"][key], "{key} loss curve");
+        assert_eq!(
+            x.meta["history"][key], y.meta["history"][key],
+            "{key} loss curve"
+        );
     }
     let metrics: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.path("resumed/metrics.json")).unwrap()).unwrap();
     let m = &metrics["metrics"];
-    for key in ["val_loss", "val_ppl", "steps", "train_tokens", "tokens_per_s"] {
+    for key in [
+        "val_loss",
+        "val_ppl",
+        "steps",
+        "train_tokens",
+        "tokens_per_s",
+    ] {
         assert!(m.get(key).is_some(), "metrics.json lacks {key}: {metrics}");
     }
     assert_eq!(m["steps"], 10);
@@ -126,14 +143,35 @@ fn distillation_with_hidden_states_writes_a_llama_run_directory() {
     ok(&t);
     let student = s.s("student");
     let mut d = vec![
-        "distill", "--teacher", &teacher, "--data", &data, "--out", &student, "--steps", "6",
-        "--kind", "reverse-kl", "--temperature", "2", "--temperature-end", "1", "--alpha", "0.7",
-        "--hidden-weight", "0.5", "--hidden-layers", "1:2,2:4",
+        "distill",
+        "--teacher",
+        &teacher,
+        "--data",
+        &data,
+        "--out",
+        &student,
+        "--steps",
+        "6",
+        "--kind",
+        "reverse-kl",
+        "--temperature",
+        "2",
+        "--temperature-end",
+        "1",
+        "--alpha",
+        "0.7",
+        "--hidden-weight",
+        "0.5",
+        "--hidden-layers",
+        "1:2,2:4",
     ];
     d.extend(FAST);
     let line = ok(&d);
     let summary: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
-    assert!(summary["val_loss"].as_f64().unwrap().is_finite(), "{summary}");
+    assert!(
+        summary["val_loss"].as_f64().unwrap().is_finite(),
+        "{summary}"
+    );
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s.path("student/config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "llama");
@@ -147,9 +185,14 @@ fn distillation_with_hidden_states_writes_a_llama_run_directory() {
     // eval reproduces the run's final validation loss on the same split.
     let eval = ok(&["eval", "--model", &student, "--data", &data]);
     let e: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
-    let (a, b) = (e["val_loss"].as_f64().unwrap(), summary["val_loss"].as_f64().unwrap());
+    let (a, b) = (
+        e["val_loss"].as_f64().unwrap(),
+        summary["val_loss"].as_f64().unwrap(),
+    );
     assert!((a - b).abs() < 1e-5 * b, "eval {a} vs run {b}");
-    let text = ok(&["sample", "--model", &student, "--prompt", "The", "--tokens", "8"]);
+    let text = ok(&[
+        "sample", "--model", &student, "--prompt", "The", "--tokens", "8",
+    ]);
     assert!(text.starts_with("The"), "{text}");
 }
 
@@ -177,7 +220,10 @@ fn bad_inputs_fail_with_clear_errors_and_lose_nothing() {
     // An output directory that holds another run.
     let e = fails(&train_args(&data, &run, "3"));
     assert!(e.contains("--resume") && e.contains("--force"), "{e}");
-    assert_eq!(before, std::fs::read(s.path("run/model.safetensors")).unwrap());
+    assert_eq!(
+        before,
+        std::fs::read(s.path("run/model.safetensors")).unwrap()
+    );
 
     // A student whose vocabulary differs from the teacher's.
     let cfg = std::fs::read_to_string(s.path("run/config.json")).unwrap();
@@ -185,10 +231,20 @@ fn bad_inputs_fail_with_clear_errors_and_lose_nothing() {
     assert_ne!(cfg, other, "config.json spells vocab_size as expected");
     std::fs::write(s.path("other.json"), other).unwrap();
     let distill_base = |out: &str, extra: &[&str]| {
-        let mut d: Vec<String> = ["distill", "--teacher", &run, "--data", &data, "--out", out, "--steps", "2"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
+        let mut d: Vec<String> = [
+            "distill",
+            "--teacher",
+            &run,
+            "--data",
+            &data,
+            "--out",
+            out,
+            "--steps",
+            "2",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
         d.extend(FAST.iter().map(|x| x.to_string()));
         d.extend(extra.iter().map(|x| x.to_string()));
         d
@@ -198,7 +254,10 @@ fn bad_inputs_fail_with_clear_errors_and_lose_nothing() {
     assert!(e.contains("vocab"), "{e}");
 
     // A hidden-layer map out of range.
-    let args = distill_base(&s.s("o5"), &["--hidden-weight", "1", "--hidden-layers", "1:9"]);
+    let args = distill_base(
+        &s.s("o5"),
+        &["--hidden-weight", "1", "--hidden-layers", "1:9"],
+    );
     let e = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("1:9"), "{e}");
 
@@ -228,11 +287,20 @@ fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
         .and_then(|x| x.parse().ok())
         .expect("the error names the step");
     let (_, params) = distill_kernels::train::checkpoint::load_model_dir(&s.path("run")).unwrap();
-    assert!(params.iter().all(|x| x.is_finite()), "the kept checkpoint is good");
+    assert!(
+        params.iter().all(|x| x.is_finite()),
+        "the kept checkpoint is good"
+    );
     let (_, saved) = distill_kernels::train::checkpoint::load_weights(
         &s.path("run/model.safetensors"),
-        &distill_kernels::train::checkpoint::load_model_dir(&s.path("run")).unwrap().0,
+        &distill_kernels::train::checkpoint::load_model_dir(&s.path("run"))
+            .unwrap()
+            .0,
     )
     .unwrap();
-    assert_eq!(saved, Some(step - 1), "the checkpoint is the last good step");
+    assert_eq!(
+        saved,
+        Some(step - 1),
+        "the checkpoint is the last good step"
+    );
 }

@@ -9,9 +9,9 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use distill_kernels::data::corpus::Corpus;
+use distill_kernels::data::entropy_floor;
 use distill_kernels::data::synthetic::SyntheticLanguage;
 use distill_kernels::data::tokenizer::Tokenizer;
-use distill_kernels::data::entropy_floor;
 use distill_kernels::train::checkpoint::write_atomic;
 use distill_kernels::train::config::{preset, DistillConfig, TrainConfig};
 use distill_kernels::train::plot::{plot_losses, Series};
@@ -49,6 +49,7 @@ const DEMO_STUDENT_STEPS: u64 = 400;
 const DEMO_TRAIN_DOCS: usize = 4000;
 const DEMO_VAL_DOCS: usize = 200;
 const DEMO_VOCAB: usize = 512;
+const DEMO_EVAL_EVERY: u64 = 25;
 const TEACHER_SIZE: &str = "small";
 const STUDENT_SIZE: &str = "tiny";
 
@@ -68,6 +69,7 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
     let tok = Tokenizer::train(&corpus.train, DEMO_VOCAB)?;
     let base = TrainConfig {
         seed: a.seed,
+        eval_every: DEMO_EVAL_EVERY,
         ..TrainConfig::default()
     };
     let data = prepare(&corpus, &tok, base.seq)?;
@@ -108,10 +110,19 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
     };
     let teacher = train_run("teacher", TEACHER_SIZE, a.teacher_steps, None)?;
     let hard = train_run("student_hard", STUDENT_SIZE, a.student_steps, None)?;
-    let kd = train_run("student_kd", STUDENT_SIZE, a.student_steps, Some(demo_distill()))?;
+    let kd = train_run(
+        "student_kd",
+        STUDENT_SIZE,
+        a.student_steps,
+        Some(demo_distill()),
+    )?;
 
     let gap_closed = (hard.val_loss - kd.val_loss) / (hard.val_loss - teacher.val_loss);
-    let runs = [("teacher", TEACHER_SIZE, &teacher), ("student_hard", STUDENT_SIZE, &hard), ("student_kd", STUDENT_SIZE, &kd)];
+    let runs = [
+        ("teacher", TEACHER_SIZE, &teacher),
+        ("student_hard", STUDENT_SIZE, &hard),
+        ("student_kd", STUDENT_SIZE, &kd),
+    ];
     print_table(&runs, floor);
     let entry = |size: &str, s: &RunSummary| -> Value {
         let mut v = s.to_json();
@@ -136,9 +147,12 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
         100.0 * gap_closed,
         started.elapsed().as_secs_f64()
     );
-    print_line(&json!({ "entropy_floor": floor, "gap_closed": gap_closed,
+    print_line(
+        &json!({ "entropy_floor": floor, "gap_closed": gap_closed,
         "teacher_val_loss": teacher.val_loss, "student_hard_val_loss": hard.val_loss,
-        "student_kd_val_loss": kd.val_loss }).to_string())
+        "student_kd_val_loss": kd.val_loss })
+        .to_string(),
+    )
 }
 
 fn print_table(runs: &[(&str, &str, &RunSummary)], floor: f64) {
@@ -162,25 +176,28 @@ fn print_table(runs: &[(&str, &str, &RunSummary)], floor: f64) {
     );
 }
 
+/// The three validation curves and the floor. The first evaluations (loss near ln V) would
+/// flatten everything that matters, so the y axis stops at twice the floor.
 fn plot_demo(path: &Path, runs: &[(&str, &str, &RunSummary)], floor: f64) -> CliResult<()> {
     let colours = [[40, 40, 40], [200, 60, 40], [40, 110, 200]];
+    let ceiling = 2.0 * floor;
     let series: Vec<Series> = runs
         .iter()
         .zip(colours)
         .map(|((name, _, s), rgb)| Series {
             name: format!("{name} (val)"),
-            points: s.history.val.iter().map(|&(x, y)| (x as f64, y)).collect(),
+            points: s
+                .history
+                .val
+                .iter()
+                .filter(|&&(_, y)| y <= ceiling)
+                .map(|&(x, y)| (x as f64, y))
+                .collect(),
             rgb,
             dashed: false,
         })
         .collect();
     let hlines = [("entropy floor".to_string(), floor, [120, 120, 120])];
-    Ok(plot_losses(
-        path,
-        "validation loss (nats/token) by step",
-        &series,
-        &hlines,
-        900,
-        560,
-    )?)
+    let title = format!("validation loss (nats/token) by step, below {ceiling:.2}");
+    Ok(plot_losses(path, &title, &series, &hlines, 900, 560)?)
 }

@@ -37,11 +37,10 @@ impl Progress for Display {
         self.last_val = None;
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total_steps).with_position(done_steps);
-            let style = ProgressStyle::with_template(
-                "{prefix:>12} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+            let style =
+                ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
             bar.set_style(style);
             bar.set_prefix(name.to_string());
             self.bar = Some(bar);
@@ -60,7 +59,7 @@ impl Progress for Display {
                 bar.set_position(s.step);
                 bar.set_message(msg);
             }
-            None if s.step % self.every == 0 || s.step == self.total => {
+            None if s.step.is_multiple_of(self.every) || s.step == self.total => {
                 eprintln!(
                     "{}: step {}/{} {msg} lr {:.2e}",
                     self.name, s.step, self.total, s.lr

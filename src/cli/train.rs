@@ -404,7 +404,10 @@ fn pick_token(logits: &[f32], temperature: f32, rng: &mut SplitMix64) -> u32 {
         logits
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
             .0 as u32
     };
     if temperature == 0.0 {

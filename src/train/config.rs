@@ -142,7 +142,11 @@ impl TrainConfig {
         positive_finite("grad_clip", self.grad_clip)?;
         positive_finite("adam_eps", self.adam_eps)?;
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(invalid("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]"));
+            return Err(invalid(
+                "min_lr_ratio",
+                self.min_lr_ratio,
+                "must be in [0, 1]",
+            ));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return Err(invalid("weight_decay", self.weight_decay, "must be >= 0"));
@@ -302,7 +306,10 @@ mod tests {
 
     #[test]
     fn hidden_layer_pairs_parse_and_reject_garbage() {
-        assert_eq!(parse_hidden_layers("1:2, 2:4").unwrap(), vec![(1, 2), (2, 4)]);
+        assert_eq!(
+            parse_hidden_layers("1:2, 2:4").unwrap(),
+            vec![(1, 2), (2, 4)]
+        );
         for bad in ["", "1", "1:x", "-1:2", "1:2,"] {
             let e = parse_hidden_layers(bad).unwrap_err().to_string();
             assert!(e.contains("hidden-layers"), "{bad}: {e}");

@@ -173,11 +173,11 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
         let tps = tokens_per_step * h.train.len() as f64 / h.train_seconds.max(1e-9);
         progress.step(&stats, tps);
         let s = stats.step;
-        if s % cfg.eval_every == 0 || s == cfg.steps {
+        if s.is_multiple_of(cfg.eval_every) || s == cfg.steps {
             let v = trainer.evaluate(spec.val_windows)?;
             progress.eval(s, v);
         }
-        if s % cfg.checkpoint_every == 0 || s == last {
+        if s.is_multiple_of(cfg.checkpoint_every) || s == last {
             trainer.save(spec.out, &tokenizer_json, &extras, spec.meta.clone())?;
         }
     }
@@ -203,7 +203,12 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
     });
     let text = serde_json::to_string_pretty(&metrics).expect("metrics are plain JSON");
     checkpoint::write_atomic(&spec.out.join("metrics.json"), text.as_bytes())?;
-    plot_run(&spec.out.join("loss.png"), spec.name, &summary.history, None)?;
+    plot_run(
+        &spec.out.join("loss.png"),
+        spec.name,
+        &summary.history,
+        None,
+    )?;
     Ok(summary)
 }
 

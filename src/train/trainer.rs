@@ -98,7 +98,12 @@ pub struct Trainer {
     pub history: History,
 }
 
-fn hidden_point(index: usize, layers: usize, who: &str, pair: (usize, usize)) -> Result<HiddenPoint> {
+fn hidden_point(
+    index: usize,
+    layers: usize,
+    who: &str,
+    pair: (usize, usize),
+) -> Result<HiddenPoint> {
     HiddenPoint::from_hf_index(index, layers).ok_or_else(|| Error::InvalidOption {
         name: "hidden-layers",
         value: format!("{}:{}", pair.0, pair.1),
@@ -125,7 +130,13 @@ impl Trainer {
         let n_model = model.num_params();
         let (pairs, n_proj) = Self::plan_hidden(&cfg, &model, teacher.as_ref())?;
         let mut params = model.init_params::<f32>(cfg.seed);
-        params.extend(init_projections(&pairs, &model, teacher.as_ref(), n_proj, cfg.seed));
+        params.extend(init_projections(
+            &pairs,
+            &model,
+            teacher.as_ref(),
+            n_proj,
+            cfg.seed,
+        ));
         let total = params.len();
         let mut decay = DecayMask::from_layout(model.layout());
         decay.push(total - n_model, true);
@@ -209,7 +220,11 @@ impl Trainer {
                 offset += ct * cs;
                 offset - ct * cs
             });
-            pairs.push(HiddenPair { student, teacher, proj });
+            pairs.push(HiddenPair {
+                student,
+                teacher,
+                proj,
+            });
         }
         Ok((pairs, offset - model.num_params()))
     }
@@ -246,7 +261,11 @@ impl Trainer {
                 temperature: self.temperature(),
                 alpha: d.alpha,
                 t2_scale: d.t2_scale,
-                hidden_weight: if self.pairs.is_empty() { 0.0 } else { d.hidden_weight },
+                hidden_weight: if self.pairs.is_empty() {
+                    0.0
+                } else {
+                    d.hidden_weight
+                },
                 reduction: Reduction::Mean,
                 ..LossConfig::default()
             },
@@ -262,7 +281,8 @@ impl Trainer {
     pub fn step(&mut self, train: &TokenStream) -> Result<StepStats> {
         let started = Instant::now();
         let step = self.step;
-        let (inputs, targets) = train_batch(train, self.cfg.seed, step, self.cfg.batch, self.cfg.seq)?;
+        let (inputs, targets) =
+            train_batch(train, self.cfg.seed, step, self.cfg.batch, self.cfg.seq)?;
         for (l, &t) in self.labels.iter_mut().zip(&targets) {
             *l = t as i64;
         }
@@ -283,7 +303,8 @@ impl Trainer {
         }
         let lr = self.schedule.lr(step);
         let temperature = self.temperature();
-        self.adam.update(&mut self.params, &self.grads, &self.decay, lr)?;
+        self.adam
+            .update(&mut self.params, &self.grads, &self.decay, lr)?;
         self.step += 1;
         self.history.train.push((self.step, loss as f64));
         self.history.train_seconds += started.elapsed().as_secs_f64();
@@ -351,9 +372,14 @@ impl Trainer {
         )?;
 
         let dstates = match (&hidden, &dhidden_cat) {
-            (Some(h), Some(dcat)) => {
-                h.scatter_grad(&self.pairs, &self.acts, proj_params, proj_grads, self.n_model, dcat)
-            }
+            (Some(h), Some(dcat)) => h.scatter_grad(
+                &self.pairs,
+                &self.acts,
+                proj_params,
+                proj_grads,
+                self.n_model,
+                dcat,
+            ),
             _ => Vec::new(),
         };
         let dhidden: Vec<(HiddenPoint, &[f32])> = self
@@ -362,8 +388,13 @@ impl Trainer {
             .zip(&dstates)
             .map(|(p, g)| (p.student, &g[..]))
             .collect();
-        self.model
-            .backward_with_hidden(params, &mut self.acts, Some(&self.dlogits), &dhidden, grads)?;
+        self.model.backward_with_hidden(
+            params,
+            &mut self.acts,
+            Some(&self.dlogits),
+            &dhidden,
+            grads,
+        )?;
         Ok(loss.total())
     }
 
@@ -379,7 +410,13 @@ impl Trainer {
 
     /// Writes a checkpoint (each file atomically, the trainer state last: a crash mid-save
     /// leaves at worst weights newer than the state, which resuming detects by the step).
-    pub fn save(&self, dir: &Path, tokenizer_json: &[u8], extras: &ConfigExtras, meta: Value) -> Result<()> {
+    pub fn save(
+        &self,
+        dir: &Path,
+        tokenizer_json: &[u8],
+        extras: &ConfigExtras,
+        meta: Value,
+    ) -> Result<()> {
         let (ct, cs) = self.proj_shape();
         let extra = self
             .pairs
@@ -440,7 +477,11 @@ impl Trainer {
             ));
         }
         let (weights, state) = checkpoint::load_resume(dir, &self.model)?;
-        let saved_cfg = state.meta.get("train_config").cloned().unwrap_or(Value::Null);
+        let saved_cfg = state
+            .meta
+            .get("train_config")
+            .cloned()
+            .unwrap_or(Value::Null);
         if saved_cfg != self.cfg.to_json() {
             return Err(ckpt_err(
                 "trainer_state.safetensors",
@@ -470,7 +511,12 @@ impl Trainer {
                 Some((_, shape, data)) if shape == &[ct, cs] && data.len() == ct * cs => {
                     self.params[at..at + ct * cs].copy_from_slice(data)
                 }
-                _ => return Err(ckpt_err("trainer_state.safetensors", format!("lacks tensor {name} [{ct}, {cs}]"))),
+                _ => {
+                    return Err(ckpt_err(
+                        "trainer_state.safetensors",
+                        format!("lacks tensor {name} [{ct}, {cs}]"),
+                    ))
+                }
             }
         }
         self.adam.m = state.adam_m;
@@ -505,7 +551,9 @@ fn pick_windows(windows: &[(Vec<u32>, Vec<u32>)], max: usize) -> Vec<&(Vec<u32>,
     if max == 0 || windows.len() <= max {
         return windows.iter().collect();
     }
-    (0..max).map(|i| &windows[i * windows.len() / max]).collect()
+    (0..max)
+        .map(|i| &windows[i * windows.len() / max])
+        .collect()
 }
 
 /// Mean next-token cross-entropy over `windows` (each `seq` inputs and `seq` targets), in
@@ -517,7 +565,9 @@ pub fn eval_loss(
     acts: &mut Activations<f32>,
 ) -> Result<f64> {
     if windows.is_empty() {
-        return Err(Error::Data("no validation windows: the validation split is shorter than one sequence".into()));
+        return Err(Error::Data(
+            "no validation windows: the validation split is shorter than one sequence".into(),
+        ));
     }
     let (batch, seq) = (acts.batch(), acts.seq());
     let v = model.config().vocab_size;
@@ -529,9 +579,14 @@ pub fn eval_loss(
     let (mut total, mut count) = (0.0f64, 0usize);
     for group in windows.chunks(batch) {
         let inputs: Vec<u32> = group.iter().flat_map(|w| w.0.iter().copied()).collect();
-        let labels: Vec<i64> = group.iter().flat_map(|w| w.1.iter().map(|&t| t as i64)).collect();
+        let labels: Vec<i64> = group
+            .iter()
+            .flat_map(|w| w.1.iter().map(|&t| t as i64))
+            .collect();
         if inputs.len() != group.len() * seq || labels.len() != inputs.len() {
-            return Err(Error::Data(format!("validation windows must hold {seq} tokens each")));
+            return Err(Error::Data(format!(
+                "validation windows must hold {seq} tokens each"
+            )));
         }
         let mut small;
         let acts = if group.len() == batch {
