@@ -474,3 +474,19 @@ fn sharded_checkpoint_loads_through_its_index() {
     let err = load_model_dir(&dir).unwrap_err();
     assert!(matches!(err, Error::Io { ref path, .. } if path.contains("model-00002-of-00002")));
 }
+
+#[test]
+fn the_same_weights_give_the_same_bytes_every_time() {
+    // safetensors orders `__metadata__` by a randomly seeded HashMap; the files must not vary.
+    let dir = tmpdir("same-bytes");
+    let (m, p) = model(true);
+    let path = dir.join("model.safetensors");
+    save_weights(&path, &m, &p, 3).unwrap();
+    let first = std::fs::read(&path).unwrap();
+    for _ in 0..16 {
+        save_weights(&path, &m, &p, 3).unwrap();
+        assert!(std::fs::read(&path).unwrap() == first, "the bytes changed");
+    }
+    let (loaded, step) = load_weights(&path, &m).unwrap();
+    assert_eq!((bits(&loaded), step), (bits(&p), Some(3)));
+}

@@ -304,3 +304,64 @@ fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
         "the checkpoint is the last good step"
     );
 }
+
+#[test]
+fn a_small_demo_writes_the_three_runs_and_the_comparison() {
+    let s = Scratch::new("demo");
+    let out = s.s("demo");
+    let line = ok(&[
+        "demo",
+        "--out",
+        &out,
+        "--teacher-steps",
+        "12",
+        "--student-steps",
+        "8",
+        "--train-docs",
+        "300",
+        "--val-docs",
+        "40",
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.path("demo/metrics.json")).unwrap()).unwrap();
+    for run in ["teacher", "student_hard", "student_kd"] {
+        let m = &metrics[run];
+        for key in [
+            "val_loss",
+            "val_ppl",
+            "steps",
+            "train_tokens",
+            "tokens_per_s",
+            "params",
+            "wall_s",
+        ] {
+            assert!(m[key].is_number(), "{run}.{key} missing: {m}");
+        }
+        assert!(s.path("demo").join(run).join("model.safetensors").is_file());
+        assert_eq!(
+            metrics[run]["val_loss"],
+            summary[format!("{run}_val_loss")],
+            "the printed line and metrics.json agree"
+        );
+    }
+    assert_eq!(metrics["teacher"]["steps"], 12);
+    assert_eq!(metrics["student_kd"]["steps"], 8);
+    let floor = metrics["entropy_floor"].as_f64().unwrap();
+    assert!(floor > 0.1 && floor < metrics["teacher"]["val_loss"].as_f64().unwrap());
+    assert!(s.path("demo/loss_curves.png").is_file());
+    // A second demo into the same directory replaces its runs instead of refusing.
+    ok(&[
+        "demo",
+        "--out",
+        &out,
+        "--teacher-steps",
+        "2",
+        "--student-steps",
+        "2",
+        "--train-docs",
+        "300",
+        "--val-docs",
+        "40",
+    ]);
+}

@@ -149,6 +149,10 @@ pub struct SampleArgs {
     /// Seed of the sampler
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Print one JSON line instead of the text: the prompt's token ids, the generated ids, their
+    /// log-probabilities under the model (at temperature 1) and the text
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The training options: defaults, overridden by what the command line gives.
@@ -371,12 +375,26 @@ pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
     if ids.is_empty() {
         ids.push(tok.eos_id());
     }
+    let prompt_ids = ids.clone();
     let generated = generate(&model, &params, &mut ids, a.tokens, a.temperature, a.seed)?;
-    print_line(&format!("{}{}", a.prompt, tok.decode(&generated)?))
+    let new_ids: Vec<u32> = generated.iter().map(|g| g.0).collect();
+    let text = format!("{}{}", a.prompt, tok.decode(&new_ids)?);
+    match a.json {
+        true => print_line(
+            &json!({
+                "prompt_ids": prompt_ids,
+                "ids": new_ids,
+                "logprobs": generated.iter().map(|g| g.1).collect::<Vec<_>>(),
+                "text": text,
+            })
+            .to_string(),
+        ),
+        false => print_line(&text),
+    }
 }
 
 /// Appends `count` sampled tokens to `ids` (recomputing the window each time: no KV cache, the
-/// models here are small) and returns them.
+/// models here are small) and returns them with their log-probabilities at temperature 1.
 fn generate(
     model: &Llama,
     params: &[f32],
@@ -384,19 +402,27 @@ fn generate(
     count: usize,
     temperature: f32,
     seed: u64,
-) -> CliResult<Vec<u32>> {
+) -> CliResult<Vec<(u32, f64)>> {
     let ctx = model.config().max_position_embeddings;
     let v = model.config().vocab_size;
     let mut rng = SplitMix64::new(seed);
-    let start = ids.len();
+    let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let window = &ids[ids.len().saturating_sub(ctx)..];
         let mut acts = Activations::new(model, 1, window.len())?;
         let logits = model.forward(params, window, &mut acts)?;
         let last = &logits[(window.len() - 1) * v..];
-        ids.push(pick_token(last, temperature, &mut rng));
+        let token = pick_token(last, temperature, &mut rng);
+        ids.push(token);
+        out.push((token, log_softmax_at(last, token as usize)));
     }
-    Ok(ids[start..].to_vec())
+    Ok(out)
+}
+
+fn log_softmax_at(logits: &[f32], i: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    logits[i] as f64 - max - sum.ln()
 }
 
 fn pick_token(logits: &[f32], temperature: f32, rng: &mut SplitMix64) -> u32 {

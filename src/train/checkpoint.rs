@@ -436,11 +436,50 @@ fn save_safetensors(
     tensors: &[(String, F32Out<'_>)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    let canonical = canonical_metadata(&metadata);
     let metadata = Some(metadata);
     commit_atomic(path, |tmp| {
         let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
-        safetensors::serialize_to_file(views, &metadata, tmp).map_err(|e| describe(&e))
+        let mut bytes = safetensors::serialize(views, &metadata).map_err(|e| describe(&e))?;
+        sort_metadata_keys(&mut bytes, &canonical)?;
+        std::fs::write(tmp, bytes).map_err(|e| e.to_string())
     })
+}
+
+/// The `__metadata__` object with its keys sorted.
+fn canonical_metadata(metadata: &HashMap<String, String>) -> String {
+    let sorted: std::collections::BTreeMap<&String, &String> = metadata.iter().collect();
+    let fields: Vec<String> = sorted
+        .iter()
+        .map(|(k, v)| {
+            let k = serde_json::to_string(k).expect("a string serializes");
+            let v = serde_json::to_string(v).expect("a string serializes");
+            format!("{k}:{v}")
+        })
+        .collect();
+    format!("{{{}}}", fields.join(","))
+}
+
+/// safetensors writes `__metadata__` first, in the order of a `HashMap`, which differs between
+/// processes; the same checkpoint must give the same bytes (a resumed run is compared with a
+/// straight one byte for byte). The sorted object has the same length, so it is swapped in place.
+fn sort_metadata_keys(bytes: &mut [u8], canonical: &str) -> std::result::Result<(), String> {
+    const PREFIX: &[u8] = b"{\"__metadata__\":";
+    let start = 8 + PREFIX.len();
+    let end = start + canonical.len();
+    let unexpected = || "unexpected safetensors header layout".to_string();
+    if bytes.len() < end || &bytes[8..start] != PREFIX {
+        return Err(unexpected());
+    }
+    let original: HashMap<String, String> =
+        serde_json::from_slice(&bytes[start..end]).map_err(|_| unexpected())?;
+    let sorted: HashMap<String, String> =
+        serde_json::from_str(canonical).map_err(|_| unexpected())?;
+    if original != sorted {
+        return Err(unexpected());
+    }
+    bytes[start..end].copy_from_slice(canonical.as_bytes());
+    Ok(())
 }
 
 /// A parsed safetensors file: the tensor table and the `__metadata__` strings.

@@ -746,3 +746,107 @@ impl HiddenBatch {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::semantics::LossKind;
+
+    fn tiny(vocab: usize, width: usize, heads: usize, kv: usize) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: width,
+            intermediate_size: 2 * width,
+            num_hidden_layers: 2,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            max_position_embeddings: 8,
+            initializer_range: 0.3,
+            tie_word_embeddings: false,
+            ..LlamaConfig::default()
+        }
+    }
+
+    /// The loss and its gradient in `tr.grads` for one fixed batch.
+    fn loss_at(tr: &mut Trainer, inputs: &[u32], targets: &[u32]) -> f64 {
+        for (l, &t) in tr.labels.iter_mut().zip(targets) {
+            *l = t as i64;
+        }
+        tr.grads.fill(0.0);
+        tr.forward_backward(inputs).unwrap() as f64
+    }
+
+    /// Central differences of the whole distillation loss (soft + hard + hidden MSE through the
+    /// projections) against the gradient the trainer applies, at the entries with the largest
+    /// gradient: one in the projections, one in the student's model.
+    #[test]
+    fn distillation_gradient_matches_finite_differences() {
+        let teacher_model = Llama::new(tiny(13, 12, 2, 2)).unwrap();
+        let teacher = Teacher {
+            params: teacher_model.init_params(5),
+            model: teacher_model,
+        };
+        let cfg = TrainConfig {
+            batch: 2,
+            seq: 6,
+            distill: Some(DistillConfig {
+                kind: LossKind::ReverseKl,
+                temperature: 2.0,
+                alpha: 0.6,
+                hidden_weight: 0.7,
+                hidden_layers: vec![(1, 1), (2, 2)],
+                ..DistillConfig::default()
+            }),
+            ..TrainConfig::default()
+        };
+        let mut tr = Trainer::new(cfg, tiny(13, 8, 2, 1), Some(teacher)).unwrap();
+        assert_eq!(tr.pairs.iter().filter(|p| p.proj.is_some()).count(), 2);
+        let tokens: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % 13).collect();
+        let stream = TokenStream { tokens, docs: 1 };
+        let (inputs, targets) = train_batch(&stream, 1, 0, 2, 6).unwrap();
+        loss_at(&mut tr, &inputs, &targets);
+        let grads = tr.grads.clone();
+        let argmax = |range: std::ops::Range<usize>| {
+            range
+                .max_by(|&a, &b| grads[a].abs().total_cmp(&grads[b].abs()))
+                .unwrap()
+        };
+        let n_model = tr.n_model;
+        for i in [argmax(n_model..grads.len()), argmax(0..n_model)] {
+            let h = 1e-2f32;
+            let x = tr.params[i];
+            tr.params[i] = x + h;
+            let up = loss_at(&mut tr, &inputs, &targets);
+            tr.params[i] = x - h;
+            let down = loss_at(&mut tr, &inputs, &targets);
+            tr.params[i] = x;
+            let fd = (up - down) / (2.0 * h as f64);
+            let g = grads[i] as f64;
+            assert!(g.abs() > 1e-3, "param {i}: gradient {g} too small to test");
+            assert!(
+                (fd - g).abs() <= 2e-3 + 2e-2 * g.abs(),
+                "param {i}: finite difference {fd} vs gradient {g}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_teacher_with_another_vocabulary_is_refused() {
+        let teacher_model = Llama::new(tiny(14, 12, 2, 2)).unwrap();
+        let teacher = Teacher {
+            params: teacher_model.init_params(5),
+            model: teacher_model,
+        };
+        let cfg = TrainConfig {
+            batch: 2,
+            seq: 6,
+            distill: Some(DistillConfig::default()),
+            ..TrainConfig::default()
+        };
+        let e = Trainer::new(cfg, tiny(13, 8, 2, 1), Some(teacher))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("vocabulary"), "{e}");
+    }
+}
