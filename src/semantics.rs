@@ -25,6 +25,15 @@ impl LossKind {
         }
     }
 
+    /// The command-line name: `forward-kl`, `reverse-kl` or `jsd`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::ForwardKl => "forward-kl",
+            LossKind::ReverseKl => "reverse-kl",
+            LossKind::Jsd { .. } => "jsd",
+        }
+    }
+
     pub fn beta(self) -> f32 {
         match self {
             LossKind::Jsd { beta } => beta,

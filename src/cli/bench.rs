@@ -76,7 +76,7 @@ pub fn run_loss(args: &BenchLossArgs) -> CliResult<()> {
         let peak = memory_status();
 
         let line = result_line("bench-loss", runner.name(), rows, vocab, dtype, &timing)
-            .str("kind", kind_name(kind))
+            .str("kind", kind.name())
             .float("temperature", args.temperature as f64)
             .float("alpha", ALPHA as f64)
             .f32("loss", timing.last_loss)
@@ -474,14 +474,14 @@ fn memory_fields(
 
 /// Resident memory of this process from `/proc/self/status` (Linux; `None` elsewhere).
 #[derive(Clone, Copy)]
-struct Memory {
+pub(super) struct Memory {
     /// VmRSS: resident now.
-    rss_kb: Option<u64>,
+    pub rss_kb: Option<u64>,
     /// VmHWM: the peak resident size so far.
-    hwm_kb: Option<u64>,
+    pub hwm_kb: Option<u64>,
 }
 
-fn memory_status() -> Memory {
+pub(super) fn memory_status() -> Memory {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status.lines().find_map(|l| {
@@ -501,12 +501,4 @@ fn memory_status() -> Memory {
 
 fn round3(x: f64) -> f64 {
     (x * 1e3).round() / 1e3
-}
-
-fn kind_name(kind: LossKind) -> &'static str {
-    match kind {
-        LossKind::ForwardKl => "forward-kl",
-        LossKind::ReverseKl => "reverse-kl",
-        LossKind::Jsd { .. } => "jsd",
-    }
 }

@@ -117,6 +117,7 @@ fn measure(a: &BenchTrainArgs) -> CliResult<()> {
             "min_ms_per_step": times[0],
             "tokens_per_s": tokens / (median / 1e3),
             "params": trainer.model().num_params(),
+            "peak_rss_mb": super::bench::memory_status().hwm_kb.map(|kb| kb as f64 / 1024.0),
         })
         .to_string(),
     )

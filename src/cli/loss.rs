@@ -118,7 +118,7 @@ pub fn run(args: &LossArgs) -> CliResult<()> {
         "distill loss: device={} kind={} beta={} temperature={} alpha={} t2_scale={} \
          ignore_index={} reduction={} hidden_weight={} normalizer={}",
         backend.name(),
-        kind_name(cfg.kind),
+        cfg.kind.name(),
         cfg.kind.beta(),
         cfg.temperature,
         cfg.alpha,
@@ -134,7 +134,7 @@ pub fn run(args: &LossArgs) -> CliResult<()> {
     let mut line = JsonLine::new()
         .str("command", "loss")
         .str("device", backend.name())
-        .str("kind", kind_name(cfg.kind))
+        .str("kind", cfg.kind.name())
         .str("reduction", reduction_name(cfg.reduction))
         .uint("rows", rows)
         .uint("vocab", vocab);
@@ -235,14 +235,6 @@ fn show_f32(v: f32) -> String {
 /// Milliseconds to the microsecond, for a readable result line.
 fn round3(ms: f64) -> f64 {
     (ms * 1e3).round() / 1e3
-}
-
-fn kind_name(kind: LossKind) -> &'static str {
-    match kind {
-        LossKind::ForwardKl => "forward-kl",
-        LossKind::ReverseKl => "reverse-kl",
-        LossKind::Jsd { .. } => "jsd",
-    }
 }
 
 fn reduction_name(r: Reduction) -> &'static str {

@@ -187,7 +187,7 @@ impl TrainConfig {
     pub fn to_json(&self) -> Value {
         let distill = self.distill.as_ref().map(|d| {
             json!({
-                "kind": kind_name(d.kind),
+                "kind": d.kind.name(),
                 "jsd_beta": d.kind.beta(),
                 "temperature": d.temperature,
                 "temperature_end": d.temperature_end,
@@ -215,15 +215,6 @@ impl TrainConfig {
             "checkpoint_every": self.checkpoint_every,
             "distill": distill,
         })
-    }
-}
-
-/// The command-line name of a loss kind.
-pub fn kind_name(kind: LossKind) -> &'static str {
-    match kind {
-        LossKind::ForwardKl => "forward-kl",
-        LossKind::ReverseKl => "reverse-kl",
-        LossKind::Jsd { .. } => "jsd",
     }
 }
 
