@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod error;
 pub mod model;
 pub mod reference;
+pub mod rng;
 pub mod semantics;
 pub mod train;
 

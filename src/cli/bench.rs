@@ -23,7 +23,7 @@ use distill_kernels::{
 use half::{bf16, f16};
 
 use super::json::JsonLine;
-use super::rng::SplitMix64;
+use super::rng::{Draw, SplitMix64};
 use super::{print_line, BenchFloorArgs, BenchLossArgs, CliError, CliResult, KindArg};
 
 /// Weight of the soft loss: the hard-label cross-entropy gets the other half.
@@ -191,7 +191,7 @@ impl Inputs {
     fn generate(rows: usize, vocab: usize, dtype: Dtype, seed: u64) -> CliResult<Inputs> {
         let n = rows * vocab;
         let mut rng = SplitMix64::new(seed);
-        let labels = (0..rows).map(|_| rng.below(vocab) as i64).collect();
+        let labels = (0..rows).map(|_| rng.index(vocab) as i64).collect();
         let (student, teacher) = match dtype {
             Dtype::F32 => {
                 let (s, t) = logits::<f32>(n, &mut rng)?;

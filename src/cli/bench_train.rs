@@ -12,7 +12,7 @@ use distill_kernels::model::Llama;
 use distill_kernels::train::config::{preset, DistillConfig, TrainConfig};
 use distill_kernels::train::trainer::{Teacher, Trainer};
 
-use super::rng::SplitMix64;
+use super::rng::{Draw, SplitMix64};
 use super::{print_line, CliError, CliResult, KindArg};
 
 #[derive(Debug, Args)]
@@ -88,7 +88,7 @@ fn measure(a: &BenchTrainArgs) -> CliResult<()> {
     };
     let mut rng = SplitMix64::new(1);
     let tokens: Vec<u32> = (0..(a.batch * (a.seq + 1) * 64).max(100_000))
-        .map(|_| rng.below(a.vocab) as u32)
+        .map(|_| rng.index(a.vocab) as u32)
         .collect();
     let stream = TokenStream { tokens, docs: 1 };
     let mut trainer = Trainer::new(cfg, student, teacher)?;

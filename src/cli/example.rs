@@ -17,7 +17,7 @@ use distill_kernels::{Dtype, HostVec};
 
 use super::io::{OutTensor, PendingOutput};
 use super::json::JsonLine;
-use super::rng::{ln, SplitMix64};
+use super::rng::{ln, Draw, SplitMix64};
 use super::{print_line, CliError, CliResult, ExampleArgs};
 
 /// Bound on the generated element count (N x V), to keep a typo from filling the disk.

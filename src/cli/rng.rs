@@ -2,36 +2,25 @@
 //! polar form of Box-Muller for normals, and a logarithm built from IEEE-754 `+ - * /` only, so
 //! the generated file is bit-identical on every machine (platform `ln` may differ by an ulp).
 
-pub struct SplitMix64 {
-    state: u64,
-}
+pub use distill_kernels::rng::SplitMix64;
 
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1), on the grid of 2^-53.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform integer in [0, n) (n > 0), by the multiply-high method.
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-
+/// What `distill example` and the benchmarks draw beyond the crate generator's integers.
+pub trait Draw {
+    /// Uniform integer in `[0, n)`, `n > 0`.
+    fn index(&mut self, n: usize) -> usize;
     /// Standard normal (polar Box-Muller; the second value of each pair is dropped for
     /// simplicity).
-    pub fn normal(&mut self) -> f64 {
+    fn normal(&mut self) -> f64;
+    /// A uniformly random permutation of `0..n` (Fisher-Yates).
+    fn permutation(&mut self, n: usize) -> Vec<usize>;
+}
+
+impl Draw for SplitMix64 {
+    fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
+
+    fn normal(&mut self) -> f64 {
         loop {
             let u = 2.0 * self.uniform() - 1.0;
             let v = 2.0 * self.uniform() - 1.0;
@@ -43,11 +32,10 @@ impl SplitMix64 {
         }
     }
 
-    /// A uniformly random permutation of `0..n` (Fisher-Yates).
-    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+    fn permutation(&mut self, n: usize) -> Vec<usize> {
         let mut p: Vec<usize> = (0..n).collect();
         for i in (1..n).rev() {
-            let j = self.below(i + 1);
+            let j = self.index(i + 1);
             p.swap(i, j);
         }
         p

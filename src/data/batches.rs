@@ -3,9 +3,9 @@
 use rayon::prelude::*;
 
 use super::corpus::Document;
-use super::rng::SplitMix64;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 
 /// All documents of one split encoded and concatenated, each followed by EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]

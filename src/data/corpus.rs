@@ -3,8 +3,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::rng::SplitMix64;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 
 /// One unit of text. Documents are independent: the token stream separates them with EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]

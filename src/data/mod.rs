@@ -14,12 +14,10 @@
 
 pub mod batches;
 pub mod corpus;
-pub mod rng;
 pub mod synthetic;
 pub mod tokenizer;
 
 pub use batches::{train_batch, val_windows, TokenStream};
 pub use corpus::{Corpus, Document};
-pub use rng::SplitMix64;
 pub use synthetic::{entropy_floor, SyntheticLanguage};
 pub use tokenizer::{Tokenizer, EOS_TOKEN};

@@ -25,9 +25,9 @@ use std::collections::HashMap;
 
 use super::batches::TokenStream;
 use super::corpus::{Corpus, Document};
-use super::rng::SplitMix64;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 
 /// Sizes and weights of a language. The default is what [`SyntheticLanguage::new`] uses; tests
 /// use tiny ones whose outcomes can be enumerated.

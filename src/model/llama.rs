@@ -15,6 +15,8 @@ use super::config::LlamaConfig;
 use super::ops::{self, AttnShape, Real};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+
+use crate::rng::SplitMix64;
 use std::ops::Range;
 
 /// A tensor's place in a flat buffer: elements `offset .. offset + len`.
@@ -458,26 +460,32 @@ fn add_into<F: Real>(dst: &mut [F], src: &[F]) {
     }
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed generator for the initialization.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-}
-
 /// Elements per independently seeded stream of the initialization (so it can run in parallel
 /// and still not depend on the thread count).
 const INIT_CHUNK: usize = 1 << 16;
+
+/// Fills `dst` with `normal(0, std)` values drawn in f64 and rounded to `F`, from streams seeded
+/// by (seed, stream, chunk): the same arguments give the same values whatever the thread count.
+/// [`Llama::init_params`] uses stream = tensor index; other trainable tensors (e.g. a trainer's
+/// projections) take streams past the layout's.
+pub fn normal_fill<F: Real>(dst: &mut [F], std: f64, seed: u64, stream: u64) {
+    dst.par_chunks_mut(INIT_CHUNK)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            let s = SplitMix64::new(seed).next_u64() ^ stream.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+            let s = SplitMix64::new(s).next_u64() ^ (ci as u64);
+            let mut rng = SplitMix64::new(SplitMix64::new(s).next_u64());
+            // Box-Muller: two normals per two uniforms.
+            for pair in chunk.chunks_mut(2) {
+                let r = (-2.0 * rng.unit().ln()).sqrt();
+                let theta = 2.0 * std::f64::consts::PI * rng.unit();
+                pair[0] = F::from_f64(std * r * theta.cos());
+                if let Some(x) = pair.get_mut(1) {
+                    *x = F::from_f64(std * r * theta.sin());
+                }
+            }
+        });
+}
 
 /// A Llama-style decoder: a validated configuration and its parameter layout. Parameters,
 /// gradients and activations are buffers the caller owns.
@@ -518,26 +526,7 @@ impl Llama {
             let dst = t.span.of_mut(&mut params);
             match t.init {
                 Init::Ones => dst.fill(F::ONE),
-                Init::Normal => {
-                    dst.par_chunks_mut(INIT_CHUNK)
-                        .enumerate()
-                        .for_each(|(ci, chunk)| {
-                            let mut mix = SplitMix64(seed);
-                            let s =
-                                mix.next_u64() ^ (ti as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
-                            let s = SplitMix64(s).next_u64() ^ (ci as u64);
-                            let mut rng = SplitMix64(SplitMix64(s).next_u64());
-                            // Box-Muller: two normals per two uniforms.
-                            for pair in chunk.chunks_mut(2) {
-                                let r = (-2.0 * rng.unit().ln()).sqrt();
-                                let theta = 2.0 * std::f64::consts::PI * rng.unit();
-                                pair[0] = F::from_f64(std * r * theta.cos());
-                                if let Some(x) = pair.get_mut(1) {
-                                    *x = F::from_f64(std * r * theta.sin());
-                                }
-                            }
-                        });
-                }
+                Init::Normal => normal_fill(dst, std, seed, ti as u64),
             }
         }
         params

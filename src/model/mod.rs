@@ -31,6 +31,6 @@ pub mod ops;
 
 pub use config::LlamaConfig;
 pub use llama::{
-    Activations, HiddenPoint, Init, LayerParams, Llama, ParamLayout, Span, TensorInfo,
+    normal_fill, Activations, HiddenPoint, Init, LayerParams, Llama, ParamLayout, Span, TensorInfo,
 };
 pub use ops::Real;

@@ -13,7 +13,7 @@ use crate::cpu::Cpu;
 use crate::data::batches::{train_batch, TokenStream};
 use crate::dtype::HostSliceMut;
 use crate::error::{Error, Result};
-use crate::model::{ops, Activations, HiddenPoint, Llama, LlamaConfig};
+use crate::model::{normal_fill, ops, Activations, HiddenPoint, Llama, LlamaConfig};
 use crate::semantics::{DistillInputs, GradOutputs, HiddenInputs, LossConfig, Reduction};
 use crate::train::checkpoint::{self, Checkpoint, ConfigExtras, TrainerState};
 use crate::train::config::{DistillConfig, TrainConfig};
@@ -130,13 +130,7 @@ impl Trainer {
         let n_model = model.num_params();
         let (pairs, n_proj) = Self::plan_hidden(&cfg, &model, teacher.as_ref())?;
         let mut params = model.init_params::<f32>(cfg.seed);
-        params.extend(init_projections(
-            &pairs,
-            &model,
-            teacher.as_ref(),
-            n_proj,
-            cfg.seed,
-        ));
+        params.extend(init_projections(&model, teacher.as_ref(), n_proj, cfg.seed));
         let total = params.len();
         let mut decay = DecayMask::from_layout(model.layout());
         decay.push(total - n_model, true);
@@ -614,40 +608,26 @@ pub fn eval_loss(
     Ok(total / count as f64)
 }
 
-/// Projections start as `normal(0, 1/sqrt(C_student))` (variance-preserving), from the seed.
+/// Projections start as `normal(0, 1/sqrt(C_student))` (variance-preserving), seeded like the
+/// model's tensors on streams past the layout's.
 fn init_projections(
-    pairs: &[HiddenPair],
     model: &Llama,
     teacher: Option<&Teacher>,
     n_proj: usize,
     seed: u64,
 ) -> Vec<f32> {
     let Some(t) = teacher else { return Vec::new() };
-    if n_proj == 0 {
-        return Vec::new();
-    }
     let cs = model.config().hidden_size;
     let ct = t.model.config().hidden_size;
-    // A throw-away linear layer of the right shape borrows the model's seeded initializer.
-    let shape_cfg = LlamaConfig {
-        vocab_size: ct,
-        hidden_size: cs,
-        intermediate_size: 1,
-        num_hidden_layers: 1,
-        num_attention_heads: 1,
-        num_key_value_heads: 1,
-        head_dim: None,
-        max_position_embeddings: 1,
-        initializer_range: 1.0 / (cs as f64).sqrt(),
-        tie_word_embeddings: true,
-        ..LlamaConfig::default()
-    };
-    let init = Llama::new(shape_cfg).expect("a valid one-layer shape");
-    let mut out = Vec::with_capacity(n_proj);
-    for (i, _) in pairs.iter().enumerate().filter(|(_, p)| p.proj.is_some()) {
-        let p = init.init_params::<f32>(seed ^ 0x5EED_0000 ^ i as u64);
-        let embed = &init.layout().tensors()[0];
-        out.extend_from_slice(embed.span.of(&p));
+    let first_stream = model.layout().tensors().len() as u64;
+    let mut out = vec![0.0f32; n_proj];
+    for (k, chunk) in out.chunks_mut(ct * cs).enumerate() {
+        normal_fill(
+            chunk,
+            1.0 / (cs as f64).sqrt(),
+            seed,
+            first_stream + k as u64,
+        );
     }
     out
 }

@@ -1,6 +1,6 @@
-//! A tiny deterministic generator for the data pipeline. Hand-written rather than taken from a
-//! crate so that generated corpora and batch offsets are bit-identical across versions and
-//! platforms: only integer arithmetic is involved.
+//! The crate's one pseudo-random generator: initialization, synthetic corpora, batch offsets,
+//! sampling and benchmark inputs. Hand-written rather than taken from a crate so that every
+//! stream is bit-identical across versions and platforms: only integer arithmetic is involved.
 
 /// SplitMix64 (Steele, Lea, Flood 2014): one 64-bit state, full period, good enough statistics
 /// for sampling documents and window offsets.
@@ -37,6 +37,16 @@ impl SplitMix64 {
     pub fn below(&mut self, n: u64) -> u64 {
         debug_assert!(n > 0);
         ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
+    /// Uniform in `[0, 1)`, on the grid of 2^-53.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in `(0, 1]` (safe under `ln`).
+    pub fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// `k` distinct indices from `0..n`, in random order (partial Fisher-Yates).
