@@ -11,17 +11,20 @@
 //! - Pass 2 reads them again (from L2/L3: a row of 128k f32 pairs is 1 MiB), forms every
 //!   log-probability `(x - max) / T - log z`, sums the loss terms and writes the gradient.
 //! - JSD's gradient needs `sum_k p_s(k) (log p_s(k) - log m(k))`, known only after a whole pass,
-//!   so JSD with a gradient makes a third pass (over the student and the scratch below only).
+//!   so JSD with a gradient makes a third pass, over the scratch below only: pass 2 leaves there
+//!   the gradient without that mean term, pass 3 subtracts `a (1 - beta) KL(p_s || m) p_s`.
 //!
 //! Exponentials are most of the work, so none is computed twice. Pass 1 keeps each entry's
 //! `exp((x - m_c) / T)`, taken relative to the running maximum `m_c` of its chunk, in a per-thread
 //! scratch of O(V) floats (the row's "softmax numerators"; 1 MiB at V = 128k, in L2/L3, never
 //! N x V); pass 2 turns them into probabilities with one multiply by the chunk's factor
-//! `exp((m_c - m) / T) / z`. JSD's pass 2 leaves `log m` in the teacher's slot for pass 3. And at
+//! `exp((m_c - m) / T) / z`. JSD's pass 2 leaves its partial gradient in the teacher's slot. And at
 //! the usual distillation temperatures T = 1, 2, 3, 4 the cross-entropy's `exp(s - m)` is the
 //! T-th power of `exp((s - m) / T)` ([`HardMode::Pow`]): `z_1 = sum e^T` in pass 1 and
 //! `softmax(s) = (p_s c)^T` with `c = z_s / z_1^(1/T)` in pass 2. So forward and reverse KL with
-//! the cross-entropy take two exponentials per entry, JSD four and two logarithms. The power is
+//! the cross-entropy take two exponentials per entry, JSD two and one logarithm: its mixture
+//! `m = beta p_t + (1 - beta) p_s` is formed from the probabilities pass 2 has anyway (one
+//! multiply-add), and only `log2 m` is taken (see [`Consts::log_mixture`]). The power is
 //! as accurate as the exponential it replaces (its argument `s - m` has the same rounding), and
 //! the base `p_s c` is scaled so that the power underflows only where `softmax(s)` itself does.
 //!
@@ -410,8 +413,11 @@ struct Consts {
     c: f32,
     beta: f32,
     one_minus_beta: f32,
-    /// JSD: `sum_k p_s(k) (1 - beta) (log2 p_s(k) - log2 m(k))`.
-    g_mean: f32,
+    /// JSD: `a2 (1 - beta)`, the factor of the gradient's `p_s (log2 p_s - log2 m)`.
+    aj: f32,
+    /// JSD: `-aj sum_k p_s(k) (log2 p_s(k) - log2 m(k))`, the factor of the gradient's `p_s`
+    /// (known after pass 2).
+    ajk: f32,
 }
 
 /// Per chunk: the factors that turn the scratch's exponentials into probabilities,
@@ -450,25 +456,21 @@ impl Consts {
         self.b * (q - onehot)
     }
 
-    /// `log2(beta p_t + (1 - beta) p_s)`, taken about the larger log-probability; exactly that
-    /// log-probability when the two are equal (`beta + (1 - beta)` rounds to 1 for the betas
-    /// used), `-inf` when both are `-inf`, NaN for NaN.
+    /// `log2 m = log2(beta p_t + (1 - beta) p_s)` from the probabilities themselves: one
+    /// multiply-add and one logarithm, no exponential. `m` is clamped below at the smallest normal
+    /// f32, so `log2 m >= -126` is finite even where both probabilities underflow (then `p_s,
+    /// p_t <= 2^-126 / min(beta, 1 - beta)`, and the terms `p (log2 p - log2 m)` they weight are
+    /// off by less than `2^-126 / min(beta, 1 - beta) * 150`, far below an f32 loss's rounding;
+    /// a zero probability still weights its term by exactly 0). NaN stays NaN.
     #[inline(always)]
-    fn log_mixture<M: MulAdd>(&self, ls: f32, lt: f32) -> f32 {
-        let t_hi = lt >= ls;
-        let (hi, lo) = if t_hi { (lt, ls) } else { (ls, lt) };
-        let (w_hi, w_lo) = if t_hi {
-            (self.beta, self.one_minus_beta)
+    fn log_mixture<M: MulAdd>(&self, ps: f32, pt: f32) -> f32 {
+        let m = M::mul_add(self.beta, pt, self.one_minus_beta * ps);
+        let m = if m < f32::MIN_POSITIVE {
+            f32::MIN_POSITIVE
         } else {
-            (self.one_minus_beta, self.beta)
+            m
         };
-        // The argument is in [min(beta, 1 - beta), 1] (or NaN).
-        let lm = hi + log2_normal::<M>(M::mul_add(w_lo, exp2::<M>(lo - hi), w_hi));
-        if hi == NEG_INF {
-            NEG_INF
-        } else {
-            lm
-        }
+        log2_normal::<M>(m)
     }
 }
 
@@ -576,13 +578,16 @@ impl<const Q: u32> Entry for ReverseKl<Q> {
     }
 }
 
-/// JSD, pass 2: `p_t (log p_t - log m)` and `p_s (log p_s - log m)`; keeps `log m` for pass 3.
+/// JSD, pass 2: `p_t (log p_t - log m)` and `p_s (log p_s - log m)`. With `G` (a gradient is
+/// wanted) it keeps in the teacher's slot the gradient without its mean term,
+/// `aj p_s (log2 p_s - log2 m)` plus the cross-entropy's (`Q` as in [`Consts::hard_grad`]),
+/// for [`jsd_grad`] to finish.
 #[derive(Clone, Copy)]
-struct JsdLoss;
+struct JsdLoss<const G: bool, const Q: u32>;
 
-impl Entry for JsdLoss {
+impl<const G: bool, const Q: u32> Entry for JsdLoss<G, Q> {
     const SUMS: usize = 2;
-    const KEEP: bool = true;
+    const KEEP: bool = G;
     #[inline(always)]
     fn eval<M: MulAdd>(
         self,
@@ -592,53 +597,66 @@ impl Entry for JsdLoss {
         y: f32,
         es: f32,
         et: f32,
-        _: f32,
+        onehot: f32,
     ) -> Out {
         let (ls, lt) = (c.log_ps::<M>(x), c.log_pt::<M>(y));
-        let lm = c.log_mixture::<M>(ls, lt);
-        let ta = (et * f.ft) * (lt - lm);
-        let tb = (es * f.fs) * (ls - lm);
+        let (ps, pt) = (es * f.fs, et * f.ft);
+        let lm = c.log_mixture::<M>(ps, pt);
+        // Equal probabilities are their own mixture: both log ratios are exactly 0 (so identical
+        // distributions give exactly 0), not the rounding of the log-probabilities' difference
+        // from `log2 m`.
+        let same = ps == pt;
+        let ta = if same { 0.0 } else { pt * (lt - lm) };
+        let tb = if same { 0.0 } else { ps * (ls - lm) };
         let ta = if lt == NEG_INF { 0.0 } else { ta };
         let tb = if ls == NEG_INF { 0.0 } else { tb };
+        let keep = if G {
+            let gs = c.aj * tb;
+            if Q > 0 {
+                gs + c.hard_grad::<M, Q>(x, ps, onehot)
+            } else {
+                gs
+            }
+        } else {
+            0.0
+        };
         Out {
             terms: [ta, tb],
             grad: 0.0,
-            keep: lm,
+            keep,
         }
     }
 }
 
-/// JSD, pass 3: gradient `a p_s ((1 - beta)(log p_s - log m) - g_mean)`, with `log m` read back
-/// from the teacher's slot (the teacher itself is not read again); no loss.
-#[derive(Clone, Copy)]
-struct JsdGrad<const Q: u32>;
-
-impl<const Q: u32> Entry for JsdGrad<Q> {
-    const SUMS: usize = 0;
-    #[inline(always)]
-    fn eval<M: MulAdd>(
-        self,
-        c: &Consts,
-        f: ChunkFactors,
-        x: f32,
-        _: f32,
-        es: f32,
-        lm: f32,
-        onehot: f32,
-    ) -> Out {
-        let ls = c.log_ps::<M>(x);
-        let ps = es * f.fs;
-        let gs = c.a2 * (ps * M::mul_add(c.one_minus_beta, ls - lm, -c.g_mean));
-        let gs = if ls == NEG_INF { 0.0 } else { gs };
-        let grad = if Q > 0 {
-            gs + c.hard_grad::<M, Q>(x, ps, onehot)
-        } else {
-            gs
+/// JSD, pass 3: the gradient `keep - aj KL(p_s || m) p_s` from the scratch alone (the inputs are
+/// not read again): `keep` from the teacher's slot ([`JsdLoss`]), `p_s` from the student's.
+/// A zero student exponential (a `-inf` logit) leaves `keep` as it is, so a masked entry's
+/// gradient is exactly 0.
+#[inline(always)]
+fn jsd_grad<M: MulAdd>(c: &Consts, sc: &Scratch, n: usize, grad: &mut HostSliceMut) {
+    let mut bg = [0.0f32; CHUNK];
+    for ci in 0..n.div_ceil(CHUNK) {
+        let range = ci * CHUNK..((ci + 1) * CHUNK).min(n);
+        let m = range.len();
+        let fs = sc.ms[ci];
+        let es = &sc.es[ci * CHUNK..ci * CHUNK + m];
+        let keep = &sc.et[ci * CHUNK..ci * CHUNK + m];
+        let direct = match grad {
+            HostSliceMut::F32(d) => Some(&mut d[range.clone()]),
+            _ => None,
         };
-        Out {
-            terms: [0.0, 0.0],
-            grad,
-            keep: 0.0,
+        let in_place = direct.is_some();
+        let out: &mut [f32] = match direct {
+            Some(d) => d,
+            None => &mut bg[..m],
+        };
+        let out = &mut out[..m];
+        for j in 0..m {
+            let g = M::mul_add(es[j] * fs, c.ajk, keep[j]);
+            out[j] = if es[j] == 0.0 { keep[j] } else { g };
+        }
+        if !in_place {
+            narrow_into(&bg[..m], grad, range.start);
         }
     }
 }
@@ -738,6 +756,15 @@ fn chunks<M: MulAdd, E: Entry, const GRAD: bool>(
         let m = xs.len();
         let (ys, es, et) = (&ys[..m], &slot(sc.es, ci)[..m], &mut slot(sc.et, ci)[..m]);
         let (out, t0, t1) = (&mut out[..m], &mut b0[..m], &mut b1[..m]);
+        // The label entry (when a gradient or a kept value needs its one-hot), with what the
+        // loop reads in the teacher's slot before a kept value replaces it.
+        let lab = if GRAD || E::KEEP {
+            label
+                .filter(|y| range.contains(y))
+                .map(|y| (y - range.start, et[y - range.start]))
+        } else {
+            None
+        };
         for j in 0..m {
             let o = e.eval::<M>(c, f, xs[j], ys[j], es[j], et[j], 0.0);
             if E::SUMS > 0 {
@@ -759,17 +786,18 @@ fn chunks<M: MulAdd, E: Entry, const GRAD: bool>(
         if E::SUMS > 1 {
             total1 += simd::sum(t1);
         }
-        if GRAD {
-            if let Some(y) = label.filter(|y| range.contains(y)) {
-                let j = y - range.start;
-                // No kind both keeps a value in the teacher's slot and writes a gradient, so
-                // `et[j]` still holds what the loop read.
-                out[j] = e.eval::<M>(c, f, xs[j], ys[j], es[j], et[j], 1.0).grad;
+        if let Some((j, et_j)) = lab {
+            let o = e.eval::<M>(c, f, xs[j], ys[j], es[j], et_j, 1.0);
+            if GRAD {
+                out[j] = o.grad;
             }
-            if !in_place {
-                if let Some(g) = grad.as_deref_mut() {
-                    narrow_into(&bg[..range.len()], g, range.start);
-                }
+            if E::KEEP {
+                et[j] = o.keep;
+            }
+        }
+        if GRAD && !in_place {
+            if let Some(g) = grad.as_deref_mut() {
+                narrow_into(&bg[..range.len()], g, range.start);
             }
         }
     }
@@ -825,7 +853,8 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
         c,
         beta,
         one_minus_beta,
-        g_mean: 0.0,
+        aj: a * LN_2 * one_minus_beta,
+        ajk: 0.0,
     };
     // The chunk maxima become the factors exp((m_c - m) / T) / z (at T = 1 for the
     // cross-entropy alone) that turn the kept exponentials into probabilities.
@@ -869,14 +898,17 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
             row_pass::<M, _>(ReverseKl::<Q>, &c, both, &mut sc, g_label, g)[0]
         }),
         Soft::Jsd { .. } => {
-            let [kl_t_m, kl_s_m] = row_pass::<M, _>(JsdLoss, &c, both, &mut sc, None, None);
-            if let Some(g) = g {
-                c.g_mean = one_minus_beta * kl_s_m;
-                let input = Inputs { s, t: None };
-                with_const!(q, Q, {
-                    row_pass::<M, _>(JsdGrad::<Q>, &c, input, &mut sc, g_label, Some(&mut *g))
-                });
-            }
+            let [kl_t_m, kl_s_m] = match g {
+                Some(g) => {
+                    let [kl_t_m, kl_s_m] = with_const!(q, Q, {
+                        row_pass::<M, _>(JsdLoss::<true, Q>, &c, both, &mut sc, g_label, None)
+                    });
+                    c.ajk = -c.aj * kl_s_m;
+                    jsd_grad::<M>(&c, &sc, s.len(), g);
+                    [kl_t_m, kl_s_m]
+                }
+                None => row_pass::<M, _>(JsdLoss::<false, 0>, &c, both, &mut sc, None, None),
+            };
             beta * kl_t_m + one_minus_beta * kl_s_m
         }
     };

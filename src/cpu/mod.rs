@@ -2,7 +2,7 @@
 //! MSE, softmax with temperature, forward and backward) in f32, rows in parallel with rayon.
 //!
 //! The algorithm is the GPU kernels' (kernels/kd_loss.cu): one thread owns a whole row and reads
-//! it at most twice (JSD with a gradient makes a third pass over the student only), keeping
+//! it at most twice (JSD with a gradient makes a third pass over the row's scratch only), keeping
 //! online statistics (running maxima, sums of exponentials, reverse KL relative to the running
 //! maxima) in pass 1 and forming the loss terms and the gradient in pass 2. A row is processed in
 //! chunks of `simd::CHUNK` (512) entries, widened from f16/bf16 into a stack buffer on the fly; the
