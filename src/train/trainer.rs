@@ -747,6 +747,15 @@ mod tests {
         }
     }
 
+    /// A wider random teacher (width 12 against the students' 8: projections are needed).
+    fn teacher(vocab: usize) -> Teacher {
+        let model = Llama::new(tiny(vocab, 12, 2, 2)).unwrap();
+        Teacher {
+            params: model.init_params(5),
+            model,
+        }
+    }
+
     /// The loss and its gradient in `tr.grads` for one fixed batch.
     fn loss_at(tr: &mut Trainer, inputs: &[u32], targets: &[u32]) -> f64 {
         for (l, &t) in tr.labels.iter_mut().zip(targets) {
@@ -761,11 +770,6 @@ mod tests {
     /// gradient: one in the projections, one in the student's model.
     #[test]
     fn distillation_gradient_matches_finite_differences() {
-        let teacher_model = Llama::new(tiny(13, 12, 2, 2)).unwrap();
-        let teacher = Teacher {
-            params: teacher_model.init_params(5),
-            model: teacher_model,
-        };
         let cfg = TrainConfig {
             batch: 2,
             seq: 6,
@@ -779,7 +783,7 @@ mod tests {
             }),
             ..TrainConfig::default()
         };
-        let mut tr = Trainer::new(cfg, tiny(13, 8, 2, 1), Some(teacher)).unwrap();
+        let mut tr = Trainer::new(cfg, tiny(13, 8, 2, 1), Some(teacher(13))).unwrap();
         assert_eq!(tr.pairs.iter().filter(|p| p.proj.is_some()).count(), 2);
         let tokens: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % 13).collect();
         let stream = TokenStream { tokens, docs: 1 };
@@ -812,18 +816,13 @@ mod tests {
 
     #[test]
     fn a_teacher_with_another_vocabulary_is_refused() {
-        let teacher_model = Llama::new(tiny(14, 12, 2, 2)).unwrap();
-        let teacher = Teacher {
-            params: teacher_model.init_params(5),
-            model: teacher_model,
-        };
         let cfg = TrainConfig {
             batch: 2,
             seq: 6,
             distill: Some(DistillConfig::default()),
             ..TrainConfig::default()
         };
-        let e = Trainer::new(cfg, tiny(13, 8, 2, 1), Some(teacher))
+        let e = Trainer::new(cfg, tiny(13, 8, 2, 1), Some(teacher(14)))
             .err()
             .expect("refused")
             .to_string();
