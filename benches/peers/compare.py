@@ -1,6 +1,7 @@
 """Side-by-side CPU comparison: PyTorch eager, torch.compile, `distill bench loss --device cpu`
 and `distill bench floor`, each measurement in its own process. Called by run.sh (which makes
-the venv and builds the binary); stdlib only, so it also runs outside the venv.
+the venv and builds the binary); stdlib only (with peerlib.py beside it), so it also runs
+outside the venv.
 
 Prints a markdown table and, unless --no-write, puts it into BENCHMARKS.md between
 `<!-- cpu-peers:begin -->` and `<!-- cpu-peers:end -->` (nothing else in the file changes).
@@ -8,16 +9,15 @@ Prints a markdown table and, unless --no-write, puts it into BENCHMARKS.md betwe
 
 import argparse
 import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
-import time
+
+from peerlib import better, machine, run_one, write_block
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN = "<!-- cpu-peers:begin -->"
 END = "<!-- cpu-peers:end -->"
+SECTION = "## CPU: fused distillation loss vs PyTorch"
 
 # (rows, vocab, dtype, kind), in the order of the table.
 DEFAULT_SHAPES = [
@@ -37,71 +37,6 @@ def parse_shape(text):
     dtype = parts[1] if len(parts) > 1 else "f32"
     kind = parts[2] if len(parts) > 2 else "forward-kl"
     return int(rows), int(vocab), dtype, kind
-
-
-def last_json(stdout):
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
-
-
-def run_one(label, cmd, timeout):
-    """Runs one measurement; returns its JSON object, or {"error": ...}."""
-    print(f"  {label}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    except OSError as e:
-        return {"error": f"cannot run: {e}"}
-    obj = last_json(p.stdout)
-    if p.returncode != 0 or obj is None:
-        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {p.returncode}: {tail[:300]}"}
-    obj["_wall_s"] = round(time.time() - t0, 1)
-    return obj
-
-
-def better(old, new):
-    """The run with the lower median; an error only when every run failed."""
-    if old is None or "error" in old:
-        return new
-    if "error" in new:
-        return old
-    return new if new["median_ms"] < old["median_ms"] else old
-
-
-def machine():
-    model, cpus = None, None
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "CPU(s)" and cpus is None:
-                cpus = value.strip()
-    except OSError:
-        pass
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
-    except OSError:
-        pass
-    return (
-        f"{model or platform.processor() or 'unknown CPU'}, {cpus or os.cpu_count()} CPUs "
-        f"(os.cpu_count {os.cpu_count()}), {mem or '? GiB'} RAM, {platform.system()} "
-        f"{platform.release()}"
-    )
 
 
 def fmt_ms(r):
@@ -192,7 +127,7 @@ def main():
         best = {}
         for _ in range(max(1, a.repeats)):
             for name, cmd in sides.items():
-                best[name] = better(best.get(name), run_one(name, cmd, a.timeout))
+                best[name] = better(best.get(name), run_one(name, cmd, a.timeout), "median_ms")
         eager, compiled, ours = best["eager"], best.get("compiled"), best["ours"]
         if "floor" in best:
             floors[key] = best["floor"]
@@ -307,30 +242,9 @@ def main():
     print(text)
 
     if a.benchmarks_md:
-        write_block(a.benchmarks_md, text)
+        write_block(a.benchmarks_md, text, BEGIN, END, SECTION)
         print(f"updated {a.benchmarks_md}", file=sys.stderr)
     return 0
-
-
-def write_block(path, text):
-    """Replaces what lies between the cpu-peers markers (appends a section when absent)."""
-    try:
-        with open(path) as f:
-            doc = f.read()
-    except FileNotFoundError:
-        doc = "# Benchmarks\n"
-    start = doc.find(BEGIN)
-    end = doc.find(END, start + len(BEGIN)) if start >= 0 else -1
-    if start >= 0 and end >= 0:
-        doc = doc[: start + len(BEGIN)] + "\n" + text + doc[end:]
-    else:
-        doc = doc.rstrip("\n") + (
-            "\n\n## CPU: fused distillation loss vs PyTorch\n\n" + BEGIN + "\n" + text + END + "\n"
-        )
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(doc)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

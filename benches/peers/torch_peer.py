@@ -22,33 +22,11 @@ here (the process then still exits 0, so the caller can put the reason in its ta
 import argparse
 import json
 import math
-import os
-import resource
 import sys
 import time
 import traceback
 
-
-def rss_now_mb():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb():
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def reason(e):
-    """The first informative line of an exception, for one table cell."""
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    return (type(e).__name__ + (": " + lines[0] if lines else ""))[:300]
+from peerlib import peak_rss_mb, reason, rss_now_mb
 
 
 def main():

@@ -1,7 +1,7 @@
 """Side-by-side CPU trainer throughput: `distill bench train` against the same distillation step
 in PyTorch (train_peer.py), eager and with torch.compile'd forwards, every measurement in its
 own process and the sides interleaved. Called by train.sh (which makes the venv and builds the
-binary); stdlib only, so it also runs outside the venv.
+binary); stdlib only (with peerlib.py beside it), so it also runs outside the venv.
 
 Prints a markdown table and, with --benchmarks-md, puts it into that file between
 `<!-- train-peers:begin -->` and `<!-- train-peers:end -->` (nothing else in the file changes;
@@ -10,80 +10,15 @@ a "## Trainer throughput (CPU)" section with the markers is appended when they a
 
 import argparse
 import datetime
-import json
 import os
-import subprocess
 import sys
-import time
+
+from peerlib import better, machine, run_one, write_block
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN = "<!-- train-peers:begin -->"
 END = "<!-- train-peers:end -->"
 SECTION = "## Trainer throughput (CPU)"
-
-
-def last_json(stdout):
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
-
-
-def run_one(label, cmd, timeout):
-    """Runs one measurement; returns its JSON object, or {"error": ...}."""
-    print(f"  {label}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    except OSError as e:
-        return {"error": f"cannot run: {e}"}
-    obj = last_json(p.stdout)
-    if p.returncode != 0 or obj is None:
-        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {p.returncode}: {tail[:300]}"}
-    if "error" not in obj and not isinstance(obj.get("ms_per_step"), (int, float)):
-        return {"error": "no ms_per_step in its JSON"}
-    obj["_wall_s"] = round(time.time() - t0, 1)
-    return obj
-
-
-def better(old, new):
-    """The run with the lower median step time; an error only when every run failed."""
-    if old is None or "error" in old:
-        return new
-    if "error" in new:
-        return old
-    return new if new["ms_per_step"] < old["ms_per_step"] else old
-
-
-def machine():
-    """lscpu's model name and core count (falls back to os.cpu_count)."""
-    model = cpus = cores = sockets = None
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "Model name" and model is None:
-                model = value
-            elif key == "CPU(s)" and cpus is None:
-                cpus = value
-            elif key == "Core(s) per socket" and cores is None:
-                cores = value
-            elif key == "Socket(s)" and sockets is None:
-                sockets = value
-    except OSError:
-        pass
-    phys = ""
-    if cores and sockets and cores.isdigit() and sockets.isdigit():
-        phys = f", {int(cores) * int(sockets)} cores"
-    return f"{model or 'unknown CPU'}, {cpus or os.cpu_count()} CPUs{phys}"
 
 
 def fmt(r, key, spec):
@@ -136,12 +71,12 @@ def main():
     for rep in range(max(1, a.repeats)):
         print(f"repeat {rep + 1}/{max(1, a.repeats)}", file=sys.stderr, flush=True)
         for name, cmd in sides.items():
-            r = run_one(name, cmd, a.timeout)
+            r = run_one(name, cmd, a.timeout, required="ms_per_step")
             if "error" in r:
                 print(f"    {name}: {r['error']}", file=sys.stderr, flush=True)
             else:
                 print(f"    {name}: {r['ms_per_step']:.2f} ms/step", file=sys.stderr, flush=True)
-            best[name] = better(best.get(name), r)
+            best[name] = better(best.get(name), r, "ms_per_step")
 
     eager = best.get("PyTorch eager")
     torch_version = next((r["torch"] for r in best.values() if r and "torch" in r), None)
@@ -164,7 +99,7 @@ def main():
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = "" if load_before is None else f", load average {load_before:.2f} at the start"
     block = [
-        f"Measured {date} on {machine()}{load}.",
+        f"Measured {date} on {machine(details=False)}{load}.",
         "",
         f"Command: `{a.command or ' '.join(sys.argv)}`",
         "",
@@ -191,29 +126,10 @@ def main():
     text = "\n".join(block).rstrip() + "\n"
     print(text)
     if a.benchmarks_md:
-        write_block(a.benchmarks_md, text)
+        write_block(a.benchmarks_md, text, BEGIN, END, SECTION)
         print(f"updated {a.benchmarks_md}", file=sys.stderr)
     # A failed side is in the table; exit non-zero only when nothing was measured.
     return 0 if any(r and "error" not in r for r in best.values()) else 1
-
-
-def write_block(path, text):
-    """Replaces what lies between the train-peers markers (appends a section when absent)."""
-    try:
-        with open(path) as f:
-            doc = f.read()
-    except FileNotFoundError:
-        doc = "# Benchmarks\n"
-    start = doc.find(BEGIN)
-    end = doc.find(END, start + len(BEGIN)) if start >= 0 else -1
-    if start >= 0 and end >= 0:
-        doc = doc[: start + len(BEGIN)] + "\n" + text + doc[end:]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + SECTION + "\n\n" + BEGIN + "\n" + text + END + "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(doc)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ timed, and its numbers are the top-level ones (so each side can have its own pro
 import argparse
 import json
 import math
-import resource
 import sys
 import time
 import traceback
+
+from peerlib import peak_rss_mb, reason, rss_now_mb
 
 # Hugging Face LlamaConfig fields of the two model sizes `distill bench train` knows; the rest
 # (vocab 512, 64 positions, eps 1e-5, theta 1e4, tied embeddings, init std 0.02) is shared.
@@ -52,28 +53,6 @@ CONFIGS = {
 }
 COMMON = dict(vocab_size=512, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
               initializer_range=0.02)
-
-
-def rss_now_mb():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb():
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def reason(e):
-    """The first informative line of an exception, for one table cell."""
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    return (type(e).__name__ + (": " + lines[0] if lines else ""))[:300]
 
 
 def build_model_classes(torch):
