@@ -120,12 +120,6 @@ fn dot<F: Real>(a: &[F], b: &[F]) -> F {
     a.iter().zip(b).fold(F::ZERO, |acc, (&x, &y)| acc + x * y)
 }
 
-fn axpy<F: Real>(y: &mut [F], alpha: F, x: &[F]) {
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // embedding
 
@@ -451,9 +445,56 @@ impl AttnShape {
     }
 }
 
+/// A strided matrix view for [`gemm_acc`]: element (r, c) at `ptr + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+struct View<F> {
+    ptr: *const F,
+    rs: usize,
+    cs: usize,
+}
+
+/// `c = alpha * a b + beta * c` with `a` m x k, `b` k x n, `c` m x n (strided views).
+///
+/// # Safety
+/// Every element the views address must lie inside live buffers, and `c` must not alias `a` or
+/// `b` nor be written by another thread meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_acc<F: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: F,
+    a: View<F>,
+    b: View<F>,
+    beta: F,
+    c: *mut F,
+    rsc: usize,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        F::gemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.ptr,
+            a.rs as isize,
+            a.cs as isize,
+            b.ptr,
+            b.rs as isize,
+            b.cs as isize,
+            beta,
+            c,
+            rsc as isize,
+            1,
+        )
+    }
+}
+
 /// Causal softmax attention. q and out `[B, T, NH, D]`, k and v `[B, T, NKV, D]`; `att` `[B, T, NH,
 /// T]` receives the probabilities `softmax_j<=t(q_t . k_j / sqrt(D))` (zero for j > t), kept for the
-/// backward. Parallel over (batch, position, head).
+/// backward. Parallel over sequences; per head, the scores and the output are two GEMMs
+/// (`S = Q K^T / sqrt(D)`, `O = P V`) and the causal softmax runs row by row in between.
 pub fn attention_forward<F: Real>(
     out: &mut [F],
     att: &mut [F],
@@ -465,7 +506,7 @@ pub fn attention_forward<F: Real>(
     s.check(q.len(), k.len(), v.len(), att.len());
     assert_eq!(out.len(), q.len(), "attention_forward: out");
     let AttnShape {
-        seq,
+        seq: t_len,
         n_heads: nh,
         n_kv_heads: nkv,
         head_dim: hd,
@@ -473,44 +514,97 @@ pub fn attention_forward<F: Real>(
     } = s;
     let rep = nh / nkv;
     let scale = F::from_f64(1.0 / (hd as f64).sqrt());
-    out.par_chunks_mut(hd)
-        .zip(att.par_chunks_mut(seq))
+    let (q_seq, kv_seq, att_seq) = (t_len * nh * hd, t_len * nkv * hd, t_len * nh * t_len);
+    out.par_chunks_mut(q_seq)
+        .zip(att.par_chunks_mut(att_seq))
         .enumerate()
-        .with_min_len(HEAD_BLOCK)
-        .for_each(|(i, (o, a))| {
-            let (row, h) = (i / nh, i % nh);
-            let (b, t) = (row / seq, row % seq);
-            let g = h / rep;
-            let kv_at = |j: usize| ((b * seq + j) * nkv + g) * hd;
-            let qi = &q[i * hd..(i + 1) * hd];
-            let mut max = F::from_f64(f64::NEG_INFINITY);
-            for (j, aj) in a[..=t].iter_mut().enumerate() {
-                *aj = dot(qi, &k[kv_at(j)..kv_at(j) + hd]) * scale;
-                if *aj > max {
-                    max = *aj;
+        .for_each(|(b, (o, a))| {
+            let (qb, kb, vb) = (&q[b * q_seq..], &k[b * kv_seq..], &v[b * kv_seq..]);
+            for h in 0..nh {
+                let g = h / rep;
+                let a_h = &mut a[h * t_len..];
+                // SAFETY: Q_h is T x D at rows of stride NH*D inside this sequence's q, K_g^T is
+                // D x T read from k (strides 1, NKV*D); S lands in this task's att rows (stride
+                // NH*T); the largest offsets are (T-1)*NH*D + (NH-1)*D + D-1 < q_seq and
+                // (T-1)*NH*T + (NH-1)*T + T-1 < att_seq.
+                unsafe {
+                    gemm_acc(
+                        t_len,
+                        hd,
+                        t_len,
+                        scale,
+                        View {
+                            ptr: qb.as_ptr().add(h * hd),
+                            rs: nh * hd,
+                            cs: 1,
+                        },
+                        View {
+                            ptr: kb.as_ptr().add(g * hd),
+                            rs: 1,
+                            cs: nkv * hd,
+                        },
+                        F::ZERO,
+                        a_h.as_mut_ptr(),
+                        nh * t_len,
+                    )
+                };
+                for t in 0..t_len {
+                    causal_softmax_row(&mut a_h[t * nh * t_len..t * nh * t_len + t_len], t);
                 }
             }
-            let mut sum = F::ZERO;
-            for aj in a[..=t].iter_mut() {
-                *aj = (*aj - max).exp();
-                sum += *aj;
-            }
-            let inv = F::ONE / sum;
-            for aj in a[..=t].iter_mut() {
-                *aj *= inv;
-            }
-            a[t + 1..].fill(F::ZERO);
-            o.fill(F::ZERO);
-            for (j, &p) in a[..=t].iter().enumerate() {
-                axpy(o, p, &v[kv_at(j)..kv_at(j) + hd]);
+            for h in 0..nh {
+                let g = h / rep;
+                // SAFETY: P_h is T x T at rows of stride NH*T in this task's att, V_g is T x D
+                // (stride NKV*D) in v, O_h is T x D (stride NH*D) in this task's out.
+                unsafe {
+                    gemm_acc(
+                        t_len,
+                        t_len,
+                        hd,
+                        F::ONE,
+                        View {
+                            ptr: a.as_ptr().add(h * t_len),
+                            rs: nh * t_len,
+                            cs: 1,
+                        },
+                        View {
+                            ptr: vb.as_ptr().add(g * hd),
+                            rs: nkv * hd,
+                            cs: 1,
+                        },
+                        F::ZERO,
+                        o.as_mut_ptr().add(h * hd),
+                        nh * hd,
+                    )
+                };
             }
         });
 }
 
+/// Scores of positions `0..=t` to probabilities, later positions to exact zeros.
+fn causal_softmax_row<F: Real>(row: &mut [F], t: usize) {
+    let (live, masked) = row.split_at_mut(t + 1);
+    let max = live.iter().fold(
+        F::from_f64(f64::NEG_INFINITY),
+        |m, &x| if x > m { x } else { m },
+    );
+    let mut sum = F::ZERO;
+    for x in live.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = F::ONE / sum;
+    for x in live.iter_mut() {
+        *x *= inv;
+    }
+    masked.fill(F::ZERO);
+}
+
 /// Backward of [`attention_forward`]: `dq`, `dk`, `dv` accumulate; `dpreatt` `[B, T, NH, T]` is
-/// scratch, overwritten with the gradient of the pre-softmax scores. Two passes, both parallel and
-/// free of write conflicts: (1) per (batch, position, head) the score gradient and dq; (2) per
-/// (batch, position, kv head) dk and dv, summing over the later positions and the head's group.
+/// scratch, overwritten with the gradient of the pre-softmax scores. Parallel over sequences; per
+/// head five GEMMs: `dP = dO V^T`, then `dS = P (dP - rowsum(P dP))` row by row, `dQ += dS K / sqrt(D)`,
+/// `dK += dS^T Q / sqrt(D)`, `dV += P^T dO`; the heads of a group add into their key/value head in
+/// head order, so the result does not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Real>(
     dq: &mut [F],
@@ -531,7 +625,7 @@ pub fn attention_backward<F: Real>(
     assert_eq!(dv.len(), v.len(), "attention_backward: dv");
     assert_eq!(dpreatt.len(), att.len(), "attention_backward: dpreatt");
     let AttnShape {
-        seq,
+        seq: t_len,
         n_heads: nh,
         n_kv_heads: nkv,
         head_dim: hd,
@@ -539,49 +633,94 @@ pub fn attention_backward<F: Real>(
     } = s;
     let rep = nh / nkv;
     let scale = F::from_f64(1.0 / (hd as f64).sqrt());
-
-    // Pass 1: d(score_j) = p_j (dout . v_j - sum_k p_k dout . v_k); dq += scale sum_j dscore_j k_j.
-    dq.par_chunks_mut(hd)
-        .zip(dpreatt.par_chunks_mut(seq))
+    let (q_seq, kv_seq, att_seq) = (t_len * nh * hd, t_len * nkv * hd, t_len * nh * t_len);
+    dq.par_chunks_mut(q_seq)
+        .zip(dk.par_chunks_mut(kv_seq).zip(dv.par_chunks_mut(kv_seq)))
+        .zip(dpreatt.par_chunks_mut(att_seq))
         .enumerate()
-        .with_min_len(HEAD_BLOCK)
-        .for_each(|(i, (dqi, ds))| {
-            let (row, h) = (i / nh, i % nh);
-            let (b, t) = (row / seq, row % seq);
-            let g = h / rep;
-            let kv_at = |j: usize| ((b * seq + j) * nkv + g) * hd;
-            let doi = &dout[i * hd..(i + 1) * hd];
-            let p = &att[i * seq..(i + 1) * seq];
-            let mut pd = F::ZERO;
-            for (j, dsj) in ds[..=t].iter_mut().enumerate() {
-                *dsj = dot(doi, &v[kv_at(j)..kv_at(j) + hd]);
-                pd += p[j] * *dsj;
-            }
-            for (j, dsj) in ds[..=t].iter_mut().enumerate() {
-                *dsj = p[j] * (*dsj - pd);
-                axpy(dqi, scale * *dsj, &k[kv_at(j)..kv_at(j) + hd]);
-            }
-            ds[t + 1..].fill(F::ZERO);
-        });
-
-    // Pass 2: for key/value row j of kv head g, sum over query rows t >= j of every head in g.
-    let dpreatt = &*dpreatt;
-    dk.par_chunks_mut(hd)
-        .zip(dv.par_chunks_mut(hd))
-        .enumerate()
-        .with_min_len(HEAD_BLOCK)
-        .for_each(|(i, (dkj, dvj))| {
-            let (row, g) = (i / nkv, i % nkv);
-            let (b, j) = (row / seq, row % seq);
-            for h in g * rep..(g + 1) * rep {
-                for t in j..seq {
-                    let qi = (b * seq + t) * nh + h;
-                    axpy(
-                        dkj,
-                        scale * dpreatt[qi * seq + j],
-                        &q[qi * hd..(qi + 1) * hd],
+        .for_each(|(b, ((dqb, (dkb, dvb)), ds))| {
+            let (qb, kb, vb) = (&q[b * q_seq..], &k[b * kv_seq..], &v[b * kv_seq..]);
+            let (dob, pb) = (&dout[b * q_seq..], &att[b * att_seq..]);
+            for h in 0..nh {
+                let g = h / rep;
+                let (q_h, kv_g, p_h) = (h * hd, g * hd, h * t_len);
+                let row = |ptr: *const F, at: usize, rs: usize| View {
+                    // SAFETY (of the pointer arithmetic): `at` is inside the sequence's block.
+                    ptr: unsafe { ptr.add(at) },
+                    rs,
+                    cs: 1,
+                };
+                let col = |ptr: *const F, at: usize, cs: usize| View {
+                    // SAFETY: as above.
+                    ptr: unsafe { ptr.add(at) },
+                    rs: 1,
+                    cs,
+                };
+                // SAFETY (all five GEMMs): every view addresses T x D or T x T elements of this
+                // sequence's blocks with the strides of their layouts (NH*D for q, dout, dq; NKV*D
+                // for k, v, dk, dv; NH*T for att, dpreatt), as in the forward; the outputs are
+                // this task's chunks and never alias an input.
+                unsafe {
+                    // dP = dO_h V_g^T into dpreatt.
+                    gemm_acc(
+                        t_len,
+                        hd,
+                        t_len,
+                        F::ONE,
+                        row(dob.as_ptr(), q_h, nh * hd),
+                        col(vb.as_ptr(), kv_g, nkv * hd),
+                        F::ZERO,
+                        ds.as_mut_ptr().add(p_h),
+                        nh * t_len,
                     );
-                    axpy(dvj, att[qi * seq + j], &dout[qi * hd..(qi + 1) * hd]);
+                }
+                for t in 0..t_len {
+                    let at = t * nh * t_len + p_h;
+                    let p = &pb[at..at + t_len];
+                    let d = &mut ds[at..at + t_len];
+                    let pd = dot(&p[..=t], &d[..=t]);
+                    for (dj, &pj) in d[..=t].iter_mut().zip(&p[..=t]) {
+                        *dj = pj * (*dj - pd);
+                    }
+                    d[t + 1..].fill(F::ZERO);
+                }
+                unsafe {
+                    // dQ_h += scale dS K_g
+                    gemm_acc(
+                        t_len,
+                        t_len,
+                        hd,
+                        scale,
+                        row(ds.as_ptr(), p_h, nh * t_len),
+                        row(kb.as_ptr(), kv_g, nkv * hd),
+                        F::ONE,
+                        dqb.as_mut_ptr().add(q_h),
+                        nh * hd,
+                    );
+                    // dK_g += scale dS^T Q_h
+                    gemm_acc(
+                        t_len,
+                        t_len,
+                        hd,
+                        scale,
+                        col(ds.as_ptr(), p_h, nh * t_len),
+                        row(qb.as_ptr(), q_h, nh * hd),
+                        F::ONE,
+                        dkb.as_mut_ptr().add(kv_g),
+                        nkv * hd,
+                    );
+                    // dV_g += P_h^T dO_h
+                    gemm_acc(
+                        t_len,
+                        t_len,
+                        hd,
+                        F::ONE,
+                        col(pb.as_ptr(), p_h, nh * t_len),
+                        row(dob.as_ptr(), q_h, nh * hd),
+                        F::ONE,
+                        dvb.as_mut_ptr().add(kv_g),
+                        nkv * hd,
+                    );
                 }
             }
         });
