@@ -15,6 +15,8 @@
 //!   thread count.
 
 use rayon::prelude::*;
+
+use crate::cpu::fastmath::{self, Unfused};
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
@@ -68,7 +70,7 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty, $gemm:path) => {
+    ($t:ty, $gemm:path, $exp:path) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -78,8 +80,9 @@ macro_rules! impl_real {
             fn to_f64(self) -> f64 {
                 self as f64
             }
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
@@ -106,8 +109,11 @@ macro_rules! impl_real {
         }
     };
 }
-impl_real!(f32, matrixmultiply::sgemm);
-impl_real!(f64, matrixmultiply::dgemm);
+// f32 training takes the crate's branch-free exp (at most 2 ulp, tests/fastmath.rs), which LLVM
+// vectorizes inside the softmax and SwiGLU loops where libm's `expf` is a call per element; the
+// unfused flavour gives the same bits on every CPU. f64 (the finite-difference checks) keeps libm.
+impl_real!(f32, matrixmultiply::sgemm, fastmath::exp::<Unfused>);
+impl_real!(f64, matrixmultiply::dgemm, f64::exp);
 
 /// Rows of a matmul (one gemm call), or channels of a norm's weight gradient, per rayon task.
 const ROW_BLOCK: usize = 64;
@@ -588,11 +594,10 @@ fn causal_softmax_row<F: Real>(row: &mut [F], t: usize) {
         F::from_f64(f64::NEG_INFINITY),
         |m, &x| if x > m { x } else { m },
     );
-    let mut sum = F::ZERO;
     for x in live.iter_mut() {
         *x = (*x - max).exp();
-        sum += *x;
     }
+    let sum = live.iter().fold(F::ZERO, |acc, &x| acc + x);
     let inv = F::ONE / sum;
     for x in live.iter_mut() {
         *x *= inv;
