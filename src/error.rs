@@ -67,3 +67,43 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Wording for the safetensors crate's errors (its Display is its Debug), for messages that name
+/// the file themselves.
+pub fn describe_safetensors(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError;
+    match e {
+        SafeTensorError::HeaderTooSmall => {
+            "not a safetensors file: shorter than the 8-byte header length (empty or truncated)"
+                .into()
+        }
+        SafeTensorError::HeaderTooLarge => {
+            "not a safetensors file: the header length is over 100 MB (corrupt)".into()
+        }
+        SafeTensorError::InvalidHeaderLength => {
+            "the header length exceeds the file size (truncated or corrupt file)".into()
+        }
+        SafeTensorError::InvalidHeader | SafeTensorError::InvalidHeaderStart => {
+            "the header is not UTF-8 JSON (corrupt file)".into()
+        }
+        SafeTensorError::InvalidHeaderDeserialization => {
+            "the header is not a valid safetensors tensor table (corrupt file)".into()
+        }
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "the tensor data does not match the file size (truncated or padded file)".into()
+        }
+        SafeTensorError::InvalidOffset(name) => {
+            format!("tensor `{name}` has invalid data offsets in the header (corrupt file)")
+        }
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's data size does not match its shape and dtype (corrupt file)".into()
+        }
+        SafeTensorError::ValidationOverflow => "a tensor shape overflows (corrupt file)".into(),
+        SafeTensorError::TensorNotFound(name) => format!("tensor `{name}` not found"),
+        SafeTensorError::IoError(io) => format!("I/O error: {io}"),
+        SafeTensorError::JsonError(j) => format!("JSON error: {j}"),
+        SafeTensorError::InvalidTensorView(dtype, shape, n) => {
+            format!("{n} bytes do not make a {dtype:?} tensor of shape {shape:?}")
+        }
+    }
+}

@@ -6,10 +6,11 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use distill_kernels::error::describe_safetensors;
 use distill_kernels::HostVec;
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;
-use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors, View};
+use safetensors::{Dtype as StDtype, SafeTensors, View};
 
 use super::{CliError, CliResult};
 
@@ -39,45 +40,9 @@ impl InputFile {
             CliError::new(format!(
                 "input file {} is not a valid safetensors file: {}",
                 self.path,
-                describe(&e)
+                describe_safetensors(&e)
             ))
         })
-    }
-}
-
-/// Human wording for the header errors of the safetensors crate (its Display is its Debug).
-fn describe(e: &SafeTensorError) -> String {
-    match e {
-        SafeTensorError::HeaderTooSmall => {
-            "the file is shorter than the 8-byte header length (empty or truncated)".into()
-        }
-        SafeTensorError::HeaderTooLarge => {
-            "the header length is larger than 100 MB (corrupt header)".into()
-        }
-        SafeTensorError::InvalidHeaderLength => {
-            "the header length exceeds the file size (truncated or corrupt header)".into()
-        }
-        SafeTensorError::InvalidHeader => "the header is not valid UTF-8 (corrupt header)".into(),
-        SafeTensorError::InvalidHeaderStart => "the header does not start with `{`".into(),
-        SafeTensorError::InvalidHeaderDeserialization => {
-            "the header is not a valid JSON tensor table (corrupt header)".into()
-        }
-        SafeTensorError::MetadataIncompleteBuffer => {
-            "the tensor data does not match the file size (truncated or padded file)".into()
-        }
-        SafeTensorError::InvalidOffset(name) => {
-            format!("tensor `{name}` has invalid data offsets in the header")
-        }
-        SafeTensorError::TensorInvalidInfo => {
-            "a tensor's data size does not match its shape and dtype".into()
-        }
-        SafeTensorError::ValidationOverflow => "a tensor shape overflows (corrupt header)".into(),
-        SafeTensorError::TensorNotFound(name) => format!("tensor `{name}` not found"),
-        SafeTensorError::IoError(io) => format!("I/O error: {io}"),
-        SafeTensorError::JsonError(j) => format!("JSON error: {j}"),
-        SafeTensorError::InvalidTensorView(dtype, shape, n) => {
-            format!("{n} bytes do not make a {dtype:?} tensor of shape {shape:?}")
-        }
     }
 }
 
@@ -345,8 +310,12 @@ impl PendingOutput {
         let shown = self.target.display().to_string();
         let metadata = note.map(|(k, v)| HashMap::from([(k.to_string(), v)]));
         let views: Vec<(&str, &OutTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-        safetensors::serialize_to_file(views, &metadata, &self.temp)
-            .map_err(|e| CliError::new(format!("cannot write output {shown}: {}", describe(&e))))?;
+        safetensors::serialize_to_file(views, &metadata, &self.temp).map_err(|e| {
+            CliError::new(format!(
+                "cannot write output {shown}: {}",
+                describe_safetensors(&e)
+            ))
+        })?;
         std::fs::File::open(&self.temp)
             .and_then(|f| f.sync_all())
             .map_err(|e| CliError::new(format!("cannot write output {shown}: {e}")))?;

@@ -16,13 +16,14 @@
 //! possible, so the step is stored in both files and [`load_resume`] refuses to pair them when
 //! they disagree.
 
-use crate::error::{Error, Result};
+use crate::error::{describe_safetensors, Error, Result};
 use crate::model::{Llama, LlamaConfig, ParamLayout};
+pub use crate::train::hf_config::{config_from_json, config_to_json, ConfigExtras};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::tensor::TensorView;
-use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors, View};
-use serde_json::{json, Map, Value};
+use safetensors::{Dtype as StDtype, SafeTensors, View};
+use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -134,52 +135,6 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
 // ---------------------------------------------------------------------------------------------
 // config.json
 
-/// The fields of an HF `config.json` that [`LlamaConfig`] does not hold.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConfigExtras {
-    pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<u32>,
-}
-
-/// The HF `config.json` object of `cfg`: every field under its HF name, plus the fixed values
-/// of what our math implements (`silu`, no biases, no RoPE scaling) so that HF builds the same
-/// model. `head_dim` is written only when set, so a default head width round-trips as `None`.
-pub fn config_to_json(cfg: &LlamaConfig, extras: &ConfigExtras) -> Value {
-    let mut v = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "torch_dtype": "float32",
-        "attention_bias": false,
-        "attention_dropout": 0.0,
-        "mlp_bias": false,
-        "rope_scaling": null,
-        "use_cache": true,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "initializer_range": cfg.initializer_range,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-    });
-    let obj = v.as_object_mut().expect("a JSON object literal");
-    if let Some(d) = cfg.head_dim {
-        obj.insert("head_dim".into(), d.into());
-    }
-    if let Some(id) = extras.bos_token_id {
-        obj.insert("bos_token_id".into(), id.into());
-    }
-    if let Some(id) = extras.eos_token_id {
-        obj.insert("eos_token_id".into(), id.into());
-    }
-    v
-}
-
 /// Writes `config.json` (atomically).
 pub fn save_config(path: &Path, cfg: &LlamaConfig, extras: &ConfigExtras) -> Result<()> {
     let mut text = serde_json::to_string_pretty(&config_to_json(cfg, extras))
@@ -199,206 +154,8 @@ pub fn load_config(path: &Path) -> Result<LlamaConfig> {
     })
 }
 
-/// A field of a config object; JSON `null` counts as absent, as HF's defaults treat it.
-fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    obj.get(name).filter(|v| !v.is_null())
-}
-
-fn usize_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<usize>, String> {
-    field(obj, name)
-        .map(|v| {
-            v.as_u64()
-                .and_then(|x| usize::try_from(x).ok())
-                .ok_or_else(|| format!("field `{name}` = {v} is not a non-negative integer"))
-        })
-        .transpose()
-}
-
-fn f64_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<f64>, String> {
-    field(obj, name)
-        .map(|v| {
-            v.as_f64()
-                .ok_or_else(|| format!("field `{name}` = {v} is not a number"))
-        })
-        .transpose()
-}
-
-fn bool_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<bool>, String> {
-    field(obj, name)
-        .map(|v| {
-            v.as_bool()
-                .ok_or_else(|| format!("field `{name}` = {v} is not true or false"))
-        })
-        .transpose()
-}
-
-fn str_field<'a>(
-    obj: &'a Map<String, Value>,
-    name: &str,
-) -> std::result::Result<Option<&'a str>, String> {
-    field(obj, name)
-        .map(|v| {
-            v.as_str()
-                .ok_or_else(|| format!("field `{name}` = {v} is not a string"))
-        })
-        .transpose()
-}
-
-/// The RoPE variant named by a `rope_scaling` / `rope_parameters` object (`rope_type`, or the
-/// older `type`).
-fn rope_type(v: &Value) -> Option<&str> {
-    v.get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-}
-
-fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-    let obj = value
-        .as_object()
-        .ok_or("the top level is not a JSON object")?;
-
-    match str_field(obj, "model_type")? {
-        None | Some("llama") => {}
-        // Mistral is Llama with a sliding window; without one (or with one that never bites)
-        // the math and the tensor names are the same.
-        Some("mistral") => {
-            let window = usize_field(obj, "sliding_window")?;
-            let max_pos = usize_field(obj, "max_position_embeddings")?.unwrap_or(2048);
-            if let Some(w) = window.filter(|&w| w < max_pos) {
-                return Err(format!(
-                    "field `sliding_window` = {w}: sliding-window attention is not implemented"
-                ));
-            }
-        }
-        Some(other) => {
-            return Err(format!(
-                "field `model_type` = \"{other}\" is not supported (llama or mistral expected)"
-            ))
-        }
-    }
-    if let Some(act) = str_field(obj, "hidden_act")? {
-        if act != "silu" {
-            return Err(format!(
-                "field `hidden_act` = \"{act}\" is not supported (only silu is implemented)"
-            ));
-        }
-    }
-    for name in ["attention_bias", "mlp_bias"] {
-        if bool_field(obj, name)? == Some(true) {
-            return Err(format!(
-                "field `{name}` = true is not supported (the model has no biases)"
-            ));
-        }
-    }
-    if let Some(p) = f64_field(obj, "attention_dropout")? {
-        if p != 0.0 {
-            return Err(format!(
-                "field `attention_dropout` = {p} is not supported (no dropout is implemented)"
-            ));
-        }
-    }
-    if let Some(rs) = field(obj, "rope_scaling") {
-        if rope_type(rs) != Some("default") {
-            return Err(format!(
-                "field `rope_scaling` = {rs} is not supported (only plain RoPE, rope_scaling: null)"
-            ));
-        }
-    }
-    // transformers 5 moves rope_theta into `rope_parameters`.
-    let mut rope_theta = f64_field(obj, "rope_theta")?;
-    if let Some(rp) = field(obj, "rope_parameters") {
-        let rp_obj = rp
-            .as_object()
-            .ok_or_else(|| format!("field `rope_parameters` = {rp} is not an object"))?;
-        if let Some(t) = rope_type(rp) {
-            if t != "default" {
-                return Err(format!(
-                    "field `rope_parameters.rope_type` = \"{t}\" is not supported (only default RoPE)"
-                ));
-            }
-        }
-        if rope_theta.is_none() {
-            rope_theta = f64_field(rp_obj, "rope_theta")
-                .map_err(|e| e.replace("`rope_theta`", "`rope_parameters.rope_theta`"))?;
-        }
-    }
-
-    let d = LlamaConfig::default();
-    let num_attention_heads =
-        usize_field(obj, "num_attention_heads")?.unwrap_or(d.num_attention_heads);
-    let cfg = LlamaConfig {
-        vocab_size: usize_field(obj, "vocab_size")?.unwrap_or(d.vocab_size),
-        hidden_size: usize_field(obj, "hidden_size")?.unwrap_or(d.hidden_size),
-        intermediate_size: usize_field(obj, "intermediate_size")?.unwrap_or(d.intermediate_size),
-        num_hidden_layers: usize_field(obj, "num_hidden_layers")?.unwrap_or(d.num_hidden_layers),
-        num_attention_heads,
-        // HF: `if num_key_value_heads is None: num_key_value_heads = num_attention_heads`.
-        num_key_value_heads: usize_field(obj, "num_key_value_heads")?
-            .unwrap_or(num_attention_heads),
-        head_dim: usize_field(obj, "head_dim")?,
-        max_position_embeddings: usize_field(obj, "max_position_embeddings")?
-            .unwrap_or(d.max_position_embeddings),
-        initializer_range: f64_field(obj, "initializer_range")?.unwrap_or(d.initializer_range),
-        rms_norm_eps: f64_field(obj, "rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
-        rope_theta: rope_theta.unwrap_or(d.rope_theta),
-        tie_word_embeddings: bool_field(obj, "tie_word_embeddings")?
-            .unwrap_or(d.tie_word_embeddings),
-    };
-    cfg.validate().map_err(|e| e.to_string())?;
-    Ok(cfg)
-}
-
-/// Parses an HF `config.json` text: unknown fields are ignored, missing ones take HF's
-/// defaults, and what the model does not implement (another activation, biases, RoPE scaling,
-/// dropout, a sliding window) is rejected naming the field. The result is validated.
-pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
-    parse_config(text).map_err(|message| Error::Checkpoint {
-        path: "config.json".into(),
-        message,
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // safetensors helpers
-
-/// Wording for the safetensors crate's header errors (its Display is its Debug).
-fn describe(e: &SafeTensorError) -> String {
-    match e {
-        SafeTensorError::HeaderTooSmall => {
-            "not a safetensors file: shorter than the 8-byte header length (empty or truncated)"
-                .into()
-        }
-        SafeTensorError::HeaderTooLarge => {
-            "not a safetensors file: the header length is over 100 MB (corrupt)".into()
-        }
-        SafeTensorError::InvalidHeaderLength => {
-            "the header length exceeds the file size (truncated or corrupt file)".into()
-        }
-        SafeTensorError::InvalidHeader | SafeTensorError::InvalidHeaderStart => {
-            "the header is not UTF-8 JSON (corrupt file)".into()
-        }
-        SafeTensorError::InvalidHeaderDeserialization => {
-            "the header is not a valid safetensors tensor table (corrupt file)".into()
-        }
-        SafeTensorError::MetadataIncompleteBuffer => {
-            "the tensor data does not match the file size (truncated or padded file)".into()
-        }
-        SafeTensorError::InvalidOffset(name) => {
-            format!("tensor `{name}` has invalid data offsets in the header (corrupt file)")
-        }
-        SafeTensorError::TensorInvalidInfo => {
-            "a tensor's data size does not match its shape and dtype (corrupt file)".into()
-        }
-        SafeTensorError::ValidationOverflow => "a tensor shape overflows (corrupt file)".into(),
-        SafeTensorError::TensorNotFound(name) => format!("tensor `{name}` not found"),
-        SafeTensorError::IoError(io) => format!("I/O error: {io}"),
-        SafeTensorError::JsonError(j) => format!("JSON error: {j}"),
-        SafeTensorError::InvalidTensorView(dtype, shape, n) => {
-            format!("{n} bytes do not make a {dtype:?} tensor of shape {shape:?}")
-        }
-    }
-}
 
 /// An f32 tensor to be written; bytes are produced one tensor at a time while writing, so a
 /// save needs memory for one tensor, not a second copy of the model.
@@ -440,7 +197,8 @@ fn save_safetensors(
     let metadata = Some(metadata);
     commit_atomic(path, |tmp| {
         let views = tensors.iter().map(|(n, t)| (n.as_str(), t));
-        let mut bytes = safetensors::serialize(views, &metadata).map_err(|e| describe(&e))?;
+        let mut bytes =
+            safetensors::serialize(views, &metadata).map_err(|e| describe_safetensors(&e))?;
         sort_metadata_keys(&mut bytes, &canonical)?;
         std::fs::write(tmp, bytes).map_err(|e| e.to_string())
     })
@@ -487,8 +245,10 @@ fn parse_safetensors<'a>(
     path: &Path,
     bytes: &'a [u8],
 ) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| ckpt_err(path, describe(&e)))?;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| ckpt_err(path, describe(&e)))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| ckpt_err(path, describe_safetensors(&e)))?;
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| ckpt_err(path, describe_safetensors(&e)))?;
     Ok((st, meta.metadata().clone().unwrap_or_default()))
 }
 

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod hf_config;
 pub mod optim;
 pub mod plot;
 pub mod session;

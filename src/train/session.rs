@@ -169,9 +169,7 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
     }
     while trainer.step_count() < last {
         let stats = trainer.step(spec.train_stream)?;
-        let h = &trainer.history;
-        let tps = tokens_per_step * h.train.len() as f64 / h.train_seconds.max(1e-9);
-        progress.step(&stats, tps);
+        progress.step(&stats, trainer.history.tokens_per_s(tokens_per_step));
         let s = stats.step;
         if s.is_multiple_of(cfg.eval_every) || s == cfg.steps {
             let v = trainer.evaluate(spec.val_windows)?;
@@ -189,7 +187,7 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
         val_ppl: val_loss.exp(),
         steps: trainer.step_count(),
         train_tokens: trainer.step_count() * tokens_per_step as u64,
-        tokens_per_s: tokens_per_step * h.train.len() as f64 / h.train_seconds.max(1e-9),
+        tokens_per_s: h.tokens_per_s(tokens_per_step),
         params: trainer.model().num_params(),
         wall_s: wall.elapsed().as_secs_f64(),
         history: h,

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::{normal_fill, ops, Activations, HiddenPoint, Llama, LlamaConfig};
 use crate::semantics::{DistillInputs, GradOutputs, HiddenInputs, LossConfig, Reduction};
 use crate::train::checkpoint::{self, Checkpoint, ConfigExtras, TrainerState};
-use crate::train::config::{DistillConfig, TrainConfig};
+use crate::train::config::TrainConfig;
 use crate::train::optim::{clip_grad_norm, AdamW, DecayMask, LrSchedule};
 
 /// A frozen model whose logits (and hidden states) the student learns from.
@@ -58,6 +58,11 @@ pub struct History {
 }
 
 impl History {
+    /// Training throughput so far: tokens of every recorded step over the seconds they took.
+    pub fn tokens_per_s(&self, tokens_per_step: f64) -> f64 {
+        tokens_per_step * self.train.len() as f64 / self.train_seconds.max(1e-9)
+    }
+
     fn to_json(&self) -> Value {
         json!({ "train": self.train, "val": self.val, "train_seconds": self.train_seconds })
     }
@@ -248,8 +253,8 @@ impl Trainer {
         }
     }
 
-    fn loss_config(&self, d: Option<&DistillConfig>) -> LossConfig {
-        match d {
+    fn loss_config(&self) -> LossConfig {
+        match &self.cfg.distill {
             Some(d) => LossConfig {
                 kind: d.kind,
                 temperature: self.temperature(),
@@ -314,19 +319,19 @@ impl Trainer {
     /// Teacher forward (no gradient), student forward, fused loss, student backward into
     /// `self.grads`. Returns the loss.
     fn forward_backward(&mut self, inputs: &[u32]) -> Result<f32> {
-        let distill = self.cfg.distill.clone();
-        let loss_cfg = self.loss_config(distill.as_ref());
+        let distilling = self.cfg.distill.is_some();
+        let loss_cfg = self.loss_config();
         let (n, v) = (self.labels.len(), self.model.config().vocab_size);
         let (params, proj_params) = self.params.split_at(self.n_model);
         let (grads, proj_grads) = self.grads.split_at_mut(self.n_model);
 
-        if let (Some((t, acts)), Some(_)) = (&mut self.teacher, &distill) {
+        if let (Some((t, acts)), true) = (&mut self.teacher, distilling) {
             t.model.forward(&t.params, inputs, acts)?;
         }
         self.model.forward(params, inputs, &mut self.acts)?;
         let logits = self.acts.logits();
-        let teacher_logits = match (&self.teacher, &distill) {
-            (Some((_, acts)), Some(_)) => Some(acts.logits()),
+        let teacher_logits = match (&self.teacher, distilling) {
+            (Some((_, acts)), true) => Some(acts.logits()),
             _ => None,
         };
 
@@ -731,6 +736,7 @@ impl HiddenBatch {
 mod tests {
     use super::*;
     use crate::semantics::LossKind;
+    use crate::train::config::DistillConfig;
 
     fn tiny(vocab: usize, width: usize, heads: usize, kv: usize) -> LlamaConfig {
         LlamaConfig {
