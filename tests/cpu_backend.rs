@@ -311,8 +311,11 @@ fn loss_only_equals_loss_with_gradient_at_scale() {
 #[test]
 fn masked_and_extreme_logits_at_scale() {
     // Scattered -inf in both inputs (masked vocabulary), whole masked chunks at the start of a
-    // row, logits of magnitude 1e4, and a row whose teacher is -inf where the student is not.
-    let (rows, vocab) = (3, 5000);
+    // row, logits of magnitude 1e4, a row whose teacher is -inf where the student is not, and
+    // rows whose student is -inf where the teacher is not (forward KL's +inf, found in pass 1):
+    // one entry mid-row, and the first 1024 entries (whole chunks of the `cpu` backend, read
+    // before the student has any maximum).
+    let (rows, vocab) = (5, 5000);
     let mut rng = StdRng::seed_from_u64(45);
     let (mut s, mut t) = logits(&mut rng, rows, vocab, 5.0);
     for j in 0..vocab {
@@ -324,7 +327,9 @@ fn masked_and_extreme_logits_at_scale() {
         t[vocab + j] -= 1e4;
     }
     t[2 * vocab + 17] = f32::NEG_INFINITY;
-    let labels = [2000i64, 3, 4];
+    s[3 * vocab + 2500] = f32::NEG_INFINITY;
+    s[4 * vocab..4 * vocab + 1024].fill(f32::NEG_INFINITY);
+    let labels = [2000i64, 3, 4, 5, 4000];
     let inputs = DistillInputs {
         rows,
         vocab,
@@ -368,6 +373,16 @@ fn masked_and_extreme_logits_at_scale() {
             for j in 0..vocab {
                 if s[j] == f32::NEG_INFINITY {
                     assert_eq!(grad[j], 0.0, "{kind:?} masked entry {j}");
+                }
+            }
+            // Where the reference gradient is finite, ours matches it (rows with a +inf loss
+            // included: forward KL's gradient p_s - p_t stays finite there).
+            for (i, (&g, &w)) in grad.iter().zip(&reference.grad_logits).enumerate() {
+                if w.is_finite() {
+                    assert!(
+                        (g as f64 - w).abs() <= 1e-6 + 1e-4 * w.abs(),
+                        "{kind:?} T={temperature} gradient {i}: {g} vs {w}"
+                    );
                 }
             }
         }

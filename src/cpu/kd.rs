@@ -4,12 +4,15 @@
 //! - Pass 1 reads student and teacher once. Per chunk: widen to f32 (f16/bf16 are converted on the
 //!   fly into a stack buffer), take the chunk maxima, raise the row's running maxima (rescaling
 //!   the sums gathered so far), then add the chunk's `exp((x - max) / T)` sums relative to the
-//!   running maxima: `z_s`, `z_t`, `z_1` (student at T = 1, for the cross-entropy) and, for
-//!   reverse KL, `sd = sum exp(sc) (sc - tc)` with `sc = (s - m_s) / T`, `tc = (t - m_t) / T`,
-//!   shifted when a maximum moves: then `KL_r = sd / z_s - log z_s + log z_t` from centered
+//!   running maxima: `z_s`, `z_t`, `z_1` (student at T = 1, for the cross-entropy) and the KL
+//!   itself, `sd = sum exp(tc) (tc - sc)` (forward) or `sum exp(sc) (sc - tc)` (reverse) with
+//!   `sc = (s - m_s) / T`, `tc = (t - m_t) / T`, shifted when a maximum moves: then
+//!   `KL_f = sd / z_t - log z_t + log z_s` and `KL_r = sd / z_s - log z_s + log z_t` from centered
 //!   quantities only. The next chunk is prefetched meanwhile.
-//! - Pass 2 reads them again (from L2/L3: a row of 128k f32 pairs is 1 MiB), forms every
-//!   log-probability `(x - max) / T - log z`, sums the loss terms and writes the gradient.
+//! - Pass 2 writes the gradient. Forward and reverse KL read only the scratch below (from L2/L3;
+//!   the inputs are not read again unless the cross-entropy needs `exp(s - m)` of its own).
+//!   JSD reads the inputs again, forms every log-probability `(x - max) / T - log z` and the
+//!   mixture, and sums its two KL terms.
 //! - JSD's gradient needs `sum_k p_s(k) (log p_s(k) - log m(k))`, known only after a whole pass,
 //!   so JSD with a gradient makes a third pass, over the scratch below only: pass 2 leaves there
 //!   the gradient without that mean term, pass 3 subtracts `a (1 - beta) KL(p_s || m) p_s`.
@@ -18,7 +21,9 @@
 //! `exp((x - m_c) / T)`, taken relative to the running maximum `m_c` of its chunk, in a per-thread
 //! scratch of O(V) floats (the row's "softmax numerators"; 1 MiB at V = 128k, in L2/L3, never
 //! N x V); pass 2 turns them into probabilities with one multiply by the chunk's factor
-//! `exp((m_c - m) / T) / z`. JSD's pass 2 leaves its partial gradient in the teacher's slot. And at
+//! `exp((m_c - m) / T) / z`. Reverse KL needs no teacher probability there: its teacher slot
+//! keeps each entry's log ratio `sc - tc` instead. JSD's pass 2 leaves its partial gradient in
+//! the teacher's slot. And at
 //! the usual distillation temperatures T = 1, 2, 3, 4 the cross-entropy's `exp(s - m)` is the
 //! T-th power of `exp((s - m) / T)` ([`HardMode::Pow`]): `z_1 = sum e^T` in pass 1 and
 //! `softmax(s) = (p_s c)^T` with `c = z_s / z_1^(1/T)` in pass 2. So forward and reverse KL with
@@ -203,10 +208,11 @@ struct Stats {
     /// `sum exp(s - ms)` (hard loss on).
     z1: f32,
     t: MaxSum,
-    /// Reverse KL: `sum exp(sc) (sc - tc)` (see the module documentation), with `sc`, `tc` in
-    /// base-2 units (`(s - ms) log2 e / T`).
+    /// Forward KL: `sum exp(tc) (tc - sc)`; reverse KL: `sum exp(sc) (sc - tc)` (see the module
+    /// documentation), with `sc`, `tc` in base-2 units (`(s - ms) log2 e / T`).
     sd: f32,
-    /// Reverse KL: a student entry with positive probability against a teacher `-inf`.
+    /// A positive probability of the KL's weighting side against a `-inf` of the other side (the
+    /// KL is `+inf`): a teacher entry against a student `-inf` (forward), or the reverse.
     hole: bool,
 }
 
@@ -229,6 +235,7 @@ fn pass1<M: MulAdd>(
 ) -> Stats {
     let s2 = p.scale2;
     let soft = !matches!(p.soft, Soft::Off);
+    let forward = matches!(p.soft, Soft::ForwardKl);
     let reverse = matches!(p.soft, Soft::ReverseKl);
     // What the student's chunk sums add to z1 (see `z1_term`): nothing (no hard loss, or T = 1
     // where z1 is z_s), its own exponentials (1), or powers of the soft ones (2..=4).
@@ -246,7 +253,7 @@ fn pass1<M: MulAdd>(
         hole: false,
     };
     let (mut bs, mut bt) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
-    let (mut tmp, mut terms) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+    let (mut tmp, mut terms, mut et_tmp) = ([0.0f32; CHUNK], [0.0f32; CHUNK], [0.0f32; CHUNK]);
     let n = s.len();
     for c in 0..n.div_ceil(CHUNK) {
         let range = c * CHUNK..((c + 1) * CHUNK).min(n);
@@ -269,8 +276,19 @@ fn pass1<M: MulAdd>(
                 let shift = ((ms - st.ms) - (mt - st.t.m)) * s2;
                 st.sd = (st.sd - shift * st.zs) * exp2::<M>((st.ms - ms) * s2);
             }
+            if forward && st.t.z != 0.0 && (ms > st.ms || mt > st.t.m) {
+                // Every recorded tc - sc moves by -shift, every weight exp(tc) by exp(mt' - mt).
+                let shift = ((mt - st.t.m) - (ms - st.ms)) * s2;
+                st.sd = (st.sd - shift * st.t.z) * exp2::<M>((st.t.m - mt) * s2);
+            }
             st.t.raise::<M>(mt, s2);
-            st.t.add::<M>(ys, s2, slot(sc.et, c));
+            // Reverse KL's pass 2 needs no teacher probability: its slot keeps log ratios.
+            let et = if reverse {
+                &mut et_tmp[..]
+            } else {
+                slot(sc.et, c)
+            };
+            st.t.add::<M>(ys, s2, et);
             sc.mt[c] = st.t.m;
         }
         if ms > st.ms {
@@ -285,17 +303,33 @@ fn pass1<M: MulAdd>(
             if simd::has_nan(xs) {
                 (st.zs, st.z1) = (f32::NAN, f32::NAN);
             }
+            // Only -inf so far: a teacher entry above -inf is a forward-KL hole, and reverse
+            // KL's log ratios are -inf (zero gradient).
+            if forward && ys.iter().any(|&y| y > NEG_INF) {
+                st.hole = true;
+            }
+            if reverse {
+                slot(sc.et, c).fill(NEG_INF);
+            }
             es.fill(0.0);
             continue;
         }
         if reverse {
+            let d = slot(sc.et, c);
             let c = with_const!(z1_mode, Z1, {
-                rkl_sums::<M, Z1>(xs, ys, st.ms, st.t.m, s2, es, &mut tmp, &mut terms)
+                rkl_sums::<M, Z1>(xs, ys, st.ms, st.t.m, s2, es, d, &mut tmp, &mut terms)
             });
             st.zs += c.z;
             st.z1 += c.z1;
             st.sd += c.sd;
             st.hole |= c.hole;
+        } else if forward {
+            let (z, z1) = with_const!(z1_mode, Z1, exp_sums::<M, Z1>(xs, st.ms, s2, es, &mut tmp));
+            st.zs += z;
+            st.z1 += z1;
+            let (sd, hole) = fkl_sums(xs, ys, slot(sc.et, c), st.ms, st.t.m, s2, &mut terms);
+            st.sd += sd;
+            st.hole |= hole;
         } else if soft {
             let (z, z1) = with_const!(z1_mode, Z1, exp_sums::<M, Z1>(xs, st.ms, s2, es, &mut tmp));
             st.zs += z;
@@ -343,7 +377,8 @@ struct RklSums {
 
 /// Pass-1 sums of reverse KL over one chunk, relative to the running maxima `ms`, `mt`: `z_s` and
 /// z1 as in [`exp_sums`] (the student's exponentials go to `out`), `sd`, and whether a student
-/// entry meets a teacher `-inf`.
+/// entry meets a teacher `-inf`. Each entry's log ratio `sc - tc` goes to `d` (`-inf` for a
+/// student `-inf`, whose gradient is 0) for pass 2, which adds the chunk's offset.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn rkl_sums<M: MulAdd, const Z1: u32>(
@@ -353,18 +388,24 @@ fn rkl_sums<M: MulAdd, const Z1: u32>(
     mt: f32,
     s2: f32,
     out: &mut [f32],
+    d: &mut [f32],
     tmp: &mut [f32; CHUNK],
     terms: &mut [f32; CHUNK],
 ) -> RklSums {
     let n = xs.len();
-    let (ys, out, terms) = (&ys[..n], &mut out[..n], &mut terms[..n]);
+    let (ys, out, d, terms) = (&ys[..n], &mut out[..n], &mut d[..n], &mut terms[..n]);
     let mut hole = 0u32;
     for j in 0..n {
         let (x, y) = (xs[j], ys[j]);
         let sc = (x - ms) * s2;
         let e = exp2::<M>(sc);
         out[j] = e;
-        let term = e * (sc - (y - mt) * s2);
+        let ratio = sc - (y - mt) * s2;
+        // A select through the bits: written as an `if`, LLVM stores each side with a masked
+        // store (`vmaskmovps`), which is microcoded and slow on AMD.
+        let masked = ((x == NEG_INF) as u32).wrapping_neg();
+        d[j] = f32::from_bits((ratio.to_bits() & !masked) | (NEG_INF.to_bits() & masked));
+        let term = e * ratio;
         // A zero student probability contributes 0; a teacher zero makes the row +inf.
         let skip = x == NEG_INF || y == NEG_INF;
         terms[j] = if skip { 0.0 } else { term };
@@ -386,6 +427,34 @@ fn rkl_sums<M: MulAdd, const Z1: u32>(
     }
 }
 
+/// Pass-1 sum of forward KL over one chunk, relative to the running maxima `ms`, `mt`:
+/// `sum et (tc - sc)` over the teacher's exponentials `et`, and whether a teacher entry above
+/// `-inf` meets a student `-inf`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fkl_sums(
+    xs: &[f32],
+    ys: &[f32],
+    et: &[f32],
+    ms: f32,
+    mt: f32,
+    s2: f32,
+    terms: &mut [f32; CHUNK],
+) -> (f32, bool) {
+    let n = xs.len();
+    let (ys, et, terms) = (&ys[..n], &et[..n], &mut terms[..n]);
+    let mut hole = 0u32;
+    for j in 0..n {
+        let (x, y) = (xs[j], ys[j]);
+        let term = et[j] * ((y - mt) * s2 - (x - ms) * s2);
+        // A zero teacher probability contributes 0; a student zero makes the row +inf.
+        let skip = x == NEG_INF || y == NEG_INF;
+        terms[j] = if skip { 0.0 } else { term };
+        hole |= (x == NEG_INF && y > NEG_INF) as u32;
+    }
+    (simd::sum(terms), hole != 0)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pass 2 (and 3): per-entry terms.
 
@@ -401,8 +470,6 @@ struct Consts {
     log_zs: f32,
     log_zt: f32,
     log_z1: f32,
-    /// Reverse KL: the row's KL in base-2 units (`+inf` with a hole).
-    r: f32,
     /// `grad_scale * soft_weight / T`: the soft part's factor (d a / d s = 1 / T).
     a: f32,
     /// `a ln 2`: the factor of gradients written with base-2 log-probabilities.
@@ -422,7 +489,9 @@ struct Consts {
 
 /// Per chunk: the factors that turn the scratch's exponentials into probabilities,
 /// `exp((m_c - m) / T) / z` (or at T = 1 for the cross-entropy alone); after pass 1 they replace
-/// the chunk maxima in the scratch.
+/// the chunk maxima in the scratch. Reverse KL has no teacher probabilities: `ft` is the offset
+/// that turns the chunk's kept log ratios into `log2 p_s - log2 p_t - KL_r` (see
+/// [`ReverseKl`]).
 #[derive(Clone, Copy)]
 struct ChunkFactors {
     fs: f32,
@@ -483,11 +552,20 @@ struct Out {
     keep: f32,
 }
 
+/// Which inputs a pass reads; the others are read from the scratch only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    Scratch,
+    Student,
+    Both,
+}
+
 /// One entry of a pass, from the student and teacher logits `x`, `y` and the scratch values
-/// `es`, `et` of the entry.
+/// `es`, `et` of the entry (`x`, `y` are meaningless where [`Entry::READS`] leaves them out).
 trait Entry: Copy {
     /// How many of the two terms are summed.
     const SUMS: usize;
+    const READS: Reads;
     /// Whether `keep` is written back to the teacher's scratch slot.
     const KEEP: bool = false;
     #[allow(clippy::too_many_arguments)]
@@ -503,29 +581,31 @@ trait Entry: Copy {
     ) -> Out;
 }
 
-/// Forward KL: `p_t (log p_t - log p_s)`; gradient `a (p_s - p_t)`. `Q`: the cross-entropy's
-/// gradient, 0 for none, else as in [`Consts::hard_grad`] (so for the other entries).
+/// Forward KL, pass 2 (the loss came from pass 1): the gradient `a (p_s - p_t)` from the
+/// scratch alone. `Q`: the cross-entropy's gradient, 0 for none, else as in
+/// [`Consts::hard_grad`] (so for the other entries; only `Q = 1` reads the student again).
 #[derive(Clone, Copy)]
 struct ForwardKl<const Q: u32>;
 
 impl<const Q: u32> Entry for ForwardKl<Q> {
-    const SUMS: usize = 1;
+    const SUMS: usize = 0;
+    const READS: Reads = if Q == 1 {
+        Reads::Student
+    } else {
+        Reads::Scratch
+    };
     #[inline(always)]
     fn eval<M: MulAdd>(
         self,
         c: &Consts,
         f: ChunkFactors,
         x: f32,
-        y: f32,
+        _: f32,
         es: f32,
         et: f32,
         onehot: f32,
     ) -> Out {
-        let (ls, lt) = (c.log_ps::<M>(x), c.log_pt::<M>(y));
         let (ps, pt) = (es * f.fs, et * f.ft);
-        let term = pt * (lt - ls);
-        let term = if ls == NEG_INF { INF } else { term };
-        let term = if lt == NEG_INF { 0.0 } else { term };
         let d = ps - pt;
         let grad = if Q > 0 {
             M::mul_add(c.a, d, c.hard_grad::<M, Q>(x, ps, onehot))
@@ -533,45 +613,49 @@ impl<const Q: u32> Entry for ForwardKl<Q> {
             c.a * d
         };
         Out {
-            terms: [term, 0.0],
+            terms: [0.0, 0.0],
             grad,
             keep: 0.0,
         }
     }
 }
 
-/// Reverse KL: `p_s (log p_s - log p_t)`; gradient `a p_s (log p_s - log p_t - KL_r)`.
+/// Reverse KL, pass 2 (the loss came from pass 1): the gradient
+/// `a p_s (log p_s - log p_t - KL_r)` from the scratch alone: pass 1 kept each entry's log ratio
+/// `dc` relative to its chunk's running maxima in the teacher's slot, and `f.ft` holds the
+/// chunk's offset `(m_s,c - m_s - m_t,c + m_t) log2 e / T + log2 z_t - log2 z_s - KL_r`. A
+/// student `-inf` (kept as `dc = -inf`) has gradient 0.
 #[derive(Clone, Copy)]
 struct ReverseKl<const Q: u32>;
 
 impl<const Q: u32> Entry for ReverseKl<Q> {
-    const SUMS: usize = 1;
+    const SUMS: usize = 0;
+    const READS: Reads = if Q == 1 {
+        Reads::Student
+    } else {
+        Reads::Scratch
+    };
     #[inline(always)]
     fn eval<M: MulAdd>(
         self,
         c: &Consts,
         f: ChunkFactors,
         x: f32,
-        y: f32,
-        es: f32,
         _: f32,
+        es: f32,
+        dc: f32,
         onehot: f32,
     ) -> Out {
-        let (ls, lt) = (c.log_ps::<M>(x), c.log_pt::<M>(y));
         let ps = es * f.fs;
-        let d = ls - lt;
-        let term = ps * d;
-        let term = if lt == NEG_INF { INF } else { term };
-        let term = if ls == NEG_INF { 0.0 } else { term };
-        let gs = c.a2 * (ps * (d - c.r));
-        let gs = if ls == NEG_INF { 0.0 } else { gs };
+        let gs = c.a2 * (ps * (dc + f.ft));
+        let gs = if dc == NEG_INF { 0.0 } else { gs };
         let grad = if Q > 0 {
             gs + c.hard_grad::<M, Q>(x, ps, onehot)
         } else {
             gs
         };
         Out {
-            terms: [term, 0.0],
+            terms: [0.0, 0.0],
             grad,
             keep: 0.0,
         }
@@ -587,6 +671,7 @@ struct JsdLoss<const G: bool, const Q: u32>;
 
 impl<const G: bool, const Q: u32> Entry for JsdLoss<G, Q> {
     const SUMS: usize = 2;
+    const READS: Reads = Reads::Both;
     const KEEP: bool = G;
     #[inline(always)]
     fn eval<M: MulAdd>(
@@ -668,6 +753,7 @@ struct HardOnly;
 
 impl Entry for HardOnly {
     const SUMS: usize = 0;
+    const READS: Reads = Reads::Scratch;
     #[inline(always)]
     fn eval<M: MulAdd>(
         self,
@@ -687,12 +773,11 @@ impl Entry for HardOnly {
     }
 }
 
-/// Which inputs a pass reads besides the scratch.
+/// The row's inputs, of which a pass reads what its [`Entry::READS`] says.
 #[derive(Clone, Copy)]
 struct Inputs<'a> {
     s: HostSlice<'a>,
-    /// `None`: the student stands in (and the entry ignores it).
-    t: Option<HostSlice<'a>>,
+    t: HostSlice<'a>,
 }
 
 /// One pass over a row: the sums of `e`'s terms, and (when `grad` is given) its gradient written
@@ -733,10 +818,14 @@ fn chunks<M: MulAdd, E: Entry, const GRAD: bool>(
             fs: sc.ms[ci],
             ft: sc.mt[ci],
         };
-        let xs = widen(input.s, range.clone(), &mut bs, NEG_INF);
-        let ys = match input.t {
-            Some(t) => widen(t, range.clone(), &mut bt, NEG_INF),
-            None => xs,
+        // What is not read is never looked at: the chunk's padded length of zeros stands in.
+        let xs = match E::READS {
+            Reads::Scratch => &bs[..range.len().next_multiple_of(W)],
+            Reads::Student | Reads::Both => widen(input.s, range.clone(), &mut bs, NEG_INF),
+        };
+        let ys = match E::READS {
+            Reads::Both => widen(input.t, range.clone(), &mut bt, NEG_INF),
+            Reads::Scratch | Reads::Student => xs,
         };
         // An f32 gradient is written in place when the chunk needs no padding; otherwise into
         // `bg`, narrowed (or copied) afterwards.
@@ -834,6 +923,23 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
         HardMode::Pow(n) if hard => exp::<M>((log_zs - log_z1 / n as f32) * LN_2),
         _ => 0.0,
     };
+    // Forward or reverse KL of the row in base-2 units, from pass 1's `sd` weighted by the
+    // teacher's (forward) or the student's (reverse) exponentials. NaN in either input, or a side
+    // without a finite logit (no distribution: z = 0), gives NaN, even with a hole.
+    let kl = |z_w: f32, log_zw: f32, log_zo: f32| {
+        if !(st.zs > 0.0 && st.t.z > 0.0) {
+            f32::NAN
+        } else if st.hole {
+            INF
+        } else {
+            st.sd / z_w - log_zw + log_zo
+        }
+    };
+    let kl = match p.soft {
+        Soft::ForwardKl => kl(st.t.z, log_zt, log_zs),
+        Soft::ReverseKl => kl(st.zs, log_zs, log_zt),
+        _ => 0.0,
+    };
     let a = p.grad_scale * p.soft_weight * p.inv_t;
     let mut c = Consts {
         ms: st.ms,
@@ -842,11 +948,6 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
         log_zs,
         log_zt,
         log_z1,
-        r: if st.hole {
-            INF
-        } else {
-            st.sd / st.zs - log_zs + log_zt
-        },
         a,
         a2: a * LN_2,
         b: p.grad_scale * p.hard_weight,
@@ -859,14 +960,24 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
     // The chunk maxima become the factors exp((m_c - m) / T) / z (at T = 1 for the
     // cross-entropy alone) that turn the kept exponentials into probabilities.
     // (Plain loops over the chunks, vectorized.)
+    if let Soft::ReverseKl = p.soft {
+        // The teacher's chunk maxima become reverse KL's chunk offsets (see [`ReverseKl`]).
+        let off = log_zt - log_zs - kl;
+        for (f, &m_s) in sc.mt.iter_mut().zip(sc.ms.iter()) {
+            *f = M::mul_add(m_s - st.ms, p.scale2, off) - (*f - st.t.m) * p.scale2;
+        }
+    }
     if soft {
         for f in sc.ms.iter_mut() {
             *f = exp2::<M>((*f - st.ms) * p.scale2) / st.zs;
         }
+    }
+    if soft && !matches!(p.soft, Soft::ReverseKl) {
         for f in sc.mt.iter_mut() {
             *f = exp2::<M>((*f - st.t.m) * p.scale2) / st.t.z;
         }
-    } else {
+    }
+    if !soft {
         for f in sc.ms.iter_mut() {
             *f = exp2::<M>((*f - st.ms) * LOG2_E) / st.z1;
         }
@@ -880,23 +991,33 @@ fn kd_row<M: MulAdd>(row: KdRow) -> f32 {
         (true, HardMode::Pow(n)) => n + 1,
     };
     let g_label = if q > 0 { label } else { None };
-    let both = Inputs { s, t: Some(t) };
+    let both = Inputs { s, t };
     let g = grad.as_mut();
     let soft_loss = match p.soft {
         Soft::Off => {
             if let Some(g) = g {
-                let input = Inputs { s, t: None };
                 let label = if hard { label } else { None };
-                row_pass::<M, _>(HardOnly, &c, input, &mut sc, label, Some(g));
+                row_pass::<M, _>(HardOnly, &c, both, &mut sc, label, Some(g));
             }
             0.0
         }
-        Soft::ForwardKl => with_const!(q, Q, {
-            row_pass::<M, _>(ForwardKl::<Q>, &c, both, &mut sc, g_label, g)[0]
-        }),
-        Soft::ReverseKl => with_const!(q, Q, {
-            row_pass::<M, _>(ReverseKl::<Q>, &c, both, &mut sc, g_label, g)[0]
-        }),
+        // Forward and reverse KL take their loss from pass 1; pass 2 only writes the gradient.
+        Soft::ForwardKl => {
+            if let Some(g) = g {
+                with_const!(q, Q, {
+                    row_pass::<M, _>(ForwardKl::<Q>, &c, both, &mut sc, g_label, Some(g))
+                });
+            }
+            kl
+        }
+        Soft::ReverseKl => {
+            if let Some(g) = g {
+                with_const!(q, Q, {
+                    row_pass::<M, _>(ReverseKl::<Q>, &c, both, &mut sc, g_label, Some(g))
+                });
+            }
+            kl
+        }
         Soft::Jsd { .. } => {
             let [kl_t_m, kl_s_m] = match g {
                 Some(g) => {

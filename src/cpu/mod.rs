@@ -3,8 +3,8 @@
 //!
 //! The algorithm is the GPU kernels' (kernels/kd_loss.cu): one thread owns a whole row and reads
 //! it at most twice (JSD with a gradient makes a third pass over the row's scratch only), keeping
-//! online statistics (running maxima, sums of exponentials, reverse KL relative to the running
-//! maxima) in pass 1 and forming the loss terms and the gradient in pass 2. A row is processed in
+//! online statistics (running maxima, sums of exponentials, forward and reverse KL relative to the
+//! running maxima) in pass 1 and writing the gradient (and JSD's loss terms) in pass 2. A row is processed in
 //! chunks of `simd::CHUNK` (512) entries, widened from f16/bf16 into a stack buffer on the fly; the
 //! exponentials of pass 1 are kept in a per-thread scratch of O(vocab) floats (never N x V) so
 //! that pass 2 computes none. See `kd.rs` for the loss, `softmax.rs`, `hidden.rs`, `floor.rs`.
