@@ -29,7 +29,7 @@
 //!   subnormal; `2^-inf = 0`, `2^NaN = NaN`, `2^0 = 1` exactly. Positive arguments are outside
 //!   its domain (every argument in the kernels is `x - max <= 0` scaled, or a difference of
 //!   log-probabilities about the larger one).
-//! - [`log2`]: at most [`LOG2_MAX_ULP`] = 2.5 ulp (measured: 1.41 fused, 2.37 unfused) on every
+//! - [`log2`]: at most [`LOG2_MAX_ULP`] = 2.5 ulp (measured: 1.43 fused, 2.37 unfused) on every
 //!   positive f32, subnormals included (special values as [`ln`]).
 
 /// `a * b + c`, fused or not: the one operation whose rounding the two flavours choose.
@@ -229,13 +229,18 @@ pub fn log2_normal<M: MulAdd>(x: f32) -> f32 {
 /// `e + log2(1 + f)` for the reduced argument (see [`log2`]).
 #[inline(always)]
 fn log2_reduced<M: MulAdd>(f: f32, e: f32) -> f32 {
-    let p = M::mul_add(f, LN_C9, LN_C8);
-    let p = M::mul_add(f, p, LN_C7);
-    let p = M::mul_add(f, p, LN_C6);
-    let p = M::mul_add(f, p, LN_C5);
-    let p = M::mul_add(f, p, LN_C4);
-    let p = M::mul_add(f, p, LN_C3);
+    // The polynomial c3 + f c4 + ... + f^6 c9 in three independent pieces joined by f^2 and f^4
+    // rather than one Horner chain: the JSD loop that takes this logarithm is bound by the
+    // latency of its dependency chain (measured 17% faster for the logarithm alone), and the
+    // error stays within the bound (tests/fastmath.rs).
     let f2 = f * f;
+    let lo = M::mul_add(f, LN_C4, LN_C3);
+    let mid = M::mul_add(f, LN_C6, LN_C5);
+    let hi = M::mul_add(f, LN_C9, LN_C8);
+    let hi = M::mul_add(f, hi, LN_C7);
+    let f4 = f2 * f2;
+    let lo = M::mul_add(f2, mid, lo);
+    let p = M::mul_add(f4, hi, lo);
     let y = M::mul_add(f2 * f, p, -0.5 * f2);
     let u = M::mul_add(y, LOG2E_HI, f * LOG2E_LO);
     M::mul_add(f, LOG2E_HI, u) + e
