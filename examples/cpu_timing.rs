@@ -1,10 +1,12 @@
 //! Timing harness of the CPU backend: the fused loss (forward + backward, alpha = 0.5 with labels,
 //! T = 2, f32 gradient) against the memory floor (`cpu::memory_floor`: read both inputs once,
 //! write a gradient-sized f32 output), for f32 and bf16 inputs. Median of `--runs` runs (default
-//! 7) after 2 warm-up runs.
+//! 7) after 2 warm-up runs. `--loss-only` times the loss without a gradient (forward and reverse
+//! KL: pass 1 alone), which shows how much of the time the gradient pass adds. With `--rows 4`
+//! the inputs and the scratch stay in cache, which shows the compute cost alone.
 //!
 //! `cargo run --release --example cpu_timing -- [--rows 256] [--vocab 128256,32000] [--runs 7]
-//!  [--kinds fkl,rkl,jsd] [--dtypes f32,bf16] [--level avx512|avx2|portable]`
+//!  [--kinds fkl,rkl,jsd] [--dtypes f32,bf16] [--level avx512|avx2|portable] [--loss-only]`
 use std::time::Instant;
 
 use distill_kernels::cpu::{self, SimdLevel};
@@ -98,6 +100,7 @@ fn main() {
             other => panic!("unknown kind {other}"),
         })
         .collect();
+    let loss_only = args.iter().any(|a| a == "--loss-only");
     let level = match arg(&args, "--level").as_deref() {
         None => SimdLevel::detect(),
         Some("avx512") => SimdLevel::Avx512,
@@ -106,10 +109,11 @@ fn main() {
         Some(other) => panic!("unknown level {other}"),
     };
     println!(
-        "simd level {} (detected {}), {} rayon threads, median of {runs} runs after 2 warm-ups",
+        "simd level {} (detected {}), {} rayon threads, median of {runs} runs after 2 warm-ups{}",
         level.supported().name(),
         SimdLevel::detect().name(),
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        if loss_only { ", loss only" } else { "" }
     );
     println!(
         "{:>6} {:>7} {:>5} {:>11} {:>10} {:>8} {:>9} {:>8} {:>9}",
@@ -147,7 +151,7 @@ fn main() {
                 };
                 let (ms, min, cpu) = time(runs, || {
                     let grads = GradOutputs {
-                        logits: Some(HostSliceMut::F32(&mut grad)),
+                        logits: (!loss_only).then_some(HostSliceMut::F32(&mut grad)),
                         hidden: None,
                     };
                     std::hint::black_box(
