@@ -46,6 +46,11 @@ impl Scratch {
     fn path(&self, rel: &str) -> PathBuf {
         self.0.join(rel)
     }
+    /// The JSON file at `rel`.
+    fn json(&self, rel: &str) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.path(rel)).unwrap()).unwrap()
+    }
+
     fn s(&self, rel: &str) -> String {
         self.path(rel).display().to_string()
     }
@@ -116,8 +121,7 @@ fn ten_steps_equal_five_plus_five_resumed_bit_for_bit() {
             "{key} loss curve"
         );
     }
-    let metrics: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.path("resumed/metrics.json")).unwrap()).unwrap();
+    let metrics = s.json("resumed/metrics.json");
     let m = &metrics["metrics"];
     for key in [
         "val_loss",
@@ -172,8 +176,7 @@ fn distillation_with_hidden_states_writes_a_llama_run_directory() {
         summary["val_loss"].as_f64().unwrap().is_finite(),
         "{summary}"
     );
-    let cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.path("student/config.json")).unwrap()).unwrap();
+    let cfg = s.json("student/config.json");
     assert_eq!(cfg["model_type"], "llama");
     assert_eq!(cfg["hidden_size"], 64);
     assert_eq!(cfg["vocab_size"], 300);
@@ -323,8 +326,7 @@ fn a_small_demo_writes_the_three_runs_and_the_comparison() {
         "40",
     ]);
     let summary: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
-    let metrics: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(s.path("demo/metrics.json")).unwrap()).unwrap();
+    let metrics = s.json("demo/metrics.json");
     for run in ["teacher", "student_hard", "student_kd"] {
         let m = &metrics[run];
         for key in [

@@ -58,44 +58,37 @@ fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     obj.get(name).filter(|v| !v.is_null())
 }
 
-fn usize_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<usize>, String> {
+/// A field of type `T` read by `get`, absent or `null` as `None`; a value of another type is an
+/// error naming the field, its value and `what` it should be.
+fn typed_field<'a, T>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    get: impl FnOnce(&'a Value) -> Option<T>,
+    what: &str,
+) -> std::result::Result<Option<T>, String> {
     field(obj, name)
-        .map(|v| {
-            v.as_u64()
-                .and_then(|x| usize::try_from(x).ok())
-                .ok_or_else(|| format!("field `{name}` = {v} is not a non-negative integer"))
-        })
+        .map(|v| get(v).ok_or_else(|| format!("field `{name}` = {v} is not {what}")))
         .transpose()
+}
+
+fn usize_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<usize>, String> {
+    let get = |v: &Value| v.as_u64().and_then(|x| usize::try_from(x).ok());
+    typed_field(obj, name, get, "a non-negative integer")
 }
 
 fn f64_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<f64>, String> {
-    field(obj, name)
-        .map(|v| {
-            v.as_f64()
-                .ok_or_else(|| format!("field `{name}` = {v} is not a number"))
-        })
-        .transpose()
+    typed_field(obj, name, Value::as_f64, "a number")
 }
 
 fn bool_field(obj: &Map<String, Value>, name: &str) -> std::result::Result<Option<bool>, String> {
-    field(obj, name)
-        .map(|v| {
-            v.as_bool()
-                .ok_or_else(|| format!("field `{name}` = {v} is not true or false"))
-        })
-        .transpose()
+    typed_field(obj, name, Value::as_bool, "true or false")
 }
 
 fn str_field<'a>(
     obj: &'a Map<String, Value>,
     name: &str,
 ) -> std::result::Result<Option<&'a str>, String> {
-    field(obj, name)
-        .map(|v| {
-            v.as_str()
-                .ok_or_else(|| format!("field `{name}` = {v} is not a string"))
-        })
-        .transpose()
+    typed_field(obj, name, Value::as_str, "a string")
 }
 
 /// The RoPE variant named by a `rope_scaling` / `rope_parameters` object (`rope_type`, or the
