@@ -95,6 +95,16 @@ fn build_fatbin(kernels: &Path, all: &Path, out: &Path) {
         std::fs::write(&report, b"").unwrap();
         return;
     };
+    // nvcc is the slow step (a minute of CPU): skip it when its inputs are what they were.
+    let stamp = out.join("kernels.fatbin.stamp");
+    let key = fatbin_inputs_key(kernels, &nvcc);
+    if fatbin.is_file()
+        && report.is_file()
+        && std::fs::read_to_string(&stamp).is_ok_and(|k| k == key)
+    {
+        println!("cargo::rustc-cfg=dk_fatbin");
+        return;
+    }
     let mut cmd = Command::new(&nvcc);
     cmd.arg("-fatbin")
         .args(["-std=c++17", "-O3", "--threads", "0", "-Xptxas", "-v"])
@@ -116,7 +126,32 @@ fn build_fatbin(kernels: &Path, all: &Path, out: &Path) {
         panic!("nvcc failed to compile the kernels:\n{log}");
     }
     std::fs::write(&report, ptxas_table(&log)).unwrap();
+    std::fs::write(&stamp, key).unwrap();
     println!("cargo::rustc-cfg=dk_fatbin");
+}
+
+/// What the fatbin depends on: nvcc's path, the architectures and every kernel source and header
+/// outside kernels/emulator (an FNV-1a hash of their names and bytes).
+fn fatbin_inputs_key(kernels: &Path, nvcc: &Path) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(kernels)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    eat(nvcc.to_string_lossy().as_bytes());
+    eat(ARCHS.concat().as_bytes());
+    for f in files {
+        eat(f.to_string_lossy().as_bytes());
+        eat(&std::fs::read(&f).unwrap());
+    }
+    format!("{h:016x}")
 }
 
 /// `arch kernel registers spill_stores spill_loads stack_bytes smem_bytes`, one line per kernel
@@ -160,11 +195,16 @@ fn ptxas_table(log: &str) -> String {
     rows
 }
 
+/// The two emulator libraries: the fast one, and the check build whose kernels are instrumented
+/// (every memory access calls kernels/emulator/sanitizer.cpp: memcheck, initcheck, racecheck).
 fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
     let emu = kernels.join("emulator");
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let cxx = compiler.path().to_path_buf();
-    let mut units: Vec<PathBuf> = vec![emu.join("runtime.cpp"), emu.join("driver.cpp")];
+    let runtime: Vec<PathBuf> = ["runtime.cpp", "driver.cpp", "sanitizer.cpp"]
+        .iter()
+        .map(|f| emu.join(f))
+        .collect();
     // Deliberately broken kernels for the emulator's own tests: in the emulator only.
     let sources: Vec<PathBuf> = sources
         .iter()
@@ -173,15 +213,16 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
         .collect();
     // One translation unit per kernel file, compiled in parallel: the host compiler is the slow
     // part of the build on two cores.
-    for s in sources {
+    let mut kernel_units = Vec::new();
+    for s in &sources {
         let unit = out.join(format!(
             "emu_{}.cpp",
             s.file_stem().unwrap().to_string_lossy()
         ));
         std::fs::write(&unit, format!("#include \"{}\"\n", s.display())).unwrap();
-        units.push(unit);
+        kernel_units.push(unit);
     }
-    let flags = [
+    let base = [
         "-std=c++17",
         "-O2",
         "-fPIC",
@@ -189,21 +230,40 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
         "-fno-strict-aliasing",
         "-w",
     ];
-    let objects: Vec<PathBuf> = std::thread::scope(|scope| {
-        let handles: Vec<_> = units
+    // (unit, object, extra flags)
+    let mut jobs: Vec<(PathBuf, PathBuf, Vec<&str>)> = Vec::new();
+    for u in runtime.iter().chain(&kernel_units) {
+        let stem = u.file_stem().unwrap().to_string_lossy().into_owned();
+        jobs.push((u.clone(), out.join(format!("{stem}.o")), vec![]));
+        // The check build: the runtime knows it is one; the kernels are instrumented (calls into
+        // sanitizer.cpp, no sanitizer runtime is linked) and carry line tables for reports.
+        let check: Vec<&str> = if kernel_units.contains(u) {
+            vec![
+                "-DDK_EMU_CHECK=1",
+                "-fsanitize=thread",
+                "-fsanitize=bounds",
+                "-g1",
+            ]
+        } else {
+            vec!["-DDK_EMU_CHECK=1"]
+        };
+        jobs.push((u.clone(), out.join(format!("{stem}.check.o")), check));
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
             .iter()
-            .map(|u| {
-                let obj = out.join(format!("{}.o", u.file_stem().unwrap().to_string_lossy()));
+            .map(|(u, obj, extra)| {
                 let (cxx, kernels) = (&cxx, kernels);
                 scope.spawn(move || {
                     let o = Command::new(cxx)
-                        .args(flags)
+                        .args(base)
+                        .args(extra)
                         .arg("-I")
                         .arg(kernels)
                         .arg("-c")
                         .arg(u)
                         .arg("-o")
-                        .arg(&obj)
+                        .arg(obj)
                         .output()
                         .unwrap_or_else(|e| panic!("failed to run {}: {e}", cxx.display()));
                     if !o.status.success() {
@@ -214,25 +274,34 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
                             String::from_utf8_lossy(&o.stderr)
                         );
                     }
-                    obj
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        for h in handles {
+            h.join().unwrap();
+        }
     });
-    let lib = out.join("libdistill_emu.so");
-    let o = Command::new(&cxx)
-        .args(["-shared", "-pthread", "-Wl,-soname,libcuda.so.1"])
-        .args(&objects)
-        .arg("-o")
-        .arg(&lib)
-        .output()
-        .expect("failed to run the host C++ compiler to link the emulator");
-    if !o.status.success() {
-        panic!(
-            "emulator link failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+    for (lib, check) in [
+        ("libdistill_emu.so", false),
+        ("libdistill_emu_check.so", true),
+    ] {
+        let objects = jobs
+            .iter()
+            .filter(|(_, obj, _)| obj.to_string_lossy().ends_with(".check.o") == check)
+            .map(|(_, obj, _)| obj);
+        let o = Command::new(&cxx)
+            .args(["-shared", "-pthread", "-Wl,-soname,libcuda.so.1"])
+            .args(objects)
+            .arg("-o")
+            .arg(out.join(lib))
+            .output()
+            .expect("failed to run the host C++ compiler to link the emulator");
+        if !o.status.success() {
+            panic!(
+                "emulator link failed ({lib}):\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaSlice;
 use distill_kernels::cuda::{CudaDevice, DeviceInputs, Student};
 use distill_kernels::reference::distill_loss_f64;
 use distill_kernels::*;
@@ -224,34 +224,7 @@ fn device_api_rejects_bad_shapes() {
 }
 
 fn launch_selftest(dev: &CudaDevice, name: &str, threads: u32) -> Result<Vec<f32>> {
-    let module = dev
-        .context()
-        .load_module(cudarc::nvrtc::Ptx::from_binary(b"selftest\0".to_vec()))
-        .unwrap();
-    let f = module.load_function(name).unwrap();
-    let mut out = dev.stream().alloc_zeros::<f32>(threads as usize).unwrap();
-    {
-        let (ptr, _g) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut out, dev.stream());
-        #[repr(C)]
-        #[derive(Clone, Copy)]
-        struct P {
-            out: u64,
-        }
-        unsafe impl cudarc::driver::DeviceRepr for P {}
-        let p = P { out: ptr };
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p);
-        let cfg = LaunchConfig {
-            grid_dim: (2, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("{e}")))?;
-    }
-    dev.stream()
-        .synchronize()
-        .map_err(|e| Error::Cuda(format!("{e}")))?;
-    Ok(dev.stream().clone_dtoh(&out).unwrap())
+    selftest::launch(dev, name, 1, threads, selftest::Output::Zeroed)
 }
 
 /// A thread that never reaches the barrier is reported as barrier divergence naming the kernel,

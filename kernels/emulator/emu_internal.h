@@ -6,6 +6,7 @@
 #define DISTILL_EMULATOR_INTERNAL_H
 
 #include <atomic>
+#include <cstddef>
 #include <string>
 
 #define DK_EMU_HIDDEN __attribute__((visibility("hidden")))
@@ -67,6 +68,58 @@ DK_EMU_HIDDEN const char* last_error();
 /* Records `msg` as the last error (see last_error) and returns `code`. Used by the driver for
  * misuse it detects itself (bad pointers, unknown kernels) so the Rust side can show why. */
 DK_EMU_HIDDEN int note_error(int code, const std::string& msg);
+
+/* ------------------------------------------------------------------------------------------ */
+/* The check build (DK_EMU_CHECK=1: kernels instrumented, sanitizer.cpp active).                 */
+/* In the fast build the memory functions are plain and the hooks do nothing.                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Device memory for the driver: in the check build with guard zones around it, poisoned, and
+ * registered with memcheck/initcheck/racecheck. `device_free_memory` takes what
+ * `device_malloc` returned. */
+DK_EMU_HIDDEN void* device_malloc(size_t bytes);
+DK_EMU_HIDDEN void device_free_memory(void* p);
+/* The host (driver) wrote [p, p + n) of device memory: a memset or a copy from the host. */
+DK_EMU_HIDDEN void note_host_write(void* p, size_t n);
+/* A device-to-device copy: initialisation state travels with the bytes. */
+DK_EMU_HIDDEN void note_device_copy(void* dst, const void* src, size_t n);
+
+/* What the sanitizer knows about the CUDA thread making an access (runtime.cpp fills it). */
+struct ThreadView {
+    unsigned tid;        /* linear thread index in the block */
+    unsigned bar_gen;    /* __syncthreads completed by this block so far */
+    unsigned warp_gen;   /* warp primitives completed by this thread's warp so far */
+    unsigned long long block_serial; /* unique per block run in this process */
+    unsigned long long block_linear; /* linear block index in the grid */
+};
+DK_EMU_HIDDEN void current_thread_view(ThreadView* out);
+/* "in kernel K: block (x,y,z), thread (x,y,z)" of the running CUDA thread. */
+DK_EMU_HIDDEN std::string current_thread_where(const char* what);
+/* Fails the running launch with `code` and `msg` and abandons the block (never returns). The
+ * message is copied before anything is unwound. */
+[[noreturn]] DK_EMU_HIDDEN void fail_current_thread(int code, const char* msg);
+/* "block (x,y,z), thread (x,y,z)" for a linear thread index of the running block. */
+DK_EMU_HIDDEN std::string thread_name(unsigned long long block_linear, unsigned tid);
+
+/* Lifecycle hooks the runtime calls on the launching worker (check build only). */
+struct LaunchView {
+    const char* kernel;
+    const void* params;       /* the argument array cuLaunchKernel got */
+    const void* param_struct; /* params[0] */
+    unsigned param_bytes;
+    const void* fibers_lo; size_t fibers_bytes; /* runtime structures device code reads */
+    const void* warps_lo; size_t warps_bytes;
+    const void* worker_lo; size_t worker_bytes;
+    unsigned char* dyn_smem; size_t dyn_smem_bytes;
+    unsigned block_x, block_y, block_z, grid_x, grid_y;
+};
+DK_EMU_HIDDEN void san_launch_begin(const LaunchView& v);
+DK_EMU_HIDDEN void san_block_begin(unsigned long long serial);
+DK_EMU_HIDDEN void san_launch_end();
+/* Rewrites code addresses in a failure message into source lines (off the fiber stacks). */
+DK_EMU_HIDDEN std::string san_symbolize(const std::string& msg);
+/* Whether this library is the check build, and which checks are on (DISTILL_EMU_CHECK). */
+DK_EMU_HIDDEN bool san_enabled();
 
 }  // namespace dk_emu
 

@@ -62,6 +62,9 @@
 #ifndef DK_EMU_ASAN
 #define DK_EMU_ASAN 0
 #endif
+#ifndef DK_EMU_CHECK
+#define DK_EMU_CHECK 0
+#endif
 #if DK_EMU_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
@@ -322,7 +325,11 @@ struct Block {
     unsigned bar_arrived = 0;
     int bar_count[2] = {0, 0};
     bool aborted = false;
+    unsigned long long linear = 0; /* linear index in the grid */
+    unsigned long long serial = 0; /* unique per block run in this process (sanitizer epochs) */
 };
+
+static std::atomic<unsigned long long> g_block_serial{1};
 
 struct Worker {
     unsigned index = 0;
@@ -364,6 +371,9 @@ struct Launch {
 };
 
 uintptr_t g_stack_bytes = 0;
+
+/* Guard zone on each side of dynamic shared memory in the check build. */
+static constexpr size_t kSmemGuardBytes = 4096;
 
 static size_t page_bytes() {
     static const size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -778,7 +788,12 @@ static void run_block(Worker* w, unsigned long long linear) {
     B.bar_arrived = 0;
     B.aborted = false;
     w->pub.block_idx = B.idx;
+    B.linear = linear;
+    B.serial = g_block_serial.fetch_add(1, std::memory_order_relaxed);
     if (w->dyn_smem_bytes) std::memset(w->pub.dyn_smem, 0xff, w->dyn_smem_bytes);
+#if DK_EMU_CHECK
+    san_block_begin(B.serial);
+#endif
 
     const unsigned n = B.nthreads;
     for (unsigned i = 0; i * 32 < n; ++i) {
@@ -843,15 +858,38 @@ static void run_blocks(Worker* w, Launch* L) {
                                         L->kernel->name.c_str(), nthreads, static_cast<size_t>(g_stack_bytes / 1024)));
         return;
     }
-    /* Exact-size, so that AddressSanitizer sees overruns of dynamic shared memory. */
+    /* Exact-size, so that AddressSanitizer sees overruns of dynamic shared memory. The check
+     * build puts guard zones around it, so that memcheck sees overruns as shared-memory faults. */
     void* smem = nullptr;
-    if (L->smem && posix_memalign(&smem, 16, L->smem) != 0) {
+    const size_t guard = DK_EMU_CHECK ? kSmemGuardBytes : 0;
+    if (L->smem && posix_memalign(&smem, 16, L->smem + 2 * guard) != 0) {
         L->fail(kErrOutOfMemory, strfmt("kernel %s: cannot allocate %u bytes of dynamic shared memory",
                                         L->kernel->name.c_str(), L->smem));
         return;
     }
-    w->pub.dyn_smem = static_cast<unsigned char*>(smem);
+    w->pub.dyn_smem = smem ? static_cast<unsigned char*>(smem) + guard : nullptr;
     w->dyn_smem_bytes = L->smem;
+#if DK_EMU_CHECK
+    LaunchView view{};
+    view.kernel = L->kernel->name.c_str();
+    view.params = L->params;
+    view.param_struct = L->params[0];
+    view.param_bytes = L->kernel->param_bytes;
+    view.fibers_lo = w->fibers.data();
+    view.fibers_bytes = w->fibers.size() * sizeof(Fiber);
+    view.warps_lo = w->warps.data();
+    view.warps_bytes = w->warps.size() * sizeof(Warp);
+    view.worker_lo = w;
+    view.worker_bytes = sizeof(Worker);
+    view.dyn_smem = w->pub.dyn_smem;
+    view.dyn_smem_bytes = L->smem;
+    view.block_x = L->block.x;
+    view.block_y = L->block.y;
+    view.block_z = L->block.z;
+    view.grid_x = L->grid.x;
+    view.grid_y = L->grid.y;
+    san_launch_begin(view);
+#endif
 
     while (!L->failed.load(std::memory_order_relaxed)) {
         const unsigned long long i = L->next_block.fetch_add(1, std::memory_order_relaxed);
@@ -859,6 +897,9 @@ static void run_blocks(Worker* w, Launch* L) {
         run_block(w, i);
     }
 
+#if DK_EMU_CHECK
+    san_launch_end();
+#endif
     free(smem);
     w->pub.dyn_smem = nullptr;
     w->dyn_smem_bytes = 0;
@@ -922,6 +963,8 @@ static Pool* pool() {
         g_stack_bytes = configured_stack_bytes(); /* before any fiber exists */
         Pool* P = new Pool; /* leaked on purpose: helpers outlive static destructors */
         P->nworkers = env_unsigned("DISTILL_EMU_THREADS", std::min(default_workers(), 64u), 1, 256);
+        /* The check build keeps one shadow of static __shared__ memory: one worker runs every block. */
+        if (DK_EMU_CHECK) P->nworkers = 1;
         for (unsigned i = 0; i < P->nworkers; ++i) {
             P->workers.push_back(new Worker);
             P->workers.back()->index = i;
@@ -1017,8 +1060,49 @@ int launch(KernelEntry* k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, u
         P->cv_done.wait(lk, [&] { return P->done == want - 1; });
         P->current = nullptr;
     }
-    if (L.err_code) return note_error(L.err_code, L.err_msg);
+    if (L.err_code) {
+#if DK_EMU_CHECK
+        /* Findings of the checks are also printed: a test may swallow the error text. */
+        L.err_msg = san_symbolize(L.err_msg);
+        if (L.err_msg.find("check: ") != std::string::npos) fprintf(stderr, "distill emulator: %s\n", L.err_msg.c_str());
+#endif
+        return note_error(L.err_code, L.err_msg);
+    }
     return kSuccess;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The running CUDA thread, for the sanitizer (emu_internal.h)                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+void current_thread_view(ThreadView* out) {
+    const Fiber* f = current_fiber();
+    const Worker* w = f->worker;
+    out->tid = static_cast<unsigned>(f - w->fibers.data());
+    out->bar_gen = w->block.bar_gen;
+    out->warp_gen = f->warp->gen;
+    out->block_serial = w->block.serial;
+    out->block_linear = w->block.linear;
+}
+
+std::string current_thread_where(const char* what) {
+    const Fiber* f = current_fiber();
+    return thread_where(what, f->worker->launch, f->worker->block, f);
+}
+
+std::string thread_name(unsigned long long linear, unsigned tid) {
+    const Fiber* f = current_fiber();
+    const Launch* L = f->worker->launch;
+    const uint3 g = L->grid, b = L->block;
+    return strfmt("block (%llu,%llu,%llu), thread (%u,%u,%u)", linear % g.x, (linear / g.x) % g.y,
+                  linear / (1ull * g.x * g.y), tid % b.x, (tid / b.x) % b.y, tid / (b.x * b.y));
+}
+
+void fail_current_thread(int code, const char* msg) {
+    Fiber* f = current_fiber();
+    Worker* w = f->worker;
+    w->launch->fail(code, std::string(msg));
+    abandon_block(w, f);
 }
 
 }  // namespace dk_emu

@@ -54,3 +54,77 @@ extern "C" __global__ void dk_selftest_oob_read(DkSelftestParams p) {
     p.out[threadIdx.x] = past * 0.0f + 3.0f;
 }
 DK_REGISTER_KERNEL(dk_selftest_oob_read, DkSelftestParams)
+
+/* ---- One kernel per class of bug the check build (DISTILL_EMU_CHECK) must report. Each is
+ * correct on the fast emulator's fixed schedule, or at least gives the "right" numbers there:
+ * that is the point. Launch them with one block unless a comment says otherwise. */
+
+/* Reads a neighbour's shared value with no barrier between its write and the read. */
+extern "C" __global__ void dk_selftest_shared_race(DkSelftestParams p) {
+    __shared__ float s[1024];
+    s[threadIdx.x] = 0.0f;
+    __syncthreads();
+    s[threadIdx.x] = static_cast<float>(threadIdx.x);
+    const float v = s[(threadIdx.x + 1) % blockDim.x]; /* missing __syncthreads above */
+    p.out[threadIdx.x] = v;
+}
+DK_REGISTER_KERNEL(dk_selftest_shared_race, DkSelftestParams)
+
+/* Two reductions back to back on one shared buffer without the leading barrier of the second:
+ * thread 0's second write can overtake another warp's read of the first result. */
+extern "C" __global__ void dk_selftest_reuse_without_barrier(DkSelftestParams p) {
+    __shared__ float s[32];
+    const unsigned warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    if (threadIdx.x % 32 == 0) s[warp] = 1.0f;
+    __syncthreads();
+    float a = 0.0f;
+    for (unsigned w = 0; w < warps; ++w) a += s[w];
+    if (threadIdx.x % 32 == 0) s[warp] = 2.0f; /* needs a __syncthreads before it */
+    __syncthreads();
+    float b = 0.0f;
+    for (unsigned w = 0; w < warps; ++w) b += s[w];
+    p.out[threadIdx.x] = a + b;
+}
+DK_REGISTER_KERNEL(dk_selftest_reuse_without_barrier, DkSelftestParams)
+
+/* Every block writes the same output elements: a race between blocks (launch with 2 blocks). */
+extern "C" __global__ void dk_selftest_global_race(DkSelftestParams p) { p.out[threadIdx.x] = 1.0f; }
+DK_REGISTER_KERNEL(dk_selftest_global_race, DkSelftestParams)
+
+/* Reads shared memory that no thread of this block wrote (the previous block did). */
+extern "C" __global__ void dk_selftest_uninit_shared(DkSelftestParams p) {
+    __shared__ float s[1024];
+    const float v = s[threadIdx.x];
+    __syncthreads();
+    s[threadIdx.x] = 5.0f;
+    p.out[threadIdx.x] = v * 0.0f + 5.0f;
+}
+DK_REGISTER_KERNEL(dk_selftest_uninit_shared, DkSelftestParams)
+
+/* Reads the output before writing it: uninitialised when the buffer is fresh from cuMemAlloc. */
+extern "C" __global__ void dk_selftest_uninit_global(DkSelftestParams p) {
+    const float v = p.out[threadIdx.x];
+    p.out[threadIdx.x] = v + 1.0f;
+}
+DK_REGISTER_KERNEL(dk_selftest_uninit_global, DkSelftestParams)
+
+/* A float4 load from an address that is 4 but not 16 bytes aligned (out[1..5)). */
+extern "C" __global__ void dk_selftest_misaligned(DkSelftestParams p) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (threadIdx.x == 0) v = *reinterpret_cast<const float4*>(p.out + 1);
+    __syncthreads();
+    p.out[threadIdx.x] = v.x * 0.0f + 7.0f;
+}
+DK_REGISTER_KERNEL(dk_selftest_misaligned, DkSelftestParams)
+
+/* Indexes a static shared array one past its end. */
+extern "C" __global__ void dk_selftest_shared_oob(DkSelftestParams p) {
+    __shared__ float s[32];
+    __shared__ float t[32];
+    const unsigned i = threadIdx.x % 33; /* 32 for thread 32 */
+    if (threadIdx.x < 32) s[threadIdx.x] = 1.0f;
+    if (threadIdx.x < 32) t[threadIdx.x] = 0.0f;
+    __syncthreads();
+    p.out[threadIdx.x] = s[i] + t[0];
+}
+DK_REGISTER_KERNEL(dk_selftest_shared_oob, DkSelftestParams)

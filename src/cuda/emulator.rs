@@ -8,6 +8,14 @@ use std::sync::OnceLock;
 use crate::error::{Error, Result};
 
 static LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libdistill_emu.so"));
+/// The check build: the same kernels instrumented for memcheck, initcheck and racecheck
+/// (kernels/emulator/sanitizer.cpp). Chosen when `DISTILL_EMU_CHECK` is set.
+static CHECK_LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libdistill_emu_check.so"));
+
+/// Whether `DISTILL_EMU_CHECK` asks for the check build (any value but empty, `0` or `off`).
+pub(crate) fn check_requested() -> bool {
+    std::env::var("DISTILL_EMU_CHECK").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "off"))
+}
 static LOADED: OnceLock<std::result::Result<libloading::Library, String>> = OnceLock::new();
 
 /// The value `dkEmuIdentify` returns ("DEMU").
@@ -33,20 +41,25 @@ pub(crate) fn load() -> Result<&'static libloading::Library> {
 /// Writes the embedded library once per content hash into the temp directory (atomically:
 /// concurrent test processes may race here).
 fn write_library() -> std::io::Result<PathBuf> {
-    let hash = LIBRARY.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+    let library = if check_requested() {
+        CHECK_LIBRARY
+    } else {
+        LIBRARY
+    };
+    let hash = library.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     });
     let dir = std::env::temp_dir().join(format!("distill-kernels-emu-{hash:016x}"));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("libcuda.so.1");
     if std::fs::metadata(&path)
-        .map(|m| m.len() == LIBRARY.len() as u64)
+        .map(|m| m.len() == library.len() as u64)
         .unwrap_or(false)
     {
         return Ok(path);
     }
     let tmp = dir.join(format!("libcuda.so.1.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, LIBRARY)?;
+    std::fs::write(&tmp, library)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }

@@ -1,6 +1,8 @@
 //! Shared test helpers: seeded inputs rounded to a dtype, tolerances, comparisons.
 #![allow(dead_code)]
 
+pub mod selftest;
+
 use distill_kernels::{Dtype, HostVec};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::OnceLock;

@@ -17,7 +17,7 @@ mkdir -p "$out"
 
 bin="$out/asan_oob"
 if ! "${cxx[@]}" -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -I "$kernels" \
-    "$kernels/emulator/runtime.cpp" "$kernels/emulator/driver.cpp" \
+    "$kernels/emulator/runtime.cpp" "$kernels/emulator/driver.cpp" "$kernels/emulator/sanitizer.cpp" \
     -x c++ "$here/asan_oob.cu" -x none "$here/asan_harness.cpp" \
     -o "$bin" -lpthread -ldl >"$out/build.log" 2>&1; then
     echo "asan_check: build failed (see $out/build.log)" >&2

@@ -10,7 +10,10 @@
 #   test_errors   divergence / misuse / trap / assert reported with the kernel's name, recovery,
 #                 concurrent launches from several host threads
 #   test_fp16     half/bfloat16 rounding, bit-exact against an independent reference
-#   test_driver   the fake driver's C API as cudarc uses it
+#   test_driver   the fake driver's C API as cudarc uses it (in DISTILL_EMU_SYNC=1 mode)
+#   test_fidelity the driver fails where CUDA fails: argument errors, module images, launch
+#                 limits, asynchronous streams and events, fault reporting; sticky errors
+#                 (DISTILL_EMU_STICKY=1) and the synchronous mode (DISTILL_EMU_SYNC=1)
 #   test_dlopen   the shared library as the Rust crate loads it (by path, then as libcuda.so.1)
 #   asan_check.sh an out-of-bounds kernel read caught by AddressSanitizer, the clean one clean
 # The scheduler is also exercised with one worker thread and with the ucontext fallback.
@@ -58,14 +61,14 @@ run() { # run <label> <timeout-seconds> <command...>
 }
 
 # Runtime and driver objects, shared by the test programs.
-for unit in runtime driver; do
+for unit in runtime driver sanitizer; do
     if ! "${cxx[@]}" "${CXXFLAGS[@]}" -fPIC -c "$emu/$unit.cpp" -o "$out/$unit.o" >"$out/$unit.build.log" 2>&1; then
         cat "$out/$unit.build.log" >&2
         echo "FAILED: build of $unit.cpp" >&2
         exit 1
     fi
 done
-objs=("$out/runtime.o" "$out/driver.o")
+objs=("$out/runtime.o" "$out/driver.o" "$out/sanitizer.o")
 
 build test_simt -x c++ "$here/test_simt.cu" -x none "${objs[@]}" &&
     run test_simt 300 "$out/test_simt" &&
@@ -74,13 +77,19 @@ build test_errors -x c++ "$here/test_errors.cu" -x none "${objs[@]}" &&
     run test_errors 120 "$out/test_errors" &&
     run "test_errors (DISTILL_EMU_THREADS=1)" 120 env DISTILL_EMU_THREADS=1 "$out/test_errors"
 build test_fp16 "$here/test_fp16.cpp" "${objs[@]}" && run test_fp16 120 "$out/test_fp16"
-build test_driver "$here/test_driver.cpp" "${objs[@]}" && run test_driver 120 "$out/test_driver"
+build test_driver "$here/test_driver.cpp" "${objs[@]}" &&
+    run "test_driver (DISTILL_EMU_SYNC=1)" 120 env DISTILL_EMU_SYNC=1 "$out/test_driver"
+build test_fidelity "$here/test_fidelity.cpp" "${objs[@]}" &&
+    run "test_fidelity async" 120 "$out/test_fidelity" async &&
+    run "test_fidelity async (DISTILL_EMU_THREADS=1)" 120 env DISTILL_EMU_THREADS=1 "$out/test_fidelity" async &&
+    run "test_fidelity sticky (DISTILL_EMU_STICKY=1)" 120 env DISTILL_EMU_STICKY=1 "$out/test_fidelity" sticky &&
+    run "test_fidelity sync (DISTILL_EMU_SYNC=1)" 120 env DISTILL_EMU_SYNC=1 "$out/test_fidelity" sync
 
 # The shared library as build.rs makes it: the kernels' and selftest.cu's translation units,
 # runtime and driver, SONAME libcuda.so.1. It must not need static TLS (dlopen would fail).
 lib="$out/libdistill_emu_test.so"
 if "${cxx[@]}" -std=c++17 -O2 -fPIC -pthread -fno-strict-aliasing -w -shared -Wl,-soname,libcuda.so.1 -I "$kernels" \
-    "$emu/runtime.cpp" "$emu/driver.cpp" -x c++ "$emu/selftest.cu" -x none -o "$lib" >"$out/lib.build.log" 2>&1; then
+    "$emu/runtime.cpp" "$emu/driver.cpp" "$emu/sanitizer.cpp" -x c++ "$emu/selftest.cu" -x none -o "$lib" >"$out/lib.build.log" 2>&1; then
     if readelf -d "$lib" 2>/dev/null | grep -q STATIC_TLS; then
         fail "the library needs static TLS (dlopen from Rust would fail)"
     fi
@@ -91,7 +100,7 @@ else
 fi
 
 # The portable context-switch fallback.
-if "${cxx[@]}" "${CXXFLAGS[@]}" -DDK_EMU_USE_UCONTEXT "$emu/runtime.cpp" "$emu/driver.cpp" -x c++ "$here/test_errors.cu" \
+if "${cxx[@]}" "${CXXFLAGS[@]}" -DDK_EMU_USE_UCONTEXT "$emu/runtime.cpp" "$emu/driver.cpp" "$emu/sanitizer.cpp" -x c++ "$here/test_errors.cu" \
     -x none -o "$out/test_errors_ucontext" -pthread -ldl >"$out/ucontext.build.log" 2>&1; then
     run "test_errors (ucontext fallback)" 120 "$out/test_errors_ucontext"
 else

@@ -1,0 +1,67 @@
+//! Launches the emulator's deliberately broken kernels (kernels/emulator/selftest.cu), which are
+//! compiled into the emulator library only: every one takes `{ float* out }` with
+//! `out[blockDim.x]`.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use distill_kernels::cuda::CudaDevice;
+use distill_kernels::{Error, Result};
+
+/// How the output buffer starts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Output {
+    /// `cuMemsetD8` to zero: initialised.
+    Zeroed,
+    /// Fresh from `cuMemAlloc`: uninitialised (0xFF bytes in the emulator).
+    Fresh,
+}
+
+/// Runs `name` on `grid` blocks of `threads` threads and returns `out`, or the launch's error
+/// with the emulator's message attached.
+pub fn launch(
+    dev: &CudaDevice,
+    name: &str,
+    grid: u32,
+    threads: u32,
+    output: Output,
+) -> Result<Vec<f32>> {
+    let module = dev
+        .context()
+        .load_module(cudarc::nvrtc::Ptx::from_binary(b"selftest\0".to_vec()))
+        .map_err(|e| Error::Cuda(format!("{e}")))?;
+    let f = module
+        .load_function(name)
+        .map_err(|e| Error::Cuda(format!("{e}")))?;
+    let n = threads as usize;
+    let mut out = match output {
+        Output::Zeroed => dev.stream().alloc_zeros::<f32>(n),
+        // SAFETY: the kernel under test decides what it reads; the emulator checks it.
+        Output::Fresh => unsafe { dev.stream().alloc::<f32>(n) },
+    }
+    .map_err(|e| Error::Cuda(format!("{e}")))?;
+    let with_message = |e: cudarc::driver::DriverError| {
+        let msg = distill_kernels::cuda::emulator_last_error().unwrap_or_default();
+        Error::Cuda(format!("{e}: {msg}"))
+    };
+    {
+        let (ptr, _g) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut out, dev.stream());
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct P {
+            out: u64,
+        }
+        // SAFETY: plain data, the layout of DkSelftestParams.
+        unsafe impl cudarc::driver::DeviceRepr for P {}
+        let p = P { out: ptr };
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p);
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the parameter struct matches the kernel's.
+        unsafe { b.launch(cfg) }.map_err(with_message)?;
+    }
+    dev.stream().synchronize().map_err(with_message)?;
+    dev.stream().clone_dtoh(&out).map_err(with_message)
+}
