@@ -344,6 +344,10 @@ struct Worker {
     BlockPublic pub; /* what blockIdx/blockDim/gridDim/DK_DYNAMIC_SHARED read */
     Launch* launch = nullptr;
     size_t dyn_smem_bytes = 0;
+    /* Seeded schedule (DISTILL_EMU_SCHEDULE_SEED): warp priorities of the running block. */
+    bool seeded = false;
+    unsigned long long rng = 0;
+    std::vector<unsigned> warp_order;
 };
 
 struct Launch {
@@ -355,6 +359,9 @@ struct Launch {
     unsigned long long nblocks = 0;
     std::atomic<unsigned long long> next_block{0};
     std::atomic<bool> failed{false};
+    std::vector<unsigned long long> block_order; /* seeded schedules: the order blocks run in */
+    unsigned long long serial = 0;                /* launches so far, for the schedule's seed */
+    unsigned long long seed = 0;                  /* DISTILL_EMU_SCHEDULE_SEED at launch; 0: default order */
     std::mutex err_mu;
     int err_code = 0;
     std::string err_msg;
@@ -552,7 +559,53 @@ static std::string describe_stall(Worker* w) {
 
 /* Park the current fiber (its wait condition is already recorded) and run the next runnable
  * fiber of the ring. Returns once somebody has released it. */
+/* ---- Seeded schedules (DISTILL_EMU_SCHEDULE_SEED).
+ * The default schedule runs the ring in thread order, so a block always interleaves the same
+ * way and a race whose outcome depends on the order stays hidden. With a seed, every block gets
+ * a random priority order of its warps: the scheduler always resumes a runnable lane of the
+ * highest-priority warp, so one warp runs ahead through as many primitives as it can while the
+ * others lag (what a missing barrier needs in order to show in the results), and at random
+ * points (probability 1/1024 per switch) the running warp drops to the lowest priority (the
+ * change points of PCT, Burckhardt et al. 2010). Blocks also run in a seeded random order. */
+
+static std::atomic<unsigned long long>& schedule_seed_slot() {
+    static std::atomic<unsigned long long> seed{env_unsigned("DISTILL_EMU_SCHEDULE_SEED", 0, 0, 0xffffffffu)};
+    return seed;
+}
+
+static inline unsigned long long splitmix64(unsigned long long& x) {
+    unsigned long long z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* The runnable lane of the highest-priority warp that has one, or nullptr. */
+static Fiber* pick_by_priority(Worker* w, const Fiber* f) {
+    const unsigned n = w->block.nthreads;
+    if ((splitmix64(w->rng) & 1023u) == 0) { /* change point: the running warp goes last */
+        auto& o = w->warp_order;
+        auto it = std::find(o.begin(), o.end(), f->warp->index);
+        if (it != o.end()) std::rotate(it, it + 1, o.end());
+    }
+    for (unsigned wi : w->warp_order) {
+        const unsigned hi = std::min(n, wi * 32 + 32);
+        for (unsigned i = wi * 32; i < hi; ++i) {
+            Fiber* t = &w->fibers[i];
+            if (t != f && !t->exited && *t->wait_word != t->wait_value) return t;
+        }
+    }
+    return nullptr;
+}
+
 static void park(Worker* w, Fiber* f) {
+    if (w->seeded) {
+        if (Fiber* n = pick_by_priority(w, f)) {
+            switch_fiber(f, n);
+            return;
+        }
+        report_stall(w, f);
+    }
     for (Fiber* n = f->next; n != f; n = n->next) {
         if (*n->wait_word != n->wait_value) {
             switch_fiber(f, n);
@@ -570,6 +623,10 @@ static void park(Worker* w, Fiber* f) {
     Fiber* start = f->next;
     f->prev->next = f->next;
     f->next->prev = f->prev;
+    if (w->seeded) {
+        if (Fiber* t = pick_by_priority(w, f)) leave_fiber(f, &t->ctx, t->stack.lo, t->stack.size);
+        report_stall(w, f);
+    }
     Fiber* n = start;
     do {
         if (*n->wait_word != n->wait_value) {
@@ -794,6 +851,14 @@ static void run_block(Worker* w, unsigned long long linear) {
 #if DK_EMU_CHECK
     san_block_begin(B.serial);
 #endif
+    w->seeded = L->seed != 0;
+    if (w->seeded) {
+        w->rng = L->seed * 0x9e3779b97f4a7c15ull ^ (L->serial << 32) ^ linear;
+        const unsigned nw = (B.nthreads + 31) / 32;
+        w->warp_order.resize(nw);
+        for (unsigned i = 0; i < nw; ++i) w->warp_order[i] = i;
+        for (unsigned i = nw; i > 1; --i) std::swap(w->warp_order[i - 1], w->warp_order[splitmix64(w->rng) % i]);
+    }
 
     const unsigned n = B.nthreads;
     for (unsigned i = 0; i * 32 < n; ++i) {
@@ -894,7 +959,7 @@ static void run_blocks(Worker* w, Launch* L) {
     while (!L->failed.load(std::memory_order_relaxed)) {
         const unsigned long long i = L->next_block.fetch_add(1, std::memory_order_relaxed);
         if (i >= L->nblocks) break;
-        run_block(w, i);
+        run_block(w, L->block_order.empty() ? i : L->block_order[i]);
     }
 
 #if DK_EMU_CHECK
@@ -1042,6 +1107,15 @@ int launch(KernelEntry* k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, u
     L.block = uint3{bx, by, bz};
     L.smem = smem;
     L.nblocks = 1ull * gx * gy * gz;
+    static unsigned long long launches = 0;
+    L.serial = ++launches; /* under the launch mutex */
+    L.seed = schedule_seed_slot().load(std::memory_order_relaxed);
+    if (L.seed && L.nblocks > 1 && L.nblocks <= (1ull << 22)) {
+        unsigned long long x = L.seed ^ (L.serial * 0xd1b54a32d192ed03ull);
+        L.block_order.resize(L.nblocks);
+        for (unsigned long long i = 0; i < L.nblocks; ++i) L.block_order[i] = i;
+        for (unsigned long long i = L.nblocks; i > 1; --i) std::swap(L.block_order[i - 1], L.block_order[splitmix64(x) % i]);
+    }
 
     const unsigned want = static_cast<unsigned>(std::min<unsigned long long>(P->nworkers, L.nblocks));
     if (want > 1) {
@@ -1116,6 +1190,12 @@ extern "C" DK_EMU_EXPORT const char* dkEmuLastError(void) { return dk_emu::last_
 
 /* 'DEMU': lets the Rust side tell the emulator from a real libcuda. */
 extern "C" DK_EMU_EXPORT int dkEmuIdentify(void) { return 0x44454d55; }
+
+/* Sets the schedule seed of later launches (0: the default, fixed schedule); see
+ * DISTILL_EMU_SCHEDULE_SEED. */
+extern "C" DK_EMU_EXPORT void dkEmuSetScheduleSeed(unsigned long long seed) {
+    dk_emu::schedule_seed_slot().store(seed, std::memory_order_relaxed);
+}
 
 /* Number of OS workers blocks are spread over. */
 extern "C" DK_EMU_EXPORT int dkEmuWorkerCount(void) { return static_cast<int>(dk_emu::pool()->nworkers); }

@@ -70,16 +70,24 @@ extern "C" __global__ void dk_selftest_shared_race(DkSelftestParams p) {
 }
 DK_REGISTER_KERNEL(dk_selftest_shared_race, DkSelftestParams)
 
-/* Two reductions back to back on one shared buffer without the leading barrier of the second:
- * thread 0's second write can overtake another warp's read of the first result. */
+/* Two block reductions back to back on one shared buffer, shaped like dk_block_reduce (warp
+ * shuffles, one slot per warp), without the barrier that must come before the second one's
+ * writes: a warp that runs ahead overwrites a slot another warp has not read yet. On the default
+ * schedule every thread reads before any warp finishes its shuffles, so out = 3 * blockDim.x. */
+__device__ float dk_selftest_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
 extern "C" __global__ void dk_selftest_reuse_without_barrier(DkSelftestParams p) {
     __shared__ float s[32];
     const unsigned warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    if (threadIdx.x % 32 == 0) s[warp] = 1.0f;
+    float v = dk_selftest_warp_sum(1.0f);
+    if (threadIdx.x % 32 == 0) s[warp] = v;
     __syncthreads();
     float a = 0.0f;
     for (unsigned w = 0; w < warps; ++w) a += s[w];
-    if (threadIdx.x % 32 == 0) s[warp] = 2.0f; /* needs a __syncthreads before it */
+    v = dk_selftest_warp_sum(2.0f);
+    if (threadIdx.x % 32 == 0) s[warp] = v; /* needs a __syncthreads before it */
     __syncthreads();
     float b = 0.0f;
     for (unsigned w = 0; w < warps; ++w) b += s[w];
