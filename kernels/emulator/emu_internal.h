@@ -29,6 +29,7 @@ enum : int {
     kErrNotReady = 600,
     kErrIllegalAddress = 700,
     kErrLaunchOutOfResources = 701,
+    kErrLaunchTimeout = 702,
     kErrAssert = 710,
     kErrLaunchFailed = 719,
     kErrNotSupported = 801,

@@ -40,10 +40,12 @@
 
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdarg>
 #include <mutex>
@@ -344,6 +346,13 @@ struct Worker {
     BlockPublic pub; /* what blockIdx/blockDim/gridDim/DK_DYNAMIC_SHARED read */
     Launch* launch = nullptr;
     size_t dyn_smem_bytes = 0;
+    /* Watchdog (DISTILL_EMU_WATCHDOG_S): the fiber running now, a counter bumped at every
+     * scheduling point, and whether a block is running on this worker. */
+    std::atomic<Fiber*> running{nullptr};
+    std::atomic<unsigned long long> progress{0};
+    std::atomic<bool> in_block{false};
+    std::atomic<bool> stuck{false};
+    pthread_t thread{};
     /* Seeded schedule (DISTILL_EMU_SCHEDULE_SEED): warp priorities of the running block. */
     bool seeded = false;
     unsigned long long rng = 0;
@@ -456,6 +465,13 @@ static inline void prefetch_successor(const Fiber* to) {
 #endif
 }
 
+/* The watchdog's view: which fiber runs, and a counter that moves at every scheduling point. */
+static inline void note_progress(Fiber* f) {
+    Worker* w = f->worker;
+    w->running.store(f, std::memory_order_relaxed);
+    w->progress.store(w->progress.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
 /* Switch from fiber `from` (which will be resumed later) to fiber `to`. */
 static inline void switch_fiber(Fiber* from, Fiber* to) {
     prefetch_successor(to);
@@ -466,6 +482,7 @@ static inline void switch_fiber(Fiber* from, Fiber* to) {
 #if DK_EMU_ASAN
     __sanitizer_finish_switch_fiber(from->fake_stack, nullptr, nullptr);
 #endif
+    note_progress(from);
 }
 
 /* Leave fiber `from` for good (it exited, or the block is abandoned). */
@@ -642,6 +659,7 @@ static void fiber_main(Fiber* f) noexcept {
     __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
     Worker* w = f->worker;
+    note_progress(f);
     w->launch->kernel->fn(w->launch->params);
     fiber_exit(w, f);
 }
@@ -898,7 +916,10 @@ static void run_block(Worker* w, unsigned long long linear) {
 #if DK_EMU_ASAN
     __sanitizer_start_switch_fiber(&w->main_fake_stack, first->stack.lo, first->stack.size);
 #endif
+    w->in_block.store(true, std::memory_order_release);
     ctx_swap(&w->main_ctx, &first->ctx);
+    w->in_block.store(false, std::memory_order_release);
+    w->running.store(nullptr, std::memory_order_relaxed);
 #if DK_EMU_ASAN
     __sanitizer_finish_switch_fiber(w->main_fake_stack, nullptr, nullptr);
 #endif
@@ -910,8 +931,12 @@ static void run_block(Worker* w, unsigned long long linear) {
 #endif
 }
 
+static thread_local Worker* t_worker = nullptr; /* for the watchdog's signal handler */
+
 static void run_blocks(Worker* w, Launch* L) {
     w->launch = L;
+    w->thread = pthread_self();
+    t_worker = w;
     w->pub.block_dim = L->block;
     w->pub.grid_dim = L->grid;
 #if DK_EMU_ASAN
@@ -1019,6 +1044,69 @@ static unsigned default_workers() {
     return hc ? hc : 1;
 }
 
+/* ---- Watchdog. Fibers are never preempted, so a thread that spins on memory another thread of
+ * its block writes (legal on sm_70+, impossible here) would hang the process. A watchdog thread
+ * checks every worker's progress counter; when one has not moved for DISTILL_EMU_WATCHDOG_S
+ * seconds (default 60, 0 disables) while a block runs, it signals that worker, whose handler
+ * fails the launch with CUDA_ERROR_LAUNCH_TIMEOUT naming the kernel, block and thread, and
+ * abandons the block like any other failure. */
+
+static const int kWatchdogSignal = SIGRTMIN + 5;
+
+static unsigned watchdog_seconds() {
+    static const unsigned s = env_unsigned("DISTILL_EMU_WATCHDOG_S", 60, 0, 86400);
+    return s;
+}
+
+static void watchdog_handler(int) {
+    Worker* w = t_worker;
+    if (!w || !w->stuck.exchange(false) || !w->in_block.load(std::memory_order_acquire)) return;
+    Fiber* f = w->running.load(std::memory_order_relaxed);
+    if (!f) return;
+    w->launch->fail(kErrLaunchTimeout,
+                    thread_where("watchdog", w->launch, w->block, f) +
+                        strfmt(": no progress for %u s (the thread runs without reaching a barrier, a warp primitive or "
+                               "its end; a spin-wait on memory that another thread writes never ends here: threads of "
+                               "the emulator are not preemptive)",
+                               watchdog_seconds()));
+    abandon_block(w, f);
+}
+
+static void watchdog_loop(std::vector<Worker*> workers) {
+    pthread_setname_np(pthread_self(), "dk-emu-watchdog");
+    const unsigned limit = watchdog_seconds();
+    std::vector<unsigned long long> seen(workers.size(), 0);
+    std::vector<unsigned> still(workers.size(), 0);
+    for (;;) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(250));
+        for (size_t i = 0; i < workers.size(); ++i) {
+            Worker* w = workers[i];
+            const unsigned long long p = w->progress.load(std::memory_order_relaxed);
+            if (!w->in_block.load(std::memory_order_acquire) || p != seen[i]) {
+                seen[i] = p;
+                still[i] = 0;
+                continue;
+            }
+            if (++still[i] >= 4 * limit) {
+                still[i] = 0;
+                w->stuck.store(true);
+                pthread_kill(w->thread, kWatchdogSignal);
+            }
+        }
+    }
+}
+
+static void start_watchdog(const std::vector<Worker*>& workers) {
+    if (watchdog_seconds() == 0) return;
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_handler = watchdog_handler;
+    sa.sa_flags = SA_NODEFER | SA_RESTART; /* the handler leaves by a context switch, never returns */
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(kWatchdogSignal, &sa, nullptr) != 0) return;
+    std::thread(watchdog_loop, workers).detach();
+}
+
 static Pool* pool() {
     static Pool* p = [] {
         /* Helper threads run code of this library: never let dlclose unmap it. */
@@ -1035,6 +1123,7 @@ static Pool* pool() {
             P->workers.back()->index = i;
         }
         for (unsigned i = 1; i < P->nworkers; ++i) std::thread(helper_loop, P, i).detach();
+        start_watchdog(P->workers);
         return P;
     }();
     return p;

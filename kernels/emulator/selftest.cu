@@ -136,3 +136,18 @@ extern "C" __global__ void dk_selftest_shared_oob(DkSelftestParams p) {
     p.out[threadIdx.x] = s[i] + t[0];
 }
 DK_REGISTER_KERNEL(dk_selftest_shared_oob, DkSelftestParams)
+
+/* Thread 0 waits for a flag that thread 1 sets: fine on sm_70+ (independent thread scheduling),
+ * a hang on the emulator, whose threads are not preemptive; the watchdog must end it. */
+extern "C" __global__ void dk_selftest_spin(DkSelftestParams p) {
+    __shared__ int flag;
+    if (threadIdx.x == 0) flag = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        while (*static_cast<volatile int*>(&flag) == 0) {
+        }
+    }
+    if (threadIdx.x == 1) *static_cast<volatile int*>(&flag) = 1;
+    p.out[threadIdx.x] = 8.0f;
+}
+DK_REGISTER_KERNEL(dk_selftest_spin, DkSelftestParams)
