@@ -96,3 +96,42 @@ pub(crate) fn last_error() -> Option<String> {
         }
     }
 }
+
+/// The emulator-only module image: the fake driver loads it as a module holding every kernel
+/// compiled into the emulator, self-test kernels included (a real driver rejects it).
+pub(crate) const MODULE_IMAGE: &[u8] = b"distill-emulator-module\0";
+
+/// Gives the fake driver ptxas's numbers for every kernel (the `sm_90` rows of the report:
+/// registers and static shared memory), so that launches are limited like on an H100 and
+/// `cuFuncGetAttribute` reports them. Once per process; an empty report (no nvcc) sets nothing.
+pub(crate) fn set_kernel_limits(report: &str) -> Result<()> {
+    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let lib = load().map_err(|e| e.to_string())?;
+        // SAFETY: `dkEmuSetKernelLimits(const char*, int, int, int) -> int` in driver.cpp.
+        let set = unsafe {
+            lib.get::<unsafe extern "C" fn(*const std::os::raw::c_char, i32, i32, i32) -> i32>(
+                b"dkEmuSetKernelLimits\0",
+            )
+        }
+        .map_err(|e| format!("the emulator library lacks dkEmuSetKernelLimits: {e}"))?;
+        for row in report.lines().skip(1) {
+            let f: Vec<&str> = row.split('\t').collect();
+            if f.len() != 7 || f[0] != "sm_90" {
+                continue;
+            }
+            let number = |s: &str| s.parse::<i32>().map_err(|_| format!("ptxas report: {row}"));
+            let (regs, smem) = (number(f[2])?, number(f[6])?);
+            let name = std::ffi::CString::new(f[1]).map_err(|_| format!("ptxas report: {row}"))?;
+            // SAFETY: a NUL-terminated name; the library copies what it keeps.
+            let rc = unsafe { set(name.as_ptr(), 0, smem, regs) };
+            if rc != 0 {
+                let detail = last_error().unwrap_or_default();
+                return Err(format!("kernel limits for {}: error {rc}: {detail}", f[1]));
+            }
+        }
+        Ok(())
+    })
+    .clone()
+    .map_err(Error::DeviceUnavailable)
+}

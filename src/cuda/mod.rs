@@ -31,6 +31,13 @@ pub fn emulator_last_error() -> Option<String> {
 /// Whether this build carries compiled kernels for real GPUs.
 pub const HAS_FATBIN: bool = cfg!(dk_fatbin);
 
+/// The emulator-only module image. Loaded on the emulated device (e.g. with
+/// `context().load_module(Ptx::from_binary(EMULATOR_ONLY_MODULE.to_vec()))`), it is a module with
+/// every kernel compiled into the emulator, including its deliberately broken self-test kernels
+/// (kernels/emulator/selftest.cu). The real fatbin holds only the crate's kernels, and a real
+/// driver rejects this image.
+pub const EMULATOR_ONLY_MODULE: &[u8] = emulator::MODULE_IMAGE;
+
 /// A CUDA device with the kernel module loaded, and the stream every call is issued on.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -80,13 +87,15 @@ impl CudaDevice {
     /// exactly the same cudarc calls as a real device.
     pub fn emulated() -> Result<Self> {
         emulator::load()?;
-        // The fake driver accepts any image; hand it the real fatbin when there is one so the
-        // load path is the one a GPU sees.
+        // The fake driver reads the real fatbin like a GPU's driver does: a kernel missing from
+        // it is not found. Without nvcc there is none, and the emulator-only module stands in.
         let image = if FATBIN.is_empty() {
-            b"distill-kernels emulated module\0".to_vec()
+            EMULATOR_ONLY_MODULE.to_vec()
         } else {
             FATBIN.to_vec()
         };
+        // Registers and shared memory from ptxas limit launches as on an H100.
+        emulator::set_kernel_limits(PTXAS_REPORT)?;
         let device = Self::open(0, image, true)?;
         if !emulator::driver_in_use_is_emulator() {
             return Err(Error::DeviceUnavailable(
@@ -103,10 +112,13 @@ impl CudaDevice {
     /// one, whichever driver created the stream.
     pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
         let emulated = emulator::is_loaded() && emulator::driver_in_use_is_emulator();
+        if emulated {
+            emulator::set_kernel_limits(PTXAS_REPORT)?;
+        }
         let image = if !FATBIN.is_empty() {
             FATBIN.to_vec()
         } else if emulated {
-            b"distill-kernels emulated module\0".to_vec()
+            EMULATOR_ONLY_MODULE.to_vec()
         } else {
             return Err(Error::DeviceUnavailable(
                 "this build has no compiled CUDA kernels: nvcc was not found when the crate was \

@@ -26,7 +26,9 @@ pub fn launch(
 ) -> Result<Vec<f32>> {
     let module = dev
         .context()
-        .load_module(cudarc::nvrtc::Ptx::from_binary(b"selftest\0".to_vec()))
+        .load_module(cudarc::nvrtc::Ptx::from_binary(
+            distill_kernels::cuda::EMULATOR_ONLY_MODULE.to_vec(),
+        ))
         .map_err(|e| Error::Cuda(format!("{e}")))?;
     let f = module
         .load_function(name)

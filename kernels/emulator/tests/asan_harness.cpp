@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
     void* ctx = nullptr;
     void* mod = nullptr;
     void* fn = nullptr;
-    if (cuInit(0) || cuDevicePrimaryCtxRetain(&ctx, 0) || cuCtxSetCurrent(ctx) || cuModuleLoadData(&mod, "asan") ||
+    if (cuInit(0) || cuDevicePrimaryCtxRetain(&ctx, 0) || cuCtxSetCurrent(ctx) || cuModuleLoadData(&mod, "distill-emulator-module") ||
         cuModuleGetFunction(&fn, mod, "dk_asan_sum")) {
         std::fprintf(stderr, "driver setup failed\n");
         return 3;

@@ -2,6 +2,8 @@
  * The fake driver through its C API, in the order cudarc calls it: init, device queries, primary
  * context, async alloc, copies and memsets (with range checks), module/function lookup, launch,
  * synchronize (with the pending launch error), events, streams, pointer attributes, errors.
+ * Run with DISTILL_EMU_SYNC=1 (run_tests.sh does): launches complete, and report their faults,
+ * before cuLaunchKernel returns. test_fidelity.cpp covers the default asynchronous mode.
  */
 #include "emulator/simt.h"
 
@@ -124,7 +126,7 @@ int main() {
     CHECK(cuMemAllocAsync(&dy, n * sizeof(float), nullptr) == 0);
     CHECK(cuMemAlloc_v2(&dz, n * sizeof(float)) == 0);
     CUdeviceptr d0 = 123;
-    CHECK(cuMemAllocAsync(&d0, 0, nullptr) == 0 && d0 == 0 && cuMemFreeAsync(d0, nullptr) == 0);
+    CHECK(cuMemAllocAsync(&d0, 0, nullptr) == 1 && cuMemFreeAsync(0, nullptr) == 0); /* zero bytes: invalid */
     CHECK(cuMemGetInfo_v2(&free_b, &total) == 0 && free_b <= total);
     std::vector<float> hx(n), hy(n), back(n);
     for (int i = 0; i < n; ++i) {
@@ -152,9 +154,9 @@ int main() {
 
     /* module and function */
     CUhandle mod = nullptr, fn = nullptr, fn2 = nullptr, fn3 = nullptr, bad = nullptr;
-    CHECK(cuModuleLoadData(&mod, "placeholder") == 0 && mod != nullptr);
+    CHECK(cuModuleLoadData(&mod, "distill-emulator-module") == 0 && mod != nullptr);
     CHECK(cuModuleLoadData(&mod, nullptr) == 1);
-    CHECK(cuModuleLoadData(&mod, "placeholder") == 0);
+    CHECK(cuModuleLoadData(&mod, "distill-emulator-module") == 0);
     CHECK(cuModuleGetFunction(&fn, mod, "dv_saxpy") == 0 && fn != nullptr);
     CHECK(cuModuleGetFunction(&fn2, mod, "dv_diverge") == 0);
     CHECK(cuModuleGetFunction(&fn3, mod, "dv_big_smem") == 0);
