@@ -657,22 +657,189 @@ inline float2 __bfloat1622float2(__nv_bfloat162 h) { return float2{__bfloat162fl
 inline bool __hisnan(__nv_bfloat16 h) { return (h.__x & 0x7fffu) > 0x7f80u; }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Math. <cmath> names are available unqualified through <math.h>. Fast-math intrinsics map  */
-/* to the correctly rounded host functions: the device differs by a few ulp.                   */
+/* Math. <cmath> names are available unqualified through <math.h>.                            */
+/*                                                                                            */
+/* Fast-math intrinsics (__expf, __logf, __sinf, __fdividef, ...). By default they are the     */
+/* correctly rounded host functions; the device's are approximations with the error bounds of  */
+/* the CUDA C++ Programming Guide, appendix "Mathematical Functions", section "Intrinsic        */
+/* Functions", table "Single-Precision Floating-Point Intrinsic Functions"                     */
+/* (https://docs.nvidia.com/cuda/cuda-c-programming-guide/#intrinsic-functions):              */
+/*   __fdividef(x,y)  for |y| in [2^-126, 2^126], the maximum ulp error is 2 (and 0 for        */
+/*                    2^126 < |y| < 2^128 and finite x, NaN for infinite x: see below)         */
+/*   __expf(x)        the maximum ulp error is 2 + floor(abs(1.173 * x))                       */
+/*   __exp10f(x)      the maximum ulp error is 2 + floor(abs(2.97 * x))                        */
+/*   __logf(x)        for x in [0.5, 2], the maximum absolute error is 2^-21.41, otherwise,    */
+/*                    the maximum ulp error is 3                                               */
+/*   __log2f(x)       for x in [0.5, 2], the maximum absolute error is 2^-22, otherwise, the   */
+/*                    maximum ulp error is 2                                                   */
+/*   __log10f(x)      for x in [0.5, 2], the maximum absolute error is 2^-24, otherwise, the   */
+/*                    maximum ulp error is 3                                                   */
+/*   __sinf(x)        for x in [-pi, pi], the maximum absolute error is 2^-21.41, and larger   */
+/*                    otherwise                                                                */
+/*   __cosf(x)        for x in [-pi, pi], the maximum absolute error is 2^-21.19, and larger   */
+/*                    otherwise                                                                */
+/*   __sincosf        same as __sinf(x) and __cosf(x)                                          */
+/*   __tanf(x)        derived from its implementation as __sinf(x) * (1/__cosf(x))             */
+/*   __powf(x,y)      derived from its implementation as exp2f(y * __log2f(x))                 */
+/* DISTILL_EMU_APPROX (read once) selects the model: unset or "exact": the host functions;     */
+/* "perturb": every result moved by a pseudo-random amount within its bound, a function of the */
+/* inputs and DISTILL_EMU_APPROX_SEED only; "max": always at the edge of the bound, the sign   */
+/* from the same hash. In both, special values behave as on the device (see approx_*). A      */
+/* kernel test that passes only with accurate intrinsics fails in these modes. Outside the     */
+/* documented ranges (|x| > pi for sin/cos, which are "larger otherwise") the in-range bound   */
+/* is used: the device may be worse. Not a device function: __exp2f (nvcc 13 rejects it in     */
+/* device code); modelled here as ex2.approx.f32 with 2 ulp, the error assumed for the ex2     */
+/* step of __powf too. fdividef (no underscores) is IEEE division unless -use_fast_math, which */
+/* the crate does not use (crt/device_functions.h; nvcc emits div.rn.f32): exact in all modes. */
 /* ------------------------------------------------------------------------------------------ */
 
-inline float __expf(float x) { return expf(x); }
-inline float __exp10f(float x) { return powf(10.0f, x); }
-inline float __exp2f(float x) { return exp2f(x); }
-inline float __logf(float x) { return logf(x); }
-inline float __log2f(float x) { return log2f(x); }
-inline float __log10f(float x) { return log10f(x); }
-inline float __powf(float x, float y) { return powf(x, y); }
-inline float __sinf(float x) { return sinf(x); }
-inline float __cosf(float x) { return cosf(x); }
-inline float __tanf(float x) { return tanf(x); }
-inline void __sincosf(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
-inline float __fdividef(float a, float b) { return a / b; }
+namespace dk_emu {
+enum : int { kApproxExact = 0, kApproxPerturb = 1, kApproxMax = 2 };
+struct ApproxConfig {
+    int mode;
+    unsigned long long seed;
+};
+__attribute__((noinline, cold)) inline ApproxConfig approx_config_from_env() {
+    ApproxConfig c{kApproxExact, 0};
+    const char* m = getenv("DISTILL_EMU_APPROX");
+    if (m && *m) {
+        if (!strcmp(m, "exact"))
+            c.mode = kApproxExact;
+        else if (!strcmp(m, "perturb"))
+            c.mode = kApproxPerturb;
+        else if (!strcmp(m, "max"))
+            c.mode = kApproxMax;
+        else
+            fprintf(stderr, "distill emulator: ignoring DISTILL_EMU_APPROX=%s (expected exact, perturb or max)\n", m);
+    }
+    const char* s = getenv("DISTILL_EMU_APPROX_SEED");
+    if (s && *s) {
+        char* end = nullptr;
+        const unsigned long long v = strtoull(s, &end, 0);
+        if (end == s || *end != '\0' || *s == '-')
+            fprintf(stderr, "distill emulator: ignoring DISTILL_EMU_APPROX_SEED=%s (expected an unsigned integer)\n", s);
+        else
+            c.seed = v;
+    }
+    return c;
+}
+/* Read once per process; the exact mode's hot path is this guard check and one compare. */
+inline const ApproxConfig& approx_config() {
+    static const ApproxConfig c = approx_config_from_env();
+    return c;
+}
+inline bool approx_on() { return __builtin_expect(approx_config().mode != kApproxExact, 0); }
+
+enum ApproxFn : unsigned { kFnExp = 1, kFnExp10, kFnExp2, kFnLog, kFnLog2, kFnLog10, kFnSin, kFnCos, kFnDiv };
+inline unsigned long long approx_mix(unsigned long long z) { /* splitmix64's finaliser */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+inline unsigned long long approx_hash(const ApproxConfig& c, ApproxFn fn, float a, float b = 0.0f) {
+    const unsigned long long in = (static_cast<unsigned long long>(bit_cast<uint32_t>(a)) << 32) | bit_cast<uint32_t>(b);
+    return approx_mix(approx_mix(c.seed ^ (0x9e3779b97f4a7c15ull * fn)) ^ in);
+}
+/* `cr` (the correctly rounded result) moved by k ulps, |k| <= max_ulps, counted in representable
+ * floats as the Guide counts them: k uniform (perturb) or +-max_ulps (max). Zero, infinity and
+ * NaN stay; the result neither crosses zero nor overflows to infinity. */
+inline float approx_ulps(const ApproxConfig& c, float cr, long long max_ulps, unsigned long long h) {
+    if (!std::isfinite(cr) || cr == 0.0f) return cr;
+    const long long k = c.mode == kApproxMax ? ((h >> 63) ? max_ulps : -max_ulps)
+                                             : static_cast<long long>(h % static_cast<unsigned long long>(2 * max_ulps + 1)) - max_ulps;
+    const uint32_t u = bit_cast<uint32_t>(cr);
+    const long long mag = std::min(std::max(static_cast<long long>(u & 0x7fffffffu) + k, 0ll), 0x7f7fffffll);
+    return bit_cast<float>((u & 0x80000000u) | static_cast<uint32_t>(mag));
+}
+/* `ref` (the double-precision value) moved by at most `err`, uniform (perturb) or +-err (max),
+ * rounded to float and pulled back inside the bound if the rounding pushed it out. */
+inline float approx_abs(const ApproxConfig& c, double ref, double err, unsigned long long h) {
+    const double u = c.mode == kApproxMax ? ((h >> 63) ? 1.0 : -1.0) : static_cast<double>(h >> 11) * 0x1p-52 - 1.0;
+    float f = static_cast<float>(ref + u * err);
+    while (std::fabs(static_cast<double>(f) - ref) > err) f = nextafterf(f, static_cast<float>(ref));
+    return f;
+}
+inline float flush_subnormal(float f) { return std::fabs(f) < FLT_MIN ? std::copysign(0.0f, f) : f; }
+
+/* The approximations. Special values as the device computes them: e^(+-0) = 1, e^-inf = +0,
+ * overflow to inf and underflow to 0 as the correctly rounded result; log(1) = +0, log(+-0) = -inf,
+ * log(x < 0) = NaN; sin(+-0) = +-0, cos(+-0) = 1, sin/cos(+-inf) = NaN; NaN in, NaN out. */
+__attribute__((noinline, cold)) inline float approx_exp(ApproxFn fn, float x) {
+    const ApproxConfig& c = approx_config();
+    const double xd = x;
+    const double ref = fn == kFnExp ? std::exp(xd) : fn == kFnExp10 ? std::pow(10.0, xd) : std::exp2(xd);
+    if (std::fabs(x) < FLT_MIN) return 1.0f; /* ex2.approx: +-0 and subnormals give exactly 1 */
+    const double slope = fn == kFnExp ? 1.173 : fn == kFnExp10 ? 2.97 : 0.0;
+    const float cr = static_cast<float>(ref);
+    if (!std::isfinite(cr) || cr == 0.0f) return cr; /* before the bound: it overflows for large |x| */
+    return approx_ulps(c, cr, 2 + static_cast<long long>(std::floor(std::fabs(slope * xd))), approx_hash(c, fn, x));
+}
+__attribute__((noinline, cold)) inline float approx_log(ApproxFn fn, float x) {
+    const ApproxConfig& c = approx_config();
+    const double xd = x;
+    const double ref = fn == kFnLog ? std::log(xd) : fn == kFnLog2 ? std::log2(xd) : std::log10(xd);
+    if (!(x > 0.0f) || x == 1.0f || std::isinf(x)) return static_cast<float>(ref); /* NaN, -inf, +0, +inf */
+    if (x >= 0.5f && x <= 2.0f) {
+        const double err = fn == kFnLog ? std::exp2(-21.41) : fn == kFnLog2 ? 0x1p-22 : 0x1p-24;
+        return approx_abs(c, ref, err, approx_hash(c, fn, x));
+    }
+    return approx_ulps(c, static_cast<float>(ref), fn == kFnLog2 ? 2 : 3, approx_hash(c, fn, x));
+}
+/* sin.approx/cos.approx; __sinf's and __tanf's subnormal results are flushed to +-0 (their notes in
+ * crt/device_functions.h). */
+__attribute__((noinline, cold)) inline float approx_sin(float x) {
+    const ApproxConfig& c = approx_config();
+    if (std::isnan(x) || std::isinf(x)) return sinf(x);
+    if (std::fabs(x) < FLT_MIN) return std::copysign(0.0f, x);
+    return flush_subnormal(approx_abs(c, std::sin(static_cast<double>(x)), std::exp2(-21.41), approx_hash(c, kFnSin, x)));
+}
+__attribute__((noinline, cold)) inline float approx_cos(float x) {
+    const ApproxConfig& c = approx_config();
+    if (std::isnan(x) || std::isinf(x)) return cosf(x);
+    if (std::fabs(x) < FLT_MIN) return 1.0f;
+    return approx_abs(c, std::cos(static_cast<double>(x)), std::exp2(-21.19), approx_hash(c, kFnCos, x));
+}
+/* div.approx.f32: x * (1/y). 2 ulp for |y| in [2^-126, 2^126]; for 2^126 < |y| < 2^128 the
+ * reciprocal is 0, so the result is a signed zero for finite x and NaN for infinite x (documented
+ * for __fdividef in crt/device_functions.h). Elsewhere (y zero, subnormal, infinite) exact. */
+__attribute__((noinline, cold)) inline float approx_fdividef(float x, float y) {
+    const ApproxConfig& c = approx_config();
+    const float ay = std::fabs(y);
+    if (ay > 0x1p126f && ay < INFINITY) return x * std::copysign(0.0f, y);
+    if (!(ay >= 0x1p-126f && ay <= 0x1p126f)) return x / y;
+    return approx_ulps(c, x / y, 2, approx_hash(c, kFnDiv, x, y));
+}
+/* nvcc's code: sin.approx, cos.approx, div.approx; subnormal results flushed. */
+__attribute__((noinline, cold)) inline float approx_tan(float x) { return flush_subnormal(approx_fdividef(approx_sin(x), approx_cos(x))); }
+/* nvcc's code: ex2.approx(y * lg2.approx(x)), hence its special values: x < 0 gives NaN,
+ * __powf(0, 0) and __powf(1, inf) NaN, __powf(0, y > 0) = 0. */
+__attribute__((noinline, cold)) inline float approx_pow(float x, float y) {
+    const float t = y * approx_log(kFnLog2, x);
+    return approx_exp(kFnExp2, t);
+}
+}  // namespace dk_emu
+
+inline float __expf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_exp(::dk_emu::kFnExp, x) : expf(x); }
+inline float __exp10f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_exp(::dk_emu::kFnExp10, x) : powf(10.0f, x); }
+inline float __exp2f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_exp(::dk_emu::kFnExp2, x) : exp2f(x); }
+inline float __logf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_log(::dk_emu::kFnLog, x) : logf(x); }
+inline float __log2f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_log(::dk_emu::kFnLog2, x) : log2f(x); }
+inline float __log10f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_log(::dk_emu::kFnLog10, x) : log10f(x); }
+inline float __powf(float x, float y) { return ::dk_emu::approx_on() ? ::dk_emu::approx_pow(x, y) : powf(x, y); }
+inline float __sinf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_sin(x) : sinf(x); }
+inline float __cosf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_cos(x) : cosf(x); }
+inline float __tanf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_tan(x) : tanf(x); }
+inline void __sincosf(float x, float* s, float* c) {
+    if (::dk_emu::approx_on()) {
+        if (std::fabs(x) < FLT_MIN) x = std::copysign(0.0f, x); /* subnormal input flushed (its note) */
+        *s = ::dk_emu::approx_sin(x);
+        *c = ::dk_emu::approx_cos(x);
+        return;
+    }
+    *s = sinf(x);
+    *c = cosf(x);
+}
+inline float __fdividef(float a, float b) { return ::dk_emu::approx_on() ? ::dk_emu::approx_fdividef(a, b) : a / b; }
 inline float fdividef(float a, float b) { return a / b; }
 inline double fdivide(double a, double b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
@@ -680,8 +847,10 @@ inline double rsqrt(double x) { return 1.0 / sqrt(x); }
 inline float rcbrtf(float x) { return 1.0f / cbrtf(x); }
 inline float __saturatef(float x) { return x >= 1.0f ? 1.0f : (x > 0.0f ? x : 0.0f); /* NaN -> 0 */ }
 
-/* The _rn arithmetic intrinsics are never contracted into an FMA: an empty asm makes the
- * product opaque to the optimiser. */
+/* The _rn arithmetic intrinsics are never contracted into an FMA (the emulator is built with
+ * -ffp-contract=fast, like nvcc's default --fmad=true): an empty asm makes the product opaque
+ * to the optimiser, and the operands of an addition too, so that __fadd_rn(a * b, c) keeps its
+ * rounded product. */
 #if defined(__x86_64__) || defined(__i386__)
 #define DK_EMU_OPAQUE_F(v) __asm__("" : "+x"(v))
 #elif defined(__aarch64__)
@@ -690,15 +859,15 @@ inline float __saturatef(float x) { return x >= 1.0f ? 1.0f : (x > 0.0f ? x : 0.
 #define DK_EMU_OPAQUE_F(v) __asm__("" : "+m"(v))
 #endif
 inline float __fmul_rn(float a, float b) { float r = a * b; DK_EMU_OPAQUE_F(r); return r; }
-inline float __fadd_rn(float a, float b) { float r = a + b; DK_EMU_OPAQUE_F(r); return r; }
-inline float __fsub_rn(float a, float b) { float r = a - b; DK_EMU_OPAQUE_F(r); return r; }
+inline float __fadd_rn(float a, float b) { DK_EMU_OPAQUE_F(a); DK_EMU_OPAQUE_F(b); float r = a + b; DK_EMU_OPAQUE_F(r); return r; }
+inline float __fsub_rn(float a, float b) { DK_EMU_OPAQUE_F(a); DK_EMU_OPAQUE_F(b); float r = a - b; DK_EMU_OPAQUE_F(r); return r; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __fsqrt_rn(float x) { return sqrtf(x); }
 inline float __frsqrt_rn(float x) { return 1.0f / sqrtf(x); }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 inline double __dmul_rn(double a, double b) { double r = a * b; DK_EMU_OPAQUE_F(r); return r; }
-inline double __dadd_rn(double a, double b) { double r = a + b; DK_EMU_OPAQUE_F(r); return r; }
+inline double __dadd_rn(double a, double b) { DK_EMU_OPAQUE_F(a); DK_EMU_OPAQUE_F(b); double r = a + b; DK_EMU_OPAQUE_F(r); return r; }
 inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
 
 inline float __int_as_float(int i) { return ::dk_emu::bit_cast<float>(i); }
