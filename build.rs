@@ -93,6 +93,8 @@ fn build_fatbin(kernels: &Path, all: &Path, out: &Path) {
         );
         std::fs::write(&fatbin, b"").unwrap();
         std::fs::write(&report, b"").unwrap();
+        // The empty fatbin must not pass for nvcc's output on a later build that finds nvcc.
+        let _ = std::fs::remove_file(out.join("kernels.fatbin.stamp"));
         return;
     };
     // nvcc is the slow step (a minute of CPU): skip it when its inputs are what they were.
@@ -222,6 +224,9 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
         std::fs::write(&unit, format!("#include \"{}\"\n", s.display())).unwrap();
         kernel_units.push(unit);
     }
+    // Numerics as nvcc compiles device code: a*b+c contracted into an FMA (nvcc's default
+    // --fmad=true; __fmul_rn/__fadd_rn stay unfused, see simt.h), f32 subnormals kept (nvcc's
+    // default -ftz=false; never -ffast-math). x86-64 needs -mfma for FMA instructions.
     let base = [
         "-std=c++17",
         "-O2",
@@ -229,7 +234,13 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
         "-pthread",
         "-fno-strict-aliasing",
         "-w",
+        "-ffp-contract=fast",
     ];
+    let fma: &[&str] = if emulator_needs_mfma() {
+        &["-mfma"]
+    } else {
+        &[]
+    };
     // (unit, object, extra flags)
     let mut jobs: Vec<(PathBuf, PathBuf, Vec<&str>)> = Vec::new();
     for u in runtime.iter().chain(&kernel_units) {
@@ -242,6 +253,9 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
                 "-DDK_EMU_CHECK=1",
                 "-fsanitize=thread",
                 "-fsanitize=bounds",
+                // Keep aggregate loads whole: a float4 load stays one 16-byte access whose
+                // alignment memcheck can check, as the GPU does (SRA would split it in four).
+                "-fno-tree-sra",
                 "-g1",
             ]
         } else {
@@ -257,6 +271,7 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
                 scope.spawn(move || {
                     let o = Command::new(cxx)
                         .args(base)
+                        .args(fma)
                         .args(extra)
                         .arg("-I")
                         .arg(kernels)
@@ -303,6 +318,27 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
             );
         }
     }
+}
+
+/// Whether the emulator is built with `-mfma`: on an x86 target only when the build host is that
+/// target's architecture and its CPU has FMA (the library runs where it is built). Without it,
+/// a*b+c is rounded twice where the GPU rounds once, and a cargo warning says so. aarch64 always
+/// has FMA instructions.
+fn emulator_needs_mfma() -> bool {
+    let target = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    if target != "x86_64" && target != "x86" {
+        return false;
+    }
+    // std::env::consts::ARCH is the build script's own architecture: the build host's.
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    if std::env::consts::ARCH == target && std::arch::is_x86_feature_detected!("fma") {
+        return true;
+    }
+    println!(
+        "cargo::warning=emulator built without -mfma (target {target}, build host without FMA or \
+         another architecture): a*b+c is not fused as on the GPU"
+    );
+    false
 }
 
 #[cfg(feature = "regen-bindings")]

@@ -42,6 +42,11 @@ DK_REGISTER_KERNEL(dk_prepare, DkPrepareParams)
 
 extern "C" __global__ void __launch_bounds__(1024) dk_reduce(DkReduceParams p) {
     __shared__ float red_f[DK_MAX_WARPS];
+    // A bad label fails the call and the row kernels wrote nothing: there is nothing to sum.
+    if (p.scalars->bad_label_row >= 0) {
+        if (threadIdx.x == 0) *p.loss = 0.0f;
+        return;
+    }
     float acc = 0.0f;
     for (int64_t r = threadIdx.x; r < p.rows; r += blockDim.x) acc += p.row_loss[r];
     acc = dk_block_reduce(acc, DkSum{}, red_f);

@@ -183,6 +183,8 @@ void* device_malloc(size_t bytes) {
     a->raw = static_cast<char*>(raw);
     a->base = reinterpret_cast<uintptr_t>(raw) + kRedzone;
     a->size = bytes;
+    /* Now, not on first access: stream workers mark bytes written while kernels read them. */
+    a->init = static_cast<unsigned char*>(calloc(bytes ? bytes : 1, 1));
     std::lock_guard<std::mutex> g(reg().mu);
     reg().live[a->base] = a;
     return reinterpret_cast<void*>(a->base);

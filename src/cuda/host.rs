@@ -15,8 +15,10 @@ impl CudaDevice {
         DeviceVec::upload(&self.stream, data).map_err(|e| self.cuda_error("upload", e))
     }
 
-    fn zeros(&self, dtype: Dtype, len: usize) -> Result<DeviceVec> {
-        DeviceVec::zeros(&self.stream, dtype, len).map_err(|e| self.cuda_error("allocation", e))
+    /// An output buffer, not zeroed: the kernels write every element (gradients: zeros on ignored
+    /// rows), and the emulator fills fresh memory with NaN, so an element a kernel forgets shows up.
+    fn output(&self, dtype: Dtype, len: usize) -> Result<DeviceVec> {
+        DeviceVec::uninit(&self.stream, dtype, len).map_err(|e| self.cuda_error("allocation", e))
     }
 
     fn download(&self, src: &DeviceVec, dst: HostSliceMut) -> Result<()> {
@@ -65,7 +67,7 @@ impl Backend for CudaDevice {
             hidden: g_hidden,
         } = grads;
         let mut g = match &g_logits {
-            Some(g) => Some(self.zeros(g.dtype(), g.len())?),
+            Some(g) => Some(self.output(g.dtype(), g.len())?),
             None => None,
         };
         let hidden_bufs = match &inputs.hidden {
@@ -73,7 +75,7 @@ impl Backend for CudaDevice {
             None => None,
         };
         let mut hg = match &g_hidden {
-            Some(g) => Some(self.zeros(g.dtype(), g.len())?),
+            Some(g) => Some(self.output(g.dtype(), g.len())?),
             None => None,
         };
         let value = self.distill_loss_device(
@@ -121,7 +123,7 @@ impl Backend for CudaDevice {
             &[("input", input.len()), ("output", output.len())],
         )?;
         let x = self.upload(input)?;
-        let mut y = self.zeros(output.dtype(), output.len())?;
+        let mut y = self.output(output.dtype(), output.len())?;
         self.softmax_device(&x, &mut y, rows, vocab, temperature, log)?;
         self.download(&y, output)
     }
@@ -146,7 +148,7 @@ impl Backend for CudaDevice {
         )?;
         let y = self.upload(output)?;
         let dy = self.upload(grad_output)?;
-        let mut dx = self.zeros(grad_input.dtype(), grad_input.len())?;
+        let mut dx = self.output(grad_input.dtype(), grad_input.len())?;
         self.softmax_backward_device(&y, &dy, &mut dx, rows, vocab, temperature, log)?;
         self.download(&dx, grad_input)
     }

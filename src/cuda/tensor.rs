@@ -92,6 +92,24 @@ impl DeviceVec {
         })
     }
 
+    /// A buffer whose contents are whatever the allocator left (0xFF bytes on the emulator): for
+    /// outputs the kernels write in full.
+    pub(crate) fn uninit(
+        stream: &std::sync::Arc<CudaStream>,
+        dtype: Dtype,
+        len: usize,
+    ) -> Result<Self, cudarc::driver::DriverError> {
+        // SAFETY: f32, f16 and bf16 are valid for every bit pattern; callers only read what a
+        // kernel has written.
+        Ok(unsafe {
+            match dtype {
+                Dtype::F32 => DeviceVec::F32(stream.alloc(len)?),
+                Dtype::F16 => DeviceVec::F16(stream.alloc(len)?),
+                Dtype::Bf16 => DeviceVec::Bf16(stream.alloc(len)?),
+            }
+        })
+    }
+
     pub fn zeros(
         stream: &std::sync::Arc<CudaStream>,
         dtype: Dtype,

@@ -10,7 +10,11 @@
 #   test_errors   divergence / misuse / trap / assert reported with the kernel's name, recovery,
 #                 concurrent launches from several host threads
 #   test_fp16     half/bfloat16 rounding, bit-exact against an independent reference
+#   test_numerics FMA contraction as build.rs compiles kernels, fast-math intrinsics within their
+#                 documented error (DISTILL_EMU_APPROX=exact|perturb|max), special values
 #   test_driver   the fake driver's C API as cudarc uses it (in DISTILL_EMU_SYNC=1 mode)
+#   test_schedule seeded warp-priority schedules expose a missing barrier the default hides
+#   test_watchdog a spin-wait that cannot end here fails the launch (LAUNCH_TIMEOUT) instead of hanging
 #   test_fidelity the driver fails where CUDA fails: argument errors, module images, launch
 #                 limits, asynchronous streams and events, fault reporting; sticky errors
 #                 (DISTILL_EMU_STICKY=1) and the synchronous mode (DISTILL_EMU_SYNC=1)
@@ -77,8 +81,19 @@ build test_errors -x c++ "$here/test_errors.cu" -x none "${objs[@]}" &&
     run test_errors 120 "$out/test_errors" &&
     run "test_errors (DISTILL_EMU_THREADS=1)" 120 env DISTILL_EMU_THREADS=1 "$out/test_errors"
 build test_fp16 "$here/test_fp16.cpp" "${objs[@]}" && run test_fp16 120 "$out/test_fp16"
+# Compiled the way build.rs compiles the kernels: contraction on, -mfma where the x86 host has FMA.
+numerics_flags=(-ffp-contract=fast)
+case "$(uname -m)" in x86_64 | i?86) if grep -qw fma /proc/cpuinfo 2>/dev/null; then numerics_flags+=(-mfma); fi ;; esac
+build test_numerics "${numerics_flags[@]}" -x c++ "$here/test_numerics.cu" -x none "${objs[@]}" &&
+    run "test_numerics exact" 120 env -u DISTILL_EMU_APPROX "$out/test_numerics" exact &&
+    run "test_numerics perturb (DISTILL_EMU_APPROX=perturb)" 120 env DISTILL_EMU_APPROX=perturb "$out/test_numerics" perturb &&
+    run "test_numerics max (DISTILL_EMU_APPROX=max)" 120 env DISTILL_EMU_APPROX=max "$out/test_numerics" max
 build test_driver "$here/test_driver.cpp" "${objs[@]}" &&
     run "test_driver (DISTILL_EMU_SYNC=1)" 120 env DISTILL_EMU_SYNC=1 "$out/test_driver"
+build test_schedule "$here/test_schedule.cpp" -x c++ "$emu/selftest.cu" -x none "${objs[@]}" &&
+    run test_schedule 120 "$out/test_schedule"
+build test_watchdog "$here/test_watchdog.cpp" -x c++ "$emu/selftest.cu" -x none "${objs[@]}" &&
+    run "test_watchdog (DISTILL_EMU_WATCHDOG_S=1)" 60 env DISTILL_EMU_WATCHDOG_S=1 "$out/test_watchdog"
 build test_fidelity "$here/test_fidelity.cpp" "${objs[@]}" &&
     run "test_fidelity async" 120 "$out/test_fidelity" async &&
     run "test_fidelity async (DISTILL_EMU_THREADS=1)" 120 env DISTILL_EMU_THREADS=1 "$out/test_fidelity" async &&
