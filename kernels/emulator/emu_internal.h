@@ -54,6 +54,9 @@ struct KernelEntry {
     std::atomic<int> preferred_carveout{-1};
 };
 
+/* printf into a std::string (messages of at most 1 KiB). */
+DK_EMU_HIDDEN std::string strfmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* Registered kernel by name, or nullptr. Thread-safe. */
 DK_EMU_HIDDEN KernelEntry* find_kernel(const char* name);
 

@@ -85,8 +85,7 @@ namespace dk_emu {
 /* Small helpers                                                                               */
 /* ------------------------------------------------------------------------------------------ */
 
-static std::string strfmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-static std::string strfmt(const char* fmt, ...) {
+std::string strfmt(const char* fmt, ...) {
     char buf[1024];
     va_list ap;
     va_start(ap, fmt);

@@ -374,22 +374,12 @@ void san_launch_end() {
 /* Reports                                                                                     */
 /* ------------------------------------------------------------------------------------------ */
 
-static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-static std::string fmt(const char* f, ...) {
-    char buf[1024];
-    va_list ap;
-    va_start(ap, f);
-    vsnprintf(buf, sizeof buf, f, ap);
-    va_end(ap);
-    return buf;
-}
-
 static uint32_t pc_offset(const void* pc) {
     return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(pc) - image().base);
 }
 
 /* A code address in a message; san_symbolize turns it into file:line once off the fiber. */
-static std::string pc_token(uint32_t off) { return fmt("{pc:%" PRIx32 "}", off); }
+static std::string pc_token(uint32_t off) { return strfmt("{pc:%" PRIx32 "}", off); }
 
 [[noreturn]] __attribute__((noinline, cold)) static void report(int code, const std::string& msg) {
     /* Built in a scope of its own: nothing that owns memory may be alive when the block is
@@ -399,63 +389,36 @@ static std::string pc_token(uint32_t off) { return fmt("{pc:%" PRIx32 "}", off);
     fail_current_thread(code, buf);
 }
 
-std::string san_symbolize(const std::string& msg) {
-    std::vector<std::string> pcs;
-    for (size_t i = msg.find("{pc:"); i != std::string::npos; i = msg.find("{pc:", i + 1)) {
-        const size_t j = msg.find('}', i);
-        if (j == std::string::npos) break;
-        pcs.push_back(msg.substr(i + 4, j - i - 4));
-    }
-    if (pcs.empty()) return msg;
-    std::vector<std::string> lines(pcs.size());
-    const Image& im = image();
-    std::string cmd = "addr2line -i -s -e '" + im.path + "'";
-    for (const std::string& p : pcs) {
-        /* The recorded address is the return address of the check call: step back into it. */
-        cmd += fmt(" 0x%llx", strtoull(p.c_str(), nullptr, 16) - 1);
-    }
-    /* -i prints the inline chain of each address; a sentinel address after each one separates them. */
-    std::string out;
-    if (FILE* f = popen((cmd + " 2>/dev/null").c_str(), "r")) {
+/* One addr2line run per code address (error path only: two at most); -i prints the inline chain,
+ * innermost first. The recorded address is the return address of the check call: one byte back
+ * is inside the access's line. */
+static std::string source_line(const std::string& pc_hex) {
+    const std::string cmd = "addr2line -i -s -e '" + image().path + "'" +
+                            strfmt(" 0x%llx 2>/dev/null", strtoull(pc_hex.c_str(), nullptr, 16) - 1);
+    std::string chain;
+    if (FILE* f = popen(cmd.c_str(), "r")) {
         char line[512];
-        while (fgets(line, sizeof line, f)) out += line;
+        while (fgets(line, sizeof line, f)) {
+            std::string l(line);
+            while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+            const size_t d = l.find(" (discriminator");
+            if (d != std::string::npos) l.erase(d);
+            if (l.empty() || l.find("??") == 0) continue;
+            chain += chain.empty() ? l : " inlined into " + l;
+        }
         pclose(f);
     }
-    /* Without the sentinel we cannot split inline chains reliably; use the first line per address
-     * when the counts match, else leave the raw offsets. */
-    std::vector<std::string> all;
-    for (size_t i = 0; i < out.size();) {
-        size_t j = out.find('\n', i);
-        if (j == std::string::npos) j = out.size();
-        all.push_back(out.substr(i, j - i));
-        i = j + 1;
-    }
+    return chain.empty() ? "+0x" + pc_hex : chain;
+}
+
+std::string san_symbolize(const std::string& msg) {
     std::string r = msg;
-    if (all.size() >= pcs.size()) {
-        /* Re-run one address at a time when chains are present (error path only: a few calls). */
-        for (size_t k = 0; k < pcs.size(); ++k) {
-            std::string one = "addr2line -i -s -e '" + im.path + "'" +
-                              fmt(" 0x%llx 2>/dev/null", strtoull(pcs[k].c_str(), nullptr, 16) - 1);
-            std::string chain;
-            if (FILE* f = popen(one.c_str(), "r")) {
-                char line[512];
-                while (fgets(line, sizeof line, f)) {
-                    std::string l(line);
-                    while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
-                    const size_t d = l.find(" (discriminator");
-                    if (d != std::string::npos) l.erase(d);
-                    if (l.empty() || l.find("??") == 0) continue;
-                    chain += chain.empty() ? l : " inlined into " + l;
-                }
-                pclose(f);
-            }
-            lines[k] = chain.empty() ? "+0x" + pcs[k] : chain;
-        }
-    }
-    for (size_t k = 0; k < pcs.size(); ++k) {
-        const std::string tok = "{pc:" + pcs[k] + "}";
-        const size_t i = r.find(tok);
-        if (i != std::string::npos) r.replace(i, tok.size(), lines[k].empty() ? "+0x" + pcs[k] : lines[k]);
+    for (size_t i = r.find("{pc:"); i != std::string::npos; i = r.find("{pc:", i)) {
+        const size_t j = r.find('}', i);
+        if (j == std::string::npos) break;
+        const std::string where = source_line(r.substr(i + 4, j - i - 4));
+        r.replace(i, j + 1 - i, where);
+        i += where.size();
     }
     return r;
 }
@@ -496,17 +459,16 @@ static inline bool ordered(const Access& prev, const ThreadView& t, uint32_t blo
 
 [[noreturn]] static void race_report(const char* space, const std::string& where, const char* hazard,
                                      const Access& prev, bool prev_write, int kind, const ThreadView& t,
-                                     uint32_t pc, uint32_t block, unsigned long long prev_block_linear) {
+                                     uint32_t pc, uint32_t block) {
     std::string msg;
     {
         const bool same_block = prev.block == block;
-        msg = current_thread_where(fmt("racecheck: %s hazard on %s memory", hazard, space).c_str());
-        msg += fmt(": it %ss %s at %s", verb(kind), where.c_str(), pc_token(pc).c_str());
-        msg += fmt("; %s %s the same bytes at %s", same_block ? thread_name(t.block_linear, prev.tid).c_str() : "another block",
+        msg = current_thread_where(strfmt("racecheck: %s hazard on %s memory", hazard, space).c_str());
+        msg += strfmt(": it %ss %s at %s", verb(kind), where.c_str(), pc_token(pc).c_str());
+        msg += strfmt("; %s %s the same bytes at %s", same_block ? thread_name(t.block_linear, prev.tid).c_str() : "another block",
                    prev_write ? "wrote" : "read", pc_token(prev.pc).c_str());
         msg += same_block ? (prev.multi ? " (and other threads did too)" : "") + std::string(", with no __syncthreads between them")
                           : std::string(" in the same launch (blocks are not ordered)");
-        (void)prev_block_linear;
     }
     report(kErrLaunchFailed, msg);
 }
@@ -523,13 +485,13 @@ static void race_check(RaceCell* cells, size_t first, size_t last, int kind, con
         const bool r_live = c.r.launch == g.launch_id && (!shared || c.r.block == block);
         if (w_live && !ordered(c.w, t, block)) {
             race_report(space, where_fn(addr), kind == kRead ? "read-after-write" : "write-after-write", c.w, true, kind,
-                        t, pc, block, 0);
+                        t, pc, block);
         }
         if (kind == kWrite) {
             if (r_live) {
                 const bool same_interval = c.r.block == block && c.r.bar == static_cast<uint16_t>(t.bar_gen);
                 if (!ordered(c.r, t, block) || (c.r.multi && same_interval))
-                    race_report(space, where_fn(addr), "write-after-read", c.r, false, kind, t, pc, block, 0);
+                    race_report(space, where_fn(addr), "write-after-read", c.r, false, kind, t, pc, block);
             }
             c.w = Access{g.launch_id, block, pc, static_cast<uint16_t>(t.tid), static_cast<uint16_t>(t.bar_gen),
                          static_cast<uint16_t>(t.warp_gen), 0};
@@ -548,22 +510,22 @@ static void race_check(RaceCell* cells, size_t first, size_t last, int kind, con
 static std::string g_where;
 static Alloc* g_where_alloc = nullptr;
 static const std::string& global_where(uintptr_t a) {
-    g_where = fmt("byte %zu of a %zu-byte device allocation", static_cast<size_t>(a - g_where_alloc->base),
+    g_where = strfmt("byte %zu of a %zu-byte device allocation", static_cast<size_t>(a - g_where_alloc->base),
                   g_where_alloc->size);
     return g_where;
 }
 static const std::string& tls_where(uintptr_t a) {
-    g_where = fmt("static __shared__ memory (byte %zu of the thread-local block)", static_cast<size_t>(a - g.tls.lo));
+    g_where = strfmt("static __shared__ memory (byte %zu of the thread-local block)", static_cast<size_t>(a - g.tls.lo));
     return g_where;
 }
 static const std::string& dyn_where(uintptr_t a) {
-    g_where = fmt("dynamic shared byte %zu of %zu", static_cast<size_t>(a - g.dyn.lo), g.dyn.bytes);
+    g_where = strfmt("dynamic shared byte %zu of %zu", static_cast<size_t>(a - g.dyn.lo), g.dyn.bytes);
     return g_where;
 }
 
 [[noreturn]] static void illegal(int code, const std::string& what, uint32_t pc) {
     std::string msg;
-    msg = current_thread_where(fmt("memcheck: %s", what.c_str()).c_str()) + " at " + pc_token(pc);
+    msg = current_thread_where(strfmt("memcheck: %s", what.c_str()).c_str()) + " at " + pc_token(pc);
     report(code, msg);
 }
 
@@ -576,7 +538,7 @@ static void shared_access(SharedShadow& s, uintptr_t a, unsigned n, int kind, ui
                 if (s.init_tag[off + i] != g.block_serial) {
                     std::string msg;
                     msg = current_thread_where("initcheck: read of uninitialised shared memory") +
-                          fmt(": %u bytes at %s (nothing in this block wrote them) at %s", n, where_fn(a).c_str(),
+                          strfmt(": %u bytes at %s (nothing in this block wrote them) at %s", n, where_fn(a).c_str(),
                               pc_token(pc).c_str());
                     report(kErrLaunchFailed, msg);
                 }
@@ -599,7 +561,7 @@ static void global_access(Alloc* al, uintptr_t a, unsigned n, int kind, uint32_t
                 if (!sh[off + i]) {
                     std::string msg;
                     msg = current_thread_where("initcheck: read of uninitialised __global__ memory") +
-                          fmt(": %u bytes at %s (never written by a kernel, memset or copy) at %s", n,
+                          strfmt(": %u bytes at %s (never written by a kernel, memset or copy) at %s", n,
                               global_where(a).c_str(), pc_token(pc).c_str());
                     report(kErrLaunchFailed, msg);
                 }
@@ -622,38 +584,38 @@ static void check_access(uintptr_t a, unsigned n, int kind, bool natural, const 
     const bool misaligned = natural && (n & (n - 1)) == 0 && n > 1 && (a & (n - 1)) != 0;
 
     if (g.tls.bytes && a - g.tls.lo < g.tls.bytes) {
-        if (a + n - g.tls.lo > g.tls.bytes) illegal(kErrIllegalAddress, fmt("out-of-bounds %s of %u bytes in static shared memory", verb(kind), n), pc);
-        if (misaligned) illegal(716, fmt("misaligned %s of %u bytes at static shared byte %zu", verb(kind), n, static_cast<size_t>(a - g.tls.lo)), pc);
+        if (a + n - g.tls.lo > g.tls.bytes) illegal(kErrIllegalAddress, strfmt("out-of-bounds %s of %u bytes in static shared memory", verb(kind), n), pc);
+        if (misaligned) illegal(716, strfmt("misaligned %s of %u bytes at static shared byte %zu", verb(kind), n, static_cast<size_t>(a - g.tls.lo)), pc);
         shared_access(g.tls, a, n, kind, pc, tls_where);
         return;
     }
     if (g.dyn_guard_n && a - g.dyn_guard_lo < g.dyn_guard_n) {
         if (a < g.dyn.lo || a + n > g.dyn.lo + g.dyn.bytes) {
             illegal(kErrIllegalAddress,
-                    fmt("out-of-bounds %s of %u bytes at dynamic shared offset %lld (the launch has %zu bytes)", verb(kind), n,
+                    strfmt("out-of-bounds %s of %u bytes at dynamic shared offset %lld (the launch has %zu bytes)", verb(kind), n,
                         static_cast<long long>(a - g.dyn.lo), g.dyn.bytes),
                     pc);
         }
-        if (misaligned) illegal(716, fmt("misaligned %s of %u bytes at dynamic shared byte %zu", verb(kind), n, static_cast<size_t>(a - g.dyn.lo)), pc);
+        if (misaligned) illegal(716, strfmt("misaligned %s of %u bytes at dynamic shared byte %zu", verb(kind), n, static_cast<size_t>(a - g.dyn.lo)), pc);
         shared_access(g.dyn, a, n, kind, pc, dyn_where);
         return;
     }
     if (Alloc* al = find_near(a)) {
         if (al->freed) {
             illegal(kErrIllegalAddress,
-                    fmt("%s of %u bytes at byte %lld of a freed %zu-byte device allocation (use after free)", verb(kind), n,
+                    strfmt("%s of %u bytes at byte %lld of a freed %zu-byte device allocation (use after free)", verb(kind), n,
                         static_cast<long long>(a - al->base), al->size),
                     pc);
         }
         if (a < al->base || a + n > al->base + al->size) {
             const long long off = static_cast<long long>(a - al->base);
             illegal(kErrIllegalAddress,
-                    off < 0 ? fmt("out-of-bounds %s of %u bytes, %lld bytes before a %zu-byte device allocation", verb(kind), n, -off, al->size)
-                            : fmt("out-of-bounds %s of %u bytes at byte %lld of a %zu-byte device allocation (%lld bytes past its end)",
+                    off < 0 ? strfmt("out-of-bounds %s of %u bytes, %lld bytes before a %zu-byte device allocation", verb(kind), n, -off, al->size)
+                            : strfmt("out-of-bounds %s of %u bytes at byte %lld of a %zu-byte device allocation (%lld bytes past its end)",
                                   verb(kind), n, off, al->size, static_cast<long long>(a + n - al->base - al->size)),
                     pc);
         }
-        if (misaligned) illegal(716, fmt("misaligned %s of %u bytes at byte %zu of a device allocation", verb(kind), n, static_cast<size_t>(a - al->base)), pc);
+        if (misaligned) illegal(716, strfmt("misaligned %s of %u bytes at byte %zu of a device allocation", verb(kind), n, static_cast<size_t>(a - al->base)), pc);
         global_access(al, a, n, kind, pc);
         return;
     }
@@ -663,7 +625,7 @@ static void check_access(uintptr_t a, unsigned n, int kind, bool natural, const 
     for (const Span& s : image().segments)
         if (s.has(a)) return;
     illegal(kErrIllegalAddress,
-            fmt("%s of %u bytes at 0x%llx, which is not device memory (a host pointer, or no live allocation)", verb(kind), n,
+            strfmt("%s of %u bytes at 0x%llx, which is not device memory (a host pointer, or no live allocation)", verb(kind), n,
                 static_cast<unsigned long long>(a)),
             pc);
 }
@@ -792,7 +754,7 @@ DK_SAN void __ubsan_handle_out_of_bounds(void* data, void* index) {
     {
         const char* file = strrchr(d->loc.file, '/');
         msg = dk_emu::current_thread_where("memcheck: index out of bounds") +
-              dk_emu::fmt(": index %lld%s is outside %s at %s:%u", is_signed ? idx : static_cast<long long>(reinterpret_cast<uintptr_t>(index)),
+              dk_emu::strfmt(": index %lld%s is outside %s at %s:%u", is_signed ? idx : static_cast<long long>(reinterpret_cast<uintptr_t>(index)),
                           "", d->array_type->name, file ? file + 1 : d->loc.file, d->loc.line);
     }
     dk_emu::report(dk_emu::kErrIllegalAddress, msg);
