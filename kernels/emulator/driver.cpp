@@ -735,6 +735,13 @@ CUresult do_copy(const char* fn, Dir dir, void* dst, const void* src, size_t n, 
         std::memcpy(dst, src, n);
         if (dir == Dir::HtoD) note_host_write(dst, n);
         if (dir == Dir::DtoD) note_device_copy(dst, src, n);
+        if (dir == Dir::DtoH) {
+            const std::string bad = note_host_read(src, n);
+            if (!bad.empty()) {
+                fprintf(stderr, "distill emulator: %s\n", bad.c_str());
+                return note_error(kErrLaunchFailed, bad);
+            }
+        }
         return 0;
     };
     return submit_locked(lk, q, std::move(op), host_wait);

@@ -78,6 +78,7 @@ void* device_malloc(size_t bytes) {
 void device_free_memory(void* p) { free(p); }
 void note_host_write(void*, size_t) {}
 void note_device_copy(void*, const void*, size_t) {}
+std::string note_host_read(const void*, size_t) { return std::string(); }
 bool san_enabled() { return false; }
 std::string san_symbolize(const std::string& msg) { return msg; }
 
@@ -248,6 +249,26 @@ void note_device_copy(void* dst, const void* src, size_t n) {
     }
     unsigned char* shs = init_shadow(as);
     if (shd && shs) std::memmove(shd + (d - ad->base), shs + (s - as->base), n);
+}
+
+std::string note_host_read(const void* src, size_t n) {
+    if (!n || !(checks() & kInitcheck)) return std::string();
+    std::lock_guard<std::mutex> g(reg().mu);
+    const uintptr_t s = reinterpret_cast<uintptr_t>(src);
+    Alloc* a = find_live_locked(s);
+    if (!a || !a->init) return std::string();
+    const size_t off = s - a->base, len = std::min(n, a->size - off);
+    size_t first = len, count = 0;
+    for (size_t i = 0; i < len; ++i) {
+        if (!a->init[off + i]) {
+            if (first == len) first = i;
+            ++count;
+        }
+    }
+    if (!count) return std::string();
+    return strfmt("initcheck: a copy to the host reads %zu uninitialised bytes (never written by a kernel, memset or "
+                  "copy), the first at byte %zu of the %zu copied, byte %zu of a device allocation of %zu bytes",
+        count, first, n, off + first, a->size);
 }
 
 /* ------------------------------------------------------------------------------------------ */

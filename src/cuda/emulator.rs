@@ -28,14 +28,26 @@ pub(crate) fn is_loaded() -> bool {
 pub(crate) fn load() -> Result<&'static libloading::Library> {
     LOADED
         .get_or_init(|| {
-            let path =
-                write_library().map_err(|e| format!("cannot write the emulator library: {e}"))?;
+            let path = match library_override() {
+                Some(path) => path,
+                None => write_library()
+                    .map_err(|e| format!("cannot write the emulator library: {e}"))?,
+            };
             // SAFETY: our own library; its initializers only register kernels.
             unsafe { libloading::Library::new(&path) }
                 .map_err(|e| format!("cannot load the emulator library {}: {e}", path.display()))
         })
         .as_ref()
         .map_err(|e| Error::DeviceUnavailable(e.clone()))
+}
+
+/// `DISTILL_EMU_LIBRARY`: a fake driver built outside the crate (the mutation proof links one
+/// per mutant of the kernels, see kernels/emulator/mutants.sh) to load instead of the embedded
+/// one. It must be linked with the SONAME `libcuda.so.1`, the name cudarc opens.
+fn library_override() -> Option<PathBuf> {
+    std::env::var_os("DISTILL_EMU_LIBRARY")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// Writes the embedded library once per content hash into the temp directory (atomically:

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# The mutation proof of the emulator's checks: break the real kernels in the ways a GPU punishes
+# and show that the check build (DISTILL_EMU_CHECK=all) catches every one of them.
+#
+# Each mutant is a copy of kernels/ with one change: every __syncthreads() in kernels/ deleted in
+# turn (found, not listed, so new barriers are covered without editing this file), plus the
+# hand-written mutants below. For each one the kernel units that include the changed file are
+# recompiled with exactly the recipe build.rs used (OUT_DIR/emulator_build.sh), linked with the
+# unchanged objects into a fast and a check library, and the prebuilt kernel tests run against
+# them (DISTILL_EMU_LIBRARY):
+#   check    the check build, all three checks; a mutant it misses fails this script;
+#   default  the fast build as `cargo test` runs it;
+#   seed k   the fast build under schedule seed k = 1..3 (run only while the fast build misses).
+# The unmutated sources go through the same path first and must pass everywhere, so a "caught"
+# is never an artefact of the rebuild.
+#
+# Usage: kernels/emulator/mutants.sh [name-filter]   (table on stdout and in target/mutants.md;
+# MUTANTS_KEEP=1 keeps each mutant's sources, libraries and test logs and prints where)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+FILTER=${1:-}
+
+# ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
+json=$(cargo test --release --test kernels --test device_api --no-run --message-format=json 2>/dev/null)
+OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
+    sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
+exe_of() { grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\"" |
+    sed -E 's/.*"executable":"([^"]*)".*/\1/' | tail -1; }
+TESTS=("$(exe_of kernels)" "$(exe_of device_api)")
+[[ -f $OUT_DIR/emulator_build.sh && -x ${TESTS[0]} && -x ${TESTS[1]} ]] ||
+    { echo "mutants.sh: cannot find the build (OUT_DIR=$OUT_DIR)" >&2; exit 2; }
+# shellcheck source=/dev/null
+source "$OUT_DIR/emulator_build.sh"
+# The one test that builds its own ASan binary takes 20 s and runs no kernel of kernels/.
+TEST_ARGS=(--test-threads 2 --skip address_sanitizer_catches_out_of_bounds_read)
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/distill-mutants.XXXXXX")
+if [[ ${MUTANTS_KEEP:-} == 1 ]]; then echo "mutants.sh: keeping $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
+
+# ---- the mutants: name, file under kernels/, exact text (must occur once), replacement, and
+# what it models. Barrier deletions are added below from the sources themselves.
+NAMES=() FILES=() FROM=() TO=() WHAT=()
+mutant() { NAMES+=("$1"); FILES+=("$2"); FROM+=("$3"); TO+=("$4"); WHAT+=("$5"); }
+
+mutant off-by-one-read common.cuh \
+    'for (; j < n; j += nt) f(j,' 'for (; j <= n; j += nt) f(j,' \
+    'the row tail visits j = n: reads one element past each row (and writes one past in gradient passes)'
+mutant shared-index-off-by-one common.cuh \
+    'if (lane == 0) smem[warp] = v;' 'if (lane == 0) smem[warp + 1] = v;' \
+    "warp w's partial stored in slot w + 1: slot 0 never written, the last warp's past the used slots"
+mutant missing-store kd_loss.cu \
+    'dk_store(g + j, grad);
+            }
+        });' \
+    'if (j != V - 1) dk_store(g + j, grad);
+            }
+        });' \
+    "forward/reverse KL never store the gradient's last element"
+mutant misaligned-vector-load common.cuh \
+    'dk_load(const float* p) { return *p; }' \
+    'dk_load(const float* p) { const float2 v = *reinterpret_cast<const float2*>(p); return v.x; }' \
+    'f32 elements read by 8-byte float2 loads: misaligned at every odd index'
+mutant unguarded-global-update hidden_mse.cu \
+    'if (threadIdx.x == 0 && valid && p.weight != 0.0f) p.row_loss[row] +=' \
+    'if (valid && p.weight != 0.0f) p.row_loss[row] +=' \
+    "every thread adds the row's MSE into row_loss, not thread 0 alone"
+
+# Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
+while IFS=: read -r file line _; do
+    NAMES+=("no-barrier-$(basename "$file" | tr . -)-$line")
+    FILES+=("${file#kernels/}") FROM+=("@$line") TO+=("") WHAT+=("$file:$line: __syncthreads() deleted")
+done < <(grep -n '__syncthreads()' kernels/*.cu kernels/*.cuh | grep -v '^[^:]*:[0-9]*: *//')
+
+# ---- building one mutant's libraries.
+unit_source() { if [[ $1 == selftest ]]; then echo emulator/selftest.cu; else echo "$1.cu"; fi; }
+
+# Units whose translation unit includes `file`: the unit itself for a .cu, every unit for a header.
+affected_units() {
+    case $1 in
+        *.cu) basename "$1" .cu ;;
+        *) printf '%s\n' "${DK_KERNEL_UNITS[@]}" ;;
+    esac
+}
+
+apply_mutation() { # tree file from to
+    local path=$1/$2 from=$3 to=$4
+    if [[ $from == @* ]]; then
+        sed -i "${from#@}s/__syncthreads();//" "$path"
+        return
+    fi
+    local text rest n=0
+    text=$(<"$path")
+    rest=$text
+    while [[ $rest == *"$from"* ]]; do rest=${rest#*"$from"}; n=$((n + 1)); done
+    if [[ $n -ne 1 ]]; then
+        echo "mutants.sh: the text of a mutant occurs $n times in kernels/$2 (expected once): $from" >&2
+        exit 2
+    fi
+    printf '%s\n' "${text/"$from"/"$to"}" >"$path"
+}
+
+compiled() { wait -n || { echo "mutants.sh: a mutant failed to compile" >&2; exit 2; }; }
+
+build_libs() { # dir file-or-empty (empty: every unit, unmutated)
+    local dir=$1 file=$2 units u jobs=0
+    if [[ -n $file ]]; then mapfile -t units < <(affected_units "$file"); else units=("${DK_KERNEL_UNITS[@]}"); fi
+    for u in "${units[@]}"; do
+        printf '#include "%s/kernels/%s"\n' "$dir" "$(unit_source "$u")" >"$dir/emu_$u.cpp"
+        "$DK_CXX" "${DK_CXXFLAGS[@]}" -I "$dir/kernels" -c "$dir/emu_$u.cpp" -o "$dir/emu_$u.o" &
+        "$DK_CXX" "${DK_CXXFLAGS[@]}" "${DK_CHECK_KERNEL_FLAGS[@]}" -I "$dir/kernels" \
+            -c "$dir/emu_$u.cpp" -o "$dir/emu_$u.check.o" &
+        jobs=$((jobs + 2))
+        while [[ $jobs -ge $(nproc) ]]; do compiled; jobs=$((jobs - 1)); done
+    done
+    while [[ $jobs -gt 0 ]]; do compiled; jobs=$((jobs - 1)); done
+    local kind suffix objs
+    for kind in fast check; do
+        suffix=$([[ $kind == check ]] && echo .check.o || echo .o)
+        objs=()
+        for u in "${DK_RUNTIME_UNITS[@]}"; do objs+=("$OUT_DIR/$u$suffix"); done
+        for u in "${DK_KERNEL_UNITS[@]}"; do
+            if [[ -f $dir/emu_$u$suffix ]]; then objs+=("$dir/emu_$u$suffix"); else objs+=("$OUT_DIR/emu_$u$suffix"); fi
+        done
+        mkdir -p "$dir/$kind"
+        "$DK_CXX" "${DK_LINK_FLAGS[@]}" "${objs[@]}" -o "$dir/$kind/libcuda.so.1"
+    done
+}
+
+# ---- running the tests against one library: 0 when every test passes, else the failing
+# binary's exit status (128 + signal when it crashed).
+run_tests() { # log lib env...
+    local log=$1 lib=$2 t rc
+    shift 2
+    : >"$log"
+    for t in "${TESTS[@]}"; do
+        rc=0
+        env DISTILL_EMU_LIBRARY="$lib" "$@" "$t" "${TEST_ARGS[@]}" >>"$log" 2>&1 || rc=$?
+        [[ $rc -eq 0 ]] || return "$rc"
+    done
+}
+
+# What caught it: the distinct kinds of check report outside the self-test kernels (the first
+# of each kind, in order), else the failed tests.
+verdict() { # log status
+    local report failed
+    report=$(grep -o 'distill emulator: \(memcheck\|initcheck\|racecheck\): .*' "$1" | grep -v dk_selftest |
+        sed -E 's/^distill emulator: //; s/ in kernel .*//; s/ \(never written.*//' |
+        awk '{ k = $0; sub(/ (of|at|on) .*/, "", k); gsub(/[0-9]+/, "N", k) } !seen[k]++' | head -3 | paste -sd ';' | sed 's/;/; /g')
+    failed=$(grep -c '^test .* FAILED$' "$1" || true)
+    if [[ -n $report ]]; then
+        echo "$report"
+    elif [[ $2 -gt 128 ]]; then
+        echo "test process killed by signal $(($2 - 128)) ($(kill -l $(($2 - 128))))"
+    else
+        echo "$failed tests fail"
+    fi
+}
+
+TABLE=$ROOT/target/mutants.md
+{
+    echo "| mutant | what it breaks | check build | fast build |"
+    echo "|---|---|---|---|"
+} >"$TABLE"
+missed=0
+for i in -1 "${!NAMES[@]}"; do
+    if [[ $i -ge 0 ]]; then name=${NAMES[$i]} file=${FILES[$i]}; else name=baseline file=; fi
+    [[ -n $FILTER && $i -ge 0 && $name != *"$FILTER"* ]] && continue
+    start=$SECONDS
+    dir=$WORK/$name
+    mkdir -p "$dir"
+    cp -r "$ROOT/kernels" "$dir/kernels"
+    [[ -n $file ]] && apply_mutation "$dir/kernels" "$file" "${FROM[$i]}" "${TO[$i]}"
+    build_libs "$dir" "$file"
+    rc=0
+    run_tests "$dir/check.log" "$dir/check/libcuda.so.1" DISTILL_EMU_CHECK=all || rc=$?
+    check=$([[ $rc -eq 0 ]] && echo missed || verdict "$dir/check.log" "$rc")
+    fast="missed (default schedule and seeds 1-3)"
+    for seed in default 1 2 3; do
+        envs=()
+        [[ $seed != default ]] && envs=(DISTILL_EMU_SCHEDULE_SEED=$seed)
+        rc=0
+        run_tests "$dir/fast.log" "$dir/fast/libcuda.so.1" "${envs[@]}" || rc=$?
+        if [[ $rc -ne 0 ]]; then
+            fast="$(verdict "$dir/fast.log" "$rc"), $([[ $seed == default ]] && echo "default schedule" ||
+                echo "seed $seed (earlier schedules pass)")"
+            [[ $i -ge 0 ]] && break
+        fi
+    done
+    secs=$((SECONDS - start))
+    if [[ $i -lt 0 ]]; then
+        if [[ $check != missed || $fast != missed* ]]; then
+            echo "mutants.sh: the unmutated kernels fail when rebuilt here (check: $check, fast: $fast)" >&2
+            cat "$dir/check.log" "$dir/fast.log" >&2
+            exit 2
+        fi
+        echo "baseline: unmutated kernels rebuilt and passing in every mode (${secs} s)"
+        continue
+    fi
+    [[ $check == missed ]] && missed=$((missed + 1))
+    echo "| $name | ${WHAT[$i]} | $check | $fast |" >>"$TABLE"
+    echo "$name (${secs} s): check build: $check; fast build: $fast"
+    [[ ${MUTANTS_KEEP:-} == 1 ]] || rm -rf "$dir"
+done
+echo
+cat "$TABLE"
+if [[ $missed -gt 0 ]]; then
+    echo "mutants.sh: $missed mutant(s) passed the check build" >&2
+    exit 1
+fi
