@@ -10,6 +10,8 @@ pub struct SplitMix64 {
 }
 
 impl SplitMix64 {
+    /// A generator whose state is `seed` itself; to seed from several values use
+    /// [`SplitMix64::from_parts`].
     pub fn new(seed: u64) -> Self {
         SplitMix64 { state: seed }
     }
@@ -24,6 +26,7 @@ impl SplitMix64 {
         SplitMix64::new(h)
     }
 
+    /// The next 64 uniformly distributed bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.state;

@@ -10,7 +10,9 @@ use crate::rng::SplitMix64;
 /// All documents of one split encoded and concatenated, each followed by EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenStream {
+    /// Token ids of every document in order, each followed by the EOS id.
     pub tokens: Vec<u32>,
+    /// Number of documents encoded (equals the number of EOS ids appended).
     pub docs: usize,
 }
 

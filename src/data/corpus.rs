@@ -9,6 +9,7 @@ use crate::rng::SplitMix64;
 /// One unit of text. Documents are independent: the token stream separates them with EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Document {
+    /// The text, its lines joined by `\n`; never empty or whitespace-only when read from a file.
     pub text: String,
     /// Where the text came from: a file path, or `synthetic:<i>` for the embedded language.
     pub source: String,
@@ -17,7 +18,10 @@ pub struct Document {
 /// A training and a validation split, each in a deterministic order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Corpus {
+    /// Training documents; never empty after [`Corpus::load`].
     pub train: Vec<Document>,
+    /// Validation documents; never empty after [`Corpus::load`], and disjoint from `train` by file
+    /// when several files hold text.
     pub val: Vec<Document>,
 }
 

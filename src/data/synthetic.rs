@@ -143,6 +143,8 @@ pub struct SyntheticLanguage {
 }
 
 impl SyntheticLanguage {
+    /// The language for `seed`: lexicon and topics depend only on the seed, so equal seeds give
+    /// identical corpora on every platform.
     pub fn new(seed: u64) -> Self {
         Self::with_config(seed, DEFAULT_CONFIG)
     }

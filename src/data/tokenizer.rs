@@ -111,10 +111,13 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Id of [`EOS_TOKEN`], the document separator.
     pub fn eos_id(&self) -> u32 {
         self.eos
     }
 
+    /// Token ids of `text`, with no EOS appended (a literal `<|endoftext|>` in the text becomes the
+    /// EOS id). Errors only if the underlying `tokenizers` encoder fails.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self
             .inner

@@ -9,11 +9,14 @@ use crate::error::{Error, Result};
 /// `attention_bias = mlp_bias = false`, `rope_scaling = None`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// Number of token ids, V: rows of `embed_tokens` and of `lm_head`; at most 2^32 (ids are
+    /// `u32`).
     pub vocab_size: usize,
     /// Width of the residual stream, C.
     pub hidden_size: usize,
     /// Width of the SwiGLU MLP, I.
     pub intermediate_size: usize,
+    /// Decoder layers, L.
     pub num_hidden_layers: usize,
     /// Query heads, NH.
     pub num_attention_heads: usize,

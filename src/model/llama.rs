@@ -22,17 +22,22 @@ use std::ops::Range;
 /// A tensor's place in a flat buffer: elements `offset .. offset + len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Span {
+    /// Index of the tensor's first element in the buffer.
     pub offset: usize,
+    /// Number of elements (the product of the tensor's shape).
     pub len: usize,
 }
 
 impl Span {
+    /// The span as an index range into its buffer.
     pub fn range(self) -> Range<usize> {
         self.offset..self.offset + self.len
     }
+    /// The span's elements of `buf`; panics if `buf` is shorter than `offset + len`.
     pub fn of<F>(self, buf: &[F]) -> &[F] {
         &buf[self.range()]
     }
+    /// The span's elements of `buf`, mutably; panics like [`Span::of`].
     pub fn of_mut<F>(self, buf: &mut [F]) -> &mut [F] {
         &mut buf[self.range()]
     }
@@ -50,9 +55,13 @@ pub enum Init {
 /// One named parameter tensor. `shape` is PyTorch's (`[out, in]` for a linear weight), row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// Hugging Face `state_dict` name, e.g. `model.layers.0.mlp.up_proj.weight`.
     pub name: String,
+    /// PyTorch shape; its product is `span.len`.
     pub shape: Vec<usize>,
+    /// Where the tensor lives in the parameter (and gradient) buffer.
     pub span: Span,
+    /// How [`Llama::init_params`] fills it.
     pub init: Init,
 }
 
@@ -86,6 +95,7 @@ pub struct LayerParams {
 pub struct ParamLayout {
     /// `model.embed_tokens.weight` `[V, C]`
     pub embed_tokens: Span,
+    /// The decoder layers' weights, layer 0 first.
     pub layers: Vec<LayerParams>,
     /// `model.norm.weight` `[C]`
     pub norm: Span,
@@ -395,9 +405,11 @@ impl<F: Real> Activations<F> {
         })
     }
 
+    /// Sequences per forward, B, that the buffers are sized for.
     pub fn batch(&self) -> usize {
         self.batch
     }
+    /// Tokens per sequence, T, that the buffers are sized for.
     pub fn seq(&self) -> usize {
         self.seq
     }
@@ -405,6 +417,7 @@ impl<F: Real> Activations<F> {
     pub fn len(&self) -> usize {
         self.buf.len() + self.grad_buf.len()
     }
+    /// Whether no scalars are held; never true for buffers from [`Activations::new`].
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -496,16 +509,19 @@ pub struct Llama {
 }
 
 impl Llama {
+    /// The model of `config`; errors when [`LlamaConfig::validate`] rejects it.
     pub fn new(config: LlamaConfig) -> Result<Self> {
         config.validate()?;
         let layout = ParamLayout::new(&config);
         Ok(Llama { config, layout })
     }
 
+    /// The validated hyper-parameters.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
 
+    /// Where each parameter tensor lives in the flat parameter and gradient buffers.
     pub fn layout(&self) -> &ParamLayout {
         &self.layout
     }

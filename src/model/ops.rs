@@ -37,12 +37,18 @@ pub trait Real:
     + SubAssign
     + MulAssign
 {
+    /// Additive identity.
     const ZERO: Self;
+    /// Multiplicative identity.
     const ONE: Self;
     /// Round to nearest (`as`).
     fn from_f64(v: f64) -> Self;
+    /// Exact widening to `f64`.
     fn to_f64(self) -> f64;
+    /// `e^x`: for `f32` the crate's polynomial approximation (`cpu::fastmath::exp`), for `f64` the
+    /// standard library's.
     fn exp(self) -> Self;
+    /// Square root, correctly rounded.
     fn sqrt(self) -> Self;
     /// `C <- alpha A B + beta C` for an `m x k` matrix A, a `k x n` matrix B and an `m x n` matrix
     /// C, each given by a pointer and a row and a column stride (the `matrixmultiply` crate).
@@ -430,10 +436,15 @@ fn rope_rotate<F: Real>(
 /// n_kv_heads)` (HF `repeat_kv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
+    /// Sequences, B.
     pub batch: usize,
+    /// Tokens per sequence, T.
     pub seq: usize,
+    /// Query heads, NH.
     pub n_heads: usize,
+    /// Key/value heads, NKV; must divide `n_heads`.
     pub n_kv_heads: usize,
+    /// Per-head width, D.
     pub head_dim: usize,
 }
 

@@ -30,9 +30,13 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// The model's Hugging Face `config.json` in a checkpoint directory.
 pub const CONFIG_FILE: &str = "config.json";
+/// The f32 weights of a single-file (unsharded) checkpoint.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The tokenizer's Hugging Face `tokenizer.json`.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The resume state (optimizer moments, extra tensors, trainer JSON); absent from an export.
 pub const TRAINER_STATE_FILE: &str = "trainer_state.safetensors";
 
 const STATE_FORMAT: &str = "distill-trainer-state";
@@ -494,10 +498,18 @@ pub fn load_model_dir(dir: &Path) -> Result<(Llama, Vec<f32>)> {
 /// distillation projection; `meta` is the trainer's own JSON (data position, RNG, options).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainerState {
+    /// Updates done; must equal the `step` stored with the weights for [`load_resume`] to pair
+    /// them.
     pub step: u64,
+    /// AdamW first moments, one per optimized scalar.
     pub adam_m: Vec<f32>,
+    /// AdamW second moments; same length as `adam_m`.
     pub adam_v: Vec<f32>,
+    /// Named f32 tensors `(name, shape, values)` beyond the moments; names unique and not
+    /// `adam.m`/`adam.v`.
     pub extra: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// The trainer's own JSON, stored as metadata; [`Trainer`](crate::train::trainer::Trainer)
+    /// keeps its options, loss history and run description there.
     pub meta: Value,
 }
 
@@ -668,10 +680,13 @@ pub fn load_trainer_state(path: &Path) -> Result<TrainerState> {
 /// Everything one checkpoint save writes.
 #[derive(Debug, Clone, Copy)]
 pub struct Checkpoint<'a> {
+    /// The model whose configuration and tensor layout `params` follow.
     pub model: &'a Llama,
+    /// Flat f32 parameters in the model's layout, `[model.num_params()]`; a mismatch is an error.
     pub params: &'a [f32],
     /// Updates done; stored in the weights and (when present) must equal the trainer state's.
     pub step: u64,
+    /// Fields written to `config.json` beyond the model's hyper-parameters.
     pub config_extras: ConfigExtras,
     /// `tokenizer.json` bytes to copy in, if any.
     pub tokenizer_json: Option<&'a [u8]>,

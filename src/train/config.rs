@@ -10,6 +10,7 @@ use crate::semantics::LossKind;
 /// How one run trains: optimizer, schedule, batches, evaluation and checkpoints.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
+    /// Optimizer updates in the run; the learning-rate schedule ends here.
     pub steps: u64,
     /// Sequences per step.
     pub batch: usize,
@@ -17,11 +18,18 @@ pub struct TrainConfig {
     pub seq: usize,
     /// Peak learning rate, reached after `warmup` steps, then cosine down to `lr * min_lr_ratio`.
     pub lr: f32,
+    /// Steps of linear learning-rate warm-up from 0.
     pub warmup: u64,
+    /// Final learning rate as a fraction of `lr`, in [0, 1].
     pub min_lr_ratio: f32,
+    /// AdamW's decoupled weight decay, applied to embeddings, linear weights and distillation
+    /// projections but not to RMSNorm weights.
     pub weight_decay: f32,
+    /// AdamW first-moment decay, in [0, 1).
     pub beta1: f32,
+    /// AdamW second-moment decay, in [0, 1).
     pub beta2: f32,
+    /// AdamW's denominator epsilon.
     pub adam_eps: f32,
     /// Global gradient-norm clipping threshold.
     pub grad_clip: f32,
@@ -64,7 +72,9 @@ impl Default for TrainConfig {
 /// a temperature that may decay linearly, and hidden-state matching between mapped layers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DistillConfig {
+    /// Which divergence between teacher and student distributions.
     pub kind: LossKind,
+    /// Softmax temperature at step 0 (throughout when `temperature_end` is `None`).
     pub temperature: f32,
     /// Temperature at the last step; `None` keeps it constant.
     pub temperature_end: Option<f32>,

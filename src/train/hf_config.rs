@@ -10,7 +10,9 @@ use serde_json::{json, Map, Value};
 /// The fields of an HF `config.json` that [`LlamaConfig`] does not hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConfigExtras {
+    /// `bos_token_id` to write; `None` leaves it out.
     pub bos_token_id: Option<u32>,
+    /// `eos_token_id` to write (the tokenizer's EOS id for our runs); `None` leaves it out.
     pub eos_token_id: Option<u32>,
 }
 

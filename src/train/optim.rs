@@ -66,6 +66,7 @@ impl DecayMask {
         self.runs.last().map_or(0, |r| r.0)
     }
 
+    /// Whether the mask covers no parameters.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -89,9 +90,14 @@ impl DecayMask {
 /// (`p *= 1 - lr*wd`, then `p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`), so runs compare.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamW {
+    /// First-moment decay, in [0, 1).
     pub beta1: f32,
+    /// Second-moment decay, in [0, 1).
     pub beta2: f32,
+    /// Added to the bias-corrected `sqrt(v)` in the denominator; finite and > 0.
     pub eps: f32,
+    /// Decoupled decay: masked parameters are multiplied by `1 - lr * weight_decay` each update;
+    /// finite and >= 0.
     pub weight_decay: f32,
     /// First moment, one per parameter.
     pub m: Vec<f32>,
@@ -110,6 +116,8 @@ fn invalid(name: &'static str, value: impl std::fmt::Display, reason: &'static s
 }
 
 impl AdamW {
+    /// Fresh state for `num_params` parameters: zero moments, step 0. The hyper-parameters are
+    /// checked on each [`AdamW::update`], not here.
     pub fn new(num_params: usize, beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> Self {
         AdamW {
             beta1,
@@ -232,9 +240,13 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
 /// `get_cosine_with_min_lr_schedule_with_warmup`, `lr(0) = 0` when there is a warm-up.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
+    /// Learning rate at the end of warm-up.
     pub peak: f32,
+    /// Steps of linear warm-up from 0; at most `total`.
     pub warmup: u64,
+    /// Step at which the cosine reaches `peak * min_ratio`.
     pub total: u64,
+    /// Final learning rate as a fraction of `peak`, in [0, 1].
     pub min_ratio: f32,
 }
 
@@ -258,6 +270,8 @@ impl LrSchedule {
         Ok(())
     }
 
+    /// Learning rate of update `step` (0-based). Does not validate: call [`LrSchedule::validate`]
+    /// first.
     pub fn lr(&self, step: u64) -> f32 {
         let peak = self.peak as f64;
         if step < self.warmup {

@@ -9,9 +9,13 @@ use std::path::Path;
 /// One curve: `points` are `(step, loss)`; non-finite points are skipped and break the line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
+    /// Legend label.
     pub name: String,
+    /// `(step, loss)` points, in drawing order.
     pub points: Vec<(f64, f64)>,
+    /// Line colour.
     pub rgb: [u8; 3],
+    /// Draws the line dashed instead of solid.
     pub dashed: bool,
 }
 

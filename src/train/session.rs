@@ -17,9 +17,14 @@ use crate::train::trainer::{History, StepStats, Teacher, Trainer};
 
 /// What a run reports as it goes; the command line draws a progress bar or prints lines.
 pub trait Progress {
+    /// The run `name` begins: `total_steps` in all, of which `done_steps` are already done (nonzero
+    /// when resuming).
     fn start(&mut self, name: &str, total_steps: u64, done_steps: u64);
+    /// An optimizer step finished; `tokens_per_s` is the run's training throughput so far.
     fn step(&mut self, stats: &StepStats, tokens_per_s: f64);
+    /// Validation after `step` steps gave `val_loss` (mean cross-entropy, nats per token).
     fn eval(&mut self, step: u64, val_loss: f64);
+    /// The step loop is over; metrics and the plot are written after this.
     fn finish(&mut self);
 }
 
@@ -37,12 +42,20 @@ impl Progress for Quiet {
 pub struct RunSpec<'a> {
     /// Shown by the progress display ("teacher", "student_kd", ...).
     pub name: &'a str,
+    /// Output directory for checkpoints, `metrics.json` and `loss.png`; [`prepare_out_dir`] says
+    /// what it may already hold.
     pub out: &'a Path,
+    /// The trained model's hyper-parameters; `vocab_size` must equal the tokenizer's.
     pub model: LlamaConfig,
+    /// Training options: optimizer, schedule, batches, cadences and distillation.
     pub train: TrainConfig,
+    /// The frozen teacher; required when `train.distill` is set.
     pub teacher: Option<Teacher>,
+    /// The tokenizer the streams were encoded with; copied into every checkpoint.
     pub tokenizer: &'a Tokenizer,
+    /// Training tokens; each step reads random windows of it.
     pub train_stream: &'a TokenStream,
+    /// Validation windows `(inputs, targets)`, e.g. from [`crate::data::batches::val_windows`].
     pub val_windows: &'a [(Vec<u32>, Vec<u32>)],
     /// Continue the run saved in `out`.
     pub resume: bool,
@@ -58,17 +71,26 @@ pub struct RunSpec<'a> {
 /// The numbers `metrics.json` holds.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
+    /// Last validation loss, nats per token (NaN if never evaluated).
     pub val_loss: f64,
+    /// Validation perplexity, `exp(val_loss)`.
     pub val_ppl: f64,
+    /// Optimizer steps done (fewer than `train.steps` when stopped early).
     pub steps: u64,
+    /// Tokens trained on, resumed steps included: `steps * batch * seq`.
     pub train_tokens: u64,
+    /// Training throughput over the recorded steps, evaluation and checkpoints excluded.
     pub tokens_per_s: f64,
+    /// Number of model parameters (distillation projections excluded).
     pub params: usize,
+    /// Wall-clock seconds of this invocation, evaluation and saving included.
     pub wall_s: f64,
+    /// Loss curves, including those of resumed steps.
     pub history: History,
 }
 
 impl RunSummary {
+    /// The `metrics` object of `metrics.json`: these numbers plus the train and validation curves.
     pub fn to_json(&self) -> Value {
         json!({
             "val_loss": self.val_loss,

@@ -21,7 +21,9 @@ use crate::train::optim::{clip_grad_norm, AdamW, DecayMask, LrSchedule};
 
 /// A frozen model whose logits (and hidden states) the student learns from.
 pub struct Teacher {
+    /// The teacher's architecture; its vocabulary must be the student's.
     pub model: Llama,
+    /// Its flat f32 parameters, `[model.num_params()]`.
     pub params: Vec<f32>,
 }
 
@@ -38,10 +40,16 @@ struct HiddenPair {
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy)]
 pub struct StepStats {
+    /// Steps done after this update (1 for the first).
     pub step: u64,
+    /// The batch's training loss: the objective minimized, soft, hard-label and hidden-state terms
+    /// combined.
     pub loss: f32,
+    /// Global gradient L2 norm before clipping.
     pub grad_norm: f32,
+    /// Learning rate of this update.
     pub lr: f32,
+    /// Distillation temperature of this update (1 without distillation).
     pub temperature: f32,
 }
 
@@ -100,6 +108,7 @@ pub struct Trainer {
     dlogits: Vec<f32>,
     labels: Vec<i64>,
     step: u64,
+    /// Loss curves so far; [`Trainer::resume`] restores them and every save stores them.
     pub history: History,
 }
 
@@ -228,6 +237,7 @@ impl Trainer {
         Ok((pairs, offset - model.num_params()))
     }
 
+    /// The trained model (the student when distilling).
     pub fn model(&self) -> &Llama {
         &self.model
     }
@@ -237,6 +247,7 @@ impl Trainer {
         &self.params[..self.n_model]
     }
 
+    /// The run's training options.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
     }
