@@ -5,12 +5,16 @@ use half::{bf16, f16};
 /// A logits/hidden element type. Accumulation is always f32 (device, cpu) or f64 (reference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dtype {
+    /// IEEE binary32.
     F32,
+    /// IEEE binary16 ([`half::f16`]): 10-bit mantissa, largest finite 65504.
     F16,
+    /// bfloat16 ([`half::bf16`]): f32's exponent range, 7-bit mantissa.
     Bf16,
 }
 
 impl Dtype {
+    /// Every dtype, in this order (for sweeps in tests and benchmarks).
     pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
 
     /// The suffix used in kernel names (`dk_kd_f32_bf16_f32`).
@@ -22,6 +26,7 @@ impl Dtype {
         }
     }
 
+    /// Bytes per element: 4 for f32, 2 for f16 and bf16.
     pub fn size_bytes(self) -> usize {
         match self {
             Dtype::F32 => 4,
@@ -50,11 +55,35 @@ impl std::str::FromStr for Dtype {
     }
 }
 
-/// Host element types. Conversions are exact widening (to f32/f64) or round-to-nearest-even.
-pub trait Element: Copy + Send + Sync + 'static + cudarc::driver::DeviceRepr {
+mod sealed {
+    /// Only the crate's three element types implement [`super::Element`]: the kernels exist for
+    /// no other.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+
+    /// With the `cuda` feature, elements can be kernel arguments and device buffer contents.
+    #[cfg(feature = "cuda")]
+    pub trait DeviceBound: cudarc::driver::DeviceRepr {}
+    #[cfg(feature = "cuda")]
+    impl<T: cudarc::driver::DeviceRepr> DeviceBound for T {}
+    #[cfg(not(feature = "cuda"))]
+    pub trait DeviceBound {}
+    #[cfg(not(feature = "cuda"))]
+    impl<T> DeviceBound for T {}
+}
+
+/// Host element types (`f32`, `f16`, `bf16`; sealed). Conversions are exact widening (to
+/// f32/f64) or round-to-nearest-even.
+pub trait Element: sealed::Sealed + sealed::DeviceBound + Copy + Send + Sync + 'static {
+    /// The [`Dtype`] tag of this type.
     const DTYPE: Dtype;
+    /// Widened to f32 (exact).
     fn to_f32(self) -> f32;
+    /// `v` rounded to this type, to nearest even (the identity for f32).
     fn from_f32(v: f32) -> Self;
+    /// Widened to f64 (exact).
     fn to_f64(self) -> f64 {
         self.to_f32() as f64
     }
@@ -93,12 +122,16 @@ impl Element for bf16 {
 /// A borrowed host tensor of any supported dtype, row-major.
 #[derive(Debug, Clone, Copy)]
 pub enum HostSlice<'a> {
+    /// f32 elements.
     F32(&'a [f32]),
+    /// f16 elements.
     F16(&'a [f16]),
+    /// bf16 elements.
     Bf16(&'a [bf16]),
 }
 
 impl<'a> HostSlice<'a> {
+    /// The element type.
     pub fn dtype(&self) -> Dtype {
         match self {
             HostSlice::F32(_) => Dtype::F32,
@@ -107,6 +140,7 @@ impl<'a> HostSlice<'a> {
         }
     }
 
+    /// Number of elements (not bytes).
     pub fn len(&self) -> usize {
         match self {
             HostSlice::F32(s) => s.len(),
@@ -115,6 +149,7 @@ impl<'a> HostSlice<'a> {
         }
     }
 
+    /// Whether it has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -158,8 +193,11 @@ impl<'a> From<&'a [bf16]> for HostSlice<'a> {
 /// An owned host tensor of any supported dtype (what files and tests produce).
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostVec {
+    /// f32 elements.
     F32(Vec<f32>),
+    /// f16 elements.
     F16(Vec<f16>),
+    /// bf16 elements.
     Bf16(Vec<bf16>),
 }
 
@@ -173,6 +211,7 @@ impl HostVec {
         }
     }
 
+    /// Borrowed as a [`HostSlice`] of the same dtype.
     pub fn as_slice(&self) -> HostSlice<'_> {
         match self {
             HostVec::F32(v) => HostSlice::F32(v),
@@ -181,10 +220,12 @@ impl HostVec {
         }
     }
 
+    /// The element type.
     pub fn dtype(&self) -> Dtype {
         self.as_slice().dtype()
     }
 
+    /// Every element widened to f32 (exact).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let s = self.as_slice();
         (0..s.len()).map(|i| s.get_f32(i)).collect()
@@ -194,12 +235,16 @@ impl HostVec {
 /// Borrowed mutable host tensor: where a gradient is written.
 #[derive(Debug)]
 pub enum HostSliceMut<'a> {
+    /// f32 elements.
     F32(&'a mut [f32]),
+    /// f16 elements.
     F16(&'a mut [f16]),
+    /// bf16 elements.
     Bf16(&'a mut [bf16]),
 }
 
 impl HostSliceMut<'_> {
+    /// The element type.
     pub fn dtype(&self) -> Dtype {
         match self {
             HostSliceMut::F32(_) => Dtype::F32,
@@ -208,6 +253,7 @@ impl HostSliceMut<'_> {
         }
     }
 
+    /// Number of elements (not bytes).
     pub fn len(&self) -> usize {
         match self {
             HostSliceMut::F32(s) => s.len(),
@@ -216,6 +262,7 @@ impl HostSliceMut<'_> {
         }
     }
 
+    /// Whether it has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -22,7 +22,7 @@
 
 use half::{bf16, f16};
 
-use crate::backend::{check_same_dtype, Backend};
+use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::{Error, Result};
 use crate::semantics::{
@@ -45,14 +45,18 @@ pub struct RefOutput {
     pub grad_logits: Vec<f64>,
     /// `[rows * hidden]` when hidden states were given.
     pub grad_hidden: Option<Vec<f64>>,
+    /// Rows that take part: those whose label is not `ignore_index` (all rows without labels).
     pub valid_rows: usize,
 }
 
 /// Hidden states in f64, `[rows, size]` each.
 #[derive(Debug, Clone, Copy)]
 pub struct F64Hidden<'a> {
+    /// Hidden size: elements per row.
     pub size: usize,
+    /// `[rows, size]` student hidden states (the gradient is taken with respect to these).
     pub student: &'a [f64],
+    /// `[rows, size]` teacher hidden states.
     pub teacher: &'a [f64],
 }
 
@@ -60,11 +64,17 @@ pub struct F64Hidden<'a> {
 /// differences can perturb them at full f64 precision.
 #[derive(Debug, Clone, Copy)]
 pub struct F64Inputs<'a> {
+    /// Rows (token positions).
     pub rows: usize,
+    /// Vocabulary size V: entries per row.
     pub vocab: usize,
+    /// `[rows, vocab]` student logits.
     pub student: &'a [f64],
+    /// `[rows, vocab]` teacher logits.
     pub teacher: &'a [f64],
+    /// `[rows]` labels, each in `[0, vocab)` or `ignore_index`; required when `alpha < 1`.
     pub labels: Option<&'a [i64]>,
+    /// Hidden states for the MSE term, if any.
     pub hidden: Option<F64Hidden<'a>>,
 }
 
@@ -443,7 +453,7 @@ fn narrow_into(values: &[f64], out: HostSliceMut) {
     }
 }
 
-impl Backend for Reference {
+impl DistillDevice for Reference {
     fn name(&self) -> &'static str {
         "reference"
     }
@@ -499,7 +509,7 @@ impl Backend for Reference {
         log: bool,
         grad_input: HostSliceMut,
     ) -> Result<()> {
-        crate::backend::check_softmax_backward(
+        crate::device::check_softmax_backward(
             output,
             grad_output,
             &grad_input,

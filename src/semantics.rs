@@ -4,15 +4,22 @@
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::{Error, Result};
 
-/// Which divergence between teacher and student distributions is the soft loss.
+/// Which divergence between teacher and student distributions is the soft loss. With the
+/// `serde` feature it reads and writes as `{"type": "forward-kl"}`, `{"type": "reverse-kl"}` or
+/// `{"type": "jsd", "beta": 0.5}`.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "type", rename_all = "kebab-case"))]
 pub enum LossKind {
     /// `sum p_t (log p_t - log p_s)`
     ForwardKl,
     /// `sum p_s (log p_s - log p_t)`
     ReverseKl,
     /// `beta KL(p_t || m) + (1 - beta) KL(p_s || m)`, `m = beta p_t + (1 - beta) p_s`, `0 < beta < 1`.
-    Jsd { beta: f32 },
+    Jsd {
+        /// The teacher's weight in the mixture `m`.
+        beta: f32,
+    },
 }
 
 impl LossKind {
@@ -34,6 +41,7 @@ impl LossKind {
         }
     }
 
+    /// JSD's `beta`; 0 for the KL kinds.
     pub fn beta(self) -> f32 {
         match self {
             LossKind::Jsd { beta } => beta,
@@ -42,16 +50,21 @@ impl LossKind {
     }
 }
 
+/// How row losses become the returned loss (`"none"`, `"sum"`, `"mean"` with `serde`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum Reduction {
     /// One loss per row (0 for ignored rows); the gradient is that of their sum.
     None,
+    /// The sum of the row losses.
     Sum,
     /// Sum divided by D: the number of valid rows, or the explicit normalizer.
     Mean,
 }
 
 impl Reduction {
+    /// The ABI code (`DK_REDUCTION_*` in kernels/abi.h).
     pub fn code(self) -> i32 {
         match self {
             Reduction::None => crate::abi::DK_REDUCTION_NONE as i32,
@@ -61,17 +74,30 @@ impl Reduction {
     }
 }
 
-/// Every option of the fused distillation loss. `Default` is the documented default:
-/// forward KL, T = 1, alpha = 1, T^2 scaling on, ignore_index -100, mean, no hidden loss.
+/// Every option of the fused distillation loss. `Default` is the documented default (and the one
+/// place defaults are written): forward KL, T = 1, alpha = 1, T^2 scaling on, ignore_index -100,
+/// mean, no hidden loss.
+///
+/// Build one with [`LossConfig::builder`] (validated), or start from `LossConfig::default()` and
+/// set fields; every loss call validates its configuration again. New options may be added, so
+/// the struct cannot be written as a literal outside the crate. With the `serde` feature it
+/// (de)serializes with the field names below; missing fields take their defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 pub struct LossConfig {
+    /// The soft loss: forward KL, reverse KL or JSD.
     pub kind: LossKind,
+    /// Softmax temperature T of both distributions in the soft loss (the hard loss uses T = 1).
     pub temperature: f32,
     /// Weight of the soft loss; the hard-label cross-entropy gets `1 - alpha`.
     pub alpha: f32,
     /// Multiply the soft loss by T^2 (Hinton et al.) so its gradient scale does not shrink with T.
     pub t2_scale: bool,
+    /// Rows whose label equals this take no part in the loss and get a zero gradient.
     pub ignore_index: i64,
+    /// How the row losses are combined.
     pub reduction: Reduction,
     /// Explicit D for `Mean` (gradient accumulation across micro-batches). `None`: valid rows.
     pub normalizer: Option<f32>,
@@ -97,6 +123,62 @@ impl Default for LossConfig {
     }
 }
 
+/// Builds a [`LossConfig`] from the defaults, checking it in [`LossConfigBuilder::build`]:
+///
+/// ```
+/// use distill_kernels::{LossConfig, LossKind};
+/// let cfg = LossConfig::builder()
+///     .kind(LossKind::Jsd { beta: 0.5 })
+///     .temperature(2.0)
+///     .alpha(0.7)
+///     .build()?;
+/// assert_eq!(cfg.hard_weight(), 1.0 - 0.7);
+/// # Ok::<(), distill_kernels::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LossConfigBuilder {
+    cfg: LossConfig,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $t:ty),* $(,)?) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: $t) -> Self {
+            self.cfg.$name = value;
+            self
+        }
+    )*};
+}
+
+impl LossConfigBuilder {
+    setters! {
+        /// See [`LossConfig::kind`].
+        kind: LossKind,
+        /// See [`LossConfig::temperature`].
+        temperature: f32,
+        /// See [`LossConfig::alpha`].
+        alpha: f32,
+        /// See [`LossConfig::t2_scale`].
+        t2_scale: bool,
+        /// See [`LossConfig::ignore_index`].
+        ignore_index: i64,
+        /// See [`LossConfig::reduction`].
+        reduction: Reduction,
+        /// See [`LossConfig::normalizer`].
+        normalizer: Option<f32>,
+        /// See [`LossConfig::grad_scale`].
+        grad_scale: f32,
+        /// See [`LossConfig::hidden_weight`].
+        hidden_weight: f32,
+    }
+
+    /// The configuration, or [`Error::InvalidOption`] naming the first option out of range.
+    pub fn build(self) -> Result<LossConfig> {
+        self.cfg.validate()?;
+        Ok(self.cfg)
+    }
+}
+
 fn invalid(name: &'static str, value: impl ToString, reason: &'static str) -> Error {
     Error::InvalidOption {
         name,
@@ -106,6 +188,16 @@ fn invalid(name: &'static str, value: impl ToString, reason: &'static str) -> Er
 }
 
 impl LossConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> LossConfigBuilder {
+        LossConfigBuilder::default()
+    }
+
+    /// A builder starting from this configuration (to derive a variant of it).
+    pub fn to_builder(self) -> LossConfigBuilder {
+        LossConfigBuilder { cfg: self }
+    }
+
     /// Checks every option on its own (shapes are checked by [`check_inputs`]).
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
@@ -201,19 +293,29 @@ impl LossConfig {
 /// Optional hidden states for the MSE term: `[rows, size]` each.
 #[derive(Debug, Clone, Copy)]
 pub struct HiddenInputs<'a> {
+    /// Hidden size: elements per row.
     pub size: usize,
+    /// `[rows, size]` student hidden states (the gradient is taken with respect to these).
     pub student: HostSlice<'a>,
+    /// `[rows, size]` teacher hidden states; the dtype may differ from the student's.
     pub teacher: HostSlice<'a>,
 }
 
 /// The inputs of one loss evaluation on the host, row-major `[rows, vocab]`.
 #[derive(Debug, Clone, Copy)]
 pub struct DistillInputs<'a> {
+    /// Rows (token positions).
     pub rows: usize,
+    /// Vocabulary size V: entries per row.
     pub vocab: usize,
+    /// `[rows, vocab]` student logits.
     pub student: HostSlice<'a>,
+    /// `[rows, vocab]` teacher logits; the dtype may differ from the student's.
     pub teacher: HostSlice<'a>,
+    /// `[rows]` labels: rows labelled `ignore_index` are skipped, the others must be in
+    /// `[0, vocab)` and are the hard loss's targets. Required when `alpha < 1`.
     pub labels: Option<&'a [i64]>,
+    /// Hidden states for the MSE term (weight `hidden_weight`), if any.
     pub hidden: Option<HiddenInputs<'a>>,
 }
 
@@ -229,7 +331,10 @@ pub struct GradOutputs<'a> {
 /// The reduced loss: one value for `Sum`/`Mean`, one per row for `None`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossValue {
+    /// `[1]` for `Sum`/`Mean`; `[rows]` for `None`, 0 for ignored rows.
     pub values: Vec<f32>,
+    /// Rows that took part (label not `ignore_index`; all rows without labels): the D of `Mean`
+    /// unless a normalizer was given.
     pub valid_rows: usize,
 }
 
@@ -330,6 +435,8 @@ pub fn check_labels(cfg: &LossConfig, labels: &[i64], vocab: usize) -> Result<()
     Ok(())
 }
 
+/// Rows that take part in the loss: all `rows` without labels, else those whose label is not
+/// `ignore_index` (labels are not range-checked here).
 pub fn valid_rows(cfg: &LossConfig, labels: Option<&[i64]>, rows: usize) -> usize {
     match labels {
         None => rows,

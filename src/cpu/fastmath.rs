@@ -34,6 +34,7 @@
 
 /// `a * b + c`, fused or not: the one operation whose rounding the two flavours choose.
 pub trait MulAdd: Copy + Send + Sync + 'static {
+    /// `a * b + c`, rounded once ([`Fused`]) or twice ([`Unfused`]).
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }
 

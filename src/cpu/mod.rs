@@ -42,7 +42,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::{check_same_dtype, Backend};
+use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::Result;
 use crate::semantics::{
@@ -62,6 +62,8 @@ use simd::{Lanes, CHUNK};
 pub struct Cpu;
 
 impl Cpu {
+    /// The CPU backend. It holds no state: rows run on rayon's global thread pool, with the
+    /// [`SimdLevel`] detected for this CPU.
     pub fn new() -> Self {
         Cpu
     }
@@ -133,7 +135,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 // ---------------------------------------------------------------------------------------------
 // The fused loss.
 
-/// [`Backend::distill_loss`] of [`Cpu`] with its hot loops compiled for `level` (lowered to
+/// [`DistillDevice::distill_loss`] of [`Cpu`] with its hot loops compiled for `level` (lowered to
 /// what this CPU supports). `Cpu` uses [`SimdLevel::detect`]; the other levels are for tests and
 /// comparisons.
 pub fn distill_loss_with(
@@ -257,7 +259,7 @@ fn kd_rows<G: Lanes>(
 
 // ---------------------------------------------------------------------------------------------
 
-impl Backend for Cpu {
+impl DistillDevice for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
     }
@@ -307,7 +309,7 @@ impl Backend for Cpu {
         log: bool,
         grad_input: HostSliceMut,
     ) -> Result<()> {
-        crate::backend::check_softmax_backward(
+        crate::device::check_softmax_backward(
             output,
             grad_output,
             &grad_input,

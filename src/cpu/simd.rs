@@ -70,6 +70,7 @@ impl SimdLevel {
         self.min(SimdLevel::detect())
     }
 
+    /// Lowercase name for reports: `portable`, `avx2` or `avx512`.
     pub fn name(self) -> &'static str {
         match self {
             SimdLevel::Portable => "portable",

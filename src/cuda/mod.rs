@@ -1,6 +1,7 @@
 //! The CUDA backend: the kernels of `kernels/` launched through cudarc, on a real GPU or on the
 //! emulated one (the same code path, with the fake driver of `kernels/emulator` loaded first).
 
+#[cfg(feature = "emulator")]
 mod emulator;
 mod host;
 mod ops;
@@ -24,8 +25,68 @@ pub const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatb
 pub const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas.tsv"));
 
 /// The emulator's message for its last failed launch (barrier divergence, trap, bad shuffle).
+#[cfg(feature = "emulator")]
 pub fn emulator_last_error() -> Option<String> {
     emulator::last_error()
+}
+
+/// Whether the emulated driver has been loaded into this process.
+fn emulator_loaded() -> bool {
+    #[cfg(feature = "emulator")]
+    return emulator::is_loaded();
+    #[cfg(not(feature = "emulator"))]
+    false
+}
+
+/// A driver error as the crate's error: out-of-memory is its own variant, every other code
+/// keeps the driver's error as its source.
+fn driver_error(during: &str, detail: String, source: DriverError) -> Error {
+    use cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY;
+    let during = during.to_string();
+    if source.0 == CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory { during, source }
+    } else {
+        Error::Cuda {
+            during,
+            detail,
+            source,
+        }
+    }
+}
+
+/// The emulator-only module when running on the emulator (it stands in for a missing fatbin).
+fn emulator_image(emulated: bool) -> Option<&'static [u8]> {
+    #[cfg(feature = "emulator")]
+    if emulated {
+        return Some(emulator::MODULE_IMAGE);
+    }
+    let _ = emulated;
+    None
+}
+
+/// The name the emulated driver gives its device (kernels/emulator/driver.cpp, cuDeviceGetName):
+/// asking the driver cudarc actually resolved is the one test that holds however it was linked.
+const EMULATED_DEVICE_NAME: &str = "distill-kernels emulated GPU";
+
+fn driver_is_emulator(ctx: &CudaContext) -> bool {
+    ctx.name()
+        .is_ok_and(|n| n.starts_with(EMULATED_DEVICE_NAME))
+}
+
+/// Whether a CUDA driver library can be loaded (cudarc would panic inside `CudaContext::new`
+/// without one when it loads the driver at run time; when the application links it, it is
+/// loaded already and this finds it).
+fn driver_library_present() -> bool {
+    let names: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
+    names.iter().any(|name| {
+        // SAFETY: loads the system's CUDA driver library (or finds it loaded); its initializers
+        // are the driver's own, which cudarc would run next anyway.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
 }
 
 /// Whether this build carries compiled kernels for real GPUs.
@@ -36,10 +97,11 @@ pub const HAS_FATBIN: bool = cfg!(dk_fatbin);
 /// every kernel compiled into the emulator, including its deliberately broken self-test kernels
 /// (kernels/emulator/selftest.cu). The real fatbin holds only the crate's kernels, and a real
 /// driver rejects this image.
+#[cfg(feature = "emulator")]
 pub const EMULATOR_ONLY_MODULE: &[u8] = emulator::MODULE_IMAGE;
 
 /// A CUDA device with the kernel module loaded, and the stream every call is issued on.
-pub struct CudaDevice {
+pub struct CudaKernels {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
@@ -47,16 +109,16 @@ pub struct CudaDevice {
     emulated: bool,
 }
 
-impl std::fmt::Debug for CudaDevice {
+impl std::fmt::Debug for CudaKernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaDevice")
+        f.debug_struct("CudaKernels")
             .field("ordinal", &self.ctx.ordinal())
             .field("emulated", &self.emulated)
             .finish()
     }
 }
 
-impl CudaDevice {
+impl CudaKernels {
     /// Opens GPU `ordinal` of the installed driver. Returns [`Error::DeviceUnavailable`], never a
     /// panic, when the crate was built without nvcc, no driver is installed, or no GPU is present.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -67,15 +129,14 @@ impl CudaDevice {
                     .into(),
             ));
         }
-        if emulator::is_loaded() {
+        if emulator_loaded() {
             return Err(Error::DeviceUnavailable(
                 "the emulated CUDA driver is loaded in this process; a real GPU cannot be opened \
                  beside it (use the emulated device, or a separate process)"
                     .into(),
             ));
         }
-        // SAFETY: only probes whether a library of the driver's name can be opened.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !driver_library_present() {
             return Err(Error::DeviceUnavailable(
                 "no CUDA driver found (libcuda.so could not be loaded)".into(),
             ));
@@ -85,6 +146,7 @@ impl CudaDevice {
 
     /// The emulated GPU: the kernels compiled for the host, behind a fake CUDA driver, driven by
     /// exactly the same cudarc calls as a real device.
+    #[cfg(feature = "emulator")]
     pub fn emulated() -> Result<Self> {
         emulator::load()?;
         // The fake driver reads the real fatbin like a GPU's driver does: a kernel missing from
@@ -97,7 +159,7 @@ impl CudaDevice {
         // Registers and shared memory from ptxas limit launches as on an H100.
         emulator::set_kernel_limits(PTXAS_REPORT)?;
         let device = Self::open(0, image, true)?;
-        if !emulator::driver_in_use_is_emulator() {
+        if !driver_is_emulator(&device.ctx) {
             return Err(Error::DeviceUnavailable(
                 "cudarc resolved a real CUDA driver instead of the emulator (a libcuda.so is \
                  installed and was loaded first); run the emulated device in a separate process"
@@ -111,14 +173,15 @@ impl CudaDevice {
     /// trainers that own their CUDA context and streams. Works on a real GPU and on the emulated
     /// one, whichever driver created the stream.
     pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
-        let emulated = emulator::is_loaded() && emulator::driver_in_use_is_emulator();
+        let emulated = emulator_loaded() && driver_is_emulator(stream.context());
+        #[cfg(feature = "emulator")]
         if emulated {
             emulator::set_kernel_limits(PTXAS_REPORT)?;
         }
         let image = if !FATBIN.is_empty() {
             FATBIN.to_vec()
-        } else if emulated {
-            EMULATOR_ONLY_MODULE.to_vec()
+        } else if let Some(image) = emulator_image(emulated) {
+            image.to_vec()
         } else {
             return Err(Error::DeviceUnavailable(
                 "this build has no compiled CUDA kernels: nvcc was not found when the crate was \
@@ -129,8 +192,8 @@ impl CudaDevice {
         let ctx = stream.context().clone();
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(image))
-            .map_err(|e| Error::Cuda(format!("cannot load the kernel module: {e}")))?;
-        Ok(CudaDevice {
+            .map_err(|e| driver_error("loading the kernel module", String::new(), e))?;
+        Ok(CudaKernels {
             ctx,
             stream,
             module,
@@ -148,8 +211,8 @@ impl CudaDevice {
         let stream = ctx.default_stream();
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(image))
-            .map_err(|e| Error::Cuda(format!("cannot load the kernel module: {e}")))?;
-        Ok(CudaDevice {
+            .map_err(|e| driver_error("loading the kernel module", String::new(), e))?;
+        Ok(CudaKernels {
             ctx,
             stream,
             module,
@@ -169,6 +232,8 @@ impl CudaDevice {
         &self.stream
     }
 
+    /// The driver context the module and stream belong to (the emulator's on the emulated device),
+    /// e.g. to create streams or load another module.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
@@ -195,6 +260,7 @@ impl CudaDevice {
 
     /// A driver error, with the emulator's own message (barrier divergence, trap, ...) attached.
     fn cuda_error(&self, during: &str, e: DriverError) -> Error {
+        #[cfg(feature = "emulator")]
         let detail = if self.emulated {
             emulator::last_error()
                 .map(|m| format!(": {m}"))
@@ -202,6 +268,8 @@ impl CudaDevice {
         } else {
             String::new()
         };
-        Error::Cuda(format!("{during}: {e}{detail}"))
+        #[cfg(not(feature = "emulator"))]
+        let detail = String::new();
+        driver_error(during, detail, e)
     }
 }

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
 use super::tensor::{DeviceTensor, DeviceTensorMut};
-use super::CudaDevice;
+use super::CudaKernels;
 use crate::abi::{
     DkHiddenParams, DkKdParams, DkPrepareParams, DkReduceParams, DkScalars, DkSoftmaxBwdParams,
     DkSoftmaxParams,
@@ -18,7 +18,9 @@ use crate::semantics::{LossConfig, LossKind, LossValue, Reduction};
 pub enum Student<'a> {
     /// Read only; the gradient, if asked, goes into `grad` (f32 or the logits' dtype).
     Logits {
+        /// `[rows, vocab]` student logits, f32, f16 or bf16.
         logits: &'a dyn DeviceTensor,
+        /// `[rows, vocab]` gradient buffer; `None` computes the loss only.
         grad: Option<&'a mut dyn DeviceTensorMut>,
     },
     /// The gradient overwrites the logits (no extra `rows x vocab` buffer).
@@ -27,19 +29,32 @@ pub enum Student<'a> {
 
 /// Hidden states `[rows, size]` for the MSE term, and where the student's gradient goes.
 pub struct DeviceHidden<'a> {
+    /// Hidden size: elements per row.
     pub size: usize,
+    /// `[rows, size]` student hidden states.
     pub student: &'a dyn DeviceTensor,
+    /// `[rows, size]` teacher hidden states (may differ in dtype from the student's).
     pub teacher: &'a dyn DeviceTensor,
+    /// `[rows, size]` gradient of the student hidden states, f32 or their dtype; `None`: not
+    /// computed.
     pub grad: Option<&'a mut dyn DeviceTensorMut>,
 }
 
 /// One loss evaluation on device buffers, row-major `[rows, vocab]`.
 pub struct DeviceInputs<'a> {
+    /// Rows (token positions).
     pub rows: usize,
+    /// Vocabulary size V: entries per row.
     pub vocab: usize,
+    /// The student logits and where their gradient goes.
     pub student: Student<'a>,
+    /// `[rows, vocab]` teacher logits, f32, f16 or bf16 (may differ from the student's).
     pub teacher: &'a dyn DeviceTensor,
+    /// `[rows]` labels, each in `[0, vocab)` or `ignore_index`; required when `alpha < 1`. Checked
+    /// on the device: a bad one fails the call with [`Error::LabelOutOfRange`] and no output is
+    /// written.
     pub labels: Option<&'a CudaSlice<i64>>,
+    /// Hidden states for the MSE term (weight `hidden_weight`), if any.
     pub hidden: Option<DeviceHidden<'a>>,
 }
 
@@ -101,7 +116,7 @@ fn kind_code(kind: LossKind) -> &'static str {
     }
 }
 
-impl CudaDevice {
+impl CudaKernels {
     fn launch<P: cudarc::driver::DeviceRepr>(
         &self,
         name: &str,
@@ -378,7 +393,7 @@ impl CudaDevice {
         )
     }
 
-    /// Backward of [`CudaDevice::softmax_device`]: `grad_input` from its `output` and `grad_output`.
+    /// Backward of [`CudaKernels::softmax_device`]: `grad_input` from its `output` and `grad_output`.
     #[allow(clippy::too_many_arguments)]
     pub fn softmax_backward_device(
         &self,

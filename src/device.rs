@@ -1,12 +1,16 @@
 //! The one host-level interface every device implements: the tests, the CLI and the benchmarks
 //! drive `reference`, `cpu`, `emulated` and `cuda` through it. Trainers that keep tensors on the
-//! GPU use [`crate::cuda::CudaDevice`]'s device-buffer methods instead, which skip the copies.
+//! GPU use [`crate::cuda::CudaKernels`]'s device-buffer methods instead, which skip the copies.
 
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::{Error, Result};
 use crate::semantics::{DistillInputs, GradOutputs, LossConfig, LossValue};
 
-pub trait Backend: Send + Sync {
+/// A device that runs the crate's losses and softmax on host buffers:
+/// [`crate::reference::Reference`], [`crate::cpu::Cpu`], or `crate::cuda::CudaKernels` (real or
+/// emulated GPU; it copies in and out). Every implementation checks its arguments with the shared
+/// rules of [`crate::semantics`] and returns the same errors for the same misuse.
+pub trait DistillDevice: Send + Sync {
     /// `reference`, `cpu`, `emulated` or `cuda`.
     fn name(&self) -> &'static str;
 
@@ -31,7 +35,7 @@ pub trait Backend: Send + Sync {
         output: HostSliceMut,
     ) -> Result<()>;
 
-    /// Backward of [`Backend::softmax`]: given its `output` and the upstream `grad_output`,
+    /// Backward of [`DistillDevice::softmax`]: given its `output` and the upstream `grad_output`,
     /// writes `grad_input` (all three of one dtype).
     #[allow(clippy::too_many_arguments)]
     fn softmax_backward(
@@ -49,9 +53,14 @@ pub trait Backend: Send + Sync {
 /// Which device to run on, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// The f64 reference (`reference`).
     Reference,
+    /// The multi-threaded f32 CPU backend (`cpu`).
     Cpu,
+    /// The CUDA kernels on the emulated GPU (`emulated`; needs the `emulator` feature).
     Emulated,
+    /// The CUDA kernels on GPU 0 (`cuda`; needs the `cuda` feature, nvcc at build time, a driver
+    /// and a GPU).
     Cuda,
 }
 
@@ -72,12 +81,23 @@ impl std::str::FromStr for DeviceKind {
 
 /// Opens a device. `cuda` and `emulated` return [`Error::DeviceUnavailable`] with the reason
 /// when they cannot run here; they never panic.
-pub fn open(kind: DeviceKind) -> Result<Box<dyn Backend>> {
+pub fn open(kind: DeviceKind) -> Result<Box<dyn DistillDevice>> {
     match kind {
         DeviceKind::Reference => Ok(Box::new(crate::reference::Reference)),
         DeviceKind::Cpu => Ok(Box::new(crate::cpu::Cpu::new())),
-        DeviceKind::Emulated => Ok(Box::new(crate::cuda::CudaDevice::emulated()?)),
-        DeviceKind::Cuda => Ok(Box::new(crate::cuda::CudaDevice::new(0)?)),
+        #[cfg(feature = "emulator")]
+        DeviceKind::Emulated => Ok(Box::new(crate::cuda::CudaKernels::emulated()?)),
+        #[cfg(not(feature = "emulator"))]
+        DeviceKind::Emulated => Err(Error::DeviceUnavailable(
+            "this build of distill-kernels has no emulated device (enable the `emulator` feature)"
+                .into(),
+        )),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Ok(Box::new(crate::cuda::CudaKernels::new(0)?)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => Err(Error::DeviceUnavailable(
+            "this build of distill-kernels has no CUDA device (enable the `cuda` feature)".into(),
+        )),
     }
 }
 
