@@ -1,11 +1,12 @@
-//! Builds the kernels twice from the same source:
+//! Builds the kernels twice from the same source (nothing at all without the `cuda` feature, or
+//! on docs.rs):
 //!
-//! 1. with nvcc, into one fatbin (SASS for sm_80/86/89/90 plus compute_90 PTX) embedded in the
+//! 1. (`cuda`) with nvcc, into one fatbin (SASS for sm_80/86/89/90 plus compute_90 PTX) embedded in the
 //!    crate, recording ptxas's registers, spills and shared memory per kernel in `ptxas.tsv`;
 //!    without nvcc the crate still builds (one warning) and the CUDA device reports it at run
 //!    time, unless `DISTILL_REQUIRE_NVCC=1` makes that a build failure;
-//! 2. with the host C++ compiler, against kernels/emulator, into the fake driver library
-//!    (`libcuda.so.1` by SONAME) that the emulated device loads.
+//! 2. (`emulator`, Linux targets) with the host C++ compiler, against kernels/emulator, into the
+//!    fake driver library (`libcuda.so.1` by SONAME) that the emulated device loads.
 //!
 //! With `--features regen-bindings` it also regenerates src/abi_bindings.rs from kernels/abi.h.
 
@@ -21,17 +22,39 @@ fn main() {
     let kernels = root.join("kernels");
 
     println!("cargo::rerun-if-changed=kernels");
+    // Not PATH: a changed PATH would rerun nvcc on every shell; point NVCC or CUDA_HOME at a new
+    // toolkit instead.
     for var in [
         "NVCC",
         "CUDA_HOME",
         "CUDA_PATH",
-        "PATH",
         "DISTILL_REQUIRE_NVCC",
         "CXX",
+        "DOCS_RS",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     println!("cargo::rustc-check-cfg=cfg(dk_fatbin)");
+
+    #[cfg(feature = "regen-bindings")]
+    regen_bindings(&root);
+
+    let cuda = std::env::var_os("CARGO_FEATURE_CUDA").is_some();
+    // docs.rs has neither nvcc nor time for native builds: empty artifacts, the docs are the same.
+    if std::env::var_os("DOCS_RS").is_some() {
+        for f in [
+            "kernels.fatbin",
+            "ptxas.tsv",
+            "libdistill_emu.so",
+            "libdistill_emu_check.so",
+        ] {
+            std::fs::write(out.join(f), b"").unwrap();
+        }
+        return;
+    }
+    if !cuda {
+        return; // the lean library: reference and cpu losses, no native step at all
+    }
 
     let sources = kernel_sources(&kernels);
     let all = out.join("all_kernels.cu");
@@ -42,10 +65,8 @@ fn main() {
     }
     std::fs::write(&all, text).unwrap();
 
-    #[cfg(feature = "regen-bindings")]
-    regen_bindings(&root);
-
     build_fatbin(&kernels, &all, &out);
+    #[cfg(feature = "emulator")]
     build_emulator(&kernels, &sources, &out);
 }
 
@@ -197,9 +218,19 @@ fn ptxas_table(log: &str) -> String {
     rows
 }
 
+#[cfg(feature = "emulator")]
 /// The two emulator libraries: the fast one, and the check build whose kernels are instrumented
 /// (every memory access calls kernels/emulator/sanitizer.cpp: memcheck, initcheck, racecheck).
 fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
+    // The emulator is Linux code (ucontext fibers, dlinfo, ELF TLS); elsewhere the emulated
+    // device reports that it was not built.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        println!("cargo::warning=the emulated GPU is Linux-only: not built for this target");
+        for f in ["libdistill_emu.so", "libdistill_emu_check.so"] {
+            std::fs::write(out.join(f), b"").unwrap();
+        }
+        return;
+    }
     let emu = kernels.join("emulator");
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let cxx = compiler.path().to_path_buf();
@@ -348,6 +379,7 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
     }
 }
 
+#[cfg(feature = "emulator")]
 /// Whether the emulator is built with `-mfma`: on an x86 target only when the build host is that
 /// target's architecture and its CPU has FMA (the library runs where it is built). Without it,
 /// a*b+c is rounded twice where the GPU rounds once, and a cargo warning says so. aarch64 always

@@ -21,7 +21,7 @@ fn inputs(rows: usize, vocab: usize) -> (HostVec, HostVec, Vec<i64>) {
     )
 }
 
-fn bench_device(c: &mut Criterion, dev: &dyn Backend, shapes: &[(usize, usize)]) {
+fn bench_device(c: &mut Criterion, dev: &dyn DistillDevice, shapes: &[(usize, usize)]) {
     let mut group = c.benchmark_group(format!("kd_fwd_bwd/{}", dev.name()));
     group.sample_size(10);
     for &(rows, vocab) in shapes {
@@ -32,12 +32,12 @@ fn bench_device(c: &mut Criterion, dev: &dyn Backend, shapes: &[(usize, usize)])
             LossKind::ReverseKl,
             LossKind::Jsd { beta: 0.5 },
         ] {
-            let cfg = LossConfig {
-                kind,
-                alpha: 0.5,
-                temperature: 2.0,
-                ..LossConfig::default()
-            };
+            let cfg = LossConfig::builder()
+                .kind(kind)
+                .alpha(0.5)
+                .temperature(2.0)
+                .build()
+                .unwrap();
             group.throughput(Throughput::Elements((rows * vocab) as u64));
             group.bench_with_input(
                 BenchmarkId::new(format!("{kind:?}"), format!("{rows}x{vocab}/bf16")),
@@ -70,7 +70,7 @@ fn bench_device(c: &mut Criterion, dev: &dyn Backend, shapes: &[(usize, usize)])
 
 fn benches(c: &mut Criterion) {
     bench_device(c, &cpu::Cpu::new(), &[(256, 32_000), (256, 128_256)]);
-    match cuda::CudaDevice::new(0) {
+    match cuda::CudaKernels::new(0) {
         Ok(dev) => bench_device(c, &dev, &[(256, 32_000), (4096, 128_256)]),
         Err(e) => eprintln!("no CUDA GPU benchmarked: {e}"),
     }

@@ -135,12 +135,12 @@ fn main() {
                 1.0
             );
             for &(name, kind) in &kinds {
-                let cfg = LossConfig {
-                    kind,
-                    alpha: 0.5,
-                    temperature: 2.0,
-                    ..LossConfig::default()
-                };
+                let cfg = LossConfig::builder()
+                    .kind(kind)
+                    .alpha(0.5)
+                    .temperature(2.0)
+                    .build()
+                    .unwrap();
                 let inputs = DistillInputs {
                     rows,
                     vocab,

@@ -9,6 +9,7 @@
 
 include!("abi_bindings.rs");
 
+#[cfg(feature = "cuda")]
 macro_rules! device_repr {
     ($($t:ty),*) => {$(
         // SAFETY: plain #[repr(C)] structs of integers, floats and raw pointers, passed to the
@@ -16,6 +17,7 @@ macro_rules! device_repr {
         unsafe impl cudarc::driver::DeviceRepr for $t {}
     )*};
 }
+#[cfg(feature = "cuda")]
 device_repr!(
     DkPrepareParams,
     DkKdParams,
@@ -26,5 +28,7 @@ device_repr!(
 );
 
 // SAFETY: DkScalars is plain data (floats and integers); all-zero bits are a valid value.
+#[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for DkScalars {}
+#[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::ValidAsZeroBits for DkScalars {}

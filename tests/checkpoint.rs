@@ -3,7 +3,7 @@
 
 use distill_kernels::model::{Llama, LlamaConfig};
 use distill_kernels::train::checkpoint::*;
-use distill_kernels::Error;
+use distill_kernels::train::TrainError as Error;
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;

@@ -74,12 +74,12 @@ fn bit_identical_in_pools_of_1_2_and_3_threads() {
                 hidden: None,
             };
             for kind in KINDS {
-                let cfg = LossConfig {
-                    kind,
-                    alpha: 0.5,
-                    temperature: 2.0,
-                    ..LossConfig::default()
-                };
+                let cfg = LossConfig::builder()
+                    .kind(kind)
+                    .alpha(0.5)
+                    .temperature(2.0)
+                    .build()
+                    .unwrap();
                 let first = run_bits(&cpu_loss, &cfg, &inputs);
                 for threads in [1, 2, 3] {
                     let pool = rayon::ThreadPoolBuilder::new()
@@ -117,12 +117,12 @@ fn instruction_sets_agree_bit_for_bit() {
         };
         for kind in KINDS {
             for temperature in [1.0, 2.0, 1.7] {
-                let cfg = LossConfig {
-                    kind,
-                    alpha: 0.3,
-                    temperature,
-                    ..LossConfig::default()
-                };
+                let cfg = LossConfig::builder()
+                    .kind(kind)
+                    .alpha(0.3)
+                    .temperature(temperature)
+                    .build()
+                    .unwrap();
                 let at = |level: SimdLevel| {
                     run_bits(
                         &|c, i, g| cpu::distill_loss_with(level, c, i, g),
@@ -224,13 +224,13 @@ fn every_temperature_path_matches_the_reference() {
         for kind in KINDS {
             for temperature in [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 7.0] {
                 for alpha in [0.0, 0.5, 1.0] {
-                    let cfg = LossConfig {
-                        kind,
-                        alpha,
-                        temperature,
-                        reduction: Reduction::Sum,
-                        ..LossConfig::default()
-                    };
+                    let cfg = LossConfig::builder()
+                        .kind(kind)
+                        .alpha(alpha)
+                        .temperature(temperature)
+                        .reduction(Reduction::Sum)
+                        .build()
+                        .unwrap();
                     check_against_reference(&cfg, &inputs, &format!("{dtype}"));
                 }
             }
@@ -261,12 +261,12 @@ fn peaked_rows_at_temperature_4_keep_small_probabilities() {
         hidden: None,
     };
     for kind in KINDS {
-        let cfg = LossConfig {
-            kind,
-            alpha: 0.5,
-            temperature: 4.0,
-            ..LossConfig::default()
-        };
+        let cfg = LossConfig::builder()
+            .kind(kind)
+            .alpha(0.5)
+            .temperature(4.0)
+            .build()
+            .unwrap();
         check_against_reference(&cfg, &inputs, "peaked");
     }
 }
@@ -291,13 +291,13 @@ fn loss_only_equals_loss_with_gradient_at_scale() {
     };
     for kind in KINDS {
         for temperature in [1.0, 2.0, 2.5] {
-            let cfg = LossConfig {
-                kind,
-                alpha: 0.7,
-                temperature,
-                reduction: Reduction::None,
-                ..LossConfig::default()
-            };
+            let cfg = LossConfig::builder()
+                .kind(kind)
+                .alpha(0.7)
+                .temperature(temperature)
+                .reduction(Reduction::None)
+                .build()
+                .unwrap();
             let (with_grad, _) = run_bits(&cpu_loss, &cfg, &inputs);
             let alone = Cpu::new()
                 .distill_loss(&cfg, &inputs, GradOutputs::default())
@@ -340,13 +340,13 @@ fn masked_and_extreme_logits_at_scale() {
     };
     for kind in KINDS {
         for temperature in [1.0, 2.0, 0.7] {
-            let cfg = LossConfig {
-                kind,
-                alpha: 0.5,
-                temperature,
-                reduction: Reduction::None,
-                ..LossConfig::default()
-            };
+            let cfg = LossConfig::builder()
+                .kind(kind)
+                .alpha(0.5)
+                .temperature(temperature)
+                .reduction(Reduction::None)
+                .build()
+                .unwrap();
             let reference = distill_loss_f64(&cfg, &inputs).unwrap();
             let mut grad = vec![f32::NAN; rows * vocab];
             let loss = Cpu::new()

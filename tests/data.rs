@@ -8,7 +8,7 @@ use distill_kernels::data::{
     entropy_floor, train_batch, val_windows, Corpus, Document, SyntheticLanguage, TokenStream,
     Tokenizer, EOS_TOKEN,
 };
-use distill_kernels::Error;
+use distill_kernels::train::TrainError as Error;
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

@@ -4,12 +4,12 @@ mod common;
 
 use common::*;
 use cudarc::driver::CudaSlice;
-use distill_kernels::cuda::{CudaDevice, DeviceInputs, Student};
+use distill_kernels::cuda::{CudaKernels, DeviceInputs, Student};
 use distill_kernels::reference::distill_loss_f64;
 use distill_kernels::*;
 use half::{bf16, f16};
 
-fn upload<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, v: &[T]) -> CudaSlice<T> {
+fn upload<T: cudarc::driver::DeviceRepr>(dev: &CudaKernels, v: &[T]) -> CudaSlice<T> {
     dev.stream().clone_htod(v).unwrap()
 }
 
@@ -28,12 +28,12 @@ fn in_place_gradient_every_dtype() {
             let b = batch(rows, vocab, sd, Dtype::Bf16, 4.0, 11);
             let mut labels = b.labels.clone();
             labels[2] = -100;
-            let cfg = LossConfig {
-                kind,
-                alpha: 0.5,
-                temperature: 2.0,
-                ..LossConfig::default()
-            };
+            let cfg = LossConfig::builder()
+                .kind(kind)
+                .alpha(0.5)
+                .temperature(2.0)
+                .build()
+                .unwrap();
             let reference = distill_loss_f64(
                 &cfg,
                 &DistillInputs {
@@ -106,7 +106,7 @@ fn in_place_gradient_every_dtype() {
 }
 
 fn run_in_place<S: Element>(
-    dev: &CudaDevice,
+    dev: &CudaKernels,
     cfg: &LossConfig,
     rows: usize,
     vocab: usize,
@@ -146,10 +146,7 @@ fn device_label_check_loses_nothing() {
     let labels = upload(dev, &[1i64, -100, 50, 3][..]);
     let err = dev
         .distill_loss_device(
-            &LossConfig {
-                alpha: 0.5,
-                ..LossConfig::default()
-            },
+            &LossConfig::builder().alpha(0.5).build().unwrap(),
             DeviceInputs {
                 rows,
                 vocab,
@@ -223,7 +220,7 @@ fn device_api_rejects_bad_shapes() {
     assert!(run(&t, &mut g32).is_ok());
 }
 
-fn launch_selftest(dev: &CudaDevice, name: &str, threads: u32) -> Result<Vec<f32>> {
+fn launch_selftest(dev: &CudaKernels, name: &str, threads: u32) -> Result<Vec<f32>> {
     selftest::launch(dev, name, 1, threads, selftest::Output::Zeroed)
 }
 
@@ -232,7 +229,7 @@ fn launch_selftest(dev: &CudaDevice, name: &str, threads: u32) -> Result<Vec<f32
 #[test]
 fn emulator_reports_divergence_and_recovers() {
     // A private device: this test's failed launches must not disturb the shared one.
-    let dev = CudaDevice::emulated().unwrap();
+    let dev = CudaKernels::emulated().unwrap();
     let e = launch_selftest(&dev, "dk_selftest_divergence", 64).unwrap_err();
     let msg = distill_kernels::cuda::emulator_last_error().unwrap_or_default();
     assert!(
@@ -298,7 +295,7 @@ fn address_sanitizer_catches_out_of_bounds_read() {
 fn runs_on_the_callers_stream() {
     let base = emulated();
     let stream = base.context().new_stream().unwrap();
-    let dev = CudaDevice::on_stream(stream.clone()).unwrap();
+    let dev = CudaKernels::on_stream(stream.clone()).unwrap();
     let b = batch(3, 100, Dtype::F32, Dtype::F32, 2.0, 9);
     let HostVec::F32(s) = &b.student else {
         unreachable!()
@@ -309,10 +306,10 @@ fn runs_on_the_callers_stream() {
     let s_dev = stream.clone_htod(s).unwrap();
     let t_dev = stream.clone_htod(t).unwrap();
     let mut g = stream.alloc_zeros::<f32>(300).unwrap();
-    let cfg = LossConfig {
-        kind: LossKind::ReverseKl,
-        ..LossConfig::default()
-    };
+    let cfg = LossConfig::builder()
+        .kind(LossKind::ReverseKl)
+        .build()
+        .unwrap();
     let on_stream = dev
         .distill_loss_device(
             &cfg,

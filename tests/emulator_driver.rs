@@ -10,17 +10,17 @@ mod common;
 
 use cudarc::driver::sys::{CUfunction_attribute, CUresult};
 use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
-use distill_kernels::cuda::{CudaDevice, EMULATOR_ONLY_MODULE, FATBIN, HAS_FATBIN, PTXAS_REPORT};
-use distill_kernels::{Backend, Error, HostSlice, HostSliceMut};
+use distill_kernels::cuda::{CudaKernels, EMULATOR_ONLY_MODULE, FATBIN, HAS_FATBIN, PTXAS_REPORT};
+use distill_kernels::{DistillDevice, Error, HostSlice, HostSliceMut};
 use std::sync::OnceLock;
 
 /// The shared emulated device (primary context), opened once with sticky errors on.
-fn device() -> &'static CudaDevice {
-    static DEV: OnceLock<CudaDevice> = OnceLock::new();
+fn device() -> &'static CudaKernels {
+    static DEV: OnceLock<CudaKernels> = OnceLock::new();
     DEV.get_or_init(|| {
         // Read by the driver at its first use, which is this device's opening.
         std::env::set_var("DISTILL_EMU_STICKY", "1");
-        CudaDevice::emulated().expect("the emulated device opens")
+        CudaKernels::emulated().expect("the emulated device opens")
     })
 }
 
@@ -165,7 +165,7 @@ fn zero_byte_allocations_fail_and_the_crate_makes_none() {
 fn kernel_faults_surface_at_the_next_synchronize_and_stick() {
     let shared = device();
     let ctx = CudaContext::new_non_primary(0, 0).unwrap();
-    let own = CudaDevice::on_stream(ctx.default_stream()).unwrap();
+    let own = CudaKernels::on_stream(ctx.default_stream()).unwrap();
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_binary(
             EMULATOR_ONLY_MODULE.to_vec(),

@@ -36,13 +36,13 @@ const DTYPE_PAIRS: [(Dtype, Dtype); 6] = [
 ];
 
 fn cfg(kind: LossKind, reduction: Reduction, alpha: f32, temperature: f32) -> LossConfig {
-    LossConfig {
-        kind,
-        reduction,
-        alpha,
-        temperature,
-        ..LossConfig::default()
-    }
+    LossConfig::builder()
+        .kind(kind)
+        .reduction(reduction)
+        .alpha(alpha)
+        .temperature(temperature)
+        .build()
+        .unwrap()
 }
 
 /// Weight of one probability-sized gradient term (see the header comment).
@@ -52,7 +52,7 @@ fn grad_unit(cfg: &LossConfig, valid_rows: usize) -> f64 {
 }
 
 /// Runs one case on `backend` and compares loss and gradients with the reference.
-fn check(backend: &dyn Backend, cfg: &LossConfig, inputs: &DistillInputs, label: &str) {
+fn check(backend: &dyn DistillDevice, cfg: &LossConfig, inputs: &DistillInputs, label: &str) {
     let what = format!("{} {label} {:?}", backend.name(), cfg);
     let reference = distill_loss_f64(cfg, inputs).expect("reference accepts the case");
     let mut grad = vec![f32::NAN; inputs.rows * inputs.vocab];
@@ -375,16 +375,16 @@ fn hidden_mse_and_scales() {
             (Reduction::Sum, None, 2.0),
             (Reduction::None, None, 1.0),
         ] {
-            let c = LossConfig {
-                kind: KINDS[i % 4],
-                reduction,
-                normalizer,
-                grad_scale,
-                hidden_weight: 0.7,
-                alpha: 0.6,
-                temperature: 1.5,
-                ..LossConfig::default()
-            };
+            let c = LossConfig::builder()
+                .kind(KINDS[i % 4])
+                .reduction(reduction)
+                .normalizer(normalizer)
+                .grad_scale(grad_scale)
+                .hidden_weight(0.7)
+                .alpha(0.6)
+                .temperature(1.5)
+                .build()
+                .unwrap();
             let inp = DistillInputs {
                 hidden: Some(HiddenInputs {
                     size: hsize,

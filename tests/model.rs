@@ -14,7 +14,7 @@ use distill_kernels::model::ops::{self, AttnShape};
 use distill_kernels::model::{
     Activations, HiddenPoint, Init, Llama, LlamaConfig, ParamLayout, Real,
 };
-use distill_kernels::Error;
+use distill_kernels::train::TrainError as Error;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -7,7 +7,7 @@ use distill_kernels::reference::{
     F64Inputs, RefOutput, Reference,
 };
 use distill_kernels::{
-    Backend, DistillInputs, Dtype, Error, GradOutputs, HiddenInputs, HostSlice, HostSliceMut,
+    DistillDevice, DistillInputs, Dtype, Error, GradOutputs, HiddenInputs, HostSlice, HostSliceMut,
     HostVec, LossConfig, LossKind, LossValue, Reduction,
 };
 use half::{bf16, f16};
@@ -32,14 +32,16 @@ fn all_configs() -> Vec<LossConfig> {
             for alpha in ALPHAS {
                 for temperature in TEMPERATURES {
                     for t2_scale in [false, true] {
-                        out.push(LossConfig {
-                            kind,
-                            reduction,
-                            alpha,
-                            temperature,
-                            t2_scale,
-                            ..LossConfig::default()
-                        });
+                        out.push(
+                            LossConfig::builder()
+                                .kind(kind)
+                                .reduction(reduction)
+                                .alpha(alpha)
+                                .temperature(temperature)
+                                .t2_scale(t2_scale)
+                                .build()
+                                .unwrap(),
+                        );
                     }
                 }
             }
@@ -107,11 +109,12 @@ fn gradients_match_finite_differences() {
 
     let mut checked = 0;
     for base in all_configs() {
-        let cfg = LossConfig {
-            hidden_weight: 0.7,
-            grad_scale: 1.5,
-            ..base
-        };
+        let cfg = base
+            .to_builder()
+            .hidden_weight(0.7)
+            .grad_scale(1.5)
+            .build()
+            .unwrap();
         let eval = |s: &[f64], h: &[f64]| {
             let inputs = F64Inputs {
                 rows,
@@ -165,12 +168,12 @@ fn gradients_match_finite_differences_with_masks_and_large_t() {
     }
     for kind in KINDS {
         for temperature in [0.7, 3.0] {
-            let cfg = LossConfig {
-                kind,
-                temperature,
-                reduction: Reduction::Sum,
-                ..LossConfig::default()
-            };
+            let cfg = LossConfig::builder()
+                .kind(kind)
+                .temperature(temperature)
+                .reduction(Reduction::Sum)
+                .build()
+                .unwrap();
             let eval = |s: &[f64]| {
                 let inputs = F64Inputs {
                     rows,
@@ -244,7 +247,7 @@ fn f32_inputs<'a>(
 
 /// Runs a backend with an f32 gradient buffer.
 fn run_f32(
-    backend: &dyn Backend,
+    backend: &dyn DistillDevice,
     cfg: &LossConfig,
     inputs: &DistillInputs,
 ) -> (LossValue, Vec<f32>) {
@@ -262,7 +265,7 @@ fn run_f32(
     (loss, grad)
 }
 
-fn backends() -> [Box<dyn Backend>; 2] {
+fn backends() -> [Box<dyn DistillDevice>; 2] {
     [Box::new(Reference), Box::new(Cpu::new())]
 }
 
@@ -273,12 +276,12 @@ fn identical_distributions_give_zero_soft_loss_and_gradient() {
     let s = uniform_f32(&mut rng, rows * vocab, 5.0);
     for kind in KINDS {
         for temperature in TEMPERATURES {
-            let cfg = LossConfig {
-                kind,
-                temperature,
-                reduction: Reduction::Sum,
-                ..LossConfig::default()
-            };
+            let cfg = LossConfig::builder()
+                .kind(kind)
+                .temperature(temperature)
+                .reduction(Reduction::Sum)
+                .build()
+                .unwrap();
             let inputs = f32_inputs(rows, vocab, &s, &s, None);
             // Exactly 0: both log-probabilities come out of the same arithmetic, and the JSD
             // mixture of two equal log-probabilities is that log-probability exactly.
@@ -314,10 +317,10 @@ fn two_class_forward_and_reverse_kl_by_hand() {
         }
 
         // Reverse KL: 1/4 ln(1/2) + 3/4 ln(3/2); gradient p_s (log p_s - log p_t - R).
-        let cfg = LossConfig {
-            kind: LossKind::ReverseKl,
-            ..LossConfig::default()
-        };
+        let cfg = LossConfig::builder()
+            .kind(LossKind::ReverseKl)
+            .build()
+            .unwrap();
         let r = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
         let (loss, grad) = run_f32(backend.as_ref(), &cfg, &inputs);
         assert!((loss.values[0] as f64 - r).abs() < tol);
@@ -333,11 +336,11 @@ fn two_class_forward_and_reverse_kl_by_hand() {
         // Forward KL at T = 2 with T^2 scaling, plus the hard loss with alpha = 0.25:
         // p_s = [1, sqrt 3] / (1 + sqrt 3); loss = 0.25 * 4 * KL - 0.75 * ln(3/4);
         // gradient = 0.25 * 2 * (p_s - p_t) + 0.75 * (softmax(s) - onehot(1)).
-        let cfg = LossConfig {
-            temperature: 2.0,
-            alpha: 0.25,
-            ..LossConfig::default()
-        };
+        let cfg = LossConfig::builder()
+            .temperature(2.0)
+            .alpha(0.25)
+            .build()
+            .unwrap();
         let r3 = 3f64.sqrt();
         let ps2 = [1.0 / (1.0 + r3), r3 / (1.0 + r3)];
         let kl = 0.5 * (0.5 / ps2[0]).ln() + 0.5 * (0.5 / ps2[1]).ln();
@@ -360,12 +363,12 @@ fn vocabulary_of_one_gives_zero() {
     for backend in backends() {
         for kind in KINDS {
             for alpha in ALPHAS {
-                let cfg = LossConfig {
-                    kind,
-                    alpha,
-                    temperature: 2.0,
-                    ..LossConfig::default()
-                };
+                let cfg = LossConfig::builder()
+                    .kind(kind)
+                    .alpha(alpha)
+                    .temperature(2.0)
+                    .build()
+                    .unwrap();
                 let (loss, grad) = run_f32(
                     backend.as_ref(),
                     &cfg,
@@ -388,12 +391,12 @@ fn all_rows_ignored_gives_zero_not_nan() {
     for backend in backends() {
         for kind in KINDS {
             for reduction in REDUCTIONS {
-                let cfg = LossConfig {
-                    kind,
-                    reduction,
-                    alpha: 0.5,
-                    ..LossConfig::default()
-                };
+                let cfg = LossConfig::builder()
+                    .kind(kind)
+                    .reduction(reduction)
+                    .alpha(0.5)
+                    .build()
+                    .unwrap();
                 let (loss, grad) = run_f32(
                     backend.as_ref(),
                     &cfg,
@@ -415,21 +418,22 @@ fn explicit_normalizer_divides_by_it() {
     let t = uniform_f32(&mut rng, rows * vocab, 3.0);
     let labels = [3i64, -100, 9, 0];
     for kind in KINDS {
-        let sum_cfg = LossConfig {
-            kind,
-            alpha: 0.4,
-            temperature: 1.7,
-            reduction: Reduction::Sum,
-            ..LossConfig::default()
-        };
+        let sum_cfg = LossConfig::builder()
+            .kind(kind)
+            .alpha(0.4)
+            .temperature(1.7)
+            .reduction(Reduction::Sum)
+            .build()
+            .unwrap();
         let inputs = f32_inputs(rows, vocab, &s, &t, Some(&labels));
         let sum = distill_loss_f64(&sum_cfg, &inputs).unwrap();
         for (normalizer, d) in [(Some(7.0), 7.0), (None, 3.0)] {
-            let cfg = LossConfig {
-                reduction: Reduction::Mean,
-                normalizer,
-                ..sum_cfg
-            };
+            let cfg = sum_cfg
+                .to_builder()
+                .reduction(Reduction::Mean)
+                .normalizer(normalizer)
+                .build()
+                .unwrap();
             let mean = distill_loss_f64(&cfg, &inputs).unwrap();
             assert!((mean.loss[0] - sum.loss[0] / d).abs() < 1e-12);
             for (a, b) in mean.grad_logits.iter().zip(&sum.grad_logits) {
@@ -469,13 +473,13 @@ fn masked_columns_equal_dropped_columns() {
         for kind in KINDS {
             for alpha in ALPHAS {
                 for temperature in [0.5, 2.0] {
-                    let cfg = LossConfig {
-                        kind,
-                        alpha,
-                        temperature,
-                        reduction: Reduction::None,
-                        ..LossConfig::default()
-                    };
+                    let cfg = LossConfig::builder()
+                        .kind(kind)
+                        .alpha(alpha)
+                        .temperature(temperature)
+                        .reduction(Reduction::None)
+                        .build()
+                        .unwrap();
                     let (full, g_full) = run_f32(
                         backend.as_ref(),
                         &cfg,
@@ -517,10 +521,7 @@ fn zero_probability_against_positive_probability_is_infinite() {
     for backend in backends() {
         let name = backend.name();
         let run = |kind, s: &[f32], t: &[f32]| {
-            let cfg = LossConfig {
-                kind,
-                ..LossConfig::default()
-            };
+            let cfg = LossConfig::builder().kind(kind).build().unwrap();
             run_f32(backend.as_ref(), &cfg, &f32_inputs(1, 4, s, t, None))
                 .0
                 .values[0]
@@ -561,13 +562,15 @@ fn nan_input_gives_nan_loss() {
         x[i] = f32::NAN;
         x
     };
-    let cfg = |kind| LossConfig {
-        kind,
-        alpha: 0.5,
-        hidden_weight: 0.5,
-        ..LossConfig::default()
+    let cfg = |kind| {
+        LossConfig::builder()
+            .kind(kind)
+            .alpha(0.5)
+            .hidden_weight(0.5)
+            .build()
+            .unwrap()
     };
-    let run = |backend: &dyn Backend, cfg: &LossConfig, s: &[f32], t: &[f32], hs: &[f32]| {
+    let run = |backend: &dyn DistillDevice, cfg: &LossConfig, s: &[f32], t: &[f32], hs: &[f32]| {
         let inputs = DistillInputs {
             hidden: Some(HiddenInputs {
                 size: hsize,
@@ -613,10 +616,7 @@ fn row_of_all_neg_inf_gives_nan() {
     let t = [0.0f32, 1.0, 2.0];
     for backend in backends() {
         for kind in KINDS {
-            let cfg = LossConfig {
-                kind,
-                ..LossConfig::default()
-            };
+            let cfg = LossConfig::builder().kind(kind).build().unwrap();
             let (loss, _) = run_f32(backend.as_ref(), &cfg, &f32_inputs(1, 3, &s, &t, None));
             assert!(loss.values[0].is_nan(), "{} {kind:?}", backend.name());
         }
@@ -910,11 +910,12 @@ fn cpu_matches_reference_on_small_shapes_every_option() {
     ];
     for (c, case) in cases.iter().enumerate() {
         for base in all_configs() {
-            let cfg = LossConfig {
-                hidden_weight: if case.hidden.is_some() { 0.5 } else { 0.0 },
-                grad_scale: 0.75,
-                ..base
-            };
+            let cfg = base
+                .to_builder()
+                .hidden_weight(if case.hidden.is_some() { 0.5 } else { 0.0 })
+                .grad_scale(0.75)
+                .build()
+                .unwrap();
             for (d, &dtypes) in DTYPE_PAIRS.iter().enumerate() {
                 compare_cpu(&cfg, case, dtypes, (c + d) % 2 == 1);
             }
@@ -939,13 +940,13 @@ fn cpu_matches_reference_without_labels() {
     for kind in KINDS {
         for reduction in REDUCTIONS {
             for temperature in TEMPERATURES {
-                let cfg = LossConfig {
-                    kind,
-                    reduction,
-                    temperature,
-                    normalizer: Some(3.0),
-                    ..LossConfig::default()
-                };
+                let cfg = LossConfig::builder()
+                    .kind(kind)
+                    .reduction(reduction)
+                    .temperature(temperature)
+                    .normalizer(Some(3.0))
+                    .build()
+                    .unwrap();
                 compare_cpu(&cfg, &case, (Dtype::F32, Dtype::F32), false);
             }
         }
@@ -979,14 +980,14 @@ fn cpu_matches_reference_on_medium_shape() {
     for (i, kind) in KINDS.into_iter().enumerate() {
         for alpha in ALPHAS {
             for temperature in [1.0, 4.5] {
-                let cfg = LossConfig {
-                    kind,
-                    alpha,
-                    temperature,
-                    reduction: REDUCTIONS[i % 3],
-                    hidden_weight: 0.25,
-                    ..LossConfig::default()
-                };
+                let cfg = LossConfig::builder()
+                    .kind(kind)
+                    .alpha(alpha)
+                    .temperature(temperature)
+                    .reduction(REDUCTIONS[i % 3])
+                    .hidden_weight(0.25)
+                    .build()
+                    .unwrap();
                 let dtypes = DTYPE_PAIRS[i % DTYPE_PAIRS.len()];
                 compare_cpu(&cfg, &case, dtypes, alpha == 0.3);
                 compare_cpu(&cfg, &case, (Dtype::F32, Dtype::F32), false);
@@ -1011,12 +1012,12 @@ fn cpu_matches_reference_on_llama3_vocabulary() {
         hidden: None,
     };
     for kind in KINDS {
-        let cfg = LossConfig {
-            kind,
-            alpha: 0.3,
-            temperature: 2.0,
-            ..LossConfig::default()
-        };
+        let cfg = LossConfig::builder()
+            .kind(kind)
+            .alpha(0.3)
+            .temperature(2.0)
+            .build()
+            .unwrap();
         compare_cpu(&cfg, &case, (Dtype::Bf16, Dtype::F32), false);
     }
 }
@@ -1060,13 +1061,13 @@ fn cpu_matches_reference_on_large_logits_and_constant_rows() {
     for kind in KINDS {
         for alpha in ALPHAS {
             for temperature in TEMPERATURES {
-                let cfg = LossConfig {
-                    kind,
-                    alpha,
-                    temperature,
-                    reduction: Reduction::None,
-                    ..LossConfig::default()
-                };
+                let cfg = LossConfig::builder()
+                    .kind(kind)
+                    .alpha(alpha)
+                    .temperature(temperature)
+                    .reduction(Reduction::None)
+                    .build()
+                    .unwrap();
                 for dtypes in DTYPE_PAIRS {
                     let (cpu, _, _) = compare_cpu(&cfg, &case, dtypes, false);
                     assert!(cpu.values.iter().all(|v| v.is_finite()));
@@ -1145,13 +1146,13 @@ fn cpu_is_deterministic_whatever_the_thread_count() {
         }),
     };
     for kind in KINDS {
-        let cfg = LossConfig {
-            kind,
-            alpha: 0.6,
-            temperature: 2.0,
-            hidden_weight: 0.3,
-            ..LossConfig::default()
-        };
+        let cfg = LossConfig::builder()
+            .kind(kind)
+            .alpha(0.6)
+            .temperature(2.0)
+            .hidden_weight(0.3)
+            .build()
+            .unwrap();
         let run = || {
             let mut grad = grad_buffer(Dtype::F32, rows * vocab);
             let mut grad_h = vec![0.0f32; rows * hsize];
@@ -1269,10 +1270,7 @@ fn bad_inputs_give_typed_errors_on_both_backends() {
     let t = [0.25f32; 6];
     let short = [0.0f32; 5];
     let labels = [0i64, 2];
-    let ok_cfg = LossConfig {
-        alpha: 0.5,
-        ..LossConfig::default()
-    };
+    let ok_cfg = LossConfig::builder().alpha(0.5).build().unwrap();
     let ok = f32_inputs(rows, vocab, &s, &t, Some(&labels));
     let bad_label = [0i64, 3];
     let neg_label = [-1i64, 0];
@@ -1592,11 +1590,11 @@ fn custom_ignore_index_is_respected() {
     let t = uniform_f32(&mut rng, rows * vocab, 2.0);
     // With ignore_index = 3, the label 3 ignores its row; -100 is then out of range.
     let labels = [3i64, 1, 0];
-    let cfg = LossConfig {
-        alpha: 0.5,
-        ignore_index: 3,
-        ..LossConfig::default()
-    };
+    let cfg = LossConfig::builder()
+        .alpha(0.5)
+        .ignore_index(3)
+        .build()
+        .unwrap();
     for backend in backends() {
         let (loss, grad) = run_f32(
             backend.as_ref(),

@@ -7,15 +7,15 @@
 mod common;
 
 use common::selftest::{launch, Output};
-use distill_kernels::cuda::CudaDevice;
+use distill_kernels::cuda::CudaKernels;
 use std::sync::OnceLock;
 
-fn checked() -> &'static CudaDevice {
-    static DEV: OnceLock<CudaDevice> = OnceLock::new();
+fn checked() -> &'static CudaKernels {
+    static DEV: OnceLock<CudaKernels> = OnceLock::new();
     DEV.get_or_init(|| {
         // Before the emulator library is loaded: it decides which build to load from this.
         std::env::set_var("DISTILL_EMU_CHECK", "all");
-        CudaDevice::emulated().expect("the emulated device opens")
+        CudaKernels::emulated().expect("the emulated device opens")
     })
 }
 

@@ -2,8 +2,8 @@
 //!
 //! - `bench loss` times the whole pass a trainer runs: the fused forward + backward of the
 //!   distillation loss with alpha = 0.5 and labels (none ignored), writing an f32 gradient. On
-//!   `cpu` (and `reference`) it calls `Backend::distill_loss` on host slices; on `emulated` and
-//!   `cuda` it uploads the inputs once and times `CudaDevice::distill_loss_device` on device
+//!   `cpu` (and `reference`) it calls `DistillDevice::distill_loss` on host slices; on `emulated` and
+//!   `cuda` it uploads the inputs once and times `CudaKernels::distill_loss_device` on device
 //!   buffers, so host-device copies are not in the figure.
 //! - `bench floor` times the memory floor of this machine: a pass that reads both inputs once
 //!   and writes a gradient-sized f32 output, and nothing else.
@@ -15,7 +15,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use distill_kernels::cuda::{CudaDevice, DeviceInputs, DeviceVec, Student};
+use distill_kernels::cuda::{CudaKernels, DeviceInputs, DeviceVec, Student};
 use distill_kernels::{
     DeviceKind, DistillInputs, Dtype, Element, Error, GradOutputs, HostSlice, HostSliceMut,
     LossConfig, LossKind, Reduction,
@@ -42,17 +42,17 @@ pub fn run_loss(args: &BenchLossArgs) -> CliResult<()> {
         KindArg::ReverseKl => LossKind::ReverseKl,
         KindArg::Jsd => LossKind::Jsd { beta: JSD_BETA },
     };
-    let cfg = LossConfig {
-        kind,
-        temperature: args.temperature,
-        alpha: ALPHA,
-        t2_scale: true,
-        ignore_index: -100,
-        reduction: Reduction::Mean,
-        normalizer: None,
-        grad_scale: 1.0,
-        hidden_weight: 0.0,
-    };
+    // Every option set (the struct is non-exhaustive outside the crate); validated below.
+    let mut cfg = LossConfig::default();
+    cfg.kind = kind;
+    cfg.temperature = args.temperature;
+    cfg.alpha = ALPHA;
+    cfg.t2_scale = true;
+    cfg.ignore_index = -100;
+    cfg.reduction = Reduction::Mean;
+    cfg.normalizer = None;
+    cfg.grad_scale = 1.0;
+    cfg.hidden_weight = 0.0;
     cfg.validate().map_err(|e| match e {
         Error::InvalidOption {
             name: "temperature",
@@ -266,10 +266,10 @@ fn zeros(n: usize, what: &str) -> CliResult<Vec<f32>> {
 // ---------------------------------------------------------------------------------------------
 
 enum Runner {
-    /// `reference` and `cpu`: host slices through `Backend::distill_loss`.
-    Host(Box<dyn distill_kernels::Backend>),
-    /// `emulated` and `cuda`: device buffers through `CudaDevice::distill_loss_device`.
-    Device(CudaDevice),
+    /// `reference` and `cpu`: host slices through `DistillDevice::distill_loss`.
+    Host(Box<dyn distill_kernels::DistillDevice>),
+    /// `emulated` and `cuda`: device buffers through `CudaKernels::distill_loss_device`.
+    Device(CudaKernels),
 }
 
 impl Runner {
@@ -282,8 +282,8 @@ impl Runner {
             DeviceKind::Reference | DeviceKind::Cpu => {
                 Runner::Host(distill_kernels::open(kind).map_err(unavailable)?)
             }
-            DeviceKind::Emulated => Runner::Device(CudaDevice::emulated().map_err(unavailable)?),
-            DeviceKind::Cuda => Runner::Device(CudaDevice::new(0).map_err(unavailable)?),
+            DeviceKind::Emulated => Runner::Device(CudaKernels::emulated().map_err(unavailable)?),
+            DeviceKind::Cuda => Runner::Device(CudaKernels::new(0).map_err(unavailable)?),
         })
     }
 

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use distill_kernels::error::describe_safetensors;
+use distill_kernels::train::error::describe_safetensors;
 use distill_kernels::HostVec;
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;

@@ -1,5 +1,5 @@
 //! `distill loss`: options -> `LossConfig`, input file -> `DistillInputs`, one
-//! `Backend::distill_loss` call, gradients -> output file, one JSON line on stdout.
+//! `DistillDevice::distill_loss` call, gradients -> output file, one JSON line on stdout.
 
 use std::time::Instant;
 
@@ -182,17 +182,17 @@ fn config(args: &LossArgs) -> CliResult<LossConfig> {
             reduction_name(reduction)
         )));
     }
-    let cfg = LossConfig {
-        kind,
-        temperature: args.temperature,
-        alpha: args.alpha,
-        t2_scale: !args.no_t2_scale,
-        ignore_index: args.ignore_index,
-        reduction,
-        normalizer: args.normalizer,
-        grad_scale: 1.0,
-        hidden_weight: args.hidden_weight,
-    };
+    // Every option set (the struct is non-exhaustive outside the crate); validated below.
+    let mut cfg = LossConfig::default();
+    cfg.kind = kind;
+    cfg.temperature = args.temperature;
+    cfg.alpha = args.alpha;
+    cfg.t2_scale = !args.no_t2_scale;
+    cfg.ignore_index = args.ignore_index;
+    cfg.reduction = reduction;
+    cfg.normalizer = args.normalizer;
+    cfg.grad_scale = 1.0;
+    cfg.hidden_weight = args.hidden_weight;
     cfg.validate().map_err(|e| match e {
         // Name the option as it is spelled on the command line, with the value as given.
         Error::InvalidOption { name, reason, .. } => {

@@ -41,6 +41,12 @@ impl From<distill_kernels::Error> for CliError {
     }
 }
 
+impl From<distill_kernels::train::TrainError> for CliError {
+    fn from(e: distill_kernels::train::TrainError) -> Self {
+        CliError(e.to_string())
+    }
+}
+
 pub type CliResult<T> = std::result::Result<T, CliError>;
 
 /// Collapses a message onto one line (library and OS messages may carry newlines).

@@ -18,9 +18,6 @@ pub(crate) fn check_requested() -> bool {
 }
 static LOADED: OnceLock<std::result::Result<libloading::Library, String>> = OnceLock::new();
 
-/// The value `dkEmuIdentify` returns ("DEMU").
-const EMU_MAGIC: i32 = 0x4445_4d55;
-
 pub(crate) fn is_loaded() -> bool {
     matches!(LOADED.get(), Some(Ok(_)))
 }
@@ -28,6 +25,13 @@ pub(crate) fn is_loaded() -> bool {
 pub(crate) fn load() -> Result<&'static libloading::Library> {
     LOADED
         .get_or_init(|| {
+            if LIBRARY.is_empty() {
+                return Err(
+                    "the emulated GPU was not built for this target (Linux only) or \
+                            this is a docs.rs build"
+                        .to_string(),
+                );
+            }
             let path = match library_override() {
                 Some(path) => path,
                 None => write_library()
@@ -74,19 +78,6 @@ fn write_library() -> std::io::Result<PathBuf> {
     std::fs::write(&tmp, library)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
-}
-
-/// Whether the driver cudarc resolved is the emulator (and not a real libcuda found first).
-pub(crate) fn driver_in_use_is_emulator() -> bool {
-    // SAFETY: cudarc's driver library is loaded at this point (a context exists); we only look
-    // up a symbol and call it if it has our signature.
-    unsafe {
-        let lib = cudarc::driver::sys::culib();
-        match lib.get::<unsafe extern "C" fn() -> i32>(b"dkEmuIdentify\0") {
-            Ok(f) => f() == EMU_MAGIC,
-            Err(_) => false,
-        }
-    }
 }
 
 /// The message of the emulator's last failed launch (barrier divergence, trap, bad shuffle).

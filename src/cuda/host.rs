@@ -1,16 +1,16 @@
-//! [`Backend`] for the CUDA device: host slices are uploaded, the device-buffer API runs, and the
+//! [`DistillDevice`] for the CUDA device: host slices are uploaded, the device-buffer API runs, and the
 //! gradients come back. Convenient for tests, the CLI and validation; trainers should keep their
 //! tensors on the device and call the `*_device` methods.
 
 use super::ops::{DeviceHidden, DeviceInputs, Student};
 use super::tensor::{DeviceTensor, DeviceVec};
-use super::CudaDevice;
-use crate::backend::{check_same_dtype, Backend};
+use super::CudaKernels;
+use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{Dtype, HostSlice, HostSliceMut};
 use crate::error::Result;
 use crate::semantics::{check_inputs, DistillInputs, GradOutputs, LossConfig, LossValue};
 
-impl CudaDevice {
+impl CudaKernels {
     fn upload(&self, data: HostSlice) -> Result<DeviceVec> {
         DeviceVec::upload(&self.stream, data).map_err(|e| self.cuda_error("upload", e))
     }
@@ -35,7 +35,7 @@ impl CudaDevice {
     }
 }
 
-impl Backend for CudaDevice {
+impl DistillDevice for CudaKernels {
     fn name(&self) -> &'static str {
         if self.emulated {
             "emulated"
@@ -138,7 +138,7 @@ impl Backend for CudaDevice {
         log: bool,
         grad_input: HostSliceMut,
     ) -> Result<()> {
-        crate::backend::check_softmax_backward(
+        crate::device::check_softmax_backward(
             output,
             grad_output,
             &grad_input,

@@ -7,10 +7,25 @@ use half::{bf16, f16};
 
 use crate::dtype::{Dtype, Element, HostSlice};
 
-/// A device buffer the loss can read: `CudaSlice<T>`, `CudaView<T>` for f32, f16, bf16.
-pub trait DeviceTensor {
+mod sealed {
+    /// The kernels write through the pointer and length a `DeviceTensor` reports: only cudarc's
+    /// own buffers (whose length is their allocation's) and [`super::DeviceVec`] may be one, so
+    /// safe code cannot hand the kernels a pointer that lies about its extent.
+    pub trait Sealed {}
+    impl<T> Sealed for cudarc::driver::CudaSlice<T> {}
+    impl<T> Sealed for cudarc::driver::CudaView<'_, T> {}
+    impl<T> Sealed for cudarc::driver::CudaViewMut<'_, T> {}
+    impl Sealed for super::DeviceVec {}
+}
+
+/// A device buffer the loss can read: `CudaSlice<T>`, `CudaView<T>`, `CudaViewMut<T>` for
+/// f32, f16, bf16, and [`DeviceVec`]. Sealed: the kernels trust its pointer and length.
+pub trait DeviceTensor: sealed::Sealed {
+    /// The element type.
     fn dtype(&self) -> Dtype;
+    /// The number of elements.
     fn len(&self) -> usize;
+    /// Whether it has no elements.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -19,8 +34,10 @@ pub trait DeviceTensor {
     fn read_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>);
 }
 
-/// A device buffer the loss can write: `CudaSlice<T>`, `CudaViewMut<T>`.
+/// A device buffer the loss can write: `CudaSlice<T>`, `CudaViewMut<T>`, [`DeviceVec`].
 pub trait DeviceTensorMut: DeviceTensor {
+    /// The raw device pointer for writing on `stream`; keep the guard alive until the work
+    /// using it is enqueued (it records cudarc's write event).
     fn write_ptr<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>);
 }
 
@@ -75,12 +92,16 @@ impl<T: Element> DeviceTensorMut for CudaViewMut<'_, T> {
 /// An owned device buffer of a dtype chosen at run time (what host uploads produce).
 #[derive(Debug)]
 pub enum DeviceVec {
+    /// f32 elements.
     F32(CudaSlice<f32>),
+    /// IEEE half elements.
     F16(CudaSlice<f16>),
+    /// bfloat16 elements.
     Bf16(CudaSlice<bf16>),
 }
 
 impl DeviceVec {
+    /// Copies host data to a new device buffer on `stream`.
     pub fn upload(
         stream: &std::sync::Arc<CudaStream>,
         data: HostSlice,
@@ -110,6 +131,7 @@ impl DeviceVec {
         })
     }
 
+    /// A zero-filled device buffer of `len` elements of `dtype`.
     pub fn zeros(
         stream: &std::sync::Arc<CudaStream>,
         dtype: Dtype,

@@ -4,8 +4,8 @@ use rayon::prelude::*;
 
 use super::corpus::Document;
 use super::tokenizer::Tokenizer;
-use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
+use crate::train::error::{Result, TrainError as Error};
 
 /// All documents of one split encoded and concatenated, each followed by EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]

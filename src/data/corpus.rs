@@ -3,8 +3,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
+use crate::train::error::{Result, TrainError as Error};
 
 /// One unit of text. Documents are independent: the token stream separates them with EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]

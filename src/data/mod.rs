@@ -9,7 +9,7 @@
 //! let val = TokenStream::encode(&corpus.val, &tok)?;
 //! let (inputs, targets) = train_batch(&train, 42, 0, 8, 64)?;
 //! let windows = val_windows(&val, 64);
-//! # Ok::<(), distill_kernels::Error>(())
+//! # Ok::<(), distill_kernels::train::TrainError>(())
 //! ```
 
 pub mod batches;

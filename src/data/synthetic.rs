@@ -26,8 +26,8 @@ use std::collections::HashMap;
 use super::batches::TokenStream;
 use super::corpus::{Corpus, Document};
 use super::tokenizer::Tokenizer;
-use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
+use crate::train::error::{Result, TrainError as Error};
 
 /// Sizes and weights of a language. The default is what [`SyntheticLanguage::new`] uses; tests
 /// use tiny ones whose outcomes can be enumerated.

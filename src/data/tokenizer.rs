@@ -10,7 +10,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
 use super::corpus::Document;
-use crate::error::{Error, Result};
+use crate::train::error::{Result, TrainError as Error};
 
 /// The one special token: separates documents in a token stream.
 pub const EOS_TOKEN: &str = "<|endoftext|>";

@@ -1,7 +1,7 @@
 //! The model's hyper-parameters, named and defaulted like Hugging Face's `LlamaConfig` so that a
 //! `config.json` maps onto it field by field.
 
-use crate::error::{Error, Result};
+use crate::train::error::{Result, TrainError as Error};
 
 /// A Llama-style decoder's hyper-parameters. Field names and meanings are those of Hugging Face
 /// `transformers.LlamaConfig`; `Default` gives its defaults (Llama 2 7B shapes). Fields of

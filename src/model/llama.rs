@@ -13,7 +13,7 @@
 
 use super::config::LlamaConfig;
 use super::ops::{self, AttnShape, Real};
-use crate::error::{Error, Result};
+use crate::train::error::{Result, TrainError as Error};
 use rayon::prelude::*;
 
 use crate::rng::SplitMix64;

@@ -22,7 +22,7 @@
 //! let logits = model.forward(&params, &tokens, &mut acts)?;
 //! let dlogits = vec![1.0f32; logits.len()];        // from a loss
 //! model.backward(&params, &mut acts, &dlogits, &mut grads)?;
-//! # Ok::<(), distill_kernels::Error>(())
+//! # Ok::<(), distill_kernels::train::TrainError>(())
 //! ```
 
 pub mod config;

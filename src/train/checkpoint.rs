@@ -16,8 +16,8 @@
 //! possible, so the step is stored in both files and [`load_resume`] refuses to pair them when
 //! they disagree.
 
-use crate::error::{describe_safetensors, Error, Result};
 use crate::model::{Llama, LlamaConfig, ParamLayout};
+use crate::train::error::{describe_safetensors, Result, TrainError as Error};
 pub use crate::train::hf_config::{config_from_json, config_to_json, ConfigExtras};
 use half::{bf16, f16};
 use rayon::prelude::*;

@@ -3,9 +3,9 @@
 
 use serde_json::{json, Value};
 
-use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
 use crate::semantics::LossKind;
+use crate::train::error::{Result, TrainError as Error};
 
 /// How one run trains: optimizer, schedule, batches, evaluation and checkpoints.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,8 +3,8 @@
 //! (HF defaults for missing fields, errors naming any field our math does not implement). File I/O
 //! is in [`crate::train::checkpoint`].
 
-use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
+use crate::train::error::{Result, TrainError as Error};
 use serde_json::{json, Map, Value};
 
 /// The fields of an HF `config.json` that [`LlamaConfig`] does not hold.

@@ -3,8 +3,11 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod error;
 pub mod hf_config;
 pub mod optim;
 pub mod plot;
 pub mod session;
 pub mod trainer;
+
+pub use error::{Result, TrainError};

@@ -3,8 +3,8 @@
 //! updates do not depend on how rayon splits them, and the one reduction (the gradient norm) is
 //! summed over fixed chunks in a fixed order.
 
-use crate::error::{Error, Result};
 use crate::model::ParamLayout;
+use crate::train::error::{Result, TrainError as Error};
 use rayon::prelude::*;
 use std::ops::Range;
 

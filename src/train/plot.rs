@@ -3,7 +3,7 @@
 //! legend.
 
 use super::checkpoint::write_atomic;
-use crate::error::{Error, Result};
+use crate::train::error::{Result, TrainError as Error};
 use std::path::Path;
 
 /// One curve: `points` are `(step, loss)`; non-finite points are skipped and break the line.

@@ -8,10 +8,10 @@ use serde_json::{json, Value};
 
 use crate::data::batches::TokenStream;
 use crate::data::tokenizer::Tokenizer;
-use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
 use crate::train::checkpoint::{self, ConfigExtras};
 use crate::train::config::TrainConfig;
+use crate::train::error::{Result, TrainError as Error};
 use crate::train::plot::{plot_losses, Series};
 use crate::train::trainer::{History, StepStats, Teacher, Trainer};
 

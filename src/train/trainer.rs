@@ -8,15 +8,15 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::backend::Backend;
 use crate::cpu::Cpu;
 use crate::data::batches::{train_batch, TokenStream};
+use crate::device::DistillDevice;
 use crate::dtype::HostSliceMut;
-use crate::error::{Error, Result};
 use crate::model::{normal_fill, ops, Activations, HiddenPoint, Llama, LlamaConfig};
 use crate::semantics::{DistillInputs, GradOutputs, HiddenInputs, LossConfig, Reduction};
 use crate::train::checkpoint::{self, Checkpoint, ConfigExtras, TrainerState};
 use crate::train::config::TrainConfig;
+use crate::train::error::{Result, TrainError as Error};
 use crate::train::optim::{clip_grad_norm, AdamW, DecayMask, LrSchedule};
 
 /// A frozen model whose logits (and hidden states) the student learns from.

@@ -8,10 +8,10 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::OnceLock;
 
 /// The emulated device, opened once per test binary (each `open` costs a module load).
-pub fn emulated() -> &'static distill_kernels::cuda::CudaDevice {
-    static DEV: OnceLock<distill_kernels::cuda::CudaDevice> = OnceLock::new();
+pub fn emulated() -> &'static distill_kernels::cuda::CudaKernels {
+    static DEV: OnceLock<distill_kernels::cuda::CudaKernels> = OnceLock::new();
     DEV.get_or_init(|| {
-        distill_kernels::cuda::CudaDevice::emulated()
+        distill_kernels::cuda::CudaKernels::emulated()
             .expect("the emulated device must open in tests")
     })
 }
@@ -22,7 +22,7 @@ pub fn cpu() -> &'static distill_kernels::cpu::Cpu {
 }
 
 /// Every backend under test (the reference is the oracle, not a subject).
-pub fn subjects() -> Vec<&'static dyn distill_kernels::Backend> {
+pub fn subjects() -> Vec<&'static dyn distill_kernels::DistillDevice> {
     vec![cpu(), emulated()]
 }
 

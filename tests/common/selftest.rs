@@ -3,8 +3,19 @@
 //! `out[blockDim.x]`.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use distill_kernels::cuda::CudaDevice;
-use distill_kernels::{Error, Result};
+use distill_kernels::cuda::CudaKernels;
+use distill_kernels::Error;
+
+/// A launch's outcome; a driver failure keeps the driver's error as its source.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn cuda(during: &str, source: cudarc::driver::DriverError, detail: String) -> Error {
+    Error::Cuda {
+        during: during.to_string(),
+        detail,
+        source,
+    }
+}
 
 /// How the output buffer starts.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -18,7 +29,7 @@ pub enum Output {
 /// Runs `name` on `grid` blocks of `threads` threads and returns `out`, or the launch's error
 /// with the emulator's message attached.
 pub fn launch(
-    dev: &CudaDevice,
+    dev: &CudaKernels,
     name: &str,
     grid: u32,
     threads: u32,
@@ -29,20 +40,20 @@ pub fn launch(
         .load_module(cudarc::nvrtc::Ptx::from_binary(
             distill_kernels::cuda::EMULATOR_ONLY_MODULE.to_vec(),
         ))
-        .map_err(|e| Error::Cuda(format!("{e}")))?;
+        .map_err(|e| cuda("loading the emulator-only module", e, String::new()))?;
     let f = module
         .load_function(name)
-        .map_err(|e| Error::Cuda(format!("{e}")))?;
+        .map_err(|e| cuda(name, e, String::new()))?;
     let n = threads as usize;
     let mut out = match output {
         Output::Zeroed => dev.stream().alloc_zeros::<f32>(n),
         // SAFETY: the kernel under test decides what it reads; the emulator checks it.
         Output::Fresh => unsafe { dev.stream().alloc::<f32>(n) },
     }
-    .map_err(|e| Error::Cuda(format!("{e}")))?;
+    .map_err(|e| cuda("allocating the output", e, String::new()))?;
     let with_message = |e: cudarc::driver::DriverError| {
         let msg = distill_kernels::cuda::emulator_last_error().unwrap_or_default();
-        Error::Cuda(format!("{e}: {msg}"))
+        cuda(name, e, format!(": {msg}"))
     };
     {
         let (ptr, _g) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut out, dev.stream());
