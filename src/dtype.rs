@@ -211,6 +211,24 @@ impl HostVec {
         }
     }
 
+    /// `len` zeros of `dtype`.
+    pub fn zeros(dtype: Dtype, len: usize) -> Self {
+        match dtype {
+            Dtype::F32 => HostVec::F32(vec![0.0; len]),
+            Dtype::F16 => HostVec::F16(vec![f16::ZERO; len]),
+            Dtype::Bf16 => HostVec::Bf16(vec![bf16::ZERO; len]),
+        }
+    }
+
+    /// Borrowed mutably, e.g. as a gradient buffer.
+    pub fn as_mut_slice(&mut self) -> HostSliceMut<'_> {
+        match self {
+            HostVec::F32(v) => HostSliceMut::F32(v),
+            HostVec::F16(v) => HostSliceMut::F16(v),
+            HostVec::Bf16(v) => HostSliceMut::Bf16(v),
+        }
+    }
+
     /// Borrowed as a [`HostSlice`] of the same dtype.
     pub fn as_slice(&self) -> HostSlice<'_> {
         match self {

@@ -48,6 +48,7 @@
 //! - `emulator`: the emulated GPU (Linux; needs a C++ compiler at build time).
 //! - `trainer`: the Llama-style student/teacher, data pipeline and checkpoints ([`train`]).
 //! - `cli`: the `distill` binary.
+//! - `candle`: [`candle::distill_loss`] and [`candle::hidden_mse`], candle ops with a backward.
 //! - `serde`: (de)serialization of [`LossConfig`] and its enums.
 //!
 //! Errors: the loss library returns [`Error`]; the trainer returns [`train::TrainError`],
@@ -55,6 +56,8 @@
 #![deny(missing_docs)]
 
 pub(crate) mod abi;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

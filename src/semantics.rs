@@ -389,27 +389,7 @@ pub fn check_inputs(
         None => {}
     }
     match (&inputs.hidden, &grads.hidden) {
-        (Some(h), g) => {
-            if h.size == 0 {
-                return Err(Error::Hidden("hidden size is 0".into()));
-            }
-            let m = rows
-                .checked_mul(h.size)
-                .ok_or_else(|| Error::Hidden("rows * hidden overflows".into()))?;
-            let hshape = format!("[{rows}, {}]", h.size);
-            check_len("student_hidden", h.student.len(), m, &hshape)?;
-            check_len("teacher_hidden", h.teacher.len(), m, &hshape)?;
-            if let Some(g) = g {
-                check_len("grad_student_hidden", g.len(), m, &hshape)?;
-                if g.dtype() != crate::dtype::Dtype::F32 && g.dtype() != h.student.dtype() {
-                    return Err(Error::Gradient(format!(
-                        "hidden gradient dtype {} must be f32 or the student hidden dtype {}",
-                        g.dtype(),
-                        h.student.dtype()
-                    )));
-                }
-            }
-        }
+        (Some(h), g) => check_hidden(rows, h, g.as_ref())?,
         (None, Some(_)) => {
             return Err(Error::Hidden(
                 "a hidden-state gradient buffer was given without hidden states".into(),
@@ -418,6 +398,30 @@ pub fn check_inputs(
         (None, None) => {}
     }
     Ok(valid_rows(cfg, inputs.labels, rows))
+}
+
+/// Shapes and gradient dtype of `[rows, size]` hidden states.
+pub fn check_hidden(rows: usize, h: &HiddenInputs, grad: Option<&HostSliceMut>) -> Result<()> {
+    if h.size == 0 {
+        return Err(Error::Hidden("hidden size is 0".into()));
+    }
+    let m = rows
+        .checked_mul(h.size)
+        .ok_or_else(|| Error::Hidden("rows * hidden overflows".into()))?;
+    let hshape = format!("[{rows}, {}]", h.size);
+    check_len("student_hidden", h.student.len(), m, &hshape)?;
+    check_len("teacher_hidden", h.teacher.len(), m, &hshape)?;
+    if let Some(g) = grad {
+        check_len("grad_student_hidden", g.len(), m, &hshape)?;
+        if g.dtype() != crate::dtype::Dtype::F32 && g.dtype() != h.student.dtype() {
+            return Err(Error::Gradient(format!(
+                "hidden gradient dtype {} must be f32 or the student hidden dtype {}",
+                g.dtype(),
+                h.student.dtype()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Every label is `ignore_index` or in `[0, vocab)`.

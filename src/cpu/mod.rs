@@ -46,8 +46,8 @@ use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::Result;
 use crate::semantics::{
-    check_inputs, check_softmax, DistillInputs, GradOutputs, LossConfig, LossKind, LossValue,
-    Reduction,
+    check_inputs, check_softmax, DistillInputs, GradOutputs, HiddenInputs, LossConfig, LossKind,
+    LossValue, Reduction,
 };
 
 pub use floor::memory_floor;
@@ -191,7 +191,13 @@ pub fn distill_loss_with(
         }
     }
 
-    let values = match cfg.reduction {
+    let values = reduce(cfg.reduction, &row_loss, loss_scale);
+    Ok(LossValue { values, valid_rows })
+}
+
+/// The row losses combined as `reduction` says, times `loss_scale`.
+fn reduce(reduction: Reduction, row_loss: &[f32], loss_scale: f64) -> Vec<f32> {
+    match reduction {
         Reduction::None => row_loss
             .iter()
             .map(|&l| (l as f64 * loss_scale) as f32)
@@ -201,8 +207,56 @@ pub fn distill_loss_with(
             let total: f64 = row_loss.iter().map(|&l| l as f64).sum();
             vec![(total * loss_scale) as f32]
         }
-    };
-    Ok(LossValue { values, valid_rows })
+    }
+}
+
+/// The hidden-state MSE term alone: `cfg.hidden_weight * mean_h (h_s - h_t)^2` per row whose
+/// label is not `cfg.ignore_index` (every row without labels), reduced as `cfg.reduction` says,
+/// with its gradient when `grad` is given (f32 or the student's dtype). The same term the fused
+/// loss adds when given hidden states; labels are not range-checked (they only mask rows).
+pub fn hidden_mse(
+    cfg: &LossConfig,
+    rows: usize,
+    hidden: &HiddenInputs,
+    labels: Option<&[i64]>,
+    grad: Option<HostSliceMut>,
+) -> Result<LossValue> {
+    cfg.validate()?;
+    if rows == 0 {
+        return Err(crate::error::Error::Empty("rows = 0"));
+    }
+    crate::semantics::check_hidden(rows, hidden, grad.as_ref())?;
+    if let Some(l) = labels {
+        if l.len() != rows {
+            return Err(crate::error::Error::ShapeMismatch {
+                tensor: "labels",
+                expected: rows,
+                actual: l.len(),
+                shape: format!("[{rows}]"),
+            });
+        }
+    }
+    let valid_rows = crate::semantics::valid_rows(cfg, labels, rows);
+    let (loss_scale, grad_scale) = cfg.scales(valid_rows);
+    let gs = grad_scale as f32;
+    let level = SimdLevel::detect().supported();
+    let mut row_loss = vec![0.0f32; rows];
+    match grad {
+        None => hidden::rows::<f32>(level, cfg, hidden, labels, gs, None, &mut row_loss),
+        Some(HostSliceMut::F32(g)) => {
+            hidden::rows(level, cfg, hidden, labels, gs, Some(g), &mut row_loss)
+        }
+        Some(HostSliceMut::F16(g)) => {
+            hidden::rows(level, cfg, hidden, labels, gs, Some(g), &mut row_loss)
+        }
+        Some(HostSliceMut::Bf16(g)) => {
+            hidden::rows(level, cfg, hidden, labels, gs, Some(g), &mut row_loss)
+        }
+    }
+    Ok(LossValue {
+        values: reduce(cfg.reduction, &row_loss, loss_scale),
+        valid_rows,
+    })
 }
 
 /// The fused soft/hard loss of every row into `row_loss`, its gradient into `grad`; one row per
