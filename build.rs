@@ -128,6 +128,12 @@ fn build_fatbin(kernels: &Path, all: &Path, out: &Path) {
         println!("cargo::rustc-cfg=dk_fatbin");
         return;
     }
+    let outputs = ["kernels.fatbin".to_string(), "ptxas.tsv".to_string()];
+    if restore(out, "nvcc", &key, &outputs) {
+        std::fs::write(&stamp, key).unwrap();
+        println!("cargo::rustc-cfg=dk_fatbin");
+        return;
+    }
     let mut cmd = Command::new(&nvcc);
     cmd.arg("-fatbin")
         .args(["-std=c++17", "-O3", "--threads", "0", "-Xptxas", "-v"])
@@ -149,8 +155,78 @@ fn build_fatbin(kernels: &Path, all: &Path, out: &Path) {
         panic!("nvcc failed to compile the kernels:\n{log}");
     }
     std::fs::write(&report, ptxas_table(&log)).unwrap();
+    store(out, "nvcc", &key, &outputs);
     std::fs::write(&stamp, key).unwrap();
     println!("cargo::rustc-cfg=dk_fatbin");
+}
+
+/// FNV-1a over some strings and the names and bytes of some files: the key of a native build.
+fn inputs_key(strings: &[&str], files: &[PathBuf]) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        h = (h ^ 0xff).wrapping_mul(0x100_0000_01b3); // separator
+    };
+    for s in strings {
+        eat(s.as_bytes());
+    }
+    for f in files {
+        eat(f.to_string_lossy().as_bytes());
+        eat(&std::fs::read(f).unwrap());
+    }
+    format!("{h:016x}")
+}
+
+/// Where finished native outputs are kept for every build of this crate in one target
+/// directory: each feature set and profile has an OUT_DIR of its own, and nvcc (a minute of CPU)
+/// and the emulator (half a minute) would otherwise run again for each. OUT_DIR is
+/// `<target>[/<triple>]/<profile>/build/<package>-<hash>/out`.
+fn shared_cache(out: &Path, what: &str, key: &str) -> Option<PathBuf> {
+    let build = out
+        .ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n == "build"))?;
+    let target = build.parent()?.parent()?;
+    Some(
+        target
+            .join("distill-kernels-native")
+            .join(format!("{what}-{key}")),
+    )
+}
+
+/// Copies `files` from the cache into OUT_DIR; false when the cache lacks any of them.
+fn restore(out: &Path, what: &str, key: &str, files: &[String]) -> bool {
+    let Some(dir) = shared_cache(out, what, key) else {
+        return false;
+    };
+    if !files.iter().all(|f| dir.join(f).is_file()) {
+        return false;
+    }
+    files
+        .iter()
+        .all(|f| std::fs::copy(dir.join(f), out.join(f)).is_ok())
+}
+
+/// Stores `files` of OUT_DIR in the cache (a directory renamed into place, so a concurrent
+/// build sees all of them or none). Failures only cost a rebuild later.
+fn store(out: &Path, what: &str, key: &str, files: &[String]) {
+    let Some(dir) = shared_cache(out, what, key) else {
+        return;
+    };
+    if dir.is_dir() {
+        return;
+    }
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&tmp);
+    if files
+        .iter()
+        .all(|f| std::fs::copy(out.join(f), tmp.join(f)).is_ok())
+        && std::fs::rename(&tmp, &dir).is_ok()
+    {
+        return;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 /// What the fatbin depends on: nvcc's path, the architectures and every kernel source and header
@@ -162,19 +238,7 @@ fn fatbin_inputs_key(kernels: &Path, nvcc: &Path) -> String {
         .filter(|p| p.is_file())
         .collect();
     files.sort();
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    };
-    eat(nvcc.to_string_lossy().as_bytes());
-    eat(ARCHS.concat().as_bytes());
-    for f in files {
-        eat(f.to_string_lossy().as_bytes());
-        eat(&std::fs::read(&f).unwrap());
-    }
-    format!("{h:016x}")
+    inputs_key(&[&nvcc.to_string_lossy(), &ARCHS.concat()], &files)
 }
 
 /// `arch kernel registers spill_stores spill_loads stack_bytes smem_bytes`, one line per kernel
@@ -322,6 +386,30 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
         stems.join(" "),
     );
     std::fs::write(out.join("emulator_build.sh"), recipe).unwrap();
+
+    // Everything the libraries are made of: the sources under kernels/ (emulator included), the
+    // compiler and every flag. The objects are kept too (kernels/emulator/mutants.sh links them).
+    let mut inputs: Vec<PathBuf> = [kernels.to_path_buf(), emu.clone()]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+        .filter(|p| p.is_file())
+        .collect();
+    inputs.sort();
+    let mut outputs: Vec<String> = jobs
+        .iter()
+        .map(|(_, obj, _)| obj.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    outputs.extend(["libdistill_emu.so", "libdistill_emu_check.so"].map(String::from));
+    let key = inputs_key(
+        &[
+            &cxx.to_string_lossy(),
+            &std::fs::read_to_string(out.join("emulator_build.sh")).unwrap(),
+        ],
+        &inputs,
+    );
+    if restore(out, "emulator", &key, &outputs) {
+        return;
+    }
     std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .iter()
@@ -377,6 +465,7 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
             );
         }
     }
+    store(out, "emulator", &key, &outputs);
 }
 
 #[cfg(feature = "emulator")]

@@ -32,14 +32,17 @@ typedef struct DkScalars {
     int64_t bad_label;     /* that label */
 } DkScalars;
 
-/* dk_prepare: one block. Validates labels, counts valid rows, fills *scalars. */
+/* dk_prepare: one block. Validates labels, counts valid rows, fills *scalars, and widens int32
+ * labels into labels_out, which the row kernels then read (they take int64 labels only). */
 typedef struct DkPrepareParams {
-    const int64_t* labels; /* [rows] or NULL */
+    const void* labels;  /* [rows] int64 (labels_i32 == 0) or int32 (labels_i32 == 1), or NULL */
+    int64_t* labels_out; /* [rows]: the labels as int64, written when non-NULL */
     DkScalars* scalars;
     int64_t rows;
     int64_t vocab;
     int64_t ignore_index;
     int32_t reduction;
+    int32_t labels_i32;
     float normalizer;     /* > 0: explicit D for mean; <= 0: D = number of valid rows */
     float upstream_scale; /* multiplies every gradient */
 } DkPrepareParams;

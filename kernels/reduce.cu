@@ -11,12 +11,15 @@ extern "C" __global__ void __launch_bounds__(1024) dk_prepare(DkPrepareParams p)
     __shared__ long long red_i[DK_MAX_WARPS];
     float valid = 0.0f;
     long long first_bad = p.rows;  // smallest offending row, p.rows when none
+    const int64_t* labels64 = static_cast<const int64_t*>(p.labels);
+    const int32_t* labels32 = static_cast<const int32_t*>(p.labels);
     for (int64_t r = threadIdx.x; r < p.rows; r += blockDim.x) {
         if (!p.labels) {
             valid += 1.0f;
             continue;
         }
-        const int64_t y = p.labels[r];
+        const int64_t y = p.labels_i32 ? (int64_t)labels32[r] : labels64[r];
+        if (p.labels_out) p.labels_out[r] = y;
         if (y == p.ignore_index) continue;
         if (y < 0 || y >= p.vocab) {
             if (r < first_bad) first_bad = r;
@@ -34,7 +37,7 @@ extern "C" __global__ void __launch_bounds__(1024) dk_prepare(DkPrepareParams p)
         out.grad_scale = d == 0.0f ? 0.0f : p.upstream_scale / d;
         out.valid_rows = valid;
         out.bad_label_row = first_bad < p.rows ? (int32_t)first_bad : -1;
-        out.bad_label = first_bad < p.rows ? p.labels[first_bad] : 0;
+        out.bad_label = first_bad >= p.rows ? 0 : p.labels_i32 ? (int64_t)labels32[first_bad] : labels64[first_bad];
         *p.scalars = out;
     }
 }

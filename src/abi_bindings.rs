@@ -33,35 +33,41 @@ const _: () = {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DkPrepareParams {
-    pub labels: *const i64,
+    pub labels: *const ::std::os::raw::c_void,
+    pub labels_out: *mut i64,
     pub scalars: *mut DkScalars,
     pub rows: i64,
     pub vocab: i64,
     pub ignore_index: i64,
     pub reduction: i32,
+    pub labels_i32: i32,
     pub normalizer: f32,
     pub upstream_scale: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DkPrepareParams"][::std::mem::size_of::<DkPrepareParams>() - 56usize];
+    ["Size of DkPrepareParams"][::std::mem::size_of::<DkPrepareParams>() - 64usize];
     ["Alignment of DkPrepareParams"][::std::mem::align_of::<DkPrepareParams>() - 8usize];
     ["Offset of field: DkPrepareParams::labels"]
         [::std::mem::offset_of!(DkPrepareParams, labels) - 0usize];
+    ["Offset of field: DkPrepareParams::labels_out"]
+        [::std::mem::offset_of!(DkPrepareParams, labels_out) - 8usize];
     ["Offset of field: DkPrepareParams::scalars"]
-        [::std::mem::offset_of!(DkPrepareParams, scalars) - 8usize];
+        [::std::mem::offset_of!(DkPrepareParams, scalars) - 16usize];
     ["Offset of field: DkPrepareParams::rows"]
-        [::std::mem::offset_of!(DkPrepareParams, rows) - 16usize];
+        [::std::mem::offset_of!(DkPrepareParams, rows) - 24usize];
     ["Offset of field: DkPrepareParams::vocab"]
-        [::std::mem::offset_of!(DkPrepareParams, vocab) - 24usize];
+        [::std::mem::offset_of!(DkPrepareParams, vocab) - 32usize];
     ["Offset of field: DkPrepareParams::ignore_index"]
-        [::std::mem::offset_of!(DkPrepareParams, ignore_index) - 32usize];
+        [::std::mem::offset_of!(DkPrepareParams, ignore_index) - 40usize];
     ["Offset of field: DkPrepareParams::reduction"]
-        [::std::mem::offset_of!(DkPrepareParams, reduction) - 40usize];
+        [::std::mem::offset_of!(DkPrepareParams, reduction) - 48usize];
+    ["Offset of field: DkPrepareParams::labels_i32"]
+        [::std::mem::offset_of!(DkPrepareParams, labels_i32) - 52usize];
     ["Offset of field: DkPrepareParams::normalizer"]
-        [::std::mem::offset_of!(DkPrepareParams, normalizer) - 44usize];
+        [::std::mem::offset_of!(DkPrepareParams, normalizer) - 56usize];
     ["Offset of field: DkPrepareParams::upstream_scale"]
-        [::std::mem::offset_of!(DkPrepareParams, upstream_scale) - 48usize];
+        [::std::mem::offset_of!(DkPrepareParams, upstream_scale) - 60usize];
 };
 impl Default for DkPrepareParams {
     fn default() -> Self {

@@ -493,3 +493,35 @@ pub fn check_softmax(
     }
     Ok(())
 }
+
+#[cfg(all(test, feature = "serde", feature = "trainer"))]
+mod serde_tests {
+    use super::*;
+
+    #[test]
+    fn loss_config_round_trips_and_fills_defaults() {
+        let cfg = LossConfig::builder()
+            .kind(LossKind::Jsd { beta: 0.25 })
+            .temperature(2.0)
+            .reduction(Reduction::Sum)
+            .normalizer(Some(8.0))
+            .build()
+            .unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            json.contains(r#""kind":{"type":"jsd","beta":0.25}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<LossConfig>(&json).unwrap(), cfg);
+        // Missing fields take the defaults; unknown ones are an error, not ignored.
+        let partial: LossConfig =
+            serde_json::from_str(r#"{"kind":{"type":"reverse-kl"},"alpha":0.5}"#).unwrap();
+        let want = LossConfig::builder()
+            .kind(LossKind::ReverseKl)
+            .alpha(0.5)
+            .build()
+            .unwrap();
+        assert_eq!(partial, want);
+        assert!(serde_json::from_str::<LossConfig>(r#"{"temprature":2.0}"#).is_err());
+    }
+}

@@ -117,6 +117,7 @@ fn run_in_place<S: Element>(
     dev.distill_loss_device(
         cfg,
         DeviceInputs {
+            strides: Default::default(),
             rows,
             vocab,
             student: Student::InPlace(student),
@@ -148,6 +149,7 @@ fn device_label_check_loses_nothing() {
         .distill_loss_device(
             &LossConfig::builder().alpha(0.5).build().unwrap(),
             DeviceInputs {
+                strides: Default::default(),
                 rows,
                 vocab,
                 student: Student::InPlace(&mut s),
@@ -184,6 +186,7 @@ fn device_api_rejects_bad_shapes() {
         dev.distill_loss_device(
             &LossConfig::default(),
             DeviceInputs {
+                strides: Default::default(),
                 rows: 3,
                 vocab: 4,
                 student: Student::Logits {
@@ -314,6 +317,7 @@ fn runs_on_the_callers_stream() {
         .distill_loss_device(
             &cfg,
             DeviceInputs {
+                strides: Default::default(),
                 rows: 3,
                 vocab: 100,
                 student: Student::Logits {

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(cd ../.. && pwd)
-export CARGO_TARGET_DIR=$ROOT/target/consumers
+# The repository's target directory: dependencies built for the feature sets above are reused.
+export CARGO_TARGET_DIR=$ROOT/target
 # Neither build may need nvcc; the lean one not even a C++ compiler.
 unset NVCC DISTILL_REQUIRE_NVCC CUDA_HOME CUDA_PATH
 

@@ -340,6 +340,7 @@ impl Runner {
                 stream.synchronize().map_err(copy)?;
                 for i in 0..warmup + iters {
                     let inputs = DeviceInputs {
+                        strides: Default::default(),
                         rows,
                         vocab,
                         student: Student::Logits {

@@ -3,7 +3,7 @@
 //! tensors on the device and call the `*_device` methods.
 
 use super::ops::{DeviceHidden, DeviceInputs, Student};
-use super::tensor::{DeviceTensor, DeviceVec};
+use super::tensor::{DeviceLabels, DeviceTensor, DeviceVec};
 use super::CudaKernels;
 use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{Dtype, HostSlice, HostSliceMut};
@@ -81,6 +81,7 @@ impl DistillDevice for CudaKernels {
         let value = self.distill_loss_device(
             cfg,
             DeviceInputs {
+                strides: Default::default(),
                 rows: inputs.rows,
                 vocab: inputs.vocab,
                 student: Student::Logits {
@@ -88,7 +89,7 @@ impl DistillDevice for CudaKernels {
                     grad: g.as_mut().map(|g| g as _),
                 },
                 teacher: &t,
-                labels: labels.as_ref(),
+                labels: labels.as_ref().map(|l| l as &dyn DeviceLabels),
                 hidden: hidden_bufs.as_ref().map(|(size, hs, ht)| DeviceHidden {
                     size: *size,
                     student: hs as &dyn DeviceTensor,

@@ -14,8 +14,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 
 use crate::error::{Error, Result};
 
-pub use ops::{DeviceHidden, DeviceInputs, Student};
-pub use tensor::{DeviceTensor, DeviceTensorMut, DeviceVec};
+pub use ops::{DeviceHidden, DeviceInputs, LossWorkspace, RowStrides, Student};
+pub use tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut, DeviceVec};
 
 /// The kernels compiled by nvcc at build time (empty when nvcc was not found).
 pub const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));

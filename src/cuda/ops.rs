@@ -1,10 +1,11 @@
 //! The launch sequences of the device-buffer API: what a trainer whose tensors already live on the
 //! GPU calls. One call = dk_prepare -> dk_kd_* -> (dk_hidden_mse_*) -> (dk_reduce) on the device's
-//! stream, then one synchronization to read the loss and the label check back.
+//! stream into a [`LossWorkspace`]; reading the loss and the label check back is the one
+//! synchronization, and a trainer that keeps the loss on the device skips it.
 
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
-use super::tensor::{DeviceTensor, DeviceTensorMut};
+use super::tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut};
 use super::CudaKernels;
 use crate::abi::{
     DkHiddenParams, DkKdParams, DkPrepareParams, DkReduceParams, DkScalars, DkSoftmaxBwdParams,
@@ -40,22 +41,85 @@ pub struct DeviceHidden<'a> {
     pub grad: Option<&'a mut dyn DeviceTensorMut>,
 }
 
-/// One loss evaluation on device buffers, row-major `[rows, vocab]`.
+/// Row strides of the logits, in elements between the starts of consecutive rows (a
+/// `logits[:, :-1]`-style view of a longer row has stride > vocab). `None` is contiguous
+/// (`vocab`). An in-place gradient has the student's stride.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowStrides {
+    /// Stride of the student logits.
+    pub student: Option<usize>,
+    /// Stride of the teacher logits.
+    pub teacher: Option<usize>,
+    /// Stride of a separate gradient buffer.
+    pub grad: Option<usize>,
+}
+
+/// One loss evaluation on device buffers, row-major `[rows, vocab]` (with [`RowStrides`]).
 pub struct DeviceInputs<'a> {
-    /// Rows (token positions).
+    /// Rows (tokens) in the batch.
     pub rows: usize,
-    /// Vocabulary size V: entries per row.
+    /// Vocabulary size: elements per row that take part.
     pub vocab: usize,
-    /// The student logits and where their gradient goes.
+    /// The student logits, and where their gradient goes.
     pub student: Student<'a>,
-    /// `[rows, vocab]` teacher logits, f32, f16 or bf16 (may differ from the student's).
+    /// The teacher logits (any of the three dtypes).
     pub teacher: &'a dyn DeviceTensor,
-    /// `[rows]` labels, each in `[0, vocab)` or `ignore_index`; required when `alpha < 1`. Checked
-    /// on the device: a bad one fails the call with [`Error::LabelOutOfRange`] and no output is
-    /// written.
-    pub labels: Option<&'a CudaSlice<i64>>,
-    /// Hidden states for the MSE term (weight `hidden_weight`), if any.
+    /// `[rows]` labels, `i64` or `i32`; required when `alpha < 1`.
+    pub labels: Option<&'a dyn DeviceLabels>,
+    /// Hidden states for the MSE term.
     pub hidden: Option<DeviceHidden<'a>>,
+    /// Row strides of the logits (default: contiguous).
+    pub strides: RowStrides,
+}
+
+/// The device memory one loss call needs besides its inputs and outputs, allocated once with
+/// [`CudaKernels::workspace`] for up to `rows` rows, so that
+/// [`CudaKernels::distill_loss_enqueue`] allocates nothing and does not synchronize (it can be
+/// captured in a CUDA graph, with cudarc's event tracking off as cudarc's graphs require).
+/// After a call, [`LossWorkspace::loss`] is the loss on the device and
+/// [`CudaKernels::read_loss`] copies it to the host with the label check.
+pub struct LossWorkspace {
+    capacity: usize,
+    scalars: CudaSlice<DkScalars>,
+    row_loss: CudaSlice<f32>,
+    loss: CudaSlice<f32>,
+    labels: CudaSlice<i64>,
+    last: Option<Enqueued>,
+}
+
+/// What the last call into a workspace was, for reading its result.
+#[derive(Clone, Copy)]
+struct Enqueued {
+    rows: usize,
+    vocab: usize,
+    reduction: Reduction,
+    ignore_index: i64,
+}
+
+impl std::fmt::Debug for LossWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LossWorkspace")
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl LossWorkspace {
+    /// The most rows a call may have.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The loss of the last enqueued call, on the device: one f32 for `Sum`/`Mean`, `rows` for
+    /// `Reduction::None`. Valid once the work before it on the stream has run; 0 (and nothing
+    /// written) when a label was out of range. `None` before the first call.
+    pub fn loss(&self) -> Option<CudaView<'_, f32>> {
+        let e = self.last?;
+        Some(match e.reduction {
+            Reduction::None => self.row_loss.slice(..e.rows),
+            Reduction::Sum | Reduction::Mean => self.loss.slice(..1),
+        })
+    }
 }
 
 /// Threads per block for a row of `n` elements: about 8 elements per thread, a whole number of
@@ -99,6 +163,41 @@ fn check_len(tensor: &'static str, actual: usize, expected: usize, shape: String
     Ok(())
 }
 
+/// A `[rows, vocab]` tensor with row stride `stride` (`None`: contiguous, exact length).
+fn check_rows(
+    tensor: &'static str,
+    len: usize,
+    rows: usize,
+    vocab: usize,
+    stride: Option<usize>,
+) -> Result<usize> {
+    let shape = format!("[{rows}, {vocab}]");
+    let Some(stride) = stride else {
+        check_len(tensor, len, rows * vocab, shape)?;
+        return Ok(vocab);
+    };
+    if stride < vocab {
+        return Err(Error::Stride {
+            tensor,
+            stride,
+            vocab,
+        });
+    }
+    let needed = (rows - 1)
+        .checked_mul(stride)
+        .and_then(|n| n.checked_add(vocab))
+        .ok_or(Error::Empty("rows * stride overflows"))?;
+    if len < needed {
+        return Err(Error::ShapeMismatch {
+            tensor,
+            expected: needed,
+            actual: len,
+            shape: format!("{shape} with row stride {stride}"),
+        });
+    }
+    Ok(stride)
+}
+
 fn check_grad_dtype(what: &str, grad: Dtype, input: Dtype) -> Result<()> {
     if grad != Dtype::F32 && grad != input {
         return Err(Error::Gradient(format!(
@@ -136,8 +235,47 @@ impl CudaKernels {
     /// The fused distillation loss on device buffers (DESIGN section 4). Writes the gradients
     /// asked for and returns the reduced loss (one value, or one per row for `Reduction::None`).
     /// A label outside `[0, V)` is found on the device and returned as an error; in that case
-    /// no output (including an in-place gradient) is written.
+    /// no output (including an in-place gradient) is written. Allocates a workspace and
+    /// synchronizes once; see [`CudaKernels::distill_loss_enqueue`] for neither.
     pub fn distill_loss_device(&self, cfg: &LossConfig, inputs: DeviceInputs) -> Result<LossValue> {
+        let mut ws = self.workspace(inputs.rows.max(1))?;
+        self.distill_loss_enqueue(cfg, inputs, &mut ws)?;
+        self.read_loss(&ws)
+    }
+
+    /// Device memory for calls of up to `rows` rows (see [`LossWorkspace`]).
+    pub fn workspace(&self, rows: usize) -> Result<LossWorkspace> {
+        if rows == 0 {
+            return Err(Error::Empty("a workspace for 0 rows"));
+        }
+        let map = |e| self.cuda_error("workspace allocation", e);
+        // Not zeroed: dk_prepare writes the scalars (and widened labels), every row kernel its
+        // row's loss, dk_reduce the loss, before anything reads them (the emulator's initcheck
+        // holds the kernels to it).
+        // SAFETY: plain-old-data types, read back only after the kernels wrote them.
+        unsafe {
+            Ok(LossWorkspace {
+                capacity: rows,
+                scalars: self.stream.alloc::<DkScalars>(1).map_err(map)?,
+                row_loss: self.stream.alloc::<f32>(rows).map_err(map)?,
+                loss: self.stream.alloc::<f32>(1).map_err(map)?,
+                labels: self.stream.alloc::<i64>(rows).map_err(map)?,
+                last: None,
+            })
+        }
+    }
+
+    /// Enqueues the fused loss on the device's stream into `ws`, without allocating or
+    /// synchronizing: the loss stays on the device ([`LossWorkspace::loss`]) and the gradients
+    /// are written in stream order. Argument errors are returned at once; a label out of range
+    /// is found on the device, makes every kernel write nothing, and is returned by
+    /// [`CudaKernels::read_loss`].
+    pub fn distill_loss_enqueue(
+        &self,
+        cfg: &LossConfig,
+        inputs: DeviceInputs,
+        ws: &mut LossWorkspace,
+    ) -> Result<()> {
         cfg.validate()?;
         let DeviceInputs {
             rows,
@@ -146,6 +284,7 @@ impl CudaKernels {
             teacher,
             labels,
             hidden,
+            strides,
         } = inputs;
         if rows == 0 {
             return Err(Error::Empty("rows = 0"));
@@ -153,77 +292,119 @@ impl CudaKernels {
         if vocab == 0 {
             return Err(Error::Empty("vocab = 0"));
         }
-        let n = rows
-            .checked_mul(vocab)
+        rows.checked_mul(vocab)
             .ok_or(Error::Empty("rows * vocab overflows"))?;
-        let shape = || format!("[{rows}, {vocab}]");
+        if rows > ws.capacity {
+            return Err(Error::InvalidOption {
+                name: "workspace",
+                value: format!("{} rows", ws.capacity),
+                reason: "holds fewer rows than the call has",
+            });
+        }
         let stream = &*self.stream;
         let mut guards: Vec<SyncOnDrop> = Vec::new();
 
-        // Student pointer, gradient pointer (maybe the same), and their dtypes.
-        let (s_ptr, s_dtype, g_ptr, g_dtype) = match student {
+        // Student pointer and stride, gradient pointer (maybe the same) and stride, dtypes.
+        let (s_ptr, s_stride, s_dtype, g_ptr, g_stride, g_dtype) = match student {
             Student::Logits { logits, grad } => {
-                check_len("student_logits", logits.len(), n, shape())?;
+                let ss = check_rows("student_logits", logits.len(), rows, vocab, strides.student)?;
                 let (sp, sg) = logits.read_ptr(stream);
                 guards.push(sg);
                 match grad {
                     Some(g) => {
-                        check_len("grad_student_logits", g.len(), n, shape())?;
+                        let gs =
+                            check_rows("grad_student_logits", g.len(), rows, vocab, strides.grad)?;
                         check_grad_dtype("logits", g.dtype(), logits.dtype())?;
                         let dt = g.dtype();
                         let (gp, gg) = g.write_ptr(stream);
                         guards.push(gg);
-                        (sp, logits.dtype(), gp, dt)
+                        (sp, ss, logits.dtype(), gp, gs, dt)
                     }
-                    None => (sp, logits.dtype(), 0, Dtype::F32),
+                    None => (sp, ss, logits.dtype(), 0, vocab, Dtype::F32),
                 }
             }
             Student::InPlace(buf) => {
-                check_len("student_logits", buf.len(), n, shape())?;
+                if strides.grad.is_some() && strides.grad != strides.student {
+                    return Err(Error::Gradient(
+                        "an in-place gradient has the student's row stride; leave strides.grad \
+                         unset"
+                            .into(),
+                    ));
+                }
+                let ss = check_rows("student_logits", buf.len(), rows, vocab, strides.student)?;
                 let dt = buf.dtype();
                 let (p, g) = buf.write_ptr(stream);
                 guards.push(g);
-                (p, dt, p, dt)
+                (p, ss, dt, p, ss, dt)
             }
         };
-        check_len("teacher_logits", teacher.len(), n, shape())?;
+        let t_stride = check_rows(
+            "teacher_logits",
+            teacher.len(),
+            rows,
+            vocab,
+            strides.teacher,
+        )?;
         let (t_ptr, tg) = teacher.read_ptr(stream);
         guards.push(tg);
-        let l_ptr = match labels {
+        let (l_ptr, l_i32) = match labels {
             Some(l) => {
                 check_len("labels", l.len(), rows, format!("[{rows}]"))?;
-                let (p, g) = l.device_ptr(stream);
+                let (p, g) = l.read_ptr(stream);
                 guards.push(g);
-                p
+                (p, l.is_i32())
             }
             None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
-            None => 0,
+            None => (0, false),
+        };
+        let hidden = match hidden {
+            Some(h) => {
+                let DeviceHidden {
+                    size,
+                    student: hs,
+                    teacher: ht,
+                    grad: hg,
+                } = h;
+                if size == 0 {
+                    return Err(Error::Hidden("hidden size is 0".into()));
+                }
+                let m = rows
+                    .checked_mul(size)
+                    .ok_or_else(|| Error::Hidden("rows * hidden overflows".into()))?;
+                let hshape = || format!("[{rows}, {size}]");
+                check_len("student_hidden", hs.len(), m, hshape())?;
+                check_len("teacher_hidden", ht.len(), m, hshape())?;
+                if let Some(grad) = &hg {
+                    check_len("grad_student_hidden", grad.len(), m, hshape())?;
+                    check_grad_dtype("hidden", grad.dtype(), hs.dtype())?;
+                }
+                Some((size, hs, ht, hg))
+            }
+            None => None,
         };
 
-        let map = |e| self.cuda_error("allocation", e);
-        // Not zeroed: dk_prepare writes the scalars, every row kernel its row's loss, dk_reduce the
-        // loss, before anything reads them (the emulator's initcheck holds the kernels to it).
-        // SAFETY: plain-old-data types, read back only after the kernels wrote them.
-        let (scalars, mut row_loss, mut loss) = unsafe {
-            (
-                self.stream.alloc::<DkScalars>(1).map_err(map)?,
-                self.stream.alloc::<f32>(rows).map_err(map)?,
-                self.stream.alloc::<f32>(1).map_err(map)?,
-            )
-        };
-        let (sc_ptr, _g1) = scalars.device_ptr(stream);
-        let (rl_ptr, _g2) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut row_loss, stream);
+        // int32 labels are widened into the workspace by dk_prepare; the row kernels read those.
+        let (lw_ptr, _gl) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.labels, stream);
+        let row_labels = if l_i32 { lw_ptr } else { l_ptr };
+        let (sc_ptr, _g1) = ws.scalars.device_ptr(stream);
+        let (rl_ptr, _g2) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.row_loss, stream);
 
         self.launch(
             "dk_prepare",
             one_block(rows),
             &DkPrepareParams {
-                labels: l_ptr as *const i64,
+                labels: l_ptr as *const _,
+                labels_out: if l_i32 {
+                    lw_ptr as *mut i64
+                } else {
+                    std::ptr::null_mut()
+                },
                 scalars: sc_ptr as *mut DkScalars,
                 rows: rows as i64,
                 vocab: vocab as i64,
                 ignore_index: cfg.ignore_index,
                 reduction: cfg.reduction.code(),
+                labels_i32: l_i32 as i32,
                 normalizer: cfg.normalizer.unwrap_or(0.0),
                 upstream_scale: cfg.grad_scale,
             },
@@ -242,15 +423,15 @@ impl CudaKernels {
             &DkKdParams {
                 student: s_ptr as *const _,
                 teacher: t_ptr as *const _,
-                labels: l_ptr as *const i64,
+                labels: row_labels as *const i64,
                 grad: g_ptr as *mut _,
                 row_loss: rl_ptr as *mut f32,
                 scalars: sc_ptr as *const DkScalars,
                 rows: rows as i64,
                 vocab: vocab as i64,
-                student_stride: vocab as i64,
-                teacher_stride: vocab as i64,
-                grad_stride: vocab as i64,
+                student_stride: s_stride as i64,
+                teacher_stride: t_stride as i64,
+                grad_stride: g_stride as i64,
                 ignore_index: cfg.ignore_index,
                 inv_temperature: 1.0 / cfg.temperature,
                 temperature: cfg.temperature,
@@ -261,30 +442,13 @@ impl CudaKernels {
             },
         )?;
 
-        if let Some(h) = hidden {
-            let DeviceHidden {
-                size,
-                student: hs,
-                teacher: ht,
-                grad: hg,
-            } = h;
-            if size == 0 {
-                return Err(Error::Hidden("hidden size is 0".into()));
-            }
-            let m = rows
-                .checked_mul(size)
-                .ok_or_else(|| Error::Hidden("rows * hidden overflows".into()))?;
-            let hshape = || format!("[{rows}, {size}]");
-            check_len("student_hidden", hs.len(), m, hshape())?;
-            check_len("teacher_hidden", ht.len(), m, hshape())?;
+        if let Some((size, hs, ht, hg)) = hidden {
             let (hs_ptr, g) = hs.read_ptr(stream);
             guards.push(g);
             let (ht_ptr, g) = ht.read_ptr(stream);
             guards.push(g);
             let (hg_ptr, hg_dtype) = match hg {
                 Some(grad) => {
-                    check_len("grad_student_hidden", grad.len(), m, hshape())?;
-                    check_grad_dtype("hidden", grad.dtype(), hs.dtype())?;
                     let dt = grad.dtype();
                     let (p, g) = grad.write_ptr(stream);
                     guards.push(g);
@@ -299,7 +463,7 @@ impl CudaKernels {
                 &DkHiddenParams {
                     student: hs_ptr as *const _,
                     teacher: ht_ptr as *const _,
-                    labels: l_ptr as *const i64,
+                    labels: row_labels as *const i64,
                     grad: hg_ptr as *mut _,
                     row_loss: rl_ptr as *mut f32,
                     scalars: sc_ptr as *const DkScalars,
@@ -312,7 +476,7 @@ impl CudaKernels {
         }
 
         if cfg.reduction != Reduction::None {
-            let (lp, _g3) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut loss, stream);
+            let (lp, _g3) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.loss, stream);
             self.launch(
                 "dk_reduce",
                 one_block(rows),
@@ -325,25 +489,38 @@ impl CudaKernels {
             )?;
         }
         drop(guards);
-        drop((_g1, _g2));
+        ws.last = Some(Enqueued {
+            rows,
+            vocab,
+            reduction: cfg.reduction,
+            ignore_index: cfg.ignore_index,
+        });
+        Ok(())
+    }
 
+    /// The result of the last call enqueued into `ws`: waits for it (one synchronization of the
+    /// device's stream), then returns the loss, or the out-of-range label it found.
+    pub fn read_loss(&self, ws: &LossWorkspace) -> Result<LossValue> {
+        let Some(e) = ws.last else {
+            return Err(Error::Empty("nothing was enqueued into this workspace"));
+        };
         let sc = self
             .stream
-            .clone_dtoh(&scalars)
-            .map_err(|e| self.cuda_error("synchronize", e))?[0];
+            .clone_dtoh(&ws.scalars)
+            .map_err(|err| self.cuda_error("synchronize", err))?[0];
         if sc.bad_label_row >= 0 {
             return Err(Error::LabelOutOfRange {
                 row: sc.bad_label_row as usize,
                 label: sc.bad_label,
-                vocab,
-                ignore_index: cfg.ignore_index,
+                vocab: e.vocab,
+                ignore_index: e.ignore_index,
             });
         }
-        let values = match cfg.reduction {
-            Reduction::None => self.stream.clone_dtoh(&row_loss),
-            _ => self.stream.clone_dtoh(&loss),
+        let values = match e.reduction {
+            Reduction::None => self.stream.clone_dtoh(&ws.row_loss.slice(..e.rows)),
+            _ => self.stream.clone_dtoh(&ws.loss),
         }
-        .map_err(|e| self.cuda_error("copy of the loss", e))?;
+        .map_err(|err| self.cuda_error("copy of the loss", err))?;
         Ok(LossValue {
             values,
             valid_rows: sc.valid_rows as usize,

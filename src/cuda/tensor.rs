@@ -89,6 +89,48 @@ impl<T: Element> DeviceTensorMut for CudaViewMut<'_, T> {
     }
 }
 
+/// Labels on the device: `CudaSlice`, `CudaView` or `CudaViewMut` of `i64` or `i32` (int32
+/// labels are widened on the device by the call's first kernel). Sealed, like [`DeviceTensor`].
+pub trait DeviceLabels: sealed::Sealed {
+    /// The number of labels.
+    fn len(&self) -> usize;
+    /// Whether it has no labels.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether the labels are `i32` (else `i64`).
+    fn is_i32(&self) -> bool;
+    /// The raw device pointer for reading on `stream` (see [`DeviceTensor::read_ptr`]).
+    fn read_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>);
+}
+
+macro_rules! device_labels {
+    ($($t:ty => $i32:expr),*) => {$(
+        impl DeviceLabels for CudaSlice<$t> {
+            fn len(&self) -> usize { CudaSlice::len(self) }
+            fn is_i32(&self) -> bool { $i32 }
+            fn read_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+                self.device_ptr(stream)
+            }
+        }
+        impl DeviceLabels for CudaView<'_, $t> {
+            fn len(&self) -> usize { CudaView::len(self) }
+            fn is_i32(&self) -> bool { $i32 }
+            fn read_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+                self.device_ptr(stream)
+            }
+        }
+        impl DeviceLabels for CudaViewMut<'_, $t> {
+            fn len(&self) -> usize { CudaViewMut::len(self) }
+            fn is_i32(&self) -> bool { $i32 }
+            fn read_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+                self.device_ptr(stream)
+            }
+        }
+    )*};
+}
+device_labels!(i64 => false, i32 => true);
+
 /// An owned device buffer of a dtype chosen at run time (what host uploads produce).
 #[derive(Debug)]
 pub enum DeviceVec {
