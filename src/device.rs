@@ -102,7 +102,7 @@ pub fn open(kind: DeviceKind) -> Result<Box<dyn DistillDevice>> {
 }
 
 /// Dtype agreement for the softmax entry points (one dtype per call, as the kernels take).
-pub fn check_same_dtype(what: &'static str, a: HostSlice, b: &HostSliceMut) -> Result<()> {
+pub(crate) fn check_same_dtype(what: &'static str, a: HostSlice, b: &HostSliceMut) -> Result<()> {
     if a.dtype() != b.dtype() {
         return Err(Error::Dtype {
             tensor: what,
@@ -114,7 +114,7 @@ pub fn check_same_dtype(what: &'static str, a: HostSlice, b: &HostSliceMut) -> R
 
 /// The argument checks every backend's `softmax_backward` shares: shapes, temperature, and one
 /// dtype for `output`, `grad_output` and `grad_input`.
-pub fn check_softmax_backward(
+pub(crate) fn check_softmax_backward(
     output: HostSlice,
     grad_output: HostSlice,
     grad_input: &HostSliceMut,

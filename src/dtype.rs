@@ -262,6 +262,15 @@ pub enum HostSliceMut<'a> {
 }
 
 impl HostSliceMut<'_> {
+    /// Borrowed immutably.
+    pub fn as_slice(&self) -> HostSlice<'_> {
+        match self {
+            HostSliceMut::F32(v) => HostSlice::F32(v),
+            HostSliceMut::F16(v) => HostSlice::F16(v),
+            HostSliceMut::Bf16(v) => HostSlice::Bf16(v),
+        }
+    }
+
     /// The element type.
     pub fn dtype(&self) -> Dtype {
         match self {

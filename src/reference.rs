@@ -79,7 +79,7 @@ pub struct F64Inputs<'a> {
 }
 
 /// The loss, per-row losses and gradients of DESIGN section 4 in f64. Inputs are validated with
-/// [`check_inputs`] and widened exactly to f64.
+/// the crate's input checks and widened exactly to f64.
 pub fn distill_loss_f64(cfg: &LossConfig, inputs: &DistillInputs) -> Result<RefOutput> {
     check_inputs(cfg, inputs, &GradOutputs::default())?;
     let student = widen(inputs.student);
@@ -103,7 +103,7 @@ pub fn distill_loss_f64(cfg: &LossConfig, inputs: &DistillInputs) -> Result<RefO
 }
 
 /// [`distill_loss_f64`] on f64 inputs. Validates the options, the labels and every length with
-/// the same rules and error variants as [`check_inputs`] (which takes host slices and so cannot be
+/// the same rules and error variants as the crate's input checks (which take host slices and so cannot be
 /// called here).
 pub fn distill_loss_f64_slices(cfg: &LossConfig, inputs: &F64Inputs) -> Result<RefOutput> {
     check_f64_inputs(cfg, inputs)?;

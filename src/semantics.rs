@@ -198,7 +198,7 @@ impl LossConfig {
         LossConfigBuilder { cfg: self }
     }
 
-    /// Checks every option on its own (shapes are checked by [`check_inputs`]).
+    /// Checks every option on its own (shapes are checked by every loss call).
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
         if !(t.is_finite() && t > 0.0) {
@@ -347,7 +347,7 @@ impl LossValue {
 
 /// Checks that every shape agrees and every label is in range. The one shape check all backends
 /// share; returns the number of valid rows.
-pub fn check_inputs(
+pub(crate) fn check_inputs(
     cfg: &LossConfig,
     inputs: &DistillInputs,
     grads: &GradOutputs,
@@ -401,7 +401,11 @@ pub fn check_inputs(
 }
 
 /// Shapes and gradient dtype of `[rows, size]` hidden states.
-pub fn check_hidden(rows: usize, h: &HiddenInputs, grad: Option<&HostSliceMut>) -> Result<()> {
+pub(crate) fn check_hidden(
+    rows: usize,
+    h: &HiddenInputs,
+    grad: Option<&HostSliceMut>,
+) -> Result<()> {
     if h.size == 0 {
         return Err(Error::Hidden("hidden size is 0".into()));
     }
@@ -425,7 +429,7 @@ pub fn check_hidden(rows: usize, h: &HiddenInputs, grad: Option<&HostSliceMut>) 
 }
 
 /// Every label is `ignore_index` or in `[0, vocab)`.
-pub fn check_labels(cfg: &LossConfig, labels: &[i64], vocab: usize) -> Result<()> {
+pub(crate) fn check_labels(cfg: &LossConfig, labels: &[i64], vocab: usize) -> Result<()> {
     for (row, &label) in labels.iter().enumerate() {
         if label != cfg.ignore_index && !(0..vocab as i64).contains(&label) {
             return Err(Error::LabelOutOfRange {
@@ -461,7 +465,7 @@ fn check_len(tensor: &'static str, actual: usize, expected: usize, shape: &str) 
 }
 
 /// Checks for the standalone softmax kernels.
-pub fn check_softmax(
+pub(crate) fn check_softmax(
     rows: usize,
     vocab: usize,
     temperature: f32,

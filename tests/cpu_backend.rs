@@ -449,3 +449,97 @@ fn softmax_at_llama3_vocabulary() {
         }
     }
 }
+
+/// The gradient written over the student logits equals the one written into a separate buffer
+/// of the student's dtype, bit for bit, for every kind and dtype, hidden states included; an
+/// argument error leaves the logits as they were.
+#[test]
+fn in_place_gradient_equals_a_separate_buffer() {
+    use distill_kernels::cpu::InPlaceInputs;
+    let mut rng = StdRng::seed_from_u64(77);
+    let (rows, vocab, h) = (9, 1500, 40);
+    let (s, t) = logits(&mut rng, rows, vocab, 4.0);
+    let hs: Vec<f32> = (0..rows * h).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let ht: Vec<f32> = (0..rows * h).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let mut labels: Vec<i64> = (0..rows).map(|_| rng.gen_range(0..vocab as i64)).collect();
+    labels[4] = -100;
+    for kind in [
+        LossKind::ForwardKl,
+        LossKind::ReverseKl,
+        LossKind::Jsd { beta: 0.3 },
+    ] {
+        for dtype in Dtype::ALL {
+            let cfg = LossConfig::builder()
+                .kind(kind)
+                .temperature(2.0)
+                .alpha(0.7)
+                .hidden_weight(0.5)
+                .build()
+                .unwrap();
+            let student = HostVec::from_f32(&s, dtype);
+            let teacher = HostVec::from_f32(&t, Dtype::Bf16);
+            let hidden = HiddenInputs {
+                size: h,
+                student: HostSlice::F32(&hs),
+                teacher: HostSlice::F32(&ht),
+            };
+            let mut grad = HostVec::zeros(dtype, rows * vocab);
+            let mut grad_h = vec![0.0f32; rows * h];
+            let want = Cpu::new()
+                .distill_loss(
+                    &cfg,
+                    &DistillInputs {
+                        rows,
+                        vocab,
+                        student: student.as_slice(),
+                        teacher: teacher.as_slice(),
+                        labels: Some(&labels),
+                        hidden: Some(hidden),
+                    },
+                    GradOutputs {
+                        logits: Some(grad.as_mut_slice()),
+                        hidden: Some(HostSliceMut::F32(&mut grad_h)),
+                    },
+                )
+                .unwrap();
+            let inputs = InPlaceInputs {
+                rows,
+                vocab,
+                teacher: teacher.as_slice(),
+                labels: Some(&labels),
+                hidden: Some(hidden),
+            };
+            let mut in_place = student.clone();
+            let mut got_h = vec![0.0f32; rows * h];
+            let got = Cpu::new()
+                .distill_loss_in_place(
+                    &cfg,
+                    in_place.as_mut_slice(),
+                    &inputs,
+                    Some(HostSliceMut::F32(&mut got_h)),
+                )
+                .unwrap();
+            assert_eq!(got, want, "{kind:?} {dtype} loss");
+            assert_eq!(in_place, grad, "{kind:?} {dtype} gradient");
+            assert_eq!(got_h, grad_h, "{kind:?} {dtype} hidden gradient");
+
+            // A label out of range: an error, and the logits are untouched.
+            let mut bad = labels.clone();
+            bad[2] = vocab as i64;
+            let mut untouched = student.clone();
+            let e = Cpu::new()
+                .distill_loss_in_place(
+                    &cfg,
+                    untouched.as_mut_slice(),
+                    &InPlaceInputs {
+                        labels: Some(&bad),
+                        ..inputs
+                    },
+                    None,
+                )
+                .unwrap_err();
+            assert!(matches!(e, Error::LabelOutOfRange { row: 2, .. }), "{e}");
+            assert_eq!(untouched, student);
+        }
+    }
+}

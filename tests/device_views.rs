@@ -320,4 +320,8 @@ fn workspace_calls_leave_the_loss_on_the_device() {
         }
     ));
     assert!(dev.workspace(0).is_err());
+    // More than the device holds: its own error variant, with the driver's error as the source.
+    let e = dev.workspace(1 << 42).unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
+    assert!(std::error::Error::source(&e).is_some());
 }

@@ -117,6 +117,8 @@ fn narrow_into(src: &[f32], dst: &mut HostSliceMut, start: usize) {
 thread_local! {
     /// Each thread's row scratch (see `kd.rs`): O(vocab) floats, kept between calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's copy of the student row an in-place call overwrites (4-byte words).
+    static ROW_COPY: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with `len` floats of this thread's scratch (a fresh buffer if it is in use).
@@ -146,6 +148,32 @@ pub fn distill_loss_with(
 ) -> Result<LossValue> {
     let valid_rows = check_inputs(cfg, inputs, &grads)?;
     let (loss_scale, grad_scale) = cfg.scales(valid_rows);
+    let params = kd_params(cfg, grad_scale as f32);
+    let mut row_loss = vec![0.0f32; inputs.rows];
+    let level = level.supported();
+    match grads.logits {
+        None => kd_rows::<f32>(level, &params, cfg, inputs, None, &mut row_loss),
+        Some(HostSliceMut::F32(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
+        Some(HostSliceMut::F16(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
+        Some(HostSliceMut::Bf16(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
+    }
+    if let Some(h) = &inputs.hidden {
+        hidden_rows(
+            level,
+            cfg,
+            h,
+            inputs.labels,
+            grad_scale as f32,
+            grads.hidden,
+            &mut row_loss,
+        );
+    }
+    let values = reduce(cfg.reduction, &row_loss, loss_scale);
+    Ok(LossValue { values, valid_rows })
+}
+
+/// The per-call constants of the fused loss.
+fn kd_params(cfg: &LossConfig, grad_scale: f32) -> KdParams {
     let soft_weight = cfg.soft_weight();
     let soft = if soft_weight == 0.0 {
         Soft::Off
@@ -157,42 +185,103 @@ pub fn distill_loss_with(
         }
     };
     let inv_t = 1.0 / cfg.temperature;
-    let params = KdParams {
+    KdParams {
         inv_t,
         scale2: inv_t * std::f32::consts::LOG2_E,
         soft,
         soft_weight,
         hard_weight: cfg.hard_weight(),
-        grad_scale: grad_scale as f32,
+        grad_scale,
         hard_mode: HardMode::for_temperature(cfg.temperature, !matches!(soft, Soft::Off)),
-    };
-
-    let mut row_loss = vec![0.0f32; inputs.rows];
-    let level = level.supported();
-    match grads.logits {
-        None => kd_rows::<f32>(level, &params, cfg, inputs, None, &mut row_loss),
-        Some(HostSliceMut::F32(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
-        Some(HostSliceMut::F16(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
-        Some(HostSliceMut::Bf16(g)) => kd_rows(level, &params, cfg, inputs, Some(g), &mut row_loss),
     }
-    if let Some(h) = &inputs.hidden {
-        let gs = grad_scale as f32;
-        match grads.hidden {
-            None => hidden::rows::<f32>(level, cfg, h, inputs.labels, gs, None, &mut row_loss),
-            Some(HostSliceMut::F32(g)) => {
-                hidden::rows(level, cfg, h, inputs.labels, gs, Some(g), &mut row_loss)
-            }
-            Some(HostSliceMut::F16(g)) => {
-                hidden::rows(level, cfg, h, inputs.labels, gs, Some(g), &mut row_loss)
-            }
-            Some(HostSliceMut::Bf16(g)) => {
-                hidden::rows(level, cfg, h, inputs.labels, gs, Some(g), &mut row_loss)
+}
+
+/// The hidden-state MSE of every row added into `row_loss`, its gradient into `grad`.
+fn hidden_rows(
+    level: SimdLevel,
+    cfg: &LossConfig,
+    h: &HiddenInputs,
+    labels: Option<&[i64]>,
+    gs: f32,
+    grad: Option<HostSliceMut>,
+    row_loss: &mut [f32],
+) {
+    match grad {
+        None => hidden::rows::<f32>(level, cfg, h, labels, gs, None, row_loss),
+        Some(HostSliceMut::F32(g)) => hidden::rows(level, cfg, h, labels, gs, Some(g), row_loss),
+        Some(HostSliceMut::F16(g)) => hidden::rows(level, cfg, h, labels, gs, Some(g), row_loss),
+        Some(HostSliceMut::Bf16(g)) => hidden::rows(level, cfg, h, labels, gs, Some(g), row_loss),
+    }
+}
+
+/// The inputs of [`Cpu::distill_loss_in_place`]: all but the student logits, which the call
+/// takes mutably (they become the gradient).
+#[derive(Debug, Clone, Copy)]
+pub struct InPlaceInputs<'a> {
+    /// Rows (tokens) in the batch.
+    pub rows: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// `[rows, vocab]` teacher logits.
+    pub teacher: HostSlice<'a>,
+    /// `[rows]` labels; required when `alpha < 1`.
+    pub labels: Option<&'a [i64]>,
+    /// Hidden states for the MSE term.
+    pub hidden: Option<HiddenInputs<'a>>,
+}
+
+impl Cpu {
+    /// The fused loss with the student gradient written over the `[rows, vocab]` student logits
+    /// in their own dtype (f32, f16 or bf16): no second buffer of that size. Everything else is
+    /// [`DistillDevice::distill_loss`]'s contract; on an argument error the logits are untouched.
+    pub fn distill_loss_in_place(
+        &self,
+        cfg: &LossConfig,
+        mut student: HostSliceMut,
+        inputs: &InPlaceInputs,
+        grad_hidden: Option<HostSliceMut>,
+    ) -> Result<LossValue> {
+        let grads = GradOutputs {
+            logits: None,
+            hidden: grad_hidden,
+        };
+        let view = DistillInputs {
+            rows: inputs.rows,
+            vocab: inputs.vocab,
+            student: student.as_slice(),
+            teacher: inputs.teacher,
+            labels: inputs.labels,
+            hidden: inputs.hidden,
+        };
+        let valid_rows = check_inputs(cfg, &view, &grads)?;
+        let (loss_scale, grad_scale) = cfg.scales(valid_rows);
+        let params = kd_params(cfg, grad_scale as f32);
+        let level = SimdLevel::detect().supported();
+        let mut row_loss = vec![0.0f32; inputs.rows];
+        match &mut student {
+            HostSliceMut::F32(s) => kd_rows_in_place(level, &params, cfg, inputs, s, &mut row_loss),
+            HostSliceMut::F16(s) => kd_rows_in_place(level, &params, cfg, inputs, s, &mut row_loss),
+            HostSliceMut::Bf16(s) => {
+                kd_rows_in_place(level, &params, cfg, inputs, s, &mut row_loss)
             }
         }
+        if let Some(h) = &inputs.hidden {
+            let gs = grad_scale as f32;
+            hidden_rows(
+                level,
+                cfg,
+                h,
+                inputs.labels,
+                gs,
+                grads.hidden,
+                &mut row_loss,
+            );
+        }
+        Ok(LossValue {
+            values: reduce(cfg.reduction, &row_loss, loss_scale),
+            valid_rows,
+        })
     }
-
-    let values = reduce(cfg.reduction, &row_loss, loss_scale);
-    Ok(LossValue { values, valid_rows })
 }
 
 /// The row losses combined as `reduction` says, times `loss_scale`.
@@ -241,18 +330,7 @@ pub fn hidden_mse(
     let gs = grad_scale as f32;
     let level = SimdLevel::detect().supported();
     let mut row_loss = vec![0.0f32; rows];
-    match grad {
-        None => hidden::rows::<f32>(level, cfg, hidden, labels, gs, None, &mut row_loss),
-        Some(HostSliceMut::F32(g)) => {
-            hidden::rows(level, cfg, hidden, labels, gs, Some(g), &mut row_loss)
-        }
-        Some(HostSliceMut::F16(g)) => {
-            hidden::rows(level, cfg, hidden, labels, gs, Some(g), &mut row_loss)
-        }
-        Some(HostSliceMut::Bf16(g)) => {
-            hidden::rows(level, cfg, hidden, labels, gs, Some(g), &mut row_loss)
-        }
-    }
+    hidden_rows(level, cfg, hidden, labels, gs, grad, &mut row_loss);
     Ok(LossValue {
         values: reduce(cfg.reduction, &row_loss, loss_scale),
         valid_rows,
@@ -272,31 +350,15 @@ fn kd_rows<G: Lanes>(
     let v = inputs.vocab;
     let run = |r: usize, grad: Option<&mut [G]>| -> f32 {
         let label = inputs.labels.map(|l| l[r]);
-        if !cfg.row_is_valid(label) {
-            if let Some(g) = grad {
-                g.fill(G::from_f32(0.0));
-            }
-            return 0.0;
-        }
-        // A valid label is in [0, vocab) (checked by check_inputs).
-        let label = if p.hard_weight > 0.0 {
-            label.map(|y| y as usize)
-        } else {
-            None
-        };
-        with_scratch(kd::scratch_len(v), |scratch| {
-            simd::run(
-                level,
-                KdRow {
-                    p,
-                    s: row_of(inputs.student, r, v),
-                    t: row_of(inputs.teacher, r, v),
-                    label,
-                    grad: grad.map(G::host_mut),
-                    scratch,
-                },
-            )
-        })
+        kd_row(
+            level,
+            p,
+            cfg,
+            row_of(inputs.student, r, v),
+            row_of(inputs.teacher, r, v),
+            label,
+            grad,
+        )
     };
     match grad {
         Some(g) => g
@@ -309,6 +371,75 @@ fn kd_rows<G: Lanes>(
             .enumerate()
             .for_each(|(r, l)| *l = run(r, None)),
     }
+}
+
+/// As [`kd_rows`], with each row's gradient written over its student logits: the row is first
+/// copied to this thread's buffer (a row of 128k f32 is 512 KiB, in L2 while the passes run),
+/// so every kind reads the logits it had, whatever its passes write when.
+fn kd_rows_in_place<G: Lanes + bytemuck::Pod>(
+    level: SimdLevel,
+    p: &KdParams,
+    cfg: &LossConfig,
+    inputs: &InPlaceInputs,
+    student: &mut [G],
+    row_loss: &mut [f32],
+) {
+    let v = inputs.vocab;
+    student
+        .par_chunks_mut(v)
+        .zip(row_loss.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, (row, l))| {
+            ROW_COPY.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                let words = (v * std::mem::size_of::<G>()).div_ceil(4);
+                if buf.len() < words {
+                    buf.resize(words, 0);
+                }
+                let copy: &mut [G] = &mut bytemuck::cast_slice_mut(&mut buf[..words])[..v];
+                copy.copy_from_slice(row);
+                let label = inputs.labels.map(|l| l[r]);
+                let t = row_of(inputs.teacher, r, v);
+                *l = kd_row(level, p, cfg, G::host(copy), t, label, Some(row));
+            })
+        });
+}
+
+/// One row of the fused loss: its value, and its gradient into `grad` when given.
+fn kd_row<G: Lanes>(
+    level: SimdLevel,
+    p: &KdParams,
+    cfg: &LossConfig,
+    s: HostSlice,
+    t: HostSlice,
+    label: Option<i64>,
+    grad: Option<&mut [G]>,
+) -> f32 {
+    if !cfg.row_is_valid(label) {
+        if let Some(g) = grad {
+            g.fill(G::from_f32(0.0));
+        }
+        return 0.0;
+    }
+    // A valid label is in [0, vocab) (checked by check_inputs).
+    let label = if p.hard_weight > 0.0 {
+        label.map(|y| y as usize)
+    } else {
+        None
+    };
+    with_scratch(kd::scratch_len(s.len()), |scratch| {
+        simd::run(
+            level,
+            KdRow {
+                p,
+                s,
+                t,
+                label,
+                grad: grad.map(G::host_mut),
+                scratch,
+            },
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

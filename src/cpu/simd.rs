@@ -142,6 +142,8 @@ pub trait Lanes: Element {
     fn narrow(src: &[f32], dst: &mut [Self]);
     /// The slice as a [`HostSliceMut`].
     fn host_mut(x: &mut [Self]) -> HostSliceMut<'_>;
+    /// The slice as a [`crate::dtype::HostSlice`].
+    fn host(x: &[Self]) -> crate::dtype::HostSlice<'_>;
 }
 
 /// Pads `buf[n..]` with `value` up to a multiple of [`W`].
@@ -171,6 +173,10 @@ impl Lanes for f32 {
     fn host_mut(x: &mut [f32]) -> HostSliceMut<'_> {
         HostSliceMut::F32(x)
     }
+
+    fn host(x: &[f32]) -> crate::dtype::HostSlice<'_> {
+        crate::dtype::HostSlice::F32(x)
+    }
 }
 
 impl Lanes for bf16 {
@@ -192,6 +198,10 @@ impl Lanes for bf16 {
     fn host_mut(x: &mut [bf16]) -> HostSliceMut<'_> {
         HostSliceMut::Bf16(x)
     }
+
+    fn host(x: &[bf16]) -> crate::dtype::HostSlice<'_> {
+        crate::dtype::HostSlice::Bf16(x)
+    }
 }
 
 impl Lanes for f16 {
@@ -211,6 +221,10 @@ impl Lanes for f16 {
 
     fn host_mut(x: &mut [f16]) -> HostSliceMut<'_> {
         HostSliceMut::F16(x)
+    }
+
+    fn host(x: &[f16]) -> crate::dtype::HostSlice<'_> {
+        crate::dtype::HostSlice::F16(x)
     }
 }
 
