@@ -6,7 +6,8 @@
 # turn (found, not listed, so new barriers are covered without editing this file), plus the
 # hand-written mutants below. For each one the kernel units that include the changed file are
 # recompiled with exactly the recipe build.rs used (OUT_DIR/emulator_build.sh), linked with the
-# unchanged objects into a fast and a check library, and the prebuilt kernel tests run against
+# unchanged objects into a fast and a check library, and the prebuilt kernel tests (kernels,
+# device_api, device_views) run against
 # them (DISTILL_EMU_LIBRARY):
 #   check    the check build, all three checks; a mutant it misses fails this script;
 #   default  the fast build as `cargo test` runs it;
@@ -22,13 +23,14 @@ ROOT=$PWD
 FILTER=${1:-}
 
 # ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
-json=$(cargo test --release --test kernels --test device_api --no-run --message-format=json 2>/dev/null)
+json=$(cargo test --release --test kernels --test device_api --test device_views --no-run \
+    --message-format=json 2>/dev/null)
 OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
 exe_of() { grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\"" |
     sed -E 's/.*"executable":"([^"]*)".*/\1/' | tail -1; }
-TESTS=("$(exe_of kernels)" "$(exe_of device_api)")
-[[ -f $OUT_DIR/emulator_build.sh && -x ${TESTS[0]} && -x ${TESTS[1]} ]] ||
+TESTS=("$(exe_of kernels)" "$(exe_of device_api)" "$(exe_of device_views)")
+[[ -f $OUT_DIR/emulator_build.sh && -x ${TESTS[0]} && -x ${TESTS[1]} && -x ${TESTS[2]} ]] ||
     { echo "mutants.sh: cannot find the build (OUT_DIR=$OUT_DIR)" >&2; exit 2; }
 # shellcheck source=/dev/null
 source "$OUT_DIR/emulator_build.sh"
