@@ -228,6 +228,17 @@ fn bad_inputs_fail_with_clear_errors_and_lose_nothing() {
         std::fs::read(s.path("run/model.safetensors")).unwrap()
     );
 
+    // --force with a bad option: refused before the previous run is removed.
+    let mut forced = train_args(&data, &run, "0");
+    forced.push("--force");
+    let e = fails(&forced);
+    assert!(e.contains("steps"), "{e}");
+    assert_eq!(
+        before,
+        std::fs::read(s.path("run/model.safetensors")).unwrap(),
+        "--force removed the run before checking the command"
+    );
+
     // A student whose vocabulary differs from the teacher's.
     let cfg = std::fs::read_to_string(s.path("run/config.json")).unwrap();
     let other = cfg.replace("\"vocab_size\": 300", "\"vocab_size\": 301");
@@ -263,6 +274,15 @@ fn bad_inputs_fail_with_clear_errors_and_lose_nothing() {
     );
     let e = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("1:9"), "{e}");
+
+    // The student written over its own teacher, even with --force.
+    let args = distill_base(&run, &["--force"]);
+    let e = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("teacher's directory"), "{e}");
+    assert_eq!(
+        before,
+        std::fs::read(s.path("run/model.safetensors")).unwrap()
+    );
 
     // A truncated checkpoint.
     std::fs::copy(s.path("run/model.safetensors"), s.path("keep.safetensors")).unwrap();

@@ -304,9 +304,25 @@ pub fn distill_config(a: &DistillArgs) -> CliResult<DistillConfig> {
     })
 }
 
+/// Whether two paths name the same existing directory (after resolving links and `..`).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
     let r = &a.run;
     let cfg = train_config(r, Some(distill_config(a)?));
+    // Replacing the teacher's directory with the student (`--out` = `--teacher`, with --force)
+    // would destroy the model being distilled.
+    if same_dir(&r.out, &a.teacher) {
+        return Err(CliError::new(format!(
+            "--out {} is the teacher's directory: the student would overwrite its teacher",
+            r.out.display()
+        )));
+    }
     let (teacher, tok) = load_teacher(&a.teacher)?;
     let corpus = Corpus::load(&r.data, VAL_FRACTION, SPLIT_SEED)?;
     let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;

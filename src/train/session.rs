@@ -126,6 +126,21 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 /// Refuses to write into a directory that holds anything unless resuming (then it must hold a
 /// run) or forced (then the run files are removed, nothing else).
 pub fn prepare_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
+    check_out_dir(out, resume, force)?;
+    if force && !resume {
+        for f in RUN_FILES {
+            let p = out.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))
+}
+
+/// The checks of [`prepare_out_dir`], touching nothing: a run validates everything else before
+/// `--force` removes a previous run's files.
+pub fn check_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
     let bad = |reason: &'static str| Error::InvalidOption {
         name: "out",
         value: out.display().to_string(),
@@ -150,21 +165,15 @@ pub fn prepare_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
             "is not empty (it may hold another run): pass --resume to continue it or --force to replace it",
         ));
     }
-    if force {
-        for f in RUN_FILES {
-            let p = out.join(f);
-            if p.exists() {
-                std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
-            }
-        }
-    }
-    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))
+    Ok(())
 }
 
 /// Runs (or resumes) a training run to its last step and writes its metrics.
 pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
     let wall = Instant::now();
-    prepare_out_dir(spec.out, spec.resume, spec.force)?;
+    // Everything that can refuse the run is checked before the output directory is touched:
+    // `--force` must not remove a run for a command that then fails.
+    check_out_dir(spec.out, spec.resume, spec.force)?;
     let tokenizer_json = spec.tokenizer.to_json()?.into_bytes();
     let extras = ConfigExtras {
         bos_token_id: None,
@@ -179,6 +188,7 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
     }
     let cfg = spec.train.clone();
     let mut trainer = Trainer::new(cfg.clone(), spec.model.clone(), spec.teacher)?;
+    prepare_out_dir(spec.out, spec.resume, spec.force)?;
     if spec.resume {
         trainer.resume(spec.out)?;
     }
