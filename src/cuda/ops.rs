@@ -384,8 +384,14 @@ impl CudaKernels {
         };
 
         // int32 labels are widened into the workspace by dk_prepare; the row kernels read those.
-        let (lw_ptr, _gl) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.labels, stream);
-        let row_labels = if l_i32 { lw_ptr } else { l_ptr };
+        // The workspace buffer is touched (and its write event recorded) only when it is used.
+        let (widened, _gl) = if l_i32 {
+            let (p, g) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.labels, stream);
+            (p, Some(g))
+        } else {
+            (0, None)
+        };
+        let row_labels = if l_i32 { widened } else { l_ptr };
         let (sc_ptr, _g1) = ws.scalars.device_ptr(stream);
         let (rl_ptr, _g2) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.row_loss, stream);
 
@@ -394,11 +400,7 @@ impl CudaKernels {
             one_block(rows),
             &DkPrepareParams {
                 labels: l_ptr as *const _,
-                labels_out: if l_i32 {
-                    lw_ptr as *mut i64
-                } else {
-                    std::ptr::null_mut()
-                },
+                labels_out: widened as *mut i64, // NULL unless the labels are int32
                 scalars: sc_ptr as *mut DkScalars,
                 rows: rows as i64,
                 vocab: vocab as i64,
