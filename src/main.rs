@@ -15,7 +15,25 @@ mod cli;
 
 use std::process::ExitCode;
 
+/// On SIGINT or SIGTERM, remove the temporaries being written (and put back a run that
+/// `--force` moved aside before this run's first checkpoint), then exit as the signal would:
+/// status 128 + signal number.
+fn exit_cleanly_on_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return; // without the handler the default action applies: nothing is cleaned up
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            distill_kernels::train::files::run_cleanup();
+            eprintln!("error: interrupted by signal {sig}; partial files were removed");
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
 fn main() -> ExitCode {
+    exit_cleanly_on_signals();
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

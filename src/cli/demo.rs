@@ -105,6 +105,9 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
             force: true,
             stop_at: None,
             meta: meta.clone(),
+            keep_checkpoints: session::DEFAULT_KEEP_CHECKPOINTS,
+            data_fingerprint: None,
+            allow_data_change: false,
         };
         CliResult::Ok(session::run(spec, &mut Display::new())?)
     };

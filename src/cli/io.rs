@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use distill_kernels::train::error::describe_safetensors;
+use distill_kernels::train::files::{self, CleanupGuard, StaleRule};
+use distill_kernels::train::memory::MemoryPlan;
 use distill_kernels::HostVec;
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;
@@ -21,8 +23,20 @@ pub struct InputFile {
 }
 
 impl InputFile {
+    /// Reads a regular file (a device, FIFO or directory is refused: `/dev/zero` would be read
+    /// until memory runs out) whose size fits the available memory.
     pub fn read(path: &Path) -> CliResult<Self> {
         let shown = path.display().to_string();
+        let meta = std::fs::metadata(path)
+            .map_err(|e| CliError::new(format!("cannot read input file {shown}: {e}")))?;
+        if !meta.is_file() {
+            return Err(CliError::new(format!(
+                "input {shown} is not a regular file (a directory, device or pipe)"
+            )));
+        }
+        let mut plan = MemoryPlan::new();
+        plan.add("the file, its tensors and the gradients", usize::try_from(meta.len()).ok(), 3);
+        plan.check(&format!("reading input {shown}"))?;
         let bytes = std::fs::read(path)
             .map_err(|e| CliError::new(format!("cannot read input file {shown}: {e}")))?;
         let file = InputFile { path: shown, bytes };
@@ -229,13 +243,14 @@ impl View for &OutTensor {
     }
 }
 
-/// An output file being prepared: its temporary sibling exists from `create` on (so an
-/// unwritable directory fails before any work is done) and is removed again unless `commit`
-/// renames it over the target.
+/// An output file being prepared: its temporary sibling `.NAME.PID.tmp` exists from `create` on
+/// (so an unwritable directory fails before any work is done) and is removed again unless
+/// `commit` renames it over the target, also when a signal interrupts the command.
 pub struct PendingOutput {
     target: PathBuf,
     temp: PathBuf,
-    committed: bool,
+    /// Removes the temporary when dropped uncommitted or on SIGINT/SIGTERM.
+    guard: Option<CleanupGuard>,
 }
 
 impl PendingOutput {
@@ -268,36 +283,23 @@ impl PendingOutput {
                 )));
             }
         }
-        let pid = std::process::id();
-        let mut attempt = 0u32;
-        loop {
-            let temp = dir.join(format!(
-                ".{}.{pid}.{attempt}.tmp",
-                file_name.to_string_lossy()
-            ));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&temp)
-            {
-                Ok(_) => {
-                    return Ok(PendingOutput {
-                        target: target.to_path_buf(),
-                        temp,
-                        committed: false,
-                    })
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return Err(CliError::new(format!(
-                        "cannot create output file in {}: {e} (output {shown})",
-                        dir.display()
-                    )))
-                }
-            }
-        }
+        // Temporaries of earlier `distill loss` runs into this output that were killed.
+        let name = file_name.to_string_lossy();
+        let _ = files::remove_stale_temps(&dir, Some(&name), StaleRule::DeadProcesses);
+        let temp = files::temp_path(target)
+            .ok_or_else(|| CliError::new(format!("output path {shown} does not name a file")))?;
+        let guard = CleanupGuard::remove_on_abort(&temp);
+        std::fs::File::create(&temp).map_err(|e| {
+            CliError::new(format!(
+                "cannot create output file in {}: {e} (output {shown})",
+                dir.display()
+            ))
+        })?;
+        Ok(PendingOutput {
+            target: target.to_path_buf(),
+            temp,
+            guard: Some(guard),
+        })
     }
 
     /// Writes the tensors (sorted by the safetensors layout rules, so the bytes are
@@ -310,27 +312,20 @@ impl PendingOutput {
         let shown = self.target.display().to_string();
         let metadata = note.map(|(k, v)| HashMap::from([(k.to_string(), v)]));
         let views: Vec<(&str, &OutTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-        safetensors::serialize_to_file(views, &metadata, &self.temp).map_err(|e| {
+        let bytes = safetensors::serialize(views, &metadata).map_err(|e| {
             CliError::new(format!(
                 "cannot write output {shown}: {}",
                 describe_safetensors(&e)
             ))
         })?;
-        std::fs::File::open(&self.temp)
-            .and_then(|f| f.sync_all())
+        files::write_synced(&self.temp, &bytes)
+            .and_then(|()| std::fs::rename(&self.temp, &self.target))
+            .and_then(|()| files::sync_dir(&files::parent_dir(&self.target)))
             .map_err(|e| CliError::new(format!("cannot write output {shown}: {e}")))?;
-        std::fs::rename(&self.temp, &self.target)
-            .map_err(|e| CliError::new(format!("cannot write output {shown}: {e}")))?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for PendingOutput {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.temp);
+        if let Some(g) = self.guard.take() {
+            g.disarm();
         }
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@ use super::io::{
     float_tensor, label_tensor, shape_str, FloatTensor, InputFile, OutTensor, PendingOutput,
 };
 use super::json::JsonLine;
-use super::{print_line, CliError, CliResult, KindArg, LossArgs, ReductionArg};
+use super::{print_line, CliError, CliResult, KindArg, LossArgs, NonFiniteArg, ReductionArg};
 
 /// Default JSD beta when `--kind jsd` is given without `--beta`.
 const DEFAULT_BETA: f32 = 0.5;
@@ -86,7 +86,16 @@ pub fn run(args: &LossArgs) -> CliResult<()> {
         })?;
     let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
 
-    // 6. The output file, then the result line.
+    // 6. A non-finite loss is refused unless asked for: exit 0 with "loss": null is easy to miss.
+    if args.on_nonfinite == NonFiniteArg::Error && loss.values.iter().any(|v| !v.is_finite()) {
+        return Err(CliError::new(format!(
+            "input {}: the loss is not finite ({}); pass --on-nonfinite propagate to write it anyway",
+            file.path(),
+            nonfinite_cause(&input, &loss.values)
+        )));
+    }
+
+    // 7. The output file, then the result line.
     let loss_shape = match cfg.reduction {
         Reduction::None => vec![rows],
         _ => vec![],
@@ -162,10 +171,7 @@ fn config(args: &LossArgs) -> CliResult<LossConfig> {
         (other, Some(beta)) => {
             return Err(CliError::new(format!(
                 "--beta {beta} is only used by --kind jsd, not --kind {}",
-                match other {
-                    KindArg::ForwardKl => "forward-kl",
-                    _ => "reverse-kl",
-                }
+                other.name()
             )))
         }
         (KindArg::ForwardKl, None) => LossKind::ForwardKl,
@@ -258,6 +264,34 @@ fn zeros(len: usize, what: &str) -> CliResult<Vec<f32>> {
 }
 
 /// The tensors of one input file, with every shape agreeing.
+/// The first non-finite input element, or else the first row whose loss is not finite.
+fn nonfinite_cause(input: &Input, losses: &[f32]) -> String {
+    let mut tensors = vec![
+        ("student_logits", &input.student),
+        ("teacher_logits", &input.teacher),
+    ];
+    if let Some((s, t)) = &input.hidden {
+        tensors.push(("student_hidden", s));
+        tensors.push(("teacher_hidden", t));
+    }
+    for (name, t) in tensors {
+        let x = t.data.as_slice();
+        if let Some(i) = (0..x.len()).find(|&i| !x.get_f32(i).is_finite()) {
+            let cols = t.shape.get(1).copied().unwrap_or(1).max(1);
+            return format!(
+                "tensor `{name}` holds {} at row {}, column {}",
+                x.get_f32(i),
+                i / cols,
+                i % cols
+            );
+        }
+    }
+    match losses.iter().position(|v| !v.is_finite()) {
+        Some(r) if losses.len() > 1 => format!("row {r} has loss {} although every input is finite", losses[r]),
+        _ => format!("the loss is {} although every input is finite", losses.first().copied().unwrap_or(f32::NAN)),
+    }
+}
+
 struct Input {
     rows: usize,
     vocab: usize,

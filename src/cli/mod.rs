@@ -195,6 +195,17 @@ pub enum KindArg {
     Jsd,
 }
 
+impl KindArg {
+    /// The spelling on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            KindArg::ForwardKl => "forward-kl",
+            KindArg::ReverseKl => "reverse-kl",
+            KindArg::Jsd => "jsd",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ReductionArg {
     /// One loss per row (0 for ignored rows)
@@ -259,6 +270,19 @@ pub struct LossArgs {
     /// Explicit divisor D of --reduction mean (gradient accumulation); default: valid rows
     #[arg(long, allow_hyphen_values = true)]
     pub normalizer: Option<f32>,
+    /// A NaN or infinite loss: `error` exits 1 naming the first non-finite input or row and
+    /// writes no output; `propagate` writes it (as PyTorch would) with "loss": null on stdout
+    #[arg(long, value_enum, default_value_t = NonFiniteArg::Error)]
+    pub on_nonfinite: NonFiniteArg,
+}
+
+/// What `distill loss` does with a non-finite loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NonFiniteArg {
+    /// Refuse: exit 1, no output file
+    Error,
+    /// Write the NaN/inf loss and gradients, exit 0
+    Propagate,
 }
 
 #[derive(Debug, Args)]

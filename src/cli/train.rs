@@ -12,6 +12,7 @@ use distill_kernels::data::tokenizer::Tokenizer;
 use distill_kernels::model::{Activations, Llama, LlamaConfig};
 use distill_kernels::train::checkpoint::{load_config, load_model_dir};
 use distill_kernels::train::config::{parse_hidden_layers, preset, DistillConfig, TrainConfig};
+use distill_kernels::train::rundir;
 use distill_kernels::train::session::{self, RunSpec, RunSummary};
 use distill_kernels::train::trainer::{eval_loss, Teacher};
 use distill_kernels::LossKind;
@@ -72,6 +73,13 @@ pub struct RunArgs {
     /// still spans --steps); continue later with --resume
     #[arg(long)]
     pub stop_at: Option<u64>,
+    /// Complete checkpoints kept in DIR/checkpoints (the newest replaces the oldest only once
+    /// it is complete)
+    #[arg(long, default_value_t = session::DEFAULT_KEEP_CHECKPOINTS)]
+    pub keep_checkpoints: usize,
+    /// With --resume: continue even if --data differs from the data the run was trained on
+    #[arg(long, requires = "resume")]
+    pub allow_data_change: bool,
 }
 
 #[derive(Debug, Args)]
@@ -93,9 +101,9 @@ pub struct DistillArgs {
     /// Soft loss between teacher and student
     #[arg(long, value_enum, default_value_t = KindArg::ForwardKl)]
     pub kind: KindArg,
-    /// JSD weight of the teacher, in (0, 1)
-    #[arg(long, default_value_t = 0.5)]
-    pub beta: f32,
+    /// JSD weight of the teacher, in (0, 1) [default: 0.5; only with --kind jsd]
+    #[arg(long)]
+    pub beta: Option<f32>,
     /// Softmax temperature of the soft loss
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -231,14 +239,36 @@ fn print_summary(name: &str, out: &Path, s: &RunSummary) -> CliResult<()> {
     )
 }
 
+/// The newest complete checkpoint of the run in `out`, for what must be read before the run
+/// starts (the tokenizer); the run itself picks it again under the lock.
+fn resume_source(out: &Path) -> CliResult<PathBuf> {
+    session::check_out_dir(out, true, false)?;
+    let gens = rundir::resumable_generations(out)?;
+    Ok(gens.first().map(|g| g.path.clone()).unwrap_or_else(|| out.to_path_buf()))
+}
+
+/// What every training command checks before it loads anything.
+fn check_run_args(r: &RunArgs) -> CliResult<()> {
+    session::check_out_dir(&r.out, r.resume, r.force)?;
+    Ok(())
+}
+
 pub fn run_train(a: &TrainArgs) -> CliResult<()> {
     let r = &a.run;
     let cfg = train_config(r, None);
+    if is_inside(&r.out, &r.data) {
+        return Err(CliError::new(format!(
+            "--out {} is inside the data ({}): a run must not write there",
+            r.out.display(),
+            r.data.display()
+        )));
+    }
+    check_run_args(r)?;
     let corpus = Corpus::load(&r.data, VAL_FRACTION, SPLIT_SEED)?;
     // A resumed run keeps its tokenizer (training it again would give the same, but loading is
     // the check that the directory is what it claims).
     let tok = match r.resume {
-        true => Tokenizer::load(&r.out.join("tokenizer.json"))?,
+        true => Tokenizer::load(&resume_source(&r.out)?.join("tokenizer.json"))?,
         false => Tokenizer::train(&corpus.train, a.vocab_size)?,
     };
     let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
@@ -257,6 +287,9 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
             force: r.force,
             stop_at: r.stop_at,
             meta: json!({ "data": r.data.display().to_string() }),
+            keep_checkpoints: r.keep_checkpoints,
+            data_fingerprint: Some(corpus.fingerprint()),
+            allow_data_change: r.allow_data_change,
         },
         &mut Display::new(),
     )?;
@@ -288,7 +321,17 @@ pub fn loss_kind(kind: KindArg, beta: f32) -> LossKind {
 
 pub fn distill_config(a: &DistillArgs) -> CliResult<DistillConfig> {
     let d = DistillConfig::default();
-    let kind = loss_kind(a.kind, a.beta);
+    let beta = match (a.kind, a.beta) {
+        (KindArg::Jsd, beta) => beta.unwrap_or(0.5),
+        (_, None) => 0.5,
+        (other, Some(beta)) => {
+            return Err(CliError::new(format!(
+                "--beta {beta} is only used by --kind jsd, not --kind {}",
+                other.name()
+            )))
+        }
+    };
+    let kind = loss_kind(a.kind, beta);
     let hidden_layers = match &a.hidden_layers {
         Some(text) => parse_hidden_layers(text)?,
         None => Vec::new(),
@@ -312,6 +355,33 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Whether `out` is `other` or lies inside it (`out` need not exist yet: its nearest existing
+/// ancestor is resolved and the rest appended).
+fn is_inside(out: &Path, other: &Path) -> bool {
+    let Ok(other) = other.canonicalize() else {
+        return false;
+    };
+    let mut existing = out.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            let full = rest.iter().rev().fold(c, |p: PathBuf, n| p.join(n));
+            return full.starts_with(&other);
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_path_buf()
+                };
+            }
+            _ => return false,
+        }
+    }
+}
+
 pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
     let r = &a.run;
     let cfg = train_config(r, Some(distill_config(a)?));
@@ -323,6 +393,13 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
             r.out.display()
         )));
     }
+    if is_inside(&r.out, &a.teacher) || is_inside(&r.out, &r.data) {
+        return Err(CliError::new(format!(
+            "--out {} is inside the teacher's directory or the data: a run must not write there",
+            r.out.display()
+        )));
+    }
+    check_run_args(r)?;
     let (teacher, tok) = load_teacher(&a.teacher)?;
     let corpus = Corpus::load(&r.data, VAL_FRACTION, SPLIT_SEED)?;
     let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
@@ -344,6 +421,9 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
                 "data": r.data.display().to_string(),
                 "teacher": a.teacher.display().to_string(),
             }),
+            keep_checkpoints: r.keep_checkpoints,
+            data_fingerprint: Some(corpus.fingerprint()),
+            allow_data_change: r.allow_data_change,
         },
         &mut Display::new(),
     )?;

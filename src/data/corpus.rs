@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::rng::SplitMix64;
 use crate::train::error::{Result, TrainError as Error};
+use crate::train::memory::{human_bytes, MemoryPlan};
 
 /// One unit of text. Documents are independent: the token stream separates them with EOS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,7 @@ impl Corpus {
     pub fn load(path: &Path, val_fraction: f64, seed: u64) -> Result<Corpus> {
         check_fraction(val_fraction)?;
         let files = list_files(path)?;
+        check_data_size(path, &files)?;
         let mut units: Vec<Vec<Document>> = Vec::new();
         for file in &files {
             let docs = read_documents(file)?;
@@ -69,6 +71,44 @@ impl Corpus {
         }
         Ok(split_units(units, val_fraction, seed))
     }
+}
+
+impl Corpus {
+    /// SHA-256 of every document's text, training split then validation split, each prefixed
+    /// by its length; as `sha256:` and the first 16 hex digits. Stored with each checkpoint, so
+    /// that a resume on other data (or another split of it) is noticed.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (split, docs) in [(b"train", &self.train), (b"val\0\0", &self.val)] {
+            h.update(split);
+            h.update((docs.len() as u64).to_le_bytes());
+            for d in docs {
+                h.update((d.text.len() as u64).to_le_bytes());
+                h.update(d.text.as_bytes());
+            }
+        }
+        let digest = h.finalize();
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+}
+
+/// Reading, splitting and tokenizing text holds about four times its size at once (the bytes,
+/// the documents, the token streams); data that cannot is refused before it is read.
+fn check_data_size(path: &Path, files: &[PathBuf]) -> Result<()> {
+    let mut bytes = 0u64;
+    for f in files {
+        bytes = bytes.saturating_add(fs::metadata(f).map_err(|e| io_error(f, e))?.len());
+    }
+    let mut plan = MemoryPlan::new();
+    plan.add("text, documents and tokens", usize::try_from(bytes).ok(), 4);
+    plan.check(&format!(
+        "reading {} ({} files, {})",
+        path.display(),
+        files.len(),
+        human_bytes(bytes as u128)
+    ))
 }
 
 fn check_fraction(val_fraction: f64) -> Result<()> {

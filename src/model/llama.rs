@@ -14,6 +14,7 @@
 use super::config::LlamaConfig;
 use super::ops::{self, AttnShape, Real};
 use crate::train::error::{Result, TrainError as Error};
+use crate::train::memory::{self, MemoryPlan};
 use rayon::prelude::*;
 
 use crate::rng::SplitMix64;
@@ -306,8 +307,15 @@ pub struct Activations<F> {
 }
 
 impl<F: Real> Activations<F> {
-    /// Buffers for `batch` sequences of `seq` tokens (`seq <= max_position_embeddings`).
-    pub fn new(model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+    /// Elements of the forward buffer and of the backward's scratch for `batch` sequences of
+    /// `seq` tokens (what [`Activations::new`] and the first backward allocate), checked for
+    /// overflow; nothing is allocated.
+    pub fn buffer_elements(model: &Llama, batch: usize, seq: usize) -> Result<(usize, usize)> {
+        let (_, grad_layout, total) = Self::layouts(model, batch, seq)?;
+        Ok((total, grad_layout.total))
+    }
+
+    fn layouts(model: &Llama, batch: usize, seq: usize) -> Result<(ActLayout, GradLayout, usize)> {
         let cfg = model.config();
         let invalid = |name, value: usize, reason| Error::InvalidOption {
             name,
@@ -388,10 +396,24 @@ impl<F: Real> Activations<F> {
             lnf_rstd,
             logits,
         };
-        let mut buf = vec![F::ZERO; total];
+        Ok((layout, grad_layout, total))
+    }
+
+    /// Buffers for `batch` sequences of `seq` tokens (`seq <= max_position_embeddings`); an error
+    /// when they do not fit the available memory (backward scratch included).
+    pub fn new(model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+        let (layout, grad_layout, total) = Self::layouts(model, batch, seq)?;
+        let cfg = model.config();
+        let hd = cfg.head_dim();
+        let mut plan = MemoryPlan::new();
+        let width = std::mem::size_of::<F>();
+        plan.add("activations", Some(total), width);
+        plan.add("backward scratch", Some(grad_layout.total), width);
+        plan.check(&format!("a forward and backward pass at batch {batch} x seq {seq}"))?;
+        let mut buf = memory::filled(total, F::ZERO, "the activation buffer")?;
         let (cos, sin) = ops::rope_tables::<F>(seq, hd, cfg.rope_theta);
-        rope_cos.of_mut(&mut buf).copy_from_slice(&cos);
-        rope_sin.of_mut(&mut buf).copy_from_slice(&sin);
+        layout.rope_cos.of_mut(&mut buf).copy_from_slice(&cos);
+        layout.rope_sin.of_mut(&mut buf).copy_from_slice(&sin);
         Ok(Activations {
             config: cfg.clone(),
             batch,
@@ -512,6 +534,18 @@ impl Llama {
     /// The model of `config`; errors when [`LlamaConfig::validate`] rejects it.
     pub fn new(config: LlamaConfig) -> Result<Self> {
         config.validate()?;
+        // Any use of the model holds its parameters (f32 at least); a configuration whose
+        // parameters cannot fit is refused before its tensor table is even built.
+        let count = config.param_count();
+        let mut plan = MemoryPlan::new();
+        plan.add("f32 parameters", count, 4);
+        plan.check(&format!(
+            "a model of {} parameters (hidden_size {}, num_hidden_layers {}, vocab_size {})",
+            count.unwrap_or(usize::MAX),
+            config.hidden_size,
+            config.num_hidden_layers,
+            config.vocab_size
+        ))?;
         let layout = ParamLayout::new(&config);
         Ok(Llama { config, layout })
     }
@@ -761,7 +795,7 @@ impl Llama {
             ..
         } = acts;
         if grad_buf.len() != gl.total {
-            *grad_buf = vec![F::ZERO; gl.total];
+            *grad_buf = memory::filled(gl.total, F::ZERO, "the backward scratch buffer")?;
         }
         let (pl, buf) = (&self.layout, &*buf);
         let p = |s: Span| s.of(params);

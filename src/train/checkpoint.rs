@@ -7,17 +7,21 @@
 //! | `tokenizer.json` | the tokenizer, bytes copied in by the caller ([`write_atomic`]) |
 //! | `trainer_state.safetensors` | ours, for resuming: AdamW moments `adam.m`, `adam.v`, extra f32 tensors, `__metadata__` `{"format": "distill-trainer-state", "version": "1", "step": "N", "extra": [names], "meta": JSON}` |
 //!
-//! **Atomicity and ordering.** Every file is written as `NAME.tmp` in the same directory,
-//! fsynced, renamed over `NAME`, and then the directory is fsynced, so each rename is durable
+//! **Atomicity and ordering.** Every file is written as `.NAME.PID.tmp` in the same directory,
+//! fsynced, renamed over `NAME`, and then the directory is fsynced ([`crate::train::files`]), so each rename is durable
 //! before the next file is started. [`save_checkpoint`] writes `config.json`, `tokenizer.json`,
 //! `model.safetensors` and `trainer_state.safetensors` in that order. After a crash at any point
 //! every file is either its old or its new version, and a new trainer state implies new weights:
 //! the state never loads as newer than the weights. The reverse (new weights, old state) is
 //! possible, so the step is stored in both files and [`load_resume`] refuses to pair them when
-//! they disagree.
+//! they disagree. A training run never relies on this alone: it saves each checkpoint into a
+//! fresh generation directory made current by one rename ([`crate::train::rundir`]).
 
 use crate::model::{Llama, LlamaConfig, ParamLayout};
 use crate::train::error::{describe_safetensors, Result, TrainError as Error};
+use crate::train::memory;
+pub use crate::train::files::write_atomic;
+use crate::train::files::{commit_atomic, parent_dir, sync_dir, write_synced};
 pub use crate::train::hf_config::{config_from_json, config_to_json, ConfigExtras};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -26,9 +30,7 @@ use safetensors::{Dtype as StDtype, SafeTensors, View};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::ffi::OsString;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The model's Hugging Face `config.json` in a checkpoint directory.
 pub const CONFIG_FILE: &str = "config.json";
@@ -64,70 +66,7 @@ fn shape_str(shape: &[usize]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Atomic files
-
-/// `NAME.tmp` next to `path`.
-fn tmp_path(path: &Path) -> Option<PathBuf> {
-    let mut name: OsString = path.file_name()?.to_os_string();
-    name.push(".tmp");
-    Some(path.with_file_name(name))
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// Makes a completed rename durable; without it a crash may persist a later rename but not an
-/// earlier one, which would break the ordering guarantee of [`save_checkpoint`].
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::fs::File::open(dir)?.sync_all()
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        Ok(())
-    }
-}
-
-/// Runs `write` on `NAME.tmp`, fsyncs it, renames it over `path` and fsyncs the directory. The
-/// temporary file is removed on failure.
-fn commit_atomic(
-    path: &Path,
-    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
-) -> Result<()> {
-    let io_err = |message: String| Error::Io {
-        path: shown(path),
-        message,
-    };
-    let tmp = tmp_path(path).ok_or_else(|| io_err("the path does not name a file".into()))?;
-    if path.is_dir() {
-        return Err(io_err("the path is a directory".into()));
-    }
-    let result = write(&tmp).and_then(|()| {
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .and_then(|()| sync_dir(&parent_dir(path)))
-            .map_err(|e| e.to_string())
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io_err)
-}
-
-/// Writes `bytes` to `path` atomically: readers see the old file or the complete new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    commit_atomic(path, |tmp| {
-        let mut f = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
-        f.write_all(bytes).map_err(|e| e.to_string())
-    })
-}
+// Files
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::Io {
@@ -204,7 +143,7 @@ fn save_safetensors(
         let mut bytes =
             safetensors::serialize(views, &metadata).map_err(|e| describe_safetensors(&e))?;
         sort_metadata_keys(&mut bytes, &canonical)?;
-        std::fs::write(tmp, bytes).map_err(|e| e.to_string())
+        write_synced(tmp, &bytes).map_err(|e| e.to_string())
     })
 }
 
@@ -425,7 +364,7 @@ pub fn load_weights(path: &Path, model: &Llama) -> Result<(Vec<f32>, Option<u64>
     let bytes = read_file(path)?;
     let (st, meta) = parse_safetensors(path, &bytes)?;
     let layout = model.layout();
-    let mut params = vec![0.0f32; model.num_params()];
+    let mut params = memory::filled(model.num_params(), 0.0f32, "the model's parameters")?;
     let mut found = vec![false; layout.tensors().len()];
     fill_params(path, &st, layout, &mut params, &mut found)?;
     check_extra(path, &st, layout)?;
@@ -460,7 +399,7 @@ fn load_sharded_weights(index_path: &Path, model: &Llama) -> Result<Vec<f32>> {
     }
     let dir = parent_dir(index_path);
     let layout = model.layout();
-    let mut params = vec![0.0f32; model.num_params()];
+    let mut params = memory::filled(model.num_params(), 0.0f32, "the model's parameters")?;
     let mut found = vec![false; layout.tensors().len()];
     for shard in shards {
         let path = dir.join(shard);
@@ -633,7 +572,9 @@ pub fn load_trainer_state(path: &Path) -> Result<TrainerState> {
                 ),
             ));
         }
-        let mut data = vec![0.0f32; shape.iter().product()];
+        let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let count = count.ok_or_else(|| ckpt_err(path, format!("tensor `{name}` has an overflowing shape")))?;
+        let mut data = memory::filled(count, 0.0f32, "a trainer state tensor")?;
         decode_into(&view, &mut data, &[StDtype::F32])
             .map_err(|m| ckpt_err(path, format!("tensor `{name}` {m}")))?;
         Ok((shape, data))

@@ -80,6 +80,32 @@ pub enum TrainError {
         /// Why.
         message: String,
     },
+    /// Another process holds the run directory's lock.
+    #[error("run directory {path} is in use by process {pid}")]
+    RunDirInUse {
+        /// The run directory.
+        path: String,
+        /// The holder's process id as its lock file records it (`unknown` if unreadable).
+        pid: String,
+    },
+    /// A saved run cannot be continued by this command (other options, model or data).
+    #[error("cannot resume {path}: {message}")]
+    ResumeMismatch {
+        /// The checkpoint that was read.
+        path: String,
+        /// What differs.
+        message: String,
+    },
+    /// A buffer the command asks for does not fit the memory that is available.
+    #[error("{what} needs {needed} but {available}")]
+    OutOfMemory {
+        /// What would be allocated, with the sizes that make it up.
+        what: String,
+        /// The bytes needed, spelled out.
+        needed: String,
+        /// What is available (from /proc/meminfo and the cgroup limit), spelled out.
+        available: String,
+    },
 }
 
 /// The trainer's result type.

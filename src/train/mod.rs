@@ -4,9 +4,12 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod hf_config;
+pub mod memory;
 pub mod optim;
 pub mod plot;
+pub mod rundir;
 pub mod session;
 pub mod trainer;
 

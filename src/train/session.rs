@@ -11,6 +11,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::model::LlamaConfig;
 use crate::train::checkpoint::{self, ConfigExtras};
 use crate::train::config::TrainConfig;
+use crate::train::rundir::{self, RunDir};
 use crate::train::error::{Result, TrainError as Error};
 use crate::train::plot::{plot_losses, Series};
 use crate::train::trainer::{History, StepStats, Teacher, Trainer};
@@ -26,6 +27,9 @@ pub trait Progress {
     fn eval(&mut self, step: u64, val_loss: f64);
     /// The step loop is over; metrics and the plot are written after this.
     fn finish(&mut self);
+    /// A line worth telling the user: which checkpoint a resume starts from, what recovery
+    /// repaired in the run directory, what `--force` moved aside.
+    fn note(&mut self, _line: &str) {}
 }
 
 /// Reports nothing (tests, library users).
@@ -66,7 +70,19 @@ pub struct RunSpec<'a> {
     pub stop_at: Option<u64>,
     /// Free-form description of the data and the command, stored with the checkpoint.
     pub meta: Value,
+    /// Complete checkpoints (generations) kept in `out/checkpoints`, at least 1; the newest
+    /// replaces the oldest only once it is complete.
+    pub keep_checkpoints: usize,
+    /// A digest of the training data (e.g. [`crate::data::corpus::Corpus::fingerprint`]), stored
+    /// with every checkpoint; resuming with data of another fingerprint is refused unless
+    /// `allow_data_change`.
+    pub data_fingerprint: Option<String>,
+    /// Resume even if the data's fingerprint differs from the checkpoint's.
+    pub allow_data_change: bool,
 }
+
+/// The default of [`RunSpec::keep_checkpoints`]: the newest and the one before it.
+pub const DEFAULT_KEEP_CHECKPOINTS: usize = 2;
 
 /// The numbers `metrics.json` holds.
 #[derive(Debug, Clone)]
@@ -106,40 +122,10 @@ impl RunSummary {
     }
 }
 
-/// The files a run writes; `--force` removes exactly these.
-pub const RUN_FILES: [&str; 6] = [
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "trainer_state.safetensors",
-    "metrics.json",
-    "loss.png",
-];
-
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    }
-}
-
-/// Refuses to write into a directory that holds anything unless resuming (then it must hold a
-/// run) or forced (then the run files are removed, nothing else).
-pub fn prepare_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
-    check_out_dir(out, resume, force)?;
-    if force && !resume {
-        for f in RUN_FILES {
-            let p = out.join(f);
-            if p.exists() {
-                std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
-            }
-        }
-    }
-    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))
-}
-
-/// The checks of [`prepare_out_dir`], touching nothing: a run validates everything else before
-/// `--force` removes a previous run's files.
+/// The checks of the output directory that need no lock and touch nothing: a command is refused
+/// here, before any other work, when `out` is not a directory, is locked by another run, holds a
+/// run and neither `resume` nor `force` is given, or holds nothing to resume. [`run`] repeats
+/// them under the lock.
 pub fn check_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
     let bad = |reason: &'static str| Error::InvalidOption {
         name: "out",
@@ -149,18 +135,19 @@ pub fn check_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
     if out.exists() && !out.is_dir() {
         return Err(bad("exists and is not a directory"));
     }
-    let entries = match std::fs::read_dir(out) {
-        Ok(rd) => rd.count(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(io_err(out, e)),
-    };
+    if let Some(pid) = rundir::lock_holder(out) {
+        return Err(Error::RunDirInUse {
+            path: out.display().to_string(),
+            pid,
+        });
+    }
     if resume {
-        if !out.join("trainer_state.safetensors").is_file() {
-            return Err(bad("holds no run to resume (no trainer_state.safetensors)"));
+        if rundir::resumable_generations(out)?.is_empty() {
+            return Err(bad("holds no complete checkpoint to resume"));
         }
         return Ok(());
     }
-    if entries > 0 && !force {
+    if !force && rundir::holds_run(out)? {
         return Err(bad(
             "is not empty (it may hold another run): pass --resume to continue it or --force to replace it",
         ));
@@ -168,17 +155,9 @@ pub fn check_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs (or resumes) a training run to its last step and writes its metrics.
-pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
-    let wall = Instant::now();
-    // Everything that can refuse the run is checked before the output directory is touched:
-    // `--force` must not remove a run for a command that then fails.
+/// Everything about a run that can be checked before the output directory is touched.
+fn validate(spec: &RunSpec) -> Result<()> {
     check_out_dir(spec.out, spec.resume, spec.force)?;
-    let tokenizer_json = spec.tokenizer.to_json()?.into_bytes();
-    let extras = ConfigExtras {
-        bos_token_id: None,
-        eos_token_id: Some(spec.tokenizer.eos_id()),
-    };
     if spec.model.vocab_size != spec.tokenizer.vocab_size() {
         return Err(Error::InvalidOption {
             name: "vocab_size",
@@ -186,12 +165,164 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
             reason: "differs from the tokenizer's vocabulary size",
         });
     }
-    let cfg = spec.train.clone();
-    let mut trainer = Trainer::new(cfg.clone(), spec.model.clone(), spec.teacher)?;
-    prepare_out_dir(spec.out, spec.resume, spec.force)?;
-    if spec.resume {
-        trainer.resume(spec.out)?;
+    if spec.keep_checkpoints == 0 {
+        return Err(Error::InvalidOption {
+            name: "keep-checkpoints",
+            value: "0".into(),
+            reason: "at least one checkpoint must be kept",
+        });
     }
+    if spec.stop_at == Some(0) && spec.resume {
+        return Err(Error::InvalidOption {
+            name: "stop-at",
+            value: "0".into(),
+            reason: "a resumed run is already past step 0",
+        });
+    }
+    let need = spec.train.seq + 1;
+    if spec.train_stream.tokens.len() < need {
+        return Err(Error::Data(format!(
+            "the training split has {} tokens, fewer than one window of --seq {} plus its next-token target: give more data or a smaller --seq",
+            spec.train_stream.tokens.len(),
+            spec.train.seq
+        )));
+    }
+    if spec.val_windows.is_empty() {
+        return Err(Error::Data(format!(
+            "the validation split is shorter than one window of --seq {}: give more data or a smaller --seq",
+            spec.train.seq
+        )));
+    }
+    Ok(())
+}
+
+/// Continues from the newest generation that loads, saying which; an older one is tried only
+/// when a newer one's files cannot be read (a mismatch of options or data is the same for all).
+fn resume_newest(
+    trainer: &mut Trainer,
+    dir: &RunDir,
+    spec: &RunSpec,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let gens = dir.generations()?;
+    if gens.is_empty() {
+        return Err(Error::InvalidOption {
+            name: "out",
+            value: spec.out.display().to_string(),
+            reason: "holds no complete checkpoint to resume",
+        });
+    }
+    let mut first_err = None;
+    for g in &gens {
+        match trainer.resume(&g.path) {
+            Ok(run_meta) => {
+                progress.note(&format!(
+                    "resuming from {} (step {})",
+                    g.describe(),
+                    trainer.step_count()
+                ));
+                check_data(&g.path, &run_meta, spec, progress)?;
+                return Ok(());
+            }
+            Err(e @ (Error::Checkpoint { .. } | Error::Io { .. } | Error::File { .. })) => {
+                progress.note(&format!("cannot resume from {}: {e}", g.describe()));
+                first_err.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(first_err.expect("at least one generation was tried"))
+}
+
+/// Refuses to continue on other data than the checkpoint's, unless allowed.
+fn check_data(
+    path: &Path,
+    run_meta: &Value,
+    spec: &RunSpec,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    let saved = run_meta.get(DATA_FINGERPRINT_KEY).and_then(Value::as_str);
+    let (Some(saved), Some(now)) = (saved, spec.data_fingerprint.as_deref()) else {
+        return Ok(()); // a checkpoint from before fingerprints, or a caller without one
+    };
+    if saved == now {
+        return Ok(());
+    }
+    if spec.allow_data_change {
+        progress.note(&format!(
+            "the data differs from the checkpoint's (fingerprint {saved} -> {now}); continuing as --allow-data-change asks"
+        ));
+        return Ok(());
+    }
+    Err(Error::ResumeMismatch {
+        path: path.display().to_string(),
+        message: format!(
+            "the data differs from the data it was trained on (fingerprint {saved}, now {now}); pass --allow-data-change to continue on it anyway"
+        ),
+    })
+}
+
+/// The key of the data fingerprint in the run metadata stored with each checkpoint.
+const DATA_FINGERPRINT_KEY: &str = "data_fingerprint";
+
+/// Runs (or resumes) a training run to its last step and writes its metrics.
+///
+/// Order: everything that can refuse the command is checked first (options, data, the output
+/// directory, the memory plan of [`Trainer::new`]); then the directory is locked and repaired
+/// ([`RunDir::open`]); `--force` moves the previous run aside, to be removed when this run's
+/// first checkpoint is complete and put back if it fails before; checkpoints are generations
+/// (see [`crate::train::rundir`]).
+pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
+    let wall = Instant::now();
+    validate(&spec)?;
+    let teacher = spec.teacher.take();
+    let mut trainer = Trainer::new(spec.train.clone(), spec.model.clone(), teacher)?;
+    let mut dir = RunDir::open(spec.out, &mut |line| progress.note(&line))?;
+    // The same checks under the lock: another run may have finished in between.
+    check_out_dir(spec.out, spec.resume, spec.force)?;
+    if spec.force && !spec.resume && rundir::holds_run(spec.out)? {
+        dir.move_aside()?;
+        progress.note(&format!(
+            "--force: the previous run in {} is moved to {}/ and removed once this run's first checkpoint is complete",
+            spec.out.display(),
+            rundir::REPLACED_DIR
+        ));
+    }
+    let result = train_and_report(&spec, &mut trainer, &mut dir, progress, wall);
+    if result.is_err() && dir.restore_replaced()? {
+        progress.note("the previous run was put back: this run failed before its first checkpoint");
+    }
+    result
+}
+
+fn train_and_report(
+    spec: &RunSpec,
+    trainer: &mut Trainer,
+    dir: &mut RunDir,
+    progress: &mut dyn Progress,
+    wall: Instant,
+) -> Result<RunSummary> {
+    let cfg = spec.train.clone();
+    if spec.resume {
+        resume_newest(trainer, dir, spec, progress)?;
+    }
+    let tokenizer_json = spec.tokenizer.to_json()?.into_bytes();
+    let extras = ConfigExtras {
+        bos_token_id: None,
+        eos_token_id: Some(spec.tokenizer.eos_id()),
+    };
+    let mut meta = spec.meta.clone();
+    if let (Some(obj), Some(fp)) = (meta.as_object_mut(), &spec.data_fingerprint) {
+        obj.insert(DATA_FINGERPRINT_KEY.into(), Value::from(fp.clone()));
+    }
+    let mut saved_step = dir.generations()?.first().and_then(|g| g.step);
+    let save = |trainer: &Trainer, dir: &mut RunDir, saved: &mut Option<u64>| -> Result<()> {
+        dir.save_generation(trainer.step_count(), spec.keep_checkpoints, |path| {
+            trainer.save(path, &tokenizer_json, &extras, meta.clone())
+        })?;
+        *saved = Some(trainer.step_count());
+        Ok(())
+    };
     let last = spec.stop_at.map_or(cfg.steps, |s| s.min(cfg.steps));
     let tokens_per_step = (cfg.batch * cfg.seq) as f64;
     progress.start(spec.name, cfg.steps, trainer.step_count());
@@ -200,7 +331,20 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
         progress.eval(0, v);
     }
     while trainer.step_count() < last {
-        let stats = trainer.step(spec.train_stream)?;
+        let stats = match trainer.step(spec.train_stream) {
+            Ok(stats) => stats,
+            Err(Error::Training { step, message }) => {
+                let kept = match saved_step {
+                    Some(s) => format!("the checkpoint of step {s} is kept"),
+                    None => "no checkpoint was written yet".into(),
+                };
+                return Err(Error::Training {
+                    step,
+                    message: format!("{message}; {kept}"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         progress.step(&stats, trainer.history.tokens_per_s(tokens_per_step));
         let s = stats.step;
         if s.is_multiple_of(cfg.eval_every) || s == cfg.steps {
@@ -208,8 +352,12 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
             progress.eval(s, v);
         }
         if s.is_multiple_of(cfg.checkpoint_every) || s == last {
-            trainer.save(spec.out, &tokenizer_json, &extras, spec.meta.clone())?;
+            save(trainer, dir, &mut saved_step)?;
         }
+    }
+    // A run stopped before its first step (--stop-at 0) still leaves a checkpoint to resume.
+    if saved_step != Some(trainer.step_count()) {
+        save(trainer, dir, &mut saved_step)?;
     }
     progress.finish();
     let h = trainer.history.clone();
@@ -229,7 +377,7 @@ pub fn run(spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
         "metrics": summary.to_json(),
         "model": checkpoint::config_to_json(trainer.model().config(), &extras),
         "train_config": cfg.to_json(),
-        "meta": spec.meta,
+        "meta": meta,
     });
     let text = serde_json::to_string_pretty(&metrics).expect("metrics are plain JSON");
     checkpoint::write_atomic(&spec.out.join("metrics.json"), text.as_bytes())?;

@@ -17,6 +17,7 @@ use crate::semantics::{DistillInputs, GradOutputs, HiddenInputs, LossConfig, Red
 use crate::train::checkpoint::{self, Checkpoint, ConfigExtras, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::error::{Result, TrainError as Error};
+use crate::train::memory::{self, MemoryPlan};
 use crate::train::optim::{clip_grad_norm, AdamW, DecayMask, LrSchedule};
 
 /// A frozen model whose logits (and hidden states) the student learns from.
@@ -143,6 +144,7 @@ impl Trainer {
         }
         let n_model = model.num_params();
         let (pairs, n_proj) = Self::plan_hidden(&cfg, &model, teacher.as_ref())?;
+        Self::plan_memory(&cfg, &model, teacher.as_ref(), n_model.checked_add(n_proj))?;
         let mut params = model.init_params::<f32>(cfg.seed);
         params.extend(init_projections(&model, teacher.as_ref(), n_proj, cfg.seed));
         let total = params.len();
@@ -166,8 +168,8 @@ impl Trainer {
         let n = cfg.batch * cfg.seq;
         let v = model.config().vocab_size;
         Ok(Trainer {
-            grads: vec![0.0; total],
-            dlogits: vec![0.0; n * v],
+            grads: memory::filled(total, 0.0, "the gradients")?,
+            dlogits: memory::filled(n * v, 0.0, "the logit gradients")?,
             labels: vec![0; n],
             cfg,
             model,
@@ -182,6 +184,32 @@ impl Trainer {
             step: 0,
             history: History::default(),
         })
+    }
+
+    /// Every buffer of a training step, added up and checked against the available memory
+    /// before any is allocated (the teacher's weights are already loaded).
+    fn plan_memory(
+        cfg: &TrainConfig,
+        model: &Llama,
+        teacher: Option<&Teacher>,
+        trained: Option<usize>,
+    ) -> Result<()> {
+        let (batch, seq) = (cfg.batch, cfg.seq);
+        let (acts, scratch) = Activations::<f32>::buffer_elements(model, batch, seq)?;
+        let mut plan = MemoryPlan::new();
+        plan.add("parameters", trained, 4);
+        plan.add("gradients", trained, 4);
+        plan.add("AdamW moments", trained.and_then(|t| t.checked_mul(2)), 4);
+        plan.add("activations", acts.checked_add(scratch), 4);
+        if let Some(t) = teacher {
+            let (ta, ts) = Activations::<f32>::buffer_elements(&t.model, batch, seq)?;
+            plan.add("teacher activations", ta.checked_add(ts), 4);
+        }
+        let n = batch.checked_mul(seq);
+        let v = model.config().vocab_size;
+        plan.add("logit gradients", n.and_then(|n| n.checked_mul(v)), 4);
+        plan.add("labels", n, 8);
+        plan.check(&format!("training at batch {batch} x seq {seq}"))
     }
 
     /// Checks the distillation settings against the two models and lays out the projections.
@@ -301,14 +329,14 @@ impl Trainer {
         if !loss.is_finite() {
             return Err(Error::Training {
                 step: step + 1,
-                message: format!("the loss is {loss}; the last checkpoint is kept"),
+                message: format!("the loss is {loss}"),
             });
         }
         let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
         if !grad_norm.is_finite() {
             return Err(Error::Training {
                 step: step + 1,
-                message: format!("the gradient norm is {grad_norm}; the last checkpoint is kept"),
+                message: format!("the gradient norm is {grad_norm}"),
             });
         }
         let lr = self.schedule.lr(step);
@@ -479,9 +507,13 @@ impl Trainer {
             path: dir.join(file).display().to_string(),
             message,
         };
+        let mismatch = |file: &str, message: String| Error::ResumeMismatch {
+            path: dir.join(file).display().to_string(),
+            message,
+        };
         let cfg = checkpoint::load_config(&dir.join("config.json"))?;
         if &cfg != self.model.config() {
-            return Err(ckpt_err(
+            return Err(mismatch(
                 "config.json",
                 "the saved model configuration differs from this run's".into(),
             ));
@@ -493,7 +525,7 @@ impl Trainer {
             .cloned()
             .unwrap_or(Value::Null);
         if saved_cfg != self.cfg.to_json() {
-            return Err(ckpt_err(
+            return Err(mismatch(
                 "trainer_state.safetensors",
                 format!(
                     "was written with other training options ({}); resume with the same options",
@@ -502,7 +534,7 @@ impl Trainer {
             ));
         }
         if state.adam_m.len() != self.params.len() || state.adam_v.len() != self.params.len() {
-            return Err(ckpt_err(
+            return Err(mismatch(
                 "trainer_state.safetensors",
                 format!(
                     "optimizer state has {} values, this run has {} parameters",
@@ -636,7 +668,7 @@ fn init_projections(
     let cs = model.config().hidden_size;
     let ct = t.model.config().hidden_size;
     let first_stream = model.layout().tensors().len() as u64;
-    let mut out = vec![0.0f32; n_proj];
+    let mut out = vec![0.0f32; n_proj]; // counted in plan_memory
     for (k, chunk) in out.chunks_mut(ct * cs).enumerate() {
         normal_fill(
             chunk,
