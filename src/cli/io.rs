@@ -35,7 +35,11 @@ impl InputFile {
             )));
         }
         let mut plan = MemoryPlan::new();
-        plan.add("the file, its tensors and the gradients", usize::try_from(meta.len()).ok(), 3);
+        plan.add(
+            "the file, its tensors and the gradients",
+            usize::try_from(meta.len()).ok(),
+            3,
+        );
         plan.check(&format!("reading input {shown}"))?;
         let bytes = std::fs::read(path)
             .map_err(|e| CliError::new(format!("cannot read input file {shown}: {e}")))?;

@@ -287,8 +287,14 @@ fn nonfinite_cause(input: &Input, losses: &[f32]) -> String {
         }
     }
     match losses.iter().position(|v| !v.is_finite()) {
-        Some(r) if losses.len() > 1 => format!("row {r} has loss {} although every input is finite", losses[r]),
-        _ => format!("the loss is {} although every input is finite", losses.first().copied().unwrap_or(f32::NAN)),
+        Some(r) if losses.len() > 1 => format!(
+            "row {r} has loss {} although every input is finite",
+            losses[r]
+        ),
+        _ => format!(
+            "the loss is {} although every input is finite",
+            losses.first().copied().unwrap_or(f32::NAN)
+        ),
     }
 }
 

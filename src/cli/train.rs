@@ -244,7 +244,10 @@ fn print_summary(name: &str, out: &Path, s: &RunSummary) -> CliResult<()> {
 fn resume_source(out: &Path) -> CliResult<PathBuf> {
     session::check_out_dir(out, true, false)?;
     let gens = rundir::resumable_generations(out)?;
-    Ok(gens.first().map(|g| g.path.clone()).unwrap_or_else(|| out.to_path_buf()))
+    Ok(gens
+        .first()
+        .map(|g| g.path.clone())
+        .unwrap_or_else(|| out.to_path_buf()))
 }
 
 /// What every training command checks before it loads anything.

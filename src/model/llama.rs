@@ -409,7 +409,9 @@ impl<F: Real> Activations<F> {
         let width = std::mem::size_of::<F>();
         plan.add("activations", Some(total), width);
         plan.add("backward scratch", Some(grad_layout.total), width);
-        plan.check(&format!("a forward and backward pass at batch {batch} x seq {seq}"))?;
+        plan.check(&format!(
+            "a forward and backward pass at batch {batch} x seq {seq}"
+        ))?;
         let mut buf = memory::filled(total, F::ZERO, "the activation buffer")?;
         let (cos, sin) = ops::rope_tables::<F>(seq, hd, cfg.rope_theta);
         layout.rope_cos.of_mut(&mut buf).copy_from_slice(&cos);

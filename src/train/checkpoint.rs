@@ -19,10 +19,10 @@
 
 use crate::model::{Llama, LlamaConfig, ParamLayout};
 use crate::train::error::{describe_safetensors, Result, TrainError as Error};
-use crate::train::memory;
 pub use crate::train::files::write_atomic;
 use crate::train::files::{commit_atomic, parent_dir, sync_dir, write_synced};
 pub use crate::train::hf_config::{config_from_json, config_to_json, ConfigExtras};
+use crate::train::memory;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::tensor::TensorView;
@@ -573,7 +573,8 @@ pub fn load_trainer_state(path: &Path) -> Result<TrainerState> {
             ));
         }
         let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let count = count.ok_or_else(|| ckpt_err(path, format!("tensor `{name}` has an overflowing shape")))?;
+        let count = count
+            .ok_or_else(|| ckpt_err(path, format!("tensor `{name}` has an overflowing shape")))?;
         let mut data = memory::filled(count, 0.0f32, "a trainer state tensor")?;
         decode_into(&view, &mut data, &[StDtype::F32])
             .map_err(|m| ckpt_err(path, format!("tensor `{name}` {m}")))?;

@@ -169,7 +169,9 @@ pub fn commit_atomic(
 
 /// Writes `bytes` to `path` atomically and durably (see [`commit_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    commit_atomic(path, |tmp| write_synced(tmp, bytes).map_err(|e| e.to_string()))
+    commit_atomic(path, |tmp| {
+        write_synced(tmp, bytes).map_err(|e| e.to_string())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,11 +229,7 @@ pub enum StaleRule {
 
 /// Removes the temporaries (files or directories named `.NAME.PID.tmp`) in `dir` that `rule`
 /// calls stale, only those for final name `only` when given; returns what was removed.
-pub fn remove_stale_temps(
-    dir: &Path,
-    only: Option<&str>,
-    rule: StaleRule,
-) -> Result<Vec<PathBuf>> {
+pub fn remove_stale_temps(dir: &Path, only: Option<&str>, rule: StaleRule) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -259,7 +257,12 @@ pub fn remove_stale_temps(
         match result {
             Ok(()) => removed.push(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&path, format!("cannot remove a stale temporary: {e}"))),
+            Err(e) => {
+                return Err(io_error(
+                    &path,
+                    format!("cannot remove a stale temporary: {e}"),
+                ))
+            }
         }
     }
     Ok(removed)
@@ -358,7 +361,10 @@ mod tests {
         assert_eq!(parse_temp_name(".a.b.tmp"), None);
         assert_eq!(parse_temp_name("a.1.tmp"), None);
         assert_eq!(parse_temp_name("..1.tmp"), None);
-        assert_eq!(parse_temp_name(".step-00000002.7.tmp"), Some(("step-00000002", 7)));
+        assert_eq!(
+            parse_temp_name(".step-00000002.7.tmp"),
+            Some(("step-00000002", 7))
+        );
     }
 
     #[test]

@@ -68,7 +68,9 @@ impl MemoryPlan {
 
     /// The total in bytes (`None` on overflow).
     pub fn total(&self) -> Option<u128> {
-        self.items.iter().try_fold(0u128, |a, (_, b)| a.checked_add((*b)?))
+        self.items
+            .iter()
+            .try_fold(0u128, |a, (_, b)| a.checked_add((*b)?))
     }
 
     /// `what` (e.g. "training at --batch 8 --seq 100000") fits the available memory, else an
@@ -141,8 +143,14 @@ mod tests {
         p.add("activations", Some(1 << 40), 4);
         p.add("parameters", Some(10), 4);
         assert!(p.check_against("x", Some(1 << 50)).is_ok());
-        let msg = p.check_against("training", Some(1 << 30)).unwrap_err().to_string();
-        assert!(msg.starts_with("training needs 4.4 TB (activations 4.4 TB"), "{msg}");
+        let msg = p
+            .check_against("training", Some(1 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("training needs 4.4 TB (activations 4.4 TB"),
+            "{msg}"
+        );
         assert!(msg.ends_with("but 1.1 GB are available"), "{msg}");
         p.add("overflow", None, 4);
         let msg = p.check_against("t", Some(1 << 50)).unwrap_err().to_string();

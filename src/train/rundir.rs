@@ -6,7 +6,7 @@
 //!   .lock                         advisory lock (flock) held for the run's life; the holder's pid
 //!   checkpoints/step-00000200/    a complete checkpoint: config.json, tokenizer.json,
 //!   checkpoints/step-00000300/    model.safetensors, trainer_state.safetensors
-//!   config.json                   hard links to the newest generation's files, for tools that
+//!   config.json                   copies of the newest generation's files, for tools that
 //!   model.safetensors             read a Hugging Face directory (transformers, `distill eval`,
 //!   tokenizer.json                `distill distill --teacher OUT`)
 //!   metrics.json, loss.png        written when the run ends
@@ -16,7 +16,7 @@
 //! every file and the directory, and makes it current with one rename to `step-N` (then fsyncs
 //! `checkpoints/`). A directory named `step-N` is therefore always complete; a crash or a full
 //! disk at any point leaves the previous generations as they were. Only then are the top-level
-//! links replaced (each atomically) and generations beyond the newest `keep` removed (each
+//! copies replaced (each atomically) and generations beyond the newest `keep` removed (each
 //! renamed to a temporary name first, so a half-deleted generation never looks complete).
 //!
 //! **Lock.** [`RunDir::open`] takes `flock(LOCK_EX | LOCK_NB)` on `.lock`; a second run is
@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use crate::train::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE};
 use crate::train::error::{Result, TrainError as Error};
 use crate::train::files::{
-    remove_stale_temps, sync_dir, temp_path, CleanupGuard, StaleRule,
+    remove_stale_temps, sync_dir, sync_file, temp_path, CleanupGuard, StaleRule,
 };
 
 /// The directory of the generations.
@@ -43,9 +43,9 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const LOCK_FILE: &str = ".lock";
 /// Where `--force` keeps the previous run until the new one has a complete generation.
 pub const REPLACED_DIR: &str = ".replaced";
-/// The newest generation's files that are linked at the top of the run directory.
+/// The newest generation's files that are copied to the top of the run directory.
 pub const EXPORTED_FILES: [&str; 3] = [CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE];
-/// Written when a run ends, next to the links.
+/// Written when a run ends, next to the copies.
 pub const REPORT_FILES: [&str; 2] = ["metrics.json", "loss.png"];
 
 /// The entries of a run directory that belong to its run (what `--force` replaces; anything else
@@ -265,7 +265,10 @@ impl RunDir {
         };
         for d in [path.to_path_buf(), path.join(CHECKPOINTS_DIR)] {
             for t in remove_stale_temps(&d, None, StaleRule::OtherProcesses)? {
-                note(format!("removed {}, left by an interrupted run", t.display()));
+                note(format!(
+                    "removed {}, left by an interrupted run",
+                    t.display()
+                ));
             }
         }
         dir.recover_replaced(note)?;
@@ -338,7 +341,7 @@ impl RunDir {
     }
 
     /// Saves one generation: `write` fills a fresh temporary directory, which becomes
-    /// `checkpoints/step-N` with one rename; then the top-level links point at it, a run moved
+    /// `checkpoints/step-N` with one rename; then the top-level copies are replaced, a run moved
     /// aside by `--force` is removed, and generations beyond the newest `keep` are removed.
     pub fn save_generation(
         &mut self,
@@ -375,7 +378,7 @@ impl RunDir {
             g.disarm();
             remove_via_temp(&self.path.join(REPLACED_DIR))?;
         }
-        self.link_exports(&target)?;
+        self.copy_exports(&target)?;
         let legacy = self.path.join(TRAINER_STATE_FILE);
         if legacy.is_file() {
             remove_via_temp(&legacy)?;
@@ -389,9 +392,10 @@ impl RunDir {
         })
     }
 
-    /// Replaces each top-level export with a hard link to the generation's file (a copy where
-    /// the file system has no hard links), atomically per file.
-    fn link_exports(&self, generation: &Path) -> Result<()> {
+    /// Replaces each top-level export with a copy of the generation's file, atomically per
+    /// file. Copies, not hard links: a tool that rewrites `OUT/model.safetensors` in place (as
+    /// `save_pretrained` does) must not change a checkpoint behind the trainer's back.
+    fn copy_exports(&self, generation: &Path) -> Result<()> {
         for name in EXPORTED_FILES {
             let src = generation.join(name);
             if !src.is_file() {
@@ -400,13 +404,10 @@ impl RunDir {
             let dst = self.path.join(name);
             let tmp = temp_path(&dst).ok_or_else(|| io_err(&dst, "names no file"))?;
             let guard = CleanupGuard::remove_on_abort(&tmp);
-            let _ = std::fs::remove_file(&tmp);
-            if std::fs::hard_link(&src, &tmp).is_err() {
-                std::fs::copy(&src, &tmp)
-                    .and_then(|_| File::open(&tmp)?.sync_all())
-                    .map_err(|e| io_err(&tmp, e))?;
-            }
-            std::fs::rename(&tmp, &dst).map_err(|e| io_err(&dst, e))?;
+            std::fs::copy(&src, &tmp)
+                .and_then(|_| sync_file(&File::open(&tmp)?))
+                .and_then(|()| std::fs::rename(&tmp, &dst))
+                .map_err(|e| io_err(&dst, e))?;
             guard.disarm();
         }
         sync_dir(&self.path).map_err(|e| io_err(&self.path, e))

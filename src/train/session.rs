@@ -11,9 +11,9 @@ use crate::data::tokenizer::Tokenizer;
 use crate::model::LlamaConfig;
 use crate::train::checkpoint::{self, ConfigExtras};
 use crate::train::config::TrainConfig;
-use crate::train::rundir::{self, RunDir};
 use crate::train::error::{Result, TrainError as Error};
 use crate::train::plot::{plot_losses, Series};
+use crate::train::rundir::{self, RunDir};
 use crate::train::trainer::{History, StepStats, Teacher, Trainer};
 
 /// What a run reports as it goes; the command line draws a progress bar or prints lines.
@@ -141,6 +141,17 @@ pub fn check_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
             pid,
         });
     }
+    check_contents(out, resume, force)
+}
+
+/// What `out` must hold for `resume` / `force` (the part of [`check_out_dir`] that is repeated
+/// under the lock).
+fn check_contents(out: &Path, resume: bool, force: bool) -> Result<()> {
+    let bad = |reason: &'static str| Error::InvalidOption {
+        name: "out",
+        value: out.display().to_string(),
+        reason,
+    };
     if resume {
         if rundir::resumable_generations(out)?.is_empty() {
             return Err(bad("holds no complete checkpoint to resume"));
@@ -279,7 +290,7 @@ pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary>
     let mut trainer = Trainer::new(spec.train.clone(), spec.model.clone(), teacher)?;
     let mut dir = RunDir::open(spec.out, &mut |line| progress.note(&line))?;
     // The same checks under the lock: another run may have finished in between.
-    check_out_dir(spec.out, spec.resume, spec.force)?;
+    check_contents(spec.out, spec.resume, spec.force)?;
     if spec.force && !spec.resume && rundir::holds_run(spec.out)? {
         dir.move_aside()?;
         progress.note(&format!(
