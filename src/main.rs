@@ -15,26 +15,43 @@ mod cli;
 
 use std::process::ExitCode;
 
-/// On SIGINT or SIGTERM, remove the temporaries being written (and put back a run that
-/// `--force` moved aside before this run's first checkpoint), then exit as the signal would:
-/// status 128 + signal number.
+use distill_kernels::train::files;
+
+/// On SIGINT or SIGTERM: make every further write fail, so that a command in the middle of one
+/// abandons it through its normal error path and returns (removing its temporaries, putting back
+/// a run that `--force` moved aside); a command busy computing gets a grace period, then the
+/// handler cleans up itself and exits. Either way the status is 128 + the signal number.
 fn exit_cleanly_on_signals() {
     use signal_hook::consts::{SIGINT, SIGTERM};
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
         return; // without the handler the default action applies: nothing is cleaned up
     };
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            distill_kernels::train::files::run_cleanup();
-            eprintln!("error: interrupted by signal {sig}; partial files were removed");
-            std::process::exit(128 + sig);
+        let Some(sig) = signals.forever().next() else {
+            return;
+        };
+        files::interrupt(sig);
+        let started = std::time::Instant::now();
+        // A second signal cuts the grace period short.
+        while started.elapsed() < GRACE && signals.pending().next().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        files::run_cleanup();
+        eprintln!("error: interrupted by signal {sig}; partial files were removed");
+        std::process::exit(128 + sig);
     });
 }
 
 fn main() -> ExitCode {
     exit_cleanly_on_signals();
-    match cli::run() {
+    let result = cli::run();
+    if let Some(sig) = files::interrupted() {
+        files::run_cleanup();
+        eprintln!("error: interrupted by signal {sig}; partial files were removed");
+        return ExitCode::from((128 + sig).clamp(0, 255) as u8);
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", cli::one_line(&e.to_string()));

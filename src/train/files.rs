@@ -7,9 +7,12 @@
 //!
 //! **Clean-up on signals.** Every temporary is owned by a [`CleanupGuard`] while it exists; the
 //! guard removes it when dropped (an error unwinds through it) and registers it in a process-wide
-//! list that [`run_cleanup`] walks. The `distill` binary calls [`run_cleanup`] from its SIGINT and
-//! SIGTERM handler and exits; a library user with its own handler can do the same. A `kill -9`
-//! runs nothing: its temporaries are removed by the next run ([`remove_stale_temps`]).
+//! list that [`run_cleanup`] walks. The `distill` binary's SIGINT/SIGTERM handler first calls
+//! [`interrupt`]: every write and sync here then fails, so a thread that is writing abandons its
+//! file through the ordinary error path and the command returns; a thread that is computing is
+//! given a grace period, after which the handler calls [`run_cleanup`] itself and exits. A library
+//! user with its own handler can do the same. A `kill -9` runs nothing: its temporaries are removed
+//! by the next run ([`remove_stale_temps`]).
 //!
 //! **Fault hooks (tests only).** The environment variable `DISTILL_FAULT` makes the writer fail on
 //! purpose, read once per process:
@@ -23,7 +26,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crate::train::error::{Result, TrainError as Error};
@@ -94,9 +97,40 @@ fn check_space(len: usize) -> std::io::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Writing and syncing
 
+// ---------------------------------------------------------------------------------------------
+// Interruption
+
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+
+/// Records that signal `signal` asks the process to stop: every write and sync of this module
+/// fails from now on with [`std::io::ErrorKind::Interrupted`], so the writing thread abandons its
+/// file through the normal error path (its [`CleanupGuard`]s remove what it started).
+pub fn interrupt(signal: i32) {
+    INTERRUPTED.store(signal.max(1), Ordering::SeqCst);
+}
+
+/// The signal passed to [`interrupt`], if any.
+pub fn interrupted() -> Option<i32> {
+    match INTERRUPTED.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+fn check_interrupted() -> std::io::Result<()> {
+    match interrupted() {
+        None => Ok(()),
+        Some(s) => Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            format!("interrupted by signal {s}"),
+        )),
+    }
+}
+
 /// Writes all of `bytes` to `file` in pieces, each counted by the full-disk hook.
 pub fn write_all(file: &mut std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
     for piece in bytes.chunks(1 << 20) {
+        check_interrupted()?;
         check_space(piece.len())?;
         file.write_all(piece)?;
     }
@@ -112,6 +146,7 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// fsync of one file.
 pub fn sync_file(file: &std::fs::File) -> std::io::Result<()> {
+    check_interrupted()?;
     before_sync();
     file.sync_all()
 }
@@ -119,6 +154,22 @@ pub fn sync_file(file: &std::fs::File) -> std::io::Result<()> {
 /// Makes the renames and creations in `dir` durable; without it a crash may persist a later
 /// rename but not an earlier one.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    check_interrupted()?;
+    before_sync();
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// [`sync_dir`] that still works after [`interrupt`]: for putting things back, which must
+/// finish even when a signal stopped the run.
+pub fn sync_dir_for_recovery(dir: &Path) -> std::io::Result<()> {
     before_sync();
     #[cfg(unix)]
     {

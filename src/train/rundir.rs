@@ -34,7 +34,8 @@ use std::path::{Path, PathBuf};
 use crate::train::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE};
 use crate::train::error::{Result, TrainError as Error};
 use crate::train::files::{
-    remove_stale_temps, sync_dir, sync_file, temp_path, CleanupGuard, StaleRule,
+    remove_stale_temps, sync_dir, sync_dir_for_recovery, sync_file, temp_path, CleanupGuard,
+    StaleRule,
 };
 
 /// The directory of the generations.
@@ -440,9 +441,9 @@ fn restore(run: &Path) -> Result<()> {
         }
         std::fs::rename(aside.join(&name), &to).map_err(|e| io_err(&to, e))?;
     }
-    sync_dir(run).map_err(|e| io_err(run, e))?;
+    sync_dir_for_recovery(run).map_err(|e| io_err(run, e))?;
     std::fs::remove_dir(&aside).map_err(|e| io_err(&aside, e))?;
-    sync_dir(run).map_err(|e| io_err(run, e))
+    sync_dir_for_recovery(run).map_err(|e| io_err(run, e))
 }
 
 #[cfg(test)]

@@ -342,6 +342,12 @@ fn train_and_report(
         progress.eval(0, v);
     }
     while trainer.step_count() < last {
+        if let Some(sig) = crate::train::files::interrupted() {
+            return Err(Error::Training {
+                step: trainer.step_count(),
+                message: format!("interrupted by signal {sig}"),
+            });
+        }
         let stats = match trainer.step(spec.train_stream) {
             Ok(stats) => stats,
             Err(Error::Training { step, message }) => {
