@@ -208,9 +208,9 @@ pub fn prepare(corpus: &Corpus, tok: &Tokenizer, seq: usize) -> CliResult<Prepar
     let train = TokenStream::encode(&corpus.train, tok)?;
     let val_stream = TokenStream::encode(&corpus.val, tok)?;
     let val = val_windows(&val_stream, seq);
-    if val.is_empty() {
+    if val.first().is_none_or(|w| w.0.len() != seq) {
         return Err(CliError::new(format!(
-            "the validation split ({} documents, {} tokens) is shorter than one window of {seq} tokens: give more data or a smaller --seq",
+            "the validation split ({} documents, {} tokens) is shorter than one window of {seq} tokens plus its next-token target: give more data or a smaller --seq",
             corpus.val.len(),
             val_stream.tokens.len()
         )));
@@ -446,6 +446,8 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
     };
     let stream = TokenStream::encode(&docs, &tok)?;
     let windows = val_windows(&stream, seq);
+    // A split shorter than one window is evaluated as the one window it makes.
+    let seq = windows.first().map_or(seq, |w| w.0.len());
     let picked: Vec<_> = windows.iter().collect();
     let mut acts = Activations::new(&model, 8.min(picked.len().max(1)), seq)?;
     let loss = eval_loss(&model, &params, &picked, &mut acts)?;

@@ -132,7 +132,7 @@ pub fn generations(run: &Path) -> Result<Vec<Generation>> {
                 })
         })
         .collect();
-    gens.sort_by(|a, b| b.step.cmp(&a.step));
+    gens.sort_by_key(|g| std::cmp::Reverse(g.step));
     if run.join(TRAINER_STATE_FILE).is_file() {
         gens.push(Generation {
             step: None,

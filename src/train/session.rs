@@ -46,8 +46,8 @@ impl Progress for Quiet {
 pub struct RunSpec<'a> {
     /// Shown by the progress display ("teacher", "student_kd", ...).
     pub name: &'a str,
-    /// Output directory for checkpoints, `metrics.json` and `loss.png`; [`prepare_out_dir`] says
-    /// what it may already hold.
+    /// The run directory (checkpoint generations, `metrics.json`, `loss.png`; see
+    /// [`crate::train::rundir`]); [`check_out_dir`] says what it may already hold.
     pub out: &'a Path,
     /// The trained model's hyper-parameters; `vocab_size` must equal the tokenizer's.
     pub model: LlamaConfig,
@@ -198,9 +198,15 @@ fn validate(spec: &RunSpec) -> Result<()> {
             spec.train.seq
         )));
     }
-    if spec.val_windows.is_empty() {
+    if spec.val_windows.is_empty() || spec.val_windows.iter().any(|w| w.0.len() != spec.train.seq) {
+        let tokens = spec
+            .val_windows
+            .iter()
+            .map(|w| w.0.len() + 1)
+            .max()
+            .unwrap_or(0);
         return Err(Error::Data(format!(
-            "the validation split is shorter than one window of --seq {}: give more data or a smaller --seq",
+            "the validation split has {tokens} tokens, fewer than one window of --seq {} plus its next-token target: give more data or a smaller --seq",
             spec.train.seq
         )));
     }
