@@ -23,9 +23,10 @@
 //! refused with the holder's pid. The kernel drops the lock when its process dies, so a lock
 //! left by a killed run is simply taken over.
 //!
-//! **Recovery** (on every open, under the lock): temporaries of other processes are removed, and
-//! a run that `--force` had moved aside (`.replaced/`) is either removed, if the new run has
-//! completed a generation since, or put back.
+//! **Recovery** (on every open, under the lock): temporaries of other processes are removed; a
+//! run that `--force` had moved aside (`.replaced/`) is either removed, if the new run has
+//! completed a generation since, or put back; top-level copies older than the newest generation
+//! (a kill between the rename and the copies) are replaced.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -273,7 +274,36 @@ impl RunDir {
             }
         }
         dir.recover_replaced(note)?;
+        dir.refresh_exports(note)?;
         Ok(dir)
+    }
+
+    /// A run killed between making a generation current and copying its files to the top
+    /// leaves older copies there; they are brought up to the newest generation.
+    fn refresh_exports(&self, note: &mut dyn FnMut(String)) -> Result<()> {
+        let Some(newest) = self.generations()?.into_iter().find(|g| g.step.is_some()) else {
+            return Ok(());
+        };
+        let same = |name: &str| -> bool {
+            let (a, b) = (newest.path.join(name), self.path.join(name));
+            match (std::fs::metadata(&a), std::fs::metadata(&b)) {
+                (Ok(ma), Ok(mb)) if ma.len() == mb.len() => {
+                    matches!((std::fs::read(&a), std::fs::read(&b)), (Ok(x), Ok(y)) if x == y)
+                }
+                (Err(_), _) => true, // nothing to copy
+                _ => false,
+            }
+        };
+        if EXPORTED_FILES.iter().all(|n| same(n)) {
+            return Ok(());
+        }
+        self.copy_exports(&newest.path)?;
+        note(format!(
+            "refreshed the files at the top of {} from {}, which an interrupted save had left older",
+            self.path.display(),
+            newest.describe()
+        ));
+        Ok(())
     }
 
     /// The directory.
