@@ -116,4 +116,55 @@ typedef struct DkSoftmaxBwdParams {
     int32_t log_output;
 } DkSoftmaxBwdParams;
 
+/* ---- The optimizer step (kernels/optim.cu). */
+
+/* Elements per block of dk_sumsq_partial: the gradient norm's partial sums are over these fixed
+ * chunks, so the norm does not depend on the GPU it runs on. */
+#define DK_NORM_CHUNK 32768
+
+/* The gradient norm and the clipping factor, computed on the device for AdamW to read. */
+typedef struct DkClipResult {
+    double sum_sq;  /* sum of g^2, f64 */
+    float norm;     /* sqrt(sum_sq) */
+    float scale;    /* max_norm / norm when clipping applies, else 1: every gradient is multiplied by it */
+    int32_t finite; /* 0 when the norm is NaN or infinite: dk_adamw_f32 then writes nothing */
+    int32_t reserved;
+} DkClipResult;
+
+/* dk_sumsq_partial: one block per DK_NORM_CHUNK elements; partials[b] = sum of g^2 over chunk b. */
+typedef struct DkSumSqParams {
+    const float* grads; /* [n] */
+    double* partials;   /* [ceil(n / DK_NORM_CHUNK)] */
+    int64_t n;
+} DkSumSqParams;
+
+/* dk_clip_finish: one block. Sums the partials in a fixed order into *result. */
+typedef struct DkClipParams {
+    const double* partials;
+    DkClipResult* result;
+    int64_t blocks;
+    float max_norm; /* negative or NaN: never clip */
+} DkClipParams;
+
+/* dk_adamw_f32: elements [begin, end) of the flat buffers, all with the same decay (`shrink`).
+ * The scalars are computed on the host exactly as the CPU optimizer computes them, and every
+ * operation is rounded separately (no FMA contraction), so the update is bit-identical to it. */
+typedef struct DkAdamWParams {
+    float* params;
+    const float* grads;
+    float* m;
+    float* v;
+    const DkClipResult* clip; /* NULL: gradients as they are */
+    int64_t begin;
+    int64_t end;
+    float beta1;
+    float beta2;
+    float one_minus_beta1;
+    float one_minus_beta2;
+    float eps;
+    float step_size; /* lr / (1 - beta1^t) */
+    float bc2_sqrt;  /* sqrt(1 - beta2^t) */
+    float shrink;    /* 1 - lr * weight_decay, or 1 where the parameter does not decay */
+} DkAdamWParams;
+
 #endif

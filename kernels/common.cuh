@@ -33,6 +33,7 @@ struct DkSum {
 __device__ __forceinline__ float dk_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 __device__ __forceinline__ int dk_shfl_xor(int v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 __device__ __forceinline__ long long dk_shfl_xor(long long v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ double dk_shfl_xor(double v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 
 // Butterfly reduction: every lane ends with the warp's result.
 template <typename T, typename Op>

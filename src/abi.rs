@@ -24,7 +24,11 @@ device_repr!(
     DkHiddenParams,
     DkReduceParams,
     DkSoftmaxParams,
-    DkSoftmaxBwdParams
+    DkSoftmaxBwdParams,
+    DkSumSqParams,
+    DkClipParams,
+    DkAdamWParams,
+    DkClipResult
 );
 
 // SAFETY: DkScalars is plain data (floats and integers); all-zero bits are a valid value.

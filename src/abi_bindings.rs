@@ -6,6 +6,7 @@ pub const DK_KIND_JSD: u32 = 2;
 pub const DK_REDUCTION_NONE: u32 = 0;
 pub const DK_REDUCTION_SUM: u32 = 1;
 pub const DK_REDUCTION_MEAN: u32 = 2;
+pub const DK_NORM_CHUNK: u32 = 32768;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct DkScalars {
@@ -286,6 +287,142 @@ const _: () = {
         [::std::mem::offset_of!(DkSoftmaxBwdParams, log_output) - 44usize];
 };
 impl Default for DkSoftmaxBwdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct DkClipResult {
+    pub sum_sq: f64,
+    pub norm: f32,
+    pub scale: f32,
+    pub finite: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkClipResult"][::std::mem::size_of::<DkClipResult>() - 24usize];
+    ["Alignment of DkClipResult"][::std::mem::align_of::<DkClipResult>() - 8usize];
+    ["Offset of field: DkClipResult::sum_sq"]
+        [::std::mem::offset_of!(DkClipResult, sum_sq) - 0usize];
+    ["Offset of field: DkClipResult::norm"][::std::mem::offset_of!(DkClipResult, norm) - 8usize];
+    ["Offset of field: DkClipResult::scale"][::std::mem::offset_of!(DkClipResult, scale) - 12usize];
+    ["Offset of field: DkClipResult::finite"]
+        [::std::mem::offset_of!(DkClipResult, finite) - 16usize];
+    ["Offset of field: DkClipResult::reserved"]
+        [::std::mem::offset_of!(DkClipResult, reserved) - 20usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkSumSqParams {
+    pub grads: *const f32,
+    pub partials: *mut f64,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkSumSqParams"][::std::mem::size_of::<DkSumSqParams>() - 24usize];
+    ["Alignment of DkSumSqParams"][::std::mem::align_of::<DkSumSqParams>() - 8usize];
+    ["Offset of field: DkSumSqParams::grads"]
+        [::std::mem::offset_of!(DkSumSqParams, grads) - 0usize];
+    ["Offset of field: DkSumSqParams::partials"]
+        [::std::mem::offset_of!(DkSumSqParams, partials) - 8usize];
+    ["Offset of field: DkSumSqParams::n"][::std::mem::offset_of!(DkSumSqParams, n) - 16usize];
+};
+impl Default for DkSumSqParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkClipParams {
+    pub partials: *const f64,
+    pub result: *mut DkClipResult,
+    pub blocks: i64,
+    pub max_norm: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkClipParams"][::std::mem::size_of::<DkClipParams>() - 32usize];
+    ["Alignment of DkClipParams"][::std::mem::align_of::<DkClipParams>() - 8usize];
+    ["Offset of field: DkClipParams::partials"]
+        [::std::mem::offset_of!(DkClipParams, partials) - 0usize];
+    ["Offset of field: DkClipParams::result"]
+        [::std::mem::offset_of!(DkClipParams, result) - 8usize];
+    ["Offset of field: DkClipParams::blocks"]
+        [::std::mem::offset_of!(DkClipParams, blocks) - 16usize];
+    ["Offset of field: DkClipParams::max_norm"]
+        [::std::mem::offset_of!(DkClipParams, max_norm) - 24usize];
+};
+impl Default for DkClipParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkAdamWParams {
+    pub params: *mut f32,
+    pub grads: *const f32,
+    pub m: *mut f32,
+    pub v: *mut f32,
+    pub clip: *const DkClipResult,
+    pub begin: i64,
+    pub end: i64,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub shrink: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkAdamWParams"][::std::mem::size_of::<DkAdamWParams>() - 88usize];
+    ["Alignment of DkAdamWParams"][::std::mem::align_of::<DkAdamWParams>() - 8usize];
+    ["Offset of field: DkAdamWParams::params"]
+        [::std::mem::offset_of!(DkAdamWParams, params) - 0usize];
+    ["Offset of field: DkAdamWParams::grads"]
+        [::std::mem::offset_of!(DkAdamWParams, grads) - 8usize];
+    ["Offset of field: DkAdamWParams::m"][::std::mem::offset_of!(DkAdamWParams, m) - 16usize];
+    ["Offset of field: DkAdamWParams::v"][::std::mem::offset_of!(DkAdamWParams, v) - 24usize];
+    ["Offset of field: DkAdamWParams::clip"][::std::mem::offset_of!(DkAdamWParams, clip) - 32usize];
+    ["Offset of field: DkAdamWParams::begin"]
+        [::std::mem::offset_of!(DkAdamWParams, begin) - 40usize];
+    ["Offset of field: DkAdamWParams::end"][::std::mem::offset_of!(DkAdamWParams, end) - 48usize];
+    ["Offset of field: DkAdamWParams::beta1"]
+        [::std::mem::offset_of!(DkAdamWParams, beta1) - 56usize];
+    ["Offset of field: DkAdamWParams::beta2"]
+        [::std::mem::offset_of!(DkAdamWParams, beta2) - 60usize];
+    ["Offset of field: DkAdamWParams::one_minus_beta1"]
+        [::std::mem::offset_of!(DkAdamWParams, one_minus_beta1) - 64usize];
+    ["Offset of field: DkAdamWParams::one_minus_beta2"]
+        [::std::mem::offset_of!(DkAdamWParams, one_minus_beta2) - 68usize];
+    ["Offset of field: DkAdamWParams::eps"][::std::mem::offset_of!(DkAdamWParams, eps) - 72usize];
+    ["Offset of field: DkAdamWParams::step_size"]
+        [::std::mem::offset_of!(DkAdamWParams, step_size) - 76usize];
+    ["Offset of field: DkAdamWParams::bc2_sqrt"]
+        [::std::mem::offset_of!(DkAdamWParams, bc2_sqrt) - 80usize];
+    ["Offset of field: DkAdamWParams::shrink"]
+        [::std::mem::offset_of!(DkAdamWParams, shrink) - 84usize];
+};
+impl Default for DkAdamWParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -7,7 +7,7 @@
 # hand-written mutants below. For each one the kernel units that include the changed file are
 # recompiled with exactly the recipe build.rs used (OUT_DIR/emulator_build.sh), linked with the
 # unchanged objects into a fast and a check library, and the prebuilt kernel tests (kernels,
-# device_api, device_views) run against
+# device_api, device_views, device_optim) run against
 # them (DISTILL_EMU_LIBRARY):
 #   check    the check build, all three checks; a mutant it misses fails this script;
 #   default  the fast build as `cargo test` runs it;
@@ -23,14 +23,14 @@ ROOT=$PWD
 FILTER=${1:-}
 
 # ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
-json=$(cargo test --release --test kernels --test device_api --test device_views --no-run \
+json=$(cargo test --release --test kernels --test device_api --test device_views --test device_optim --no-run \
     --message-format=json 2>/dev/null)
 OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
 exe_of() { grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\"" |
     sed -E 's/.*"executable":"([^"]*)".*/\1/' | tail -1; }
-TESTS=("$(exe_of kernels)" "$(exe_of device_api)" "$(exe_of device_views)")
-[[ -f $OUT_DIR/emulator_build.sh && -x ${TESTS[0]} && -x ${TESTS[1]} && -x ${TESTS[2]} ]] ||
+TESTS=("$(exe_of kernels)" "$(exe_of device_api)" "$(exe_of device_views)" "$(exe_of device_optim)")
+[[ -f $OUT_DIR/emulator_build.sh && -x ${TESTS[0]} && -x ${TESTS[1]} && -x ${TESTS[2]} && -x ${TESTS[3]} ]] ||
     { echo "mutants.sh: cannot find the build (OUT_DIR=$OUT_DIR)" >&2; exit 2; }
 # shellcheck source=/dev/null
 source "$OUT_DIR/emulator_build.sh"
@@ -67,6 +67,16 @@ mutant unguarded-global-update hidden_mse.cu \
     'if (threadIdx.x == 0 && valid && p.weight != 0.0f) p.row_loss[row] +=' \
     'if (valid && p.weight != 0.0f) p.row_loss[row] +=' \
     "every thread adds the row's MSE into row_loss, not thread 0 alone"
+mutant adamw-contracted optim.cu \
+    'const float m = __fadd_rn(__fmul_rn(p.beta1, p.m[i]), __fmul_rn(p.one_minus_beta1, g));' \
+    'const float m = p.beta1 * p.m[i] + p.one_minus_beta1 * g;' \
+    "AdamW's first moment as a*b + c*d, which the compiler contracts into an FMA: no longer the CPU optimizer's bits"
+mutant clip-result-unwritten optim.cu \
+    'if (threadIdx.x == 0) {
+        const double norm = sqrt(acc);' \
+    'if (threadIdx.x == 0 && acc > 1e300) {
+        const double norm = sqrt(acc);' \
+    "the gradient norm and clipping factor are never written for a finite gradient"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do

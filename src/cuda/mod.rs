@@ -259,7 +259,7 @@ impl CudaKernels {
     }
 
     /// A driver error, with the emulator's own message (barrier divergence, trap, ...) attached.
-    fn cuda_error(&self, during: &str, e: DriverError) -> Error {
+    pub(crate) fn cuda_error(&self, during: &str, e: DriverError) -> Error {
         #[cfg(feature = "emulator")]
         let detail = if self.emulated {
             emulator::last_error()

@@ -216,7 +216,7 @@ fn kind_code(kind: LossKind) -> &'static str {
 }
 
 impl CudaKernels {
-    fn launch<P: cudarc::driver::DeviceRepr>(
+    pub(crate) fn launch<P: cudarc::driver::DeviceRepr>(
         &self,
         name: &str,
         cfg: LaunchConfig,

@@ -3,6 +3,8 @@
 
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod device_optim;
 pub mod error;
 pub mod files;
 pub mod hf_config;

@@ -167,34 +167,19 @@ impl AdamW {
         decay: &DecayMask,
         lr: f32,
     ) -> Result<()> {
-        self.validate()?;
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(invalid("lr", lr, "must be finite and >= 0"));
-        }
-        let n = self.m.len();
-        for (tensor, len) in [
+        let lengths = [
             ("params", params.len()),
             ("grads", grads.len()),
             ("decay_mask", decay.len()),
-        ] {
-            if len != n {
-                return Err(Error::ShapeMismatch {
-                    tensor,
-                    expected: n,
-                    actual: len,
-                    shape: "one per parameter of the optimizer".into(),
-                });
-            }
-        }
+        ];
+        self.check_update(self.m.len(), &lengths, lr)?;
         self.step += 1;
-        // Bias corrections in f64: beta^t underflows gracefully and t may exceed i32.
-        let t = self.step as f64;
-        let bc1 = 1.0 - (self.beta1 as f64).powf(t);
-        let bc2 = 1.0 - (self.beta2 as f64).powf(t);
-        let step_size = (lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
+        let AdamWScalars {
+            step_size,
+            bc2_sqrt,
+            shrink,
+        } = self.scalars(lr, self.step);
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
-        let shrink = 1.0 - lr * self.weight_decay;
         for (range, decays) in decay.runs() {
             let shrink = if decays { shrink } else { 1.0 };
             params[range.clone()]
@@ -211,6 +196,54 @@ impl AdamW {
                         p[i] = p[i] * shrink - step_size * (m[i] / denom);
                     }
                 });
+        }
+        Ok(())
+    }
+}
+
+/// The per-update numbers of AdamW that do not depend on the element, computed once on the host:
+/// the CPU update and the device kernel (`dk_adamw_f32`) both take them from
+/// [`AdamW::scalars`], so they agree to the bit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bc2_sqrt: f32,
+    /// `1 - lr * weight_decay`: the factor of a decaying parameter.
+    pub shrink: f32,
+}
+
+impl AdamW {
+    /// The scalars of update number `t` (1-based) at learning rate `lr`.
+    pub fn scalars(&self, lr: f32, t: u64) -> AdamWScalars {
+        // Bias corrections in f64: beta^t underflows gracefully and t may exceed i32.
+        let t = t as f64;
+        let bc1 = 1.0 - (self.beta1 as f64).powf(t);
+        let bc2 = 1.0 - (self.beta2 as f64).powf(t);
+        AdamWScalars {
+            step_size: (lr as f64 / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            shrink: 1.0 - lr * self.weight_decay,
+        }
+    }
+
+    /// The checks of [`AdamW::update`] on its arguments, for an update whose buffers live
+    /// elsewhere (the device optimizer): hyper-parameters, `lr`, and `n` elements everywhere.
+    pub fn check_update(&self, n: usize, lengths: &[(&'static str, usize)], lr: f32) -> Result<()> {
+        self.validate()?;
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(invalid("lr", lr, "must be finite and >= 0"));
+        }
+        for &(tensor, len) in lengths {
+            if len != n {
+                return Err(Error::ShapeMismatch {
+                    tensor,
+                    expected: n,
+                    actual: len,
+                    shape: "one per parameter of the optimizer".into(),
+                });
+            }
         }
         Ok(())
     }
