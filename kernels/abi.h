@@ -167,4 +167,51 @@ typedef struct DkAdamWParams {
     float shrink;    /* 1 - lr * weight_decay, or 1 where the parameter does not decay */
 } DkAdamWParams;
 
+/* ---- The model's element-wise and row ops, f32 (kernels/model_ops.cu). Each mirrors the function
+ * of the same name in src/model/ops.rs; backward kernels accumulate (+=) into their outputs. */
+
+/* dk_embedding_fwd: one block per position, out[n, :] = wte[tokens[n], :].
+ * dk_embedding_bwd: one thread per channel, dwte[tokens[n], j] += dout[n, j] for n in order (no
+ * atomics: the sum is the CPU's, bit for bit). A token >= vocab reads and writes nothing; the host
+ * checks tokens before they are uploaded. */
+typedef struct DkEmbeddingParams {
+    const uint32_t* tokens; /* [n] */
+    const float* wte;       /* forward: [vocab, c] */
+    float* out;             /* forward: [n, c] */
+    const float* dout;      /* backward: [n, c] */
+    float* dwte;            /* backward: [vocab, c] */
+    int64_t n;
+    int64_t c;
+    int64_t vocab;
+} DkEmbeddingParams;
+
+/* dk_rmsnorm_fwd: one block per row; out = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps).
+ * dk_rmsnorm_bwd_dx: one block per row; dinp += rstd * (dy*w - x*rstd * mean(dy*w*x*rstd)).
+ * dk_rmsnorm_bwd_dw: one thread per channel; dweight += dy * x * rstd over the rows in order. */
+typedef struct DkRmsNormParams {
+    const float* inp;    /* [rows, c] */
+    const float* weight; /* [c] */
+    float* out;          /* forward: [rows, c] */
+    float* rstd;         /* forward: written; backward: read. [rows] */
+    const float* dout;   /* backward: [rows, c] */
+    float* dinp;         /* backward: [rows, c] */
+    float* dweight;      /* backward: [c] */
+    int64_t rows;
+    int64_t c;
+    float eps;
+} DkRmsNormParams;
+
+/* dk_swiglu_fwd: out = silu(gate) * up. dk_swiglu_bwd: dgate += dout * up * silu'(gate),
+ * dup += dout * silu(gate). dk_residual_fwd: out = a + b (a = gate, b = up). dk_residual_bwd:
+ * dgate += dout, dup += dout. Grid-stride over n elements. */
+typedef struct DkElementwiseParams {
+    const float* gate;
+    const float* up;
+    const float* dout;
+    float* out;
+    float* dgate;
+    float* dup;
+    int64_t n;
+} DkElementwiseParams;
+
 #endif

@@ -28,7 +28,10 @@ device_repr!(
     DkSumSqParams,
     DkClipParams,
     DkAdamWParams,
-    DkClipResult
+    DkClipResult,
+    DkEmbeddingParams,
+    DkRmsNormParams,
+    DkElementwiseParams
 );
 
 // SAFETY: DkScalars is plain data (floats and integers); all-zero bits are a valid value.

@@ -4,6 +4,7 @@
 #[cfg(feature = "emulator")]
 mod emulator;
 mod host;
+mod nn;
 mod ops;
 mod tensor;
 

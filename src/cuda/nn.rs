@@ -1,0 +1,351 @@
+//! The model's element-wise and row ops on device buffers (`kernels/model_ops.cu`), f32: each the
+//! device twin of the function of the same name in `crate::model::ops` (the CPU executor's), with
+//! the same shapes and the same accumulate-into-the-gradient convention. They know no model; an
+//! executor decides the order. Every call only enqueues work on the device's stream.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+
+use super::CudaKernels;
+use crate::abi::{DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams};
+use crate::error::{Error, Result};
+
+/// Threads of the element-wise and per-channel kernels (their `__launch_bounds__`).
+const THREADS: u32 = 256;
+/// At most this many blocks for a grid-stride loop.
+const MAX_BLOCKS: usize = 4096;
+
+fn check(tensor: &'static str, actual: usize, expected: usize, shape: String) -> Result<()> {
+    if actual != expected {
+        return Err(Error::ShapeMismatch {
+            tensor,
+            expected,
+            actual,
+            shape,
+        });
+    }
+    Ok(())
+}
+
+fn nonzero(what: &'static str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(Error::Empty(what));
+    }
+    Ok(())
+}
+
+fn grid(blocks: usize, threads: u32) -> Result<LaunchConfig> {
+    if blocks > i32::MAX as usize {
+        return Err(Error::InvalidOption {
+            name: "rows",
+            value: blocks.to_string(),
+            reason: "more than 2^31 - 1 blocks do not fit one grid dimension",
+        });
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn row_threads(c: usize) -> u32 {
+    (c.next_multiple_of(32)).clamp(32, 1024) as u32
+}
+
+fn elementwise_grid(n: usize) -> Result<LaunchConfig> {
+    grid(n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS), THREADS)
+}
+
+fn per_channel_grid(c: usize) -> Result<LaunchConfig> {
+    grid(c.div_ceil(THREADS as usize), THREADS)
+}
+
+impl CudaKernels {
+    /// `out[n, :] = wte[tokens[n], :]`: out `[N, C]`, wte `[V, C]`. Every token must be below V
+    /// (checked on the host: `tokens_host` is the same ids as `tokens`).
+    pub fn embedding_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        tokens: &CudaSlice<u32>,
+        tokens_host: &[u32],
+        wte: &CudaSlice<f32>,
+        c: usize,
+    ) -> Result<()> {
+        let (n, vocab) = self.check_embedding(tokens, tokens_host, wte.len(), c)?;
+        check("out", out.len(), n * c, format!("[{n}, {c}]"))?;
+        let s = self.stream();
+        let (t, _t) = tokens.device_ptr(s);
+        let (w, _w) = wte.device_ptr(s);
+        let (o, _o) = out.device_ptr_mut(s);
+        let p = DkEmbeddingParams {
+            tokens: t as *const u32,
+            wte: w as *const f32,
+            out: o as *mut f32,
+            dout: std::ptr::null(),
+            dwte: std::ptr::null_mut(),
+            n: n as i64,
+            c: c as i64,
+            vocab: vocab as i64,
+        };
+        self.launch("dk_embedding_fwd", grid(n, row_threads(c))?, &p)
+    }
+
+    /// `dwte[tokens[n], :] += dout[n, :]` in position order (bit-identical to the CPU's sum).
+    pub fn embedding_backward(
+        &self,
+        dwte: &mut CudaSlice<f32>,
+        tokens: &CudaSlice<u32>,
+        tokens_host: &[u32],
+        dout: &CudaSlice<f32>,
+        c: usize,
+    ) -> Result<()> {
+        let (n, vocab) = self.check_embedding(tokens, tokens_host, dwte.len(), c)?;
+        check("dout", dout.len(), n * c, format!("[{n}, {c}]"))?;
+        let s = self.stream();
+        let (t, _t) = tokens.device_ptr(s);
+        let (d, _d) = dout.device_ptr(s);
+        let (g, _g) = dwte.device_ptr_mut(s);
+        let p = DkEmbeddingParams {
+            tokens: t as *const u32,
+            wte: std::ptr::null(),
+            out: std::ptr::null_mut(),
+            dout: d as *const f32,
+            dwte: g as *mut f32,
+            n: n as i64,
+            c: c as i64,
+            vocab: vocab as i64,
+        };
+        self.launch("dk_embedding_bwd", per_channel_grid(c)?, &p)
+    }
+
+    fn check_embedding(
+        &self,
+        tokens: &CudaSlice<u32>,
+        tokens_host: &[u32],
+        table_len: usize,
+        c: usize,
+    ) -> Result<(usize, usize)> {
+        nonzero("c = 0", c)?;
+        let n = tokens.len();
+        nonzero("no tokens", n)?;
+        check("tokens_host", tokens_host.len(), n, format!("[{n}]"))?;
+        if table_len % c != 0 {
+            return Err(Error::ShapeMismatch {
+                tensor: "wte",
+                expected: table_len.next_multiple_of(c),
+                actual: table_len,
+                shape: format!("[V, {c}]"),
+            });
+        }
+        let vocab = table_len / c;
+        if let Some((i, &t)) = tokens_host
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
+            return Err(Error::InvalidOption {
+                name: "tokens",
+                value: format!("{t} at position {i}"),
+                reason: "is outside the embedding table",
+            });
+        }
+        Ok((n, vocab))
+    }
+
+    fn rmsnorm_params(
+        &self,
+        rows: usize,
+        c: usize,
+        inp: usize,
+        weight: usize,
+        rstd: usize,
+    ) -> Result<()> {
+        nonzero("rows = 0", rows)?;
+        nonzero("c = 0", c)?;
+        check("inp", inp, rows * c, format!("[{rows}, {c}]"))?;
+        check("weight", weight, c, format!("[{c}]"))?;
+        check("rstd", rstd, rows, format!("[{rows}]"))
+    }
+
+    /// `out = x * rsqrt(mean(x^2) + eps) * weight` per row, keeping `rstd[n]`: x, out `[N, C]`,
+    /// weight `[C]`, rstd `[N]` (N = `rstd.len()`).
+    pub fn rmsnorm_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        eps: f64,
+    ) -> Result<()> {
+        let (rows, c) = (rstd.len(), weight.len());
+        self.rmsnorm_params(rows, c, inp.len(), weight.len(), rstd.len())?;
+        check("out", out.len(), rows * c, format!("[{rows}, {c}]"))?;
+        let s = self.stream();
+        let (x, _x) = inp.device_ptr(s);
+        let (w, _w) = weight.device_ptr(s);
+        let (o, _o) = out.device_ptr_mut(s);
+        let (r, _r) = rstd.device_ptr_mut(s);
+        let p = DkRmsNormParams {
+            inp: x as *const f32,
+            weight: w as *const f32,
+            out: o as *mut f32,
+            rstd: r as *mut f32,
+            dout: std::ptr::null(),
+            dinp: std::ptr::null_mut(),
+            dweight: std::ptr::null_mut(),
+            rows: rows as i64,
+            c: c as i64,
+            eps: eps as f32,
+        };
+        self.launch("dk_rmsnorm_fwd", grid(rows, row_threads(c))?, &p)
+    }
+
+    /// With `xh = x * rstd`: `dinp += rstd * (dy*w - xh * mean(dy*w*xh))`,
+    /// `dweight += sum_n dy * xh` (rows in order, bit-identical to the CPU's sum).
+    pub fn rmsnorm_backward(
+        &self,
+        dinp: &mut CudaSlice<f32>,
+        dweight: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let (rows, c) = (rstd.len(), weight.len());
+        self.rmsnorm_params(rows, c, inp.len(), weight.len(), rstd.len())?;
+        check("dinp", dinp.len(), rows * c, format!("[{rows}, {c}]"))?;
+        check("dout", dout.len(), rows * c, format!("[{rows}, {c}]"))?;
+        check("dweight", dweight.len(), c, format!("[{c}]"))?;
+        let s = self.stream();
+        let (x, _x) = inp.device_ptr(s);
+        let (w, _w) = weight.device_ptr(s);
+        let (r, _r) = rstd.device_ptr(s);
+        let (d, _d) = dout.device_ptr(s);
+        let (dx, _dx) = dinp.device_ptr_mut(s);
+        let (dw, _dw) = dweight.device_ptr_mut(s);
+        let p = DkRmsNormParams {
+            inp: x as *const f32,
+            weight: w as *const f32,
+            out: std::ptr::null_mut(),
+            rstd: r as *mut f32,
+            dout: d as *const f32,
+            dinp: dx as *mut f32,
+            dweight: dw as *mut f32,
+            rows: rows as i64,
+            c: c as i64,
+            eps: 0.0,
+        };
+        self.launch("dk_rmsnorm_bwd_dx", grid(rows, row_threads(c))?, &p)?;
+        self.launch("dk_rmsnorm_bwd_dw", per_channel_grid(c)?, &p)
+    }
+
+    /// One element-wise kernel: the three inputs (gate, up, dout slots) and three outputs (out,
+    /// dgate, dup slots) of [`DkElementwiseParams`], each with the name the caller's signature
+    /// gives it, for errors.
+    fn elementwise(
+        &self,
+        kernel: &str,
+        n: usize,
+        inputs: [(&'static str, Option<&CudaSlice<f32>>); 3],
+        outputs: [(&'static str, Option<&mut CudaSlice<f32>>); 3],
+    ) -> Result<()> {
+        nonzero("n = 0", n)?;
+        for (name, t) in &inputs {
+            if let Some(t) = t {
+                check(name, t.len(), n, format!("[{n}]"))?;
+            }
+        }
+        for (name, t) in &outputs {
+            if let Some(t) = t {
+                check(name, t.len(), n, format!("[{n}]"))?;
+            }
+        }
+        let inputs = inputs.map(|(_, t)| t);
+        let outputs = outputs.map(|(_, t)| t);
+        let s = self.stream();
+        let ins: Vec<_> = inputs.iter().map(|t| t.map(|t| t.device_ptr(s))).collect();
+        let mut outputs = outputs;
+        let outs: Vec<_> = outputs
+            .iter_mut()
+            .map(|t| t.as_mut().map(|t| t.device_ptr_mut(s)))
+            .collect();
+        let inp = |k: usize| ins[k].as_ref().map_or(0, |(p, _)| *p) as *const f32;
+        let out = |k: usize| outs[k].as_ref().map_or(0, |(p, _)| *p) as *mut f32;
+        let p = DkElementwiseParams {
+            gate: inp(0),
+            up: inp(1),
+            dout: inp(2),
+            out: out(0),
+            dgate: out(1),
+            dup: out(2),
+            n: n as i64,
+        };
+        self.launch(kernel, elementwise_grid(n)?, &p)
+    }
+
+    /// `out = silu(gate) * up`, all `[N]`.
+    pub fn swiglu_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = out.len();
+        self.elementwise(
+            "dk_swiglu_fwd",
+            n,
+            [("gate", Some(gate)), ("up", Some(up)), ("", None)],
+            [("out", Some(out)), ("", None), ("", None)],
+        )
+    }
+
+    /// `dgate += dout * up * silu'(gate)`, `dup += dout * silu(gate)`.
+    pub fn swiglu_backward(
+        &self,
+        dgate: &mut CudaSlice<f32>,
+        dup: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = dout.len();
+        self.elementwise(
+            "dk_swiglu_bwd",
+            n,
+            [("gate", Some(gate)), ("up", Some(up)), ("dout", Some(dout))],
+            [("", None), ("dgate", Some(dgate)), ("dup", Some(dup))],
+        )
+    }
+
+    /// `out = a + b`.
+    pub fn residual_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = out.len();
+        self.elementwise(
+            "dk_residual_fwd",
+            n,
+            [("a", Some(a)), ("b", Some(b)), ("", None)],
+            [("out", Some(out)), ("", None), ("", None)],
+        )
+    }
+
+    /// `da += dout`, `db += dout`.
+    pub fn residual_backward(
+        &self,
+        da: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = dout.len();
+        self.elementwise(
+            "dk_residual_bwd",
+            n,
+            [("", None), ("", None), ("dout", Some(dout))],
+            [("", None), ("da", Some(da)), ("db", Some(db))],
+        )
+    }
+}
