@@ -431,3 +431,131 @@ impl Default for DkAdamWParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkEmbeddingParams {
+    pub tokens: *const u32,
+    pub wte: *const f32,
+    pub out: *mut f32,
+    pub dout: *const f32,
+    pub dwte: *mut f32,
+    pub n: i64,
+    pub c: i64,
+    pub vocab: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkEmbeddingParams"][::std::mem::size_of::<DkEmbeddingParams>() - 64usize];
+    ["Alignment of DkEmbeddingParams"][::std::mem::align_of::<DkEmbeddingParams>() - 8usize];
+    ["Offset of field: DkEmbeddingParams::tokens"]
+        [::std::mem::offset_of!(DkEmbeddingParams, tokens) - 0usize];
+    ["Offset of field: DkEmbeddingParams::wte"]
+        [::std::mem::offset_of!(DkEmbeddingParams, wte) - 8usize];
+    ["Offset of field: DkEmbeddingParams::out"]
+        [::std::mem::offset_of!(DkEmbeddingParams, out) - 16usize];
+    ["Offset of field: DkEmbeddingParams::dout"]
+        [::std::mem::offset_of!(DkEmbeddingParams, dout) - 24usize];
+    ["Offset of field: DkEmbeddingParams::dwte"]
+        [::std::mem::offset_of!(DkEmbeddingParams, dwte) - 32usize];
+    ["Offset of field: DkEmbeddingParams::n"]
+        [::std::mem::offset_of!(DkEmbeddingParams, n) - 40usize];
+    ["Offset of field: DkEmbeddingParams::c"]
+        [::std::mem::offset_of!(DkEmbeddingParams, c) - 48usize];
+    ["Offset of field: DkEmbeddingParams::vocab"]
+        [::std::mem::offset_of!(DkEmbeddingParams, vocab) - 56usize];
+};
+impl Default for DkEmbeddingParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkRmsNormParams {
+    pub inp: *const f32,
+    pub weight: *const f32,
+    pub out: *mut f32,
+    pub rstd: *mut f32,
+    pub dout: *const f32,
+    pub dinp: *mut f32,
+    pub dweight: *mut f32,
+    pub rows: i64,
+    pub c: i64,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkRmsNormParams"][::std::mem::size_of::<DkRmsNormParams>() - 80usize];
+    ["Alignment of DkRmsNormParams"][::std::mem::align_of::<DkRmsNormParams>() - 8usize];
+    ["Offset of field: DkRmsNormParams::inp"]
+        [::std::mem::offset_of!(DkRmsNormParams, inp) - 0usize];
+    ["Offset of field: DkRmsNormParams::weight"]
+        [::std::mem::offset_of!(DkRmsNormParams, weight) - 8usize];
+    ["Offset of field: DkRmsNormParams::out"]
+        [::std::mem::offset_of!(DkRmsNormParams, out) - 16usize];
+    ["Offset of field: DkRmsNormParams::rstd"]
+        [::std::mem::offset_of!(DkRmsNormParams, rstd) - 24usize];
+    ["Offset of field: DkRmsNormParams::dout"]
+        [::std::mem::offset_of!(DkRmsNormParams, dout) - 32usize];
+    ["Offset of field: DkRmsNormParams::dinp"]
+        [::std::mem::offset_of!(DkRmsNormParams, dinp) - 40usize];
+    ["Offset of field: DkRmsNormParams::dweight"]
+        [::std::mem::offset_of!(DkRmsNormParams, dweight) - 48usize];
+    ["Offset of field: DkRmsNormParams::rows"]
+        [::std::mem::offset_of!(DkRmsNormParams, rows) - 56usize];
+    ["Offset of field: DkRmsNormParams::c"][::std::mem::offset_of!(DkRmsNormParams, c) - 64usize];
+    ["Offset of field: DkRmsNormParams::eps"]
+        [::std::mem::offset_of!(DkRmsNormParams, eps) - 72usize];
+};
+impl Default for DkRmsNormParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkElementwiseParams {
+    pub gate: *const f32,
+    pub up: *const f32,
+    pub dout: *const f32,
+    pub out: *mut f32,
+    pub dgate: *mut f32,
+    pub dup: *mut f32,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkElementwiseParams"][::std::mem::size_of::<DkElementwiseParams>() - 56usize];
+    ["Alignment of DkElementwiseParams"][::std::mem::align_of::<DkElementwiseParams>() - 8usize];
+    ["Offset of field: DkElementwiseParams::gate"]
+        [::std::mem::offset_of!(DkElementwiseParams, gate) - 0usize];
+    ["Offset of field: DkElementwiseParams::up"]
+        [::std::mem::offset_of!(DkElementwiseParams, up) - 8usize];
+    ["Offset of field: DkElementwiseParams::dout"]
+        [::std::mem::offset_of!(DkElementwiseParams, dout) - 16usize];
+    ["Offset of field: DkElementwiseParams::out"]
+        [::std::mem::offset_of!(DkElementwiseParams, out) - 24usize];
+    ["Offset of field: DkElementwiseParams::dgate"]
+        [::std::mem::offset_of!(DkElementwiseParams, dgate) - 32usize];
+    ["Offset of field: DkElementwiseParams::dup"]
+        [::std::mem::offset_of!(DkElementwiseParams, dup) - 40usize];
+    ["Offset of field: DkElementwiseParams::n"]
+        [::std::mem::offset_of!(DkElementwiseParams, n) - 48usize];
+};
+impl Default for DkElementwiseParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

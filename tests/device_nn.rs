@@ -89,9 +89,19 @@ fn rmsnorm_forward_and_backward_match_the_cpu() {
         let mut dweight = normals(&mut rng, c, 0.1);
         let (mut d_dinp, mut d_dweight) = (up(&dinp), up(&dweight));
         ops::rmsnorm_backward(&mut dinp, &mut dweight, &dy, &x, &w, &rstd);
-        dev.rmsnorm_backward(&mut d_dinp, &mut d_dweight, &up(&dy), &dx_, &dw_, &up(&rstd))
-            .unwrap();
-        assert!(bits(&down(&d_dweight)) == bits(&dweight), "dweight ({rows} x {c})");
+        dev.rmsnorm_backward(
+            &mut d_dinp,
+            &mut d_dweight,
+            &up(&dy),
+            &dx_,
+            &dw_,
+            &up(&rstd),
+        )
+        .unwrap();
+        assert!(
+            bits(&down(&d_dweight)) == bits(&dweight),
+            "dweight ({rows} x {c})"
+        );
         assert_close("dinp", &down(&d_dinp), &dinp, 64.0, 1.0);
     }
 }
@@ -136,8 +146,8 @@ fn swiglu_and_residual_match_the_cpu() {
 #[test]
 fn bad_shapes_and_tokens_are_errors_naming_the_tensor() {
     let dev = emulated();
-    let wte = up(&vec![0.0f32; 10 * 4]);
-    let mut out = up(&vec![0.0f32; 3 * 4]);
+    let wte = up(&[0.0f32; 10 * 4]);
+    let mut out = up(&[0.0f32; 3 * 4]);
     let tokens = [1u32, 2, 10];
     let e = dev
         .embedding_forward(&mut out, &up(&tokens), &tokens, &wte, 4)
@@ -145,22 +155,22 @@ fn bad_shapes_and_tokens_are_errors_naming_the_tensor() {
         .to_string();
     assert!(e.contains("10 at position 2"), "{e}");
     let ok_tokens = [1u32, 2, 3];
-    let mut short = up(&vec![0.0f32; 11]);
+    let mut short = up(&[0.0f32; 11]);
     let e = dev
         .embedding_forward(&mut short, &up(&ok_tokens), &ok_tokens, &wte, 4)
         .unwrap_err()
         .to_string();
     assert!(e.contains("out"), "{e}");
-    let (mut o, mut r) = (up(&vec![0.0f32; 8]), up(&vec![0.0f32; 2]));
+    let (mut o, mut r) = (up(&[0.0f32; 8]), up(&[0.0f32; 2]));
     let e = dev
-        .rmsnorm_forward(&mut o, &mut r, &up(&vec![1.0f32; 7]), &up(&vec![1.0f32; 4]), 1e-5)
+        .rmsnorm_forward(&mut o, &mut r, &up(&[1.0f32; 7]), &up(&[1.0f32; 4]), 1e-5)
         .unwrap_err()
         .to_string();
     assert!(e.contains("inp"), "{e}");
-    let mut da = up(&vec![0.0f32; 5]);
-    let mut db = up(&vec![0.0f32; 6]);
+    let mut da = up(&[0.0f32; 5]);
+    let mut db = up(&[0.0f32; 6]);
     let e = dev
-        .residual_backward(&mut da, &mut db, &up(&vec![0.0f32; 5]))
+        .residual_backward(&mut da, &mut db, &up(&[0.0f32; 5]))
         .unwrap_err()
         .to_string();
     assert!(e.contains("db"), "{e}");

@@ -7,7 +7,7 @@
 # hand-written mutants below. For each one the kernel units that include the changed file are
 # recompiled with exactly the recipe build.rs used (OUT_DIR/emulator_build.sh), linked with the
 # unchanged objects into a fast and a check library, and the prebuilt kernel tests (kernels,
-# device_api, device_views, device_optim) run against
+# device_api, device_views, device_optim, device_nn) run against
 # them (DISTILL_EMU_LIBRARY):
 #   check    the check build, all three checks; a mutant it misses fails this script;
 #   default  the fast build as `cargo test` runs it;
@@ -23,14 +23,14 @@ ROOT=$PWD
 FILTER=${1:-}
 
 # ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
-json=$(cargo test --release --test kernels --test device_api --test device_views --test device_optim --no-run \
+json=$(cargo test --release --test kernels --test device_api --test device_views --test device_optim --test device_nn --no-run \
     --message-format=json 2>/dev/null)
 OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
 exe_of() { grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\"" |
     sed -E 's/.*"executable":"([^"]*)".*/\1/' | tail -1; }
-TESTS=("$(exe_of kernels)" "$(exe_of device_api)" "$(exe_of device_views)" "$(exe_of device_optim)")
-[[ -f $OUT_DIR/emulator_build.sh && -x ${TESTS[0]} && -x ${TESTS[1]} && -x ${TESTS[2]} && -x ${TESTS[3]} ]] ||
+TESTS=("$(exe_of kernels)" "$(exe_of device_api)" "$(exe_of device_views)" "$(exe_of device_optim)" "$(exe_of device_nn)")
+[[ -f $OUT_DIR/emulator_build.sh && -x ${TESTS[0]} && -x ${TESTS[1]} && -x ${TESTS[2]} && -x ${TESTS[3]} && -x ${TESTS[4]} ]] ||
     { echo "mutants.sh: cannot find the build (OUT_DIR=$OUT_DIR)" >&2; exit 2; }
 # shellcheck source=/dev/null
 source "$OUT_DIR/emulator_build.sh"
@@ -77,6 +77,10 @@ mutant clip-result-unwritten optim.cu \
     'if (threadIdx.x == 0 && acc > 1e300) {
         const double norm = sqrt(acc);' \
     "the gradient norm and clipping factor are never written for a finite gradient"
+mutant rmsnorm-dw-last-row model_ops.cu \
+    'for (int64_t n = 0; n < p.rows; ++n)' \
+    'for (int64_t n = 0; n + 1 < p.rows; ++n)' \
+    "the RMSNorm weight gradient leaves out the last row"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do

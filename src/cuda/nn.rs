@@ -129,7 +129,7 @@ impl CudaKernels {
         let n = tokens.len();
         nonzero("no tokens", n)?;
         check("tokens_host", tokens_host.len(), n, format!("[{n}]"))?;
-        if table_len % c != 0 {
+        if !table_len.is_multiple_of(c) {
             return Err(Error::ShapeMismatch {
                 tensor: "wte",
                 expected: table_len.next_multiple_of(c),
