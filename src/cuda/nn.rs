@@ -5,6 +5,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
+use super::ops::{check_len as check, row_grid as grid};
 use super::CudaKernels;
 use crate::abi::{DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams};
 use crate::error::{Error, Result};
@@ -14,38 +15,11 @@ const THREADS: u32 = 256;
 /// At most this many blocks for a grid-stride loop.
 const MAX_BLOCKS: usize = 4096;
 
-fn check(tensor: &'static str, actual: usize, expected: usize, shape: String) -> Result<()> {
-    if actual != expected {
-        return Err(Error::ShapeMismatch {
-            tensor,
-            expected,
-            actual,
-            shape,
-        });
-    }
-    Ok(())
-}
-
 fn nonzero(what: &'static str, v: usize) -> Result<()> {
     if v == 0 {
         return Err(Error::Empty(what));
     }
     Ok(())
-}
-
-fn grid(blocks: usize, threads: u32) -> Result<LaunchConfig> {
-    if blocks > i32::MAX as usize {
-        return Err(Error::InvalidOption {
-            name: "rows",
-            value: blocks.to_string(),
-            reason: "more than 2^31 - 1 blocks do not fit one grid dimension",
-        });
-    }
-    Ok(LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    })
 }
 
 fn row_threads(c: usize) -> u32 {

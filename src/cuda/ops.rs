@@ -128,7 +128,8 @@ pub(crate) fn threads_for(n: usize) -> u32 {
     (n.div_ceil(8).next_multiple_of(32)).clamp(32, 1024) as u32
 }
 
-fn row_grid(rows: usize, threads: u32) -> Result<LaunchConfig> {
+/// A one-dimensional grid of `rows` blocks (one block per row, or any grid-stride count).
+pub(crate) fn row_grid(rows: usize, threads: u32) -> Result<LaunchConfig> {
     if rows > i32::MAX as usize {
         return Err(Error::InvalidOption {
             name: "rows",
@@ -151,7 +152,12 @@ fn one_block(n: usize) -> LaunchConfig {
     }
 }
 
-fn check_len(tensor: &'static str, actual: usize, expected: usize, shape: String) -> Result<()> {
+pub(crate) fn check_len(
+    tensor: &'static str,
+    actual: usize,
+    expected: usize,
+    shape: String,
+) -> Result<()> {
     if actual != expected {
         return Err(Error::ShapeMismatch {
             tensor,

@@ -155,16 +155,7 @@ pub fn sync_file(file: &std::fs::File) -> std::io::Result<()> {
 /// rename but not an earlier one.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     check_interrupted()?;
-    before_sync();
-    #[cfg(unix)]
-    {
-        std::fs::File::open(dir)?.sync_all()
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        Ok(())
-    }
+    sync_dir_for_recovery(dir)
 }
 
 /// [`sync_dir`] that still works after [`interrupt`]: for putting things back, which must
@@ -179,6 +170,14 @@ pub fn sync_dir_for_recovery(dir: &Path) -> std::io::Result<()> {
     {
         let _ = dir;
         Ok(())
+    }
+}
+
+/// Removes a file, a symbolic link (not what it points to) or a whole directory.
+pub fn remove_entry(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        _ => std::fs::remove_file(path),
     }
 }
 
@@ -301,11 +300,7 @@ pub fn remove_stale_temps(dir: &Path, only: Option<&str>, rule: StaleRule) -> Re
             continue;
         }
         let path = entry.path();
-        let result = match entry.file_type() {
-            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
-            _ => std::fs::remove_file(&path),
-        };
-        match result {
+        match remove_entry(&path) {
             Ok(()) => removed.push(path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -353,11 +348,7 @@ impl CleanupGuard {
     pub fn remove_on_abort(path: &Path) -> Self {
         let path = path.to_path_buf();
         Self::new(move || {
-            let _ = match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
-                Ok(_) => std::fs::remove_file(&path),
-                Err(_) => Ok(()),
-            };
+            let _ = remove_entry(&path);
         })
     }
 

@@ -220,11 +220,7 @@ fn remove_via_temp(path: &Path) -> Result<()> {
     let tmp = temp_path(path).ok_or_else(|| io_err(path, "names no file"))?;
     std::fs::rename(path, &tmp).map_err(|e| io_err(path, e))?;
     sync_dir(&crate::train::files::parent_dir(path)).map_err(|e| io_err(path, e))?;
-    let removed = match std::fs::symlink_metadata(&tmp) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&tmp),
-        _ => std::fs::remove_file(&tmp),
-    };
-    removed.map_err(|e| io_err(&tmp, e))
+    crate::train::files::remove_entry(&tmp).map_err(|e| io_err(&tmp, e))
 }
 
 /// An open, locked run directory.

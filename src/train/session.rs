@@ -122,16 +122,21 @@ impl RunSummary {
     }
 }
 
+/// An `--out` directory that cannot be used, and why.
+fn bad_out(out: &Path, reason: &'static str) -> Error {
+    Error::InvalidOption {
+        name: "out",
+        value: out.display().to_string(),
+        reason,
+    }
+}
+
 /// The checks of the output directory that need no lock and touch nothing: a command is refused
 /// here, before any other work, when `out` is not a directory, is locked by another run, holds a
 /// run and neither `resume` nor `force` is given, or holds nothing to resume. [`run`] repeats
 /// them under the lock.
 pub fn check_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
-    let bad = |reason: &'static str| Error::InvalidOption {
-        name: "out",
-        value: out.display().to_string(),
-        reason,
-    };
+    let bad = |reason| bad_out(out, reason);
     if out.exists() && !out.is_dir() {
         return Err(bad("exists and is not a directory"));
     }
@@ -147,11 +152,7 @@ pub fn check_out_dir(out: &Path, resume: bool, force: bool) -> Result<()> {
 /// What `out` must hold for `resume` / `force` (the part of [`check_out_dir`] that is repeated
 /// under the lock).
 fn check_contents(out: &Path, resume: bool, force: bool) -> Result<()> {
-    let bad = |reason: &'static str| Error::InvalidOption {
-        name: "out",
-        value: out.display().to_string(),
-        reason,
-    };
+    let bad = |reason| bad_out(out, reason);
     if resume {
         if rundir::resumable_generations(out)?.is_empty() {
             return Err(bad("holds no complete checkpoint to resume"));
