@@ -47,6 +47,7 @@ fn main() {
             "ptxas.tsv",
             "libdistill_emu.so",
             "libdistill_emu_check.so",
+            "libdistill_cublas.so",
         ] {
             std::fs::write(out.join(f), b"").unwrap();
         }
@@ -290,7 +291,11 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
     // device reports that it was not built.
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         println!("cargo::warning=the emulated GPU is Linux-only: not built for this target");
-        for f in ["libdistill_emu.so", "libdistill_emu_check.so"] {
+        for f in [
+            "libdistill_emu.so",
+            "libdistill_emu_check.so",
+            "libdistill_cublas.so",
+        ] {
             std::fs::write(out.join(f), b"").unwrap();
         }
         return;
@@ -399,7 +404,14 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
         .iter()
         .map(|(_, obj, _)| obj.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    outputs.extend(["libdistill_emu.so", "libdistill_emu_check.so"].map(String::from));
+    outputs.extend(
+        [
+            "libdistill_emu.so",
+            "libdistill_emu_check.so",
+            "libdistill_cublas.so",
+        ]
+        .map(String::from),
+    );
     let key = inputs_key(
         &[
             &cxx.to_string_lossy(),
@@ -410,6 +422,10 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
     if restore(out, "emulator", &key, &outputs) {
         return;
     }
+    // The fake cuBLAS: its own library (SONAME libcublas.so, the first name cudarc tries), one
+    // for both driver builds (it finds the loaded driver's helpers at run time).
+    let cublas_obj = out.join("cublas.o");
+    jobs.push((emu.join("cublas.cpp"), cublas_obj.clone(), &[]));
     std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .iter()
@@ -449,6 +465,7 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
     ] {
         let objects = jobs
             .iter()
+            .filter(|(_, obj, _)| *obj != cublas_obj)
             .filter(|(_, obj, _)| obj.to_string_lossy().ends_with(".check.o") == check)
             .map(|(_, obj, _)| obj);
         let o = Command::new(&cxx)
@@ -464,6 +481,20 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
                 String::from_utf8_lossy(&o.stderr)
             );
         }
+    }
+    let o = Command::new(&cxx)
+        .args(["-shared", "-pthread", "-Wl,-soname,libcublas.so"])
+        .arg(&cublas_obj)
+        .arg("-ldl")
+        .arg("-o")
+        .arg(out.join("libdistill_cublas.so"))
+        .output()
+        .expect("failed to run the host C++ compiler to link the emulated cuBLAS");
+    if !o.status.success() {
+        panic!(
+            "emulated cuBLAS link failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     store(out, "emulator", &key, &outputs);
 }

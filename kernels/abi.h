@@ -214,4 +214,19 @@ typedef struct DkElementwiseParams {
     int64_t n;
 } DkElementwiseParams;
 
+/* dk_rope: rotate-half RoPE in place over x [vectors, head_dim] (vectors = N * heads), row n of
+ * the activations at position n % seq: for i < half, y[i] = x[i] cos - x[i+half] sin,
+ * y[i+half] = x[i+half] cos + x[i] sin, with cos/sin [seq, half]. inverse != 0: the transposed
+ * rotation (sin negated), which turns dL/dy into dL/dx. Grid-stride over vectors * half pairs. */
+typedef struct DkRopeParams {
+    float* x;
+    const float* cos;
+    const float* sin;
+    int64_t vectors;
+    int64_t heads;
+    int64_t seq;
+    int64_t half;
+    int32_t inverse;
+} DkRopeParams;
+
 #endif

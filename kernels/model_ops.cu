@@ -106,3 +106,21 @@ extern "C" __global__ void __launch_bounds__(256) dk_residual_bwd(DkElementwiseP
     }
 }
 DK_REGISTER_KERNEL(dk_residual_bwd, DkElementwiseParams)
+
+// One thread per (vector, i) pair: each pair is read and written by its thread only, so in place
+// is safe. The products and the difference rounded separately, as the CPU's Rust does.
+extern "C" __global__ void __launch_bounds__(256) dk_rope(DkRopeParams p) {
+    const int64_t pairs = p.vectors * p.half;
+    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < pairs; k += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t v = k / p.half, i = k - v * p.half;
+        const int64_t t = (v / p.heads) % p.seq;
+        const float c = p.cos[t * p.half + i];
+        const float s = p.inverse ? -p.sin[t * p.half + i] : p.sin[t * p.half + i];
+        float* lo = p.x + v * 2 * p.half + i;
+        float* hi = lo + p.half;
+        const float a = *lo, b = *hi;
+        *lo = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+        *hi = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    }
+}
+DK_REGISTER_KERNEL(dk_rope, DkRopeParams)

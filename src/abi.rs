@@ -31,7 +31,8 @@ device_repr!(
     DkClipResult,
     DkEmbeddingParams,
     DkRmsNormParams,
-    DkElementwiseParams
+    DkElementwiseParams,
+    DkRopeParams
 );
 
 // SAFETY: DkScalars is plain data (floats and integers); all-zero bits are a valid value.

@@ -559,3 +559,39 @@ impl Default for DkElementwiseParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkRopeParams {
+    pub x: *mut f32,
+    pub cos: *const f32,
+    pub sin: *const f32,
+    pub vectors: i64,
+    pub heads: i64,
+    pub seq: i64,
+    pub half: i64,
+    pub inverse: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkRopeParams"][::std::mem::size_of::<DkRopeParams>() - 64usize];
+    ["Alignment of DkRopeParams"][::std::mem::align_of::<DkRopeParams>() - 8usize];
+    ["Offset of field: DkRopeParams::x"][::std::mem::offset_of!(DkRopeParams, x) - 0usize];
+    ["Offset of field: DkRopeParams::cos"][::std::mem::offset_of!(DkRopeParams, cos) - 8usize];
+    ["Offset of field: DkRopeParams::sin"][::std::mem::offset_of!(DkRopeParams, sin) - 16usize];
+    ["Offset of field: DkRopeParams::vectors"]
+        [::std::mem::offset_of!(DkRopeParams, vectors) - 24usize];
+    ["Offset of field: DkRopeParams::heads"][::std::mem::offset_of!(DkRopeParams, heads) - 32usize];
+    ["Offset of field: DkRopeParams::seq"][::std::mem::offset_of!(DkRopeParams, seq) - 40usize];
+    ["Offset of field: DkRopeParams::half"][::std::mem::offset_of!(DkRopeParams, half) - 48usize];
+    ["Offset of field: DkRopeParams::inverse"]
+        [::std::mem::offset_of!(DkRopeParams, inverse) - 56usize];
+};
+impl Default for DkRopeParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

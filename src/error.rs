@@ -105,6 +105,17 @@ pub enum Error {
         #[source]
         source: cudarc::driver::DriverError,
     },
+    /// A cuBLAS call was refused (`CUBLAS_STATUS_*`): an argument it rejects, or a library
+    /// failure. Work it did queue fails later as a [`Error::Cuda`] of the synchronising call.
+    #[cfg(feature = "cuda")]
+    #[error("cuBLAS error in {during}: {source:?}")]
+    Cublas {
+        /// The call and its shape (`matmul_forward sgemm m=.. n=.. k=..`).
+        during: String,
+        /// cuBLAS's status.
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
     /// The device ran out of memory (`CUDA_ERROR_OUT_OF_MEMORY`): free buffers or use smaller
     /// batches; nothing was written.
     #[cfg(feature = "cuda")]

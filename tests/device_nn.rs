@@ -175,3 +175,58 @@ fn bad_shapes_and_tokens_are_errors_naming_the_tensor() {
         .to_string();
     assert!(e.contains("db"), "{e}");
 }
+
+#[test]
+fn rope_forward_and_backward_match_the_cpu_bit_for_bit() {
+    let dev = emulated();
+    let mut rng = StdRng::seed_from_u64(9);
+    // (batch, seq, heads, head_dim): one token, one head, odd sequence lengths, head sizes 2..128
+    // that are not powers of two; tables built for a longer sequence than the one rotated.
+    for &(b, seq, heads, hd) in &[(1, 1, 1, 2), (2, 7, 3, 6), (3, 5, 1, 34), (1, 13, 2, 128)] {
+        let (cos, sin) = ops::rope_tables::<f32>(seq + 3, hd, 10000.0);
+        let x = normals(&mut rng, b * seq * heads * hd, 1.0);
+        let (d_cos, d_sin) = (up(&cos), up(&sin));
+        let mut want = x.clone();
+        ops::rope_forward(&mut want, &cos, &sin, seq, heads, hd);
+        let mut d_x = up(&x);
+        dev.rope_forward(&mut d_x, &d_cos, &d_sin, seq, heads, hd)
+            .unwrap();
+        assert!(
+            bits(&down(&d_x)) == bits(&want),
+            "rope_forward {b}x{seq}x{heads}x{hd}"
+        );
+        let mut want_b = x.clone();
+        ops::rope_backward(&mut want_b, &cos, &sin, seq, heads, hd);
+        let mut d_g = up(&x);
+        dev.rope_backward(&mut d_g, &d_cos, &d_sin, seq, heads, hd)
+            .unwrap();
+        assert!(
+            bits(&down(&d_g)) == bits(&want_b),
+            "rope_backward {b}x{seq}x{heads}x{hd}"
+        );
+        // The backward undoes the forward (a rotation): to rounding.
+        let mut round_trip = want.clone();
+        ops::rope_backward(&mut round_trip, &cos, &sin, seq, heads, hd);
+        assert_close("rope round trip", &round_trip, &x, 8.0, 1.0);
+    }
+}
+
+#[test]
+fn rope_rejects_bad_shapes_with_the_tensor_named() {
+    let dev = emulated();
+    let (cos, sin) = ops::rope_tables::<f32>(4, 8, 10000.0);
+    let (d_cos, d_sin) = (up(&cos), up(&sin));
+    let mut x = up(&vec![0.0f32; 2 * 4 * 8]);
+    let e = dev
+        .rope_forward(&mut x, &d_cos, &d_sin, 5, 2, 8)
+        .unwrap_err();
+    assert!(e.to_string().contains("cos"), "{e}");
+    let e = dev
+        .rope_forward(&mut x, &d_cos, &d_sin, 4, 3, 8)
+        .unwrap_err();
+    assert!(e.to_string().contains("x"), "{e}");
+    let e = dev
+        .rope_forward(&mut x, &d_cos, &d_sin, 4, 2, 7)
+        .unwrap_err();
+    assert!(e.to_string().contains("head_dim"), "{e}");
+}

@@ -103,3 +103,54 @@ fn the_device_keeps_working_after_findings() {
     let out = launch(checked(), "dk_selftest_ok", 1, 64, Output::Zeroed).unwrap();
     assert!(out.iter().all(|&v| v == 64.0));
 }
+
+/// The emulated cuBLAS is checked like a kernel: a GEMM that accumulates (`beta = 1`) into a
+/// gradient buffer nothing wrote reads garbage on a GPU; initcheck names the call and operand.
+#[test]
+fn initcheck_finds_a_gemm_accumulating_into_unwritten_memory() {
+    use cudarc::cublas::result as cublas;
+    use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    let dev = checked();
+    let s = dev.stream();
+    let blas = *dev.blas().unwrap().handle();
+    let a = s.clone_htod(&[1.0f32; 16]).unwrap();
+    let b = s.clone_htod(&[1.0f32; 16]).unwrap();
+    // SAFETY: f32 has no invalid bit patterns; the point is that nothing writes it.
+    let mut c = unsafe { s.alloc::<f32>(16) }.unwrap();
+    {
+        let ((pa, _ga), (pb, _gb)) = (a.device_ptr(s), b.device_ptr(s));
+        let (pc, _gc) = c.device_ptr_mut(s);
+        let (alpha, beta) = (1.0f32, 1.0f32);
+        // SAFETY: 4 x 4 operands inside 16-element buffers.
+        unsafe {
+            cublas::sgemm(
+                blas,
+                CUBLAS_OP_N,
+                CUBLAS_OP_N,
+                4,
+                4,
+                4,
+                &alpha,
+                pa as *const f32,
+                4,
+                pb as *const f32,
+                4,
+                &beta,
+                pc as *mut f32,
+                4,
+            )
+        }
+        .unwrap();
+    }
+    let e = s.synchronize().expect_err("initcheck must fail the GEMM");
+    assert_eq!(
+        e.0,
+        cudarc::driver::sys::cudaError_enum::CUDA_ERROR_LAUNCH_FAILED
+    );
+    let msg = distill_kernels::cuda::emulator_last_error().unwrap_or_default();
+    assert!(
+        msg.contains("initcheck") && msg.contains("cublasSgemm operand C"),
+        "{msg}"
+    );
+}

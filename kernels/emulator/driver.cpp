@@ -2631,6 +2631,68 @@ extern "C" DK_EMU_EXPORT const char* dkEmuModuleImage(void) { return kEmulatorMo
 extern "C" DK_EMU_EXPORT int dkEmuDriverMode(void) { return (config().sync ? 0 : 1) | (config().sticky ? 2 : 0); }
 
 /* ------------------------------------------------------------------------------------------ */
+/* For libraries beside the driver: the fake cuBLAS (cublas.cpp)                               */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Runs `run(arg)` on `stream` in stream order, as a kernel launch would: a nonzero CUresult from
+ * it is a fault of the stream's context (its message set with dkEmuFail), reported by the next
+ * synchronising call. `release(arg)`, if given, runs once the work is done or was never queued.
+ * Returns the enqueue's CUresult. */
+extern "C" DK_EMU_EXPORT int dkEmuEnqueue(CUstream stream, int (*run)(void*), void* arg, void (*release)(void*)) {
+    std::shared_ptr<void> owned(arg, [release](void* a) {
+        if (release) release(a);
+    });
+    if (!run) return kErrInvalidValue;
+    std::unique_lock<std::mutex> lk(st().mu);
+    QueueRef q;
+    CUresult r = resolve_locked("dkEmuEnqueue", stream, &q);
+    if (r) return r;
+    r = gate_locked(q->ctx);
+    if (r) return r;
+    Op op;
+    op.run = [run, owned]() { return run(owned.get()); };
+    return submit_locked(lk, q, std::move(op), false, true);
+}
+
+/* Records `msg` as the calling thread's last error (what dkEmuLastError and a fault report show);
+ * returns `code`. */
+extern "C" DK_EMU_EXPORT int dkEmuFail(int code, const char* msg) { return note_error(code, msg ? msg : "failed"); }
+
+/* Work queued by host code (the fake cuBLAS) will touch [p, p + n): checked when it is queued,
+ * as a kernel's pointers are (memory freed with cuMemFreeAsync stays usable by work queued before
+ * the free, and is invalid for new work at once). Returns CUDA_ERROR_ILLEGAL_ADDRESS, with the
+ * message also written to `msg` (capacity `cap`), when the range is not inside one live device
+ * allocation; else CUDA_SUCCESS. */
+extern "C" DK_EMU_EXPORT int dkEmuDeviceRange(const void* p, size_t n, const char* who, char* msg, size_t cap) {
+    if (!n) return kSuccess;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    std::lock_guard<std::mutex> g(st().mu);
+    if (find_range_locked(a, n, nullptr, nullptr)) return kSuccess;
+    const std::string m = std::string(who ? who : "device work") + ": range [" + hex(a) + ", +" + std::to_string(n) +
+                          " bytes) is not inside one device allocation";
+    if (msg && cap) snprintf(msg, cap, "%s", m.c_str());
+    return note_error(kErrIllegalAddress, m);
+}
+
+/* The queued work of dkEmuDeviceRange, now running, reads or writes [p, p + n). In the check
+ * build a write marks the bytes initialised and, under initcheck, a read of bytes nothing wrote
+ * is CUDA_ERROR_LAUNCH_FAILED (with the report as the message); the fast build checks nothing
+ * here. Returns a CUresult. */
+extern "C" DK_EMU_EXPORT int dkEmuDeviceAccess(const void* p, size_t n, int write, const char* who) {
+    if (!n) return kSuccess;
+    if (write) {
+        note_host_write(const_cast<void*>(p), n);
+        return kSuccess;
+    }
+    const std::string bad = note_host_read(p, n, who ? who : "device work");
+    if (!bad.empty()) {
+        fprintf(stderr, "distill emulator: %s\n", bad.c_str());
+        return note_error(kErrLaunchFailed, bad);
+    }
+    return kSuccess;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Unsupported: profiler (no-op), graphs, external memory                                      */
 /* ------------------------------------------------------------------------------------------ */
 

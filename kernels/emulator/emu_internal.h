@@ -87,10 +87,11 @@ DK_EMU_HIDDEN void device_free_memory(void* p);
 DK_EMU_HIDDEN void note_host_write(void* p, size_t n);
 /* A device-to-device copy: initialisation state travels with the bytes. */
 DK_EMU_HIDDEN void note_device_copy(void* dst, const void* src, size_t n);
-/* The host reads [p, p + n) of device memory (a copy to the host). Under initcheck: a report
- * when any of those bytes was never written (a missing store the host would see as garbage;
- * stricter than compute-sanitizer, which checks device reads only), else empty. */
-DK_EMU_HIDDEN std::string note_host_read(const void* p, size_t n);
+/* The host reads [p, p + n) of device memory (a copy to the host; `reader` names who, for the
+ * report). Under initcheck: a report when any of those bytes was never written (a missing store
+ * the host would see as garbage; stricter than compute-sanitizer, which checks device reads
+ * only), else empty. */
+DK_EMU_HIDDEN std::string note_host_read(const void* p, size_t n, const char* reader = "a copy to the host");
 
 /* What the sanitizer knows about the CUDA thread making an access (runtime.cpp fills it). */
 struct ThreadView {

@@ -78,7 +78,7 @@ void* device_malloc(size_t bytes) {
 void device_free_memory(void* p) { free(p); }
 void note_host_write(void*, size_t) {}
 void note_device_copy(void*, const void*, size_t) {}
-std::string note_host_read(const void*, size_t) { return std::string(); }
+std::string note_host_read(const void*, size_t, const char*) { return std::string(); }
 bool san_enabled() { return false; }
 std::string san_symbolize(const std::string& msg) { return msg; }
 
@@ -251,7 +251,7 @@ void note_device_copy(void* dst, const void* src, size_t n) {
     if (shd && shs) std::memmove(shd + (d - ad->base), shs + (s - as->base), n);
 }
 
-std::string note_host_read(const void* src, size_t n) {
+std::string note_host_read(const void* src, size_t n, const char* reader) {
     if (!n || !(checks() & kInitcheck)) return std::string();
     std::lock_guard<std::mutex> g(reg().mu);
     const uintptr_t s = reinterpret_cast<uintptr_t>(src);
@@ -266,9 +266,9 @@ std::string note_host_read(const void* src, size_t n) {
         }
     }
     if (!count) return std::string();
-    return strfmt("initcheck: a copy to the host reads %zu uninitialised bytes (never written by a kernel, memset or "
-                  "copy), the first at byte %zu of the %zu copied, byte %zu of a device allocation of %zu bytes",
-        count, first, n, off + first, a->size);
+    return strfmt("initcheck: %s reads %zu uninitialised bytes (never written by a kernel, memset or "
+                  "copy), the first at byte %zu of the %zu read, byte %zu of a device allocation of %zu bytes",
+        reader, count, first, n, off + first, a->size);
 }
 
 /* ------------------------------------------------------------------------------------------ */

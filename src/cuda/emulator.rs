@@ -16,7 +16,11 @@ static CHECK_LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libdisti
 pub(crate) fn check_requested() -> bool {
     std::env::var("DISTILL_EMU_CHECK").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "off"))
 }
-static LOADED: OnceLock<std::result::Result<libloading::Library, String>> = OnceLock::new();
+/// The emulated cuBLAS (kernels/emulator/cublas.cpp), SONAME `libcublas.so`: loaded after the
+/// driver, so that cudarc's `dlopen("libcublas.so")` resolves to it.
+static CUBLAS_LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libdistill_cublas.so"));
+static LOADED: OnceLock<std::result::Result<(libloading::Library, libloading::Library), String>> =
+    OnceLock::new();
 
 pub(crate) fn is_loaded() -> bool {
     matches!(LOADED.get(), Some(Ok(_)))
@@ -34,14 +38,21 @@ pub(crate) fn load() -> Result<&'static libloading::Library> {
             }
             let path = match library_override() {
                 Some(path) => path,
-                None => write_library()
+                None => write_library(driver_library(), "libcuda.so.1")
                     .map_err(|e| format!("cannot write the emulator library: {e}"))?,
             };
             // SAFETY: our own library; its initializers only register kernels.
-            unsafe { libloading::Library::new(&path) }
-                .map_err(|e| format!("cannot load the emulator library {}: {e}", path.display()))
+            let driver = unsafe { libloading::Library::new(&path) }
+                .map_err(|e| format!("cannot load the emulator library {}: {e}", path.display()))?;
+            let path = write_library(CUBLAS_LIBRARY, "libcublas.so")
+                .map_err(|e| format!("cannot write the emulated cuBLAS: {e}"))?;
+            // SAFETY: our own library, without initializers; it finds the driver loaded above.
+            let cublas = unsafe { libloading::Library::new(&path) }
+                .map_err(|e| format!("cannot load the emulated cuBLAS {}: {e}", path.display()))?;
+            Ok((driver, cublas))
         })
         .as_ref()
+        .map(|(driver, _)| driver)
         .map_err(|e| Error::DeviceUnavailable(e.clone()))
 }
 
@@ -54,27 +65,31 @@ fn library_override() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-/// Writes the embedded library once per content hash into the temp directory (atomically:
-/// concurrent test processes may race here).
-fn write_library() -> std::io::Result<PathBuf> {
-    let library = if check_requested() {
+/// The driver build to load: the check build when `DISTILL_EMU_CHECK` asks for it.
+fn driver_library() -> &'static [u8] {
+    if check_requested() {
         CHECK_LIBRARY
     } else {
         LIBRARY
-    };
+    }
+}
+
+/// Writes an embedded library as `name` once per content hash into the temp directory
+/// (atomically: concurrent test processes may race here).
+fn write_library(library: &[u8], name: &str) -> std::io::Result<PathBuf> {
     let hash = library.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     });
     let dir = std::env::temp_dir().join(format!("distill-kernels-emu-{hash:016x}"));
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join("libcuda.so.1");
+    let path = dir.join(name);
     if std::fs::metadata(&path)
         .map(|m| m.len() == library.len() as u64)
         .unwrap_or(false)
     {
         return Ok(path);
     }
-    let tmp = dir.join(format!("libcuda.so.1.{}.tmp", std::process::id()));
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
     std::fs::write(&tmp, library)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
@@ -83,7 +98,7 @@ fn write_library() -> std::io::Result<PathBuf> {
 /// The message of the emulator's last failed launch (barrier divergence, trap, bad shuffle).
 pub(crate) fn last_error() -> Option<String> {
     let lib = match LOADED.get() {
-        Some(Ok(lib)) => lib,
+        Some(Ok((lib, _))) => lib,
         _ => return None,
     };
     // SAFETY: `dkEmuLastError` returns NULL or a NUL-terminated string owned by the library.

@@ -1,6 +1,7 @@
 //! The CUDA backend: the kernels of `kernels/` launched through cudarc, on a real GPU or on the
 //! emulated one (the same code path, with the fake driver of `kernels/emulator` loaded first).
 
+mod blas;
 #[cfg(feature = "emulator")]
 mod emulator;
 mod host;
@@ -108,6 +109,8 @@ pub struct CudaKernels {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     emulated: bool,
+    /// cuBLAS on `stream`, made at the first matmul (or why it could not be).
+    blas: std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>,
 }
 
 impl std::fmt::Debug for CudaKernels {
@@ -200,6 +203,7 @@ impl CudaKernels {
             module,
             functions: Mutex::new(HashMap::new()),
             emulated,
+            blas: std::sync::OnceLock::new(),
         })
     }
 
@@ -219,6 +223,7 @@ impl CudaKernels {
             module,
             functions: Mutex::new(HashMap::new()),
             emulated,
+            blas: std::sync::OnceLock::new(),
         })
     }
 

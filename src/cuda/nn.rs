@@ -7,7 +7,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::ops::{check_len as check, row_grid as grid};
 use super::CudaKernels;
-use crate::abi::{DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams};
+use crate::abi::{DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams, DkRopeParams};
 use crate::error::{Error, Result};
 
 /// Threads of the element-wise and per-channel kernels (their `__launch_bounds__`).
@@ -216,6 +216,94 @@ impl CudaKernels {
     /// One element-wise kernel: the three inputs (gate, up, dout slots) and three outputs (out,
     /// dgate, dup slots) of [`DkElementwiseParams`], each with the name the caller's signature
     /// gives it, for errors.
+    /// Rotate-half RoPE in place: x `[N, heads, head_dim]`, row n at position `n % seq`, tables
+    /// `cos`, `sin` `[seq, head_dim / 2]` (from `model::ops::rope_tables`). Bit-identical to
+    /// `model::ops::rope_forward`.
+    pub fn rope_forward(
+        &self,
+        x: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.rope(x, cos, sin, seq, heads, head_dim, false)
+    }
+
+    /// The transposed rotation in place: turns `dL/dy` into `dL/dx` (not accumulating), like
+    /// `model::ops::rope_backward`.
+    pub fn rope_backward(
+        &self,
+        d: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.rope(d, cos, sin, seq, heads, head_dim, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        nonzero("seq = 0", seq)?;
+        nonzero("heads = 0", heads)?;
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(Error::InvalidOption {
+                name: "head_dim",
+                value: head_dim.to_string(),
+                reason: "RoPE rotates halves: the head size must be even and positive",
+            });
+        }
+        let half = head_dim / 2;
+        // Tables for longer sequences serve shorter ones (rows t < seq are read), as on the CPU.
+        for (name, table) in [("cos", cos), ("sin", sin)] {
+            if table.len() < seq * half || !table.len().is_multiple_of(half) {
+                return Err(Error::ShapeMismatch {
+                    tensor: name,
+                    expected: seq * half,
+                    actual: table.len(),
+                    shape: format!("[>= {seq}, {half}]"),
+                });
+            }
+        }
+        let row = heads * head_dim;
+        if x.is_empty() || !x.len().is_multiple_of(row) {
+            return Err(Error::ShapeMismatch {
+                tensor: "x",
+                expected: x.len().next_multiple_of(row).max(row),
+                actual: x.len(),
+                shape: format!("[N, {heads}, {head_dim}]"),
+            });
+        }
+        let vectors = x.len() / head_dim;
+        let s = self.stream();
+        let (c, _c) = cos.device_ptr(s);
+        let (sn, _s) = sin.device_ptr(s);
+        let (xp, _x) = x.device_ptr_mut(s);
+        let p = DkRopeParams {
+            x: xp as *mut f32,
+            cos: c as *const f32,
+            sin: sn as *const f32,
+            vectors: vectors as i64,
+            heads: heads as i64,
+            seq: seq as i64,
+            half: half as i64,
+            inverse: inverse as i32,
+        };
+        self.launch("dk_rope", elementwise_grid(vectors * half)?, &p)
+    }
+
     fn elementwise(
         &self,
         kernel: &str,

@@ -1,0 +1,205 @@
+//! Matrix multiplies on device buffers through cuBLAS (cudarc's `cublas` module): the device twins
+//! of `crate::model::ops::matmul_{forward,backward}` (`nn.Linear` without bias, row-major), with
+//! the same shapes and the same accumulate-into-the-gradient convention.
+//!
+//! cuBLAS is column-major: a row-major `[r, c]` buffer is the column-major `c x r` matrix, its
+//! transpose. So `out[N, OC] = inp[N, IC] W[OC, IC]^T` is, column-major, `out^T = W inp^T`:
+//! `m = OC, n = N, k = IC`, `A = W` stored `IC x OC` (op T, lda = IC), `B = inp` stored `IC x N`
+//! (op N, ldb = IC), `ldc = OC`. Each call below states its mapping the same way.
+
+use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::{result as cublas, sys, CudaBlas};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+
+use super::ops::check_len as check;
+use super::CudaKernels;
+use crate::error::{Error, Result};
+
+/// One column-major GEMM `C = alpha op(A) op(B) + beta C` on raw device pointers.
+struct Sgemm {
+    during: &'static str,
+    ta: sys::cublasOperation_t,
+    tb: sys::cublasOperation_t,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    lda: usize,
+    b: u64,
+    ldb: usize,
+    beta: f32,
+    c: u64,
+    ldc: usize,
+}
+
+fn int(what: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::InvalidOption {
+        name: what,
+        value: v.to_string(),
+        reason: "cuBLAS takes dimensions below 2^31",
+    })
+}
+
+impl CudaKernels {
+    /// The cuBLAS handle on this device's stream (the emulated cuBLAS on the emulated device),
+    /// created at the first use; for callers' own GEMMs in stream order with the crate's work.
+    /// [`Error::DeviceUnavailable`] when no libcublas can be loaded.
+    pub fn blas(&self) -> Result<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: tries to dlopen the names cudarc would; nothing else runs.
+                if !unsafe { sys::is_culib_present() } {
+                    return Err(
+                        "libcublas could not be loaded: install the CUDA toolkit's cuBLAS (or put \
+                         its directory on LD_LIBRARY_PATH) to run the model's matmuls"
+                            .to_string(),
+                    );
+                }
+                CudaBlas::new(self.stream.clone())
+                    .map_err(|e| format!("cuBLAS could not be initialised: {e:?}"))
+            })
+            .as_ref()
+            .map_err(|e| Error::DeviceUnavailable(e.clone()))
+    }
+
+    fn sgemm(&self, g: Sgemm) -> Result<()> {
+        let blas = self.blas()?;
+        let (alpha, beta) = (1.0f32, g.beta);
+        let shape = || format!("{} m={} n={} k={}", g.during, g.m, g.n, g.k);
+        // SAFETY: the callers checked every buffer's length against the shape, so each operand's
+        // column-major extent (ld * (cols - 1) + rows) lies inside its buffer; the pointers stay
+        // valid while their guards live in the caller, and the handle is on this device's stream.
+        unsafe {
+            cublas::sgemm(
+                *blas.handle(),
+                g.ta,
+                g.tb,
+                int("m", g.m)?,
+                int("n", g.n)?,
+                int("k", g.k)?,
+                &alpha,
+                g.a as *const f32,
+                int("lda", g.lda)?,
+                g.b as *const f32,
+                int("ldb", g.ldb)?,
+                &beta,
+                g.c as *mut f32,
+                int("ldc", g.ldc)?,
+            )
+        }
+        .map_err(|source| Error::Cublas {
+            during: shape(),
+            source,
+        })
+    }
+
+    /// `out = inp W^T`: inp `[N, IC]`, weight `[OC, IC]`, out `[N, OC]` (overwritten).
+    pub fn matmul_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let n = self.check_matmul(inp.len(), weight.len(), ic, oc)?;
+        check("out", out.len(), n * oc, format!("[{n}, {oc}]"))?;
+        let s = self.stream();
+        let (x, _x) = inp.device_ptr(s);
+        let (w, _w) = weight.device_ptr(s);
+        let (o, _o) = out.device_ptr_mut(s);
+        // out^T (OC x N) = W (OC x IC, stored IC x OC: op T) . inp^T (IC x N).
+        self.sgemm(Sgemm {
+            during: "matmul_forward",
+            ta: CUBLAS_OP_T,
+            tb: CUBLAS_OP_N,
+            m: oc,
+            n,
+            k: ic,
+            a: w,
+            lda: ic,
+            b: x,
+            ldb: ic,
+            beta: 0.0,
+            c: o,
+            ldc: oc,
+        })
+    }
+
+    /// `dinp += dout W` and `dweight += dout^T inp`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_backward(
+        &self,
+        dinp: &mut CudaSlice<f32>,
+        dweight: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let n = self.check_matmul(inp.len(), weight.len(), ic, oc)?;
+        check("dweight", dweight.len(), oc * ic, format!("[{oc}, {ic}]"))?;
+        check("dinp", dinp.len(), n * ic, format!("[{n}, {ic}]"))?;
+        check("dout", dout.len(), n * oc, format!("[{n}, {oc}]"))?;
+        let s = self.stream();
+        let (x, _x) = inp.device_ptr(s);
+        let (w, _w) = weight.device_ptr(s);
+        let (dy, _dy) = dout.device_ptr(s);
+        let (dx, _dx) = dinp.device_ptr_mut(s);
+        let (dw, _dw) = dweight.device_ptr_mut(s);
+        // dinp^T (IC x N) += W^T (IC x OC, stored so: op N) . dout^T (OC x N, stored so: op N).
+        self.sgemm(Sgemm {
+            during: "matmul_backward dinp",
+            ta: CUBLAS_OP_N,
+            tb: CUBLAS_OP_N,
+            m: ic,
+            n,
+            k: oc,
+            a: w,
+            lda: ic,
+            b: dy,
+            ldb: oc,
+            beta: 1.0,
+            c: dx,
+            ldc: ic,
+        })?;
+        // dweight^T (IC x OC) += inp^T (IC x N, stored so: op N) . dout (N x OC, stored OC x N:
+        // op T).
+        self.sgemm(Sgemm {
+            during: "matmul_backward dweight",
+            ta: CUBLAS_OP_N,
+            tb: CUBLAS_OP_T,
+            m: ic,
+            n: oc,
+            k: n,
+            a: x,
+            lda: ic,
+            b: dy,
+            ldb: oc,
+            beta: 1.0,
+            c: dw,
+            ldc: ic,
+        })
+    }
+
+    /// The rows `N` of a matmul's input; every shape error named.
+    fn check_matmul(&self, inp: usize, weight: usize, ic: usize, oc: usize) -> Result<usize> {
+        if ic == 0 || oc == 0 {
+            return Err(Error::Empty("matmul weight with no channels"));
+        }
+        check("weight", weight, oc * ic, format!("[{oc}, {ic}]"))?;
+        if inp == 0 {
+            return Err(Error::Empty("no rows"));
+        }
+        if !inp.is_multiple_of(ic) {
+            return Err(Error::ShapeMismatch {
+                tensor: "inp",
+                expected: inp.next_multiple_of(ic),
+                actual: inp,
+                shape: format!("[N, {ic}]"),
+            });
+        }
+        Ok(inp / ic)
+    }
+}
