@@ -229,4 +229,30 @@ typedef struct DkRopeParams {
     int32_t inverse;
 } DkRopeParams;
 
+/* dk_attention_fwd, dk_attention_bwd_dq, dk_attention_bwd_dkv (kernels/attention.cu): causal
+ * softmax attention, query head h reading key/value head h / (n_heads / n_kv_heads). q, out,
+ * dout, dq [batch, seq, n_heads, head_dim]; k, v, dk, dv [batch, seq, n_kv_heads, head_dim];
+ * lse, delta [batch, seq, n_heads]. Forward: out_w and lse (the row's log-sum-exp of the scaled
+ * scores) written. bwd_dq: delta = rowsum(dout * out) written, dq accumulated. bwd_dkv (after
+ * bwd_dq): dk, dv accumulated. head_dim <= 128. */
+typedef struct DkAttentionParams {
+    const float* q;
+    const float* k;
+    const float* v;
+    const float* out;
+    const float* dout;
+    float* out_w;
+    float* lse;
+    float* delta;
+    float* dq;
+    float* dk;
+    float* dv;
+    int64_t batch;
+    int64_t seq;
+    int64_t n_heads;
+    int64_t n_kv_heads;
+    int64_t head_dim;
+    float scale;
+} DkAttentionParams;
+
 #endif

@@ -32,7 +32,8 @@ device_repr!(
     DkEmbeddingParams,
     DkRmsNormParams,
     DkElementwiseParams,
-    DkRopeParams
+    DkRopeParams,
+    DkAttentionParams
 );
 
 // SAFETY: DkScalars is plain data (floats and integers); all-zero bits are a valid value.

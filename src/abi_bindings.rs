@@ -595,3 +595,72 @@ impl Default for DkRopeParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkAttentionParams {
+    pub q: *const f32,
+    pub k: *const f32,
+    pub v: *const f32,
+    pub out: *const f32,
+    pub dout: *const f32,
+    pub out_w: *mut f32,
+    pub lse: *mut f32,
+    pub delta: *mut f32,
+    pub dq: *mut f32,
+    pub dk: *mut f32,
+    pub dv: *mut f32,
+    pub batch: i64,
+    pub seq: i64,
+    pub n_heads: i64,
+    pub n_kv_heads: i64,
+    pub head_dim: i64,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkAttentionParams"][::std::mem::size_of::<DkAttentionParams>() - 136usize];
+    ["Alignment of DkAttentionParams"][::std::mem::align_of::<DkAttentionParams>() - 8usize];
+    ["Offset of field: DkAttentionParams::q"]
+        [::std::mem::offset_of!(DkAttentionParams, q) - 0usize];
+    ["Offset of field: DkAttentionParams::k"]
+        [::std::mem::offset_of!(DkAttentionParams, k) - 8usize];
+    ["Offset of field: DkAttentionParams::v"]
+        [::std::mem::offset_of!(DkAttentionParams, v) - 16usize];
+    ["Offset of field: DkAttentionParams::out"]
+        [::std::mem::offset_of!(DkAttentionParams, out) - 24usize];
+    ["Offset of field: DkAttentionParams::dout"]
+        [::std::mem::offset_of!(DkAttentionParams, dout) - 32usize];
+    ["Offset of field: DkAttentionParams::out_w"]
+        [::std::mem::offset_of!(DkAttentionParams, out_w) - 40usize];
+    ["Offset of field: DkAttentionParams::lse"]
+        [::std::mem::offset_of!(DkAttentionParams, lse) - 48usize];
+    ["Offset of field: DkAttentionParams::delta"]
+        [::std::mem::offset_of!(DkAttentionParams, delta) - 56usize];
+    ["Offset of field: DkAttentionParams::dq"]
+        [::std::mem::offset_of!(DkAttentionParams, dq) - 64usize];
+    ["Offset of field: DkAttentionParams::dk"]
+        [::std::mem::offset_of!(DkAttentionParams, dk) - 72usize];
+    ["Offset of field: DkAttentionParams::dv"]
+        [::std::mem::offset_of!(DkAttentionParams, dv) - 80usize];
+    ["Offset of field: DkAttentionParams::batch"]
+        [::std::mem::offset_of!(DkAttentionParams, batch) - 88usize];
+    ["Offset of field: DkAttentionParams::seq"]
+        [::std::mem::offset_of!(DkAttentionParams, seq) - 96usize];
+    ["Offset of field: DkAttentionParams::n_heads"]
+        [::std::mem::offset_of!(DkAttentionParams, n_heads) - 104usize];
+    ["Offset of field: DkAttentionParams::n_kv_heads"]
+        [::std::mem::offset_of!(DkAttentionParams, n_kv_heads) - 112usize];
+    ["Offset of field: DkAttentionParams::head_dim"]
+        [::std::mem::offset_of!(DkAttentionParams, head_dim) - 120usize];
+    ["Offset of field: DkAttentionParams::scale"]
+        [::std::mem::offset_of!(DkAttentionParams, scale) - 128usize];
+};
+impl Default for DkAttentionParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

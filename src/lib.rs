@@ -72,6 +72,7 @@ pub mod reference;
 #[cfg(feature = "trainer")]
 pub mod rng;
 pub mod semantics;
+pub mod shapes;
 #[cfg(feature = "trainer")]
 pub mod train;
 

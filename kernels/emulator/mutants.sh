@@ -23,14 +23,19 @@ ROOT=$PWD
 FILTER=${1:-}
 
 # ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
-json=$(cargo test --release --test kernels --test device_api --test device_views --test device_optim --test device_nn --no-run \
-    --message-format=json 2>/dev/null)
+SUITES=(kernels device_api device_views device_optim device_nn device_blas device_attention)
+json=$(cargo test --release "${SUITES[@]/#/--test=}" --no-run --message-format=json 2>/dev/null)
 OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
 exe_of() { grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\"" |
     sed -E 's/.*"executable":"([^"]*)".*/\1/' | tail -1; }
-TESTS=("$(exe_of kernels)" "$(exe_of device_api)" "$(exe_of device_views)" "$(exe_of device_optim)" "$(exe_of device_nn)")
-[[ -f $OUT_DIR/emulator_build.sh && -x ${TESTS[0]} && -x ${TESTS[1]} && -x ${TESTS[2]} && -x ${TESTS[3]} && -x ${TESTS[4]} ]] ||
+TESTS=()
+for suite in "${SUITES[@]}"; do
+    exe=$(exe_of "$suite")
+    [[ -x $exe ]] || { echo "mutants.sh: cannot find the test binary $suite" >&2; exit 2; }
+    TESTS+=("$exe")
+done
+[[ -f $OUT_DIR/emulator_build.sh ]] ||
     { echo "mutants.sh: cannot find the build (OUT_DIR=$OUT_DIR)" >&2; exit 2; }
 # shellcheck source=/dev/null
 source "$OUT_DIR/emulator_build.sh"
@@ -81,6 +86,16 @@ mutant rmsnorm-dw-last-row model_ops.cu \
     'for (int64_t n = 0; n < p.rows; ++n)' \
     'for (int64_t n = 0; n + 1 < p.rows; ++n)' \
     "the RMSNorm weight gradient leaves out the last row"
+mutant attention-dkv-diagonal attention.cu \
+    'for (int64_t i = j; i < T; ++i)' \
+    'for (int64_t i = j + 1; i < T; ++i)' \
+    "the key/value gradient leaves out each key's own query row (the causal diagonal)"
+mutant attention-kv-head-modulo attention.cu \
+    'b = r / NH / T, g = h / (NH / NKV);
+    float q[DK_ATT_CHUNKS], o[DK_ATT_CHUNKS];' \
+    'b = r / NH / T, g = h % NKV;
+    float q[DK_ATT_CHUNKS], o[DK_ATT_CHUNKS];' \
+    "the forward maps query head h to key/value head h mod NKV instead of h / (NH / NKV)"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do

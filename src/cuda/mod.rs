@@ -1,6 +1,7 @@
 //! The CUDA backend: the kernels of `kernels/` launched through cudarc, on a real GPU or on the
 //! emulated one (the same code path, with the fake driver of `kernels/emulator` loaded first).
 
+mod attention;
 mod blas;
 #[cfg(feature = "emulator")]
 mod emulator;
@@ -16,6 +17,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 
 use crate::error::{Error, Result};
 
+pub use attention::MAX_HEAD_DIM as MAX_ATTENTION_HEAD_DIM;
 pub use ops::{DeviceHidden, DeviceInputs, LossWorkspace, RowStrides, Student};
 pub use tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut, DeviceVec};
 

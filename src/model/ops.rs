@@ -432,21 +432,7 @@ fn rope_rotate<F: Real>(
 // ---------------------------------------------------------------------------------------------
 // causal self-attention with grouped-query heads
 
-/// The shape of one attention call. Query heads `h` read key/value head `h / (n_heads /
-/// n_kv_heads)` (HF `repeat_kv`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttnShape {
-    /// Sequences, B.
-    pub batch: usize,
-    /// Tokens per sequence, T.
-    pub seq: usize,
-    /// Query heads, NH.
-    pub n_heads: usize,
-    /// Key/value heads, NKV; must divide `n_heads`.
-    pub n_kv_heads: usize,
-    /// Per-head width, D.
-    pub head_dim: usize,
-}
+pub use crate::shapes::AttnShape;
 
 impl AttnShape {
     fn check(&self, q: usize, k: usize, v: usize, att: usize) {
