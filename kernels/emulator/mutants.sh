@@ -23,7 +23,7 @@ ROOT=$PWD
 FILTER=${1:-}
 
 # ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
-SUITES=(kernels device_api device_views device_optim device_nn device_blas device_attention)
+SUITES=(kernels device_api device_views device_optim device_nn device_blas device_attention device_model)
 json=$(cargo test --release "${SUITES[@]/#/--test=}" --no-run --message-format=json 2>/dev/null)
 OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)

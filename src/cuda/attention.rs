@@ -4,7 +4,7 @@
 //! query row (`lse`, `[B, T, NH]`) and recomputes the probabilities from it; the gradients
 //! accumulate (`+=`) as on the CPU.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::ops::{check_len as check, row_grid};
 use super::CudaKernels;
@@ -74,11 +74,11 @@ impl CudaKernels {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_forward(
         &self,
-        out: &mut CudaSlice<f32>,
-        lse: &mut CudaSlice<f32>,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
+        lse: &mut impl DevicePtrMut<f32>,
+        q: &impl DevicePtr<f32>,
+        k: &impl DevicePtr<f32>,
+        v: &impl DevicePtr<f32>,
         s: AttnShape,
     ) -> Result<()> {
         let (nq, nkv, nrows) = lengths(&s)?;
@@ -108,25 +108,25 @@ impl CudaKernels {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward(
         &self,
-        dq: &mut CudaSlice<f32>,
-        dk: &mut CudaSlice<f32>,
-        dv: &mut CudaSlice<f32>,
-        delta: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        out: &CudaSlice<f32>,
-        lse: &CudaSlice<f32>,
+        dq: &mut impl DevicePtrMut<f32>,
+        dk: &mut impl DevicePtrMut<f32>,
+        dv: &mut impl DevicePtrMut<f32>,
+        delta: &mut impl DevicePtrMut<f32>,
+        dout: &impl DevicePtr<f32>,
+        q: &impl DevicePtr<f32>,
+        k: &impl DevicePtr<f32>,
+        v: &impl DevicePtr<f32>,
+        out: &impl DevicePtr<f32>,
+        lse: &impl DevicePtr<f32>,
         s: AttnShape,
     ) -> Result<()> {
         let (nq, nkv, nrows) = lengths(&s)?;
-        for (name, t) in [("q", q), ("out", out), ("dout", dout)] {
-            check(name, t.len(), nq, shape_q(&s))?;
+        for (name, len) in [("q", q.len()), ("out", out.len()), ("dout", dout.len())] {
+            check(name, len, nq, shape_q(&s))?;
         }
         check("dq", dq.len(), nq, shape_q(&s))?;
-        for (name, t) in [("k", k), ("v", v)] {
-            check(name, t.len(), nkv, shape_kv(&s))?;
+        for (name, len) in [("k", k.len()), ("v", v.len())] {
+            check(name, len, nkv, shape_kv(&s))?;
         }
         check("dk", dk.len(), nkv, shape_kv(&s))?;
         check("dv", dv.len(), nkv, shape_kv(&s))?;

@@ -9,7 +9,7 @@
 
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{result as cublas, sys, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::ops::check_len as check;
 use super::CudaKernels;
@@ -96,9 +96,9 @@ impl CudaKernels {
     /// `out = inp W^T`: inp `[N, IC]`, weight `[OC, IC]`, out `[N, OC]` (overwritten).
     pub fn matmul_forward(
         &self,
-        out: &mut CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
+        inp: &impl DevicePtr<f32>,
+        weight: &impl DevicePtr<f32>,
         ic: usize,
         oc: usize,
     ) -> Result<()> {
@@ -130,11 +130,11 @@ impl CudaKernels {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_backward(
         &self,
-        dinp: &mut CudaSlice<f32>,
-        dweight: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
+        dinp: &mut impl DevicePtrMut<f32>,
+        dweight: &mut impl DevicePtrMut<f32>,
+        dout: &impl DevicePtr<f32>,
+        inp: &impl DevicePtr<f32>,
+        weight: &impl DevicePtr<f32>,
         ic: usize,
         oc: usize,
     ) -> Result<()> {

@@ -8,6 +8,7 @@ mod emulator;
 mod host;
 mod nn;
 mod ops;
+mod span;
 mod tensor;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use crate::error::{Error, Result};
 
 pub use attention::MAX_HEAD_DIM as MAX_ATTENTION_HEAD_DIM;
 pub use ops::{DeviceHidden, DeviceInputs, LossWorkspace, RowStrides, Student};
+pub use span::DeviceSpan;
 pub use tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut, DeviceVec};
 
 /// The kernels compiled by nvcc at build time (empty when nvcc was not found).

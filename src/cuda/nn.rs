@@ -39,10 +39,10 @@ impl CudaKernels {
     /// (checked on the host: `tokens_host` is the same ids as `tokens`).
     pub fn embedding_forward(
         &self,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
         tokens: &CudaSlice<u32>,
         tokens_host: &[u32],
-        wte: &CudaSlice<f32>,
+        wte: &impl DevicePtr<f32>,
         c: usize,
     ) -> Result<()> {
         let (n, vocab) = self.check_embedding(tokens, tokens_host, wte.len(), c)?;
@@ -67,10 +67,10 @@ impl CudaKernels {
     /// `dwte[tokens[n], :] += dout[n, :]` in position order (bit-identical to the CPU's sum).
     pub fn embedding_backward(
         &self,
-        dwte: &mut CudaSlice<f32>,
+        dwte: &mut impl DevicePtrMut<f32>,
         tokens: &CudaSlice<u32>,
         tokens_host: &[u32],
-        dout: &CudaSlice<f32>,
+        dout: &impl DevicePtr<f32>,
         c: usize,
     ) -> Result<()> {
         let (n, vocab) = self.check_embedding(tokens, tokens_host, dwte.len(), c)?;
@@ -145,10 +145,10 @@ impl CudaKernels {
     /// weight `[C]`, rstd `[N]` (N = `rstd.len()`).
     pub fn rmsnorm_forward(
         &self,
-        out: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
+        rstd: &mut impl DevicePtrMut<f32>,
+        inp: &impl DevicePtr<f32>,
+        weight: &impl DevicePtr<f32>,
         eps: f64,
     ) -> Result<()> {
         let (rows, c) = (rstd.len(), weight.len());
@@ -178,12 +178,12 @@ impl CudaKernels {
     /// `dweight += sum_n dy * xh` (rows in order, bit-identical to the CPU's sum).
     pub fn rmsnorm_backward(
         &self,
-        dinp: &mut CudaSlice<f32>,
-        dweight: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        inp: &CudaSlice<f32>,
-        weight: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
+        dinp: &mut impl DevicePtrMut<f32>,
+        dweight: &mut impl DevicePtrMut<f32>,
+        dout: &impl DevicePtr<f32>,
+        inp: &impl DevicePtr<f32>,
+        weight: &impl DevicePtr<f32>,
+        rstd: &impl DevicePtr<f32>,
     ) -> Result<()> {
         let (rows, c) = (rstd.len(), weight.len());
         self.rmsnorm_params(rows, c, inp.len(), weight.len(), rstd.len())?;
@@ -213,17 +213,14 @@ impl CudaKernels {
         self.launch("dk_rmsnorm_bwd_dw", per_channel_grid(c)?, &p)
     }
 
-    /// One element-wise kernel: the three inputs (gate, up, dout slots) and three outputs (out,
-    /// dgate, dup slots) of [`DkElementwiseParams`], each with the name the caller's signature
-    /// gives it, for errors.
     /// Rotate-half RoPE in place: x `[N, heads, head_dim]`, row n at position `n % seq`, tables
     /// `cos`, `sin` `[seq, head_dim / 2]` (from `model::ops::rope_tables`). Bit-identical to
     /// `model::ops::rope_forward`.
     pub fn rope_forward(
         &self,
-        x: &mut CudaSlice<f32>,
-        cos: &CudaSlice<f32>,
-        sin: &CudaSlice<f32>,
+        x: &mut impl DevicePtrMut<f32>,
+        cos: &impl DevicePtr<f32>,
+        sin: &impl DevicePtr<f32>,
         seq: usize,
         heads: usize,
         head_dim: usize,
@@ -235,9 +232,9 @@ impl CudaKernels {
     /// `model::ops::rope_backward`.
     pub fn rope_backward(
         &self,
-        d: &mut CudaSlice<f32>,
-        cos: &CudaSlice<f32>,
-        sin: &CudaSlice<f32>,
+        d: &mut impl DevicePtrMut<f32>,
+        cos: &impl DevicePtr<f32>,
+        sin: &impl DevicePtr<f32>,
         seq: usize,
         heads: usize,
         head_dim: usize,
@@ -248,9 +245,9 @@ impl CudaKernels {
     #[allow(clippy::too_many_arguments)]
     fn rope(
         &self,
-        x: &mut CudaSlice<f32>,
-        cos: &CudaSlice<f32>,
-        sin: &CudaSlice<f32>,
+        x: &mut impl DevicePtrMut<f32>,
+        cos: &impl DevicePtr<f32>,
+        sin: &impl DevicePtr<f32>,
         seq: usize,
         heads: usize,
         head_dim: usize,
@@ -267,12 +264,12 @@ impl CudaKernels {
         }
         let half = head_dim / 2;
         // Tables for longer sequences serve shorter ones (rows t < seq are read), as on the CPU.
-        for (name, table) in [("cos", cos), ("sin", sin)] {
-            if table.len() < seq * half || !table.len().is_multiple_of(half) {
+        for (name, len) in [("cos", cos.len()), ("sin", sin.len())] {
+            if len < seq * half || !len.is_multiple_of(half) {
                 return Err(Error::ShapeMismatch {
                     tensor: name,
                     expected: seq * half,
-                    actual: table.len(),
+                    actual: len,
                     shape: format!("[>= {seq}, {half}]"),
                 });
             }
@@ -304,12 +301,15 @@ impl CudaKernels {
         self.launch("dk_rope", elementwise_grid(vectors * half)?, &p)
     }
 
+    /// One element-wise kernel: the three inputs (gate, up, dout slots) and three outputs (out,
+    /// dgate, dup slots) of [`DkElementwiseParams`], each with the name the caller's signature
+    /// gives it, for errors.
     fn elementwise(
         &self,
         kernel: &str,
         n: usize,
-        inputs: [(&'static str, Option<&CudaSlice<f32>>); 3],
-        outputs: [(&'static str, Option<&mut CudaSlice<f32>>); 3],
+        inputs: [(&'static str, Option<&dyn DevicePtr<f32>>); 3],
+        outputs: [(&'static str, Option<&mut dyn DevicePtrMut<f32>>); 3],
     ) -> Result<()> {
         nonzero("n = 0", n)?;
         for (name, t) in &inputs {
@@ -348,9 +348,9 @@ impl CudaKernels {
     /// `out = silu(gate) * up`, all `[N]`.
     pub fn swiglu_forward(
         &self,
-        out: &mut CudaSlice<f32>,
-        gate: &CudaSlice<f32>,
-        up: &CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
+        gate: &impl DevicePtr<f32>,
+        up: &impl DevicePtr<f32>,
     ) -> Result<()> {
         let n = out.len();
         self.elementwise(
@@ -364,11 +364,11 @@ impl CudaKernels {
     /// `dgate += dout * up * silu'(gate)`, `dup += dout * silu(gate)`.
     pub fn swiglu_backward(
         &self,
-        dgate: &mut CudaSlice<f32>,
-        dup: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        gate: &CudaSlice<f32>,
-        up: &CudaSlice<f32>,
+        dgate: &mut impl DevicePtrMut<f32>,
+        dup: &mut impl DevicePtrMut<f32>,
+        dout: &impl DevicePtr<f32>,
+        gate: &impl DevicePtr<f32>,
+        up: &impl DevicePtr<f32>,
     ) -> Result<()> {
         let n = dout.len();
         self.elementwise(
@@ -382,9 +382,9 @@ impl CudaKernels {
     /// `out = a + b`.
     pub fn residual_forward(
         &self,
-        out: &mut CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
+        a: &impl DevicePtr<f32>,
+        b: &impl DevicePtr<f32>,
     ) -> Result<()> {
         let n = out.len();
         self.elementwise(
@@ -398,9 +398,9 @@ impl CudaKernels {
     /// `da += dout`, `db += dout`.
     pub fn residual_backward(
         &self,
-        da: &mut CudaSlice<f32>,
-        db: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
+        da: &mut impl DevicePtrMut<f32>,
+        db: &mut impl DevicePtrMut<f32>,
+        dout: &impl DevicePtr<f32>,
     ) -> Result<()> {
         let n = dout.len();
         self.elementwise(

@@ -12,6 +12,7 @@
 //! ```
 
 use super::config::LlamaConfig;
+use super::exec::{AttentionState, CpuExec, Executor, Slot, Store};
 use super::ops::{self, AttnShape, Real};
 use crate::train::error::{Result, TrainError as Error};
 use crate::train::memory::{self, MemoryPlan};
@@ -234,7 +235,7 @@ struct LayerActs {
     q: Span,        // [N, NH*D] after RoPE
     k: Span,        // [N, NKV*D] after RoPE
     v: Span,        // [N, NKV*D]
-    att: Span,      // [B, T, NH, T] softmax probabilities
+    att: Span,      // the attention's saved state (CPU: [B, T, NH, T] probabilities)
     atty: Span,     // [N, NH*D] attention output, o_proj's input
     res2: Span,     // [N, C]    h + attention branch
     ln2: Span,      // [N, C]    post_attention_layernorm(res2)
@@ -246,20 +247,20 @@ struct LayerActs {
 }
 
 #[derive(Debug, Clone)]
-struct ActLayout {
-    rope_cos: Span, // [T, D/2]
-    rope_sin: Span, // [T, D/2]
-    encoded: Span,  // [N, C] embeddings
+pub(crate) struct ActLayout {
+    pub(crate) rope_cos: Span, // [T, D/2]
+    pub(crate) rope_sin: Span, // [T, D/2]
+    encoded: Span,             // [N, C] embeddings
     layers: Vec<LayerActs>,
     branch: Span, // [N, C] o_proj / down_proj output before the residual add (not kept)
     lnf: Span,    // [N, C] final norm
     lnf_rstd: Span, // [N]
-    logits: Span, // [N, V]
+    pub(crate) logits: Span, // [N, V]
 }
 
 /// Backward scratch, reused by every layer.
 #[derive(Debug, Clone, Copy)]
-struct GradLayout {
+pub(crate) struct GradLayout {
     dres: Span,    // [N, C] gradient of the residual stream
     dln: Span,     // [N, C] gradient of a norm's output
     dq: Span,      // [N, NH*D]
@@ -270,7 +271,7 @@ struct GradLayout {
     dswiglu: Span, // [N, I]
     dgate: Span,   // [N, I]
     dup: Span,     // [N, I]
-    total: usize,
+    pub(crate) total: usize,
 }
 
 /// Lays spans end to end; `None` when a size overflows.
@@ -289,6 +290,98 @@ impl Bump {
             len: len.unwrap_or(0),
         }
     }
+}
+
+/// The layouts of the forward's buffer and the backward's scratch for `batch` x `seq`, with the
+/// attention's state sized by the executor (`state`, from [`Executor::attention_state`]), and the
+/// forward buffer's total; checked for overflow.
+pub(crate) fn layouts(
+    model: &Llama,
+    batch: usize,
+    seq: usize,
+    state: AttentionState,
+) -> Result<(ActLayout, GradLayout, usize)> {
+    let cfg = model.config();
+    let invalid = |name, value: usize, reason| Error::InvalidOption {
+        name,
+        value: value.to_string(),
+        reason,
+    };
+    if batch == 0 {
+        return Err(invalid("batch", batch, "must be positive"));
+    }
+    if seq == 0 {
+        return Err(invalid("seq", seq, "must be positive"));
+    }
+    if seq > cfg.max_position_embeddings {
+        return Err(invalid("seq", seq, "exceeds max_position_embeddings"));
+    }
+    let n = batch.checked_mul(seq);
+    let n = n.ok_or_else(|| invalid("batch", batch, "batch * seq overflows"))?;
+    let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim());
+
+    let mut a = Bump(Some(0));
+    let rope_cos = a.take(&[seq, hd / 2]);
+    let rope_sin = a.take(&[seq, hd / 2]);
+    let encoded = a.take(&[n, c]);
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|_| LayerActs {
+            ln1: a.take(&[n, c]),
+            ln1_rstd: a.take(&[n]),
+            q: a.take(&[n, qd]),
+            k: a.take(&[n, kvd]),
+            v: a.take(&[n, kvd]),
+            att: a.take(&[state.saved]),
+            atty: a.take(&[n, qd]),
+            res2: a.take(&[n, c]),
+            ln2: a.take(&[n, c]),
+            ln2_rstd: a.take(&[n]),
+            gate: a.take(&[n, i]),
+            up: a.take(&[n, i]),
+            swiglu: a.take(&[n, i]),
+            out: a.take(&[n, c]),
+        })
+        .collect();
+    let branch = a.take(&[n, c]);
+    let lnf = a.take(&[n, c]);
+    let lnf_rstd = a.take(&[n]);
+    let logits = a.take(&[n, v]);
+    let total = a.0;
+
+    let mut g = Bump(Some(0));
+    let grad_layout = GradLayout {
+        dres: g.take(&[n, c]),
+        dln: g.take(&[n, c]),
+        dq: g.take(&[n, qd]),
+        dk: g.take(&[n, kvd]),
+        dv: g.take(&[n, kvd]),
+        datty: g.take(&[n, qd]),
+        dpreatt: g.take(&[state.scratch]),
+        dswiglu: g.take(&[n, i]),
+        dgate: g.take(&[n, i]),
+        dup: g.take(&[n, i]),
+        total: g.0.unwrap_or(0),
+    };
+    let (Some(total), Some(_)) = (total, g.0) else {
+        return Err(invalid("batch", batch, "activation size overflows usize"));
+    };
+    let layout = ActLayout {
+        rope_cos,
+        rope_sin,
+        encoded,
+        layers,
+        branch,
+        lnf,
+        lnf_rstd,
+        logits,
+    };
+    Ok((layout, grad_layout, total))
+}
+
+/// The CPU executor's attention state for `batch` x `seq`.
+fn cpu_attention(model: &Llama, batch: usize, seq: usize) -> AttentionState {
+    CpuExec::<f32>::attention_state(&model.attn_shape(batch, seq))
 }
 
 /// Everything a forward pass keeps for the backward, for one (batch, seq), in one contiguous
@@ -311,98 +404,15 @@ impl<F: Real> Activations<F> {
     /// `seq` tokens (what [`Activations::new`] and the first backward allocate), checked for
     /// overflow; nothing is allocated.
     pub fn buffer_elements(model: &Llama, batch: usize, seq: usize) -> Result<(usize, usize)> {
-        let (_, grad_layout, total) = Self::layouts(model, batch, seq)?;
+        let (_, grad_layout, total) = layouts(model, batch, seq, cpu_attention(model, batch, seq))?;
         Ok((total, grad_layout.total))
-    }
-
-    fn layouts(model: &Llama, batch: usize, seq: usize) -> Result<(ActLayout, GradLayout, usize)> {
-        let cfg = model.config();
-        let invalid = |name, value: usize, reason| Error::InvalidOption {
-            name,
-            value: value.to_string(),
-            reason,
-        };
-        if batch == 0 {
-            return Err(invalid("batch", batch, "must be positive"));
-        }
-        if seq == 0 {
-            return Err(invalid("seq", seq, "must be positive"));
-        }
-        if seq > cfg.max_position_embeddings {
-            return Err(invalid("seq", seq, "exceeds max_position_embeddings"));
-        }
-        let n = batch.checked_mul(seq);
-        let n = n.ok_or_else(|| invalid("batch", batch, "batch * seq overflows"))?;
-        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qd, kvd, hd, nh) = (
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.head_dim(),
-            cfg.num_attention_heads,
-        );
-
-        let mut a = Bump(Some(0));
-        let rope_cos = a.take(&[seq, hd / 2]);
-        let rope_sin = a.take(&[seq, hd / 2]);
-        let encoded = a.take(&[n, c]);
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|_| LayerActs {
-                ln1: a.take(&[n, c]),
-                ln1_rstd: a.take(&[n]),
-                q: a.take(&[n, qd]),
-                k: a.take(&[n, kvd]),
-                v: a.take(&[n, kvd]),
-                att: a.take(&[n, nh, seq]),
-                atty: a.take(&[n, qd]),
-                res2: a.take(&[n, c]),
-                ln2: a.take(&[n, c]),
-                ln2_rstd: a.take(&[n]),
-                gate: a.take(&[n, i]),
-                up: a.take(&[n, i]),
-                swiglu: a.take(&[n, i]),
-                out: a.take(&[n, c]),
-            })
-            .collect();
-        let branch = a.take(&[n, c]);
-        let lnf = a.take(&[n, c]);
-        let lnf_rstd = a.take(&[n]);
-        let logits = a.take(&[n, v]);
-        let total = a.0;
-
-        let mut g = Bump(Some(0));
-        let grad_layout = GradLayout {
-            dres: g.take(&[n, c]),
-            dln: g.take(&[n, c]),
-            dq: g.take(&[n, qd]),
-            dk: g.take(&[n, kvd]),
-            dv: g.take(&[n, kvd]),
-            datty: g.take(&[n, qd]),
-            dpreatt: g.take(&[n, nh, seq]),
-            dswiglu: g.take(&[n, i]),
-            dgate: g.take(&[n, i]),
-            dup: g.take(&[n, i]),
-            total: g.0.unwrap_or(0),
-        };
-        let (Some(total), Some(_)) = (total, g.0) else {
-            return Err(invalid("batch", batch, "activation size overflows usize"));
-        };
-        let layout = ActLayout {
-            rope_cos,
-            rope_sin,
-            encoded,
-            layers,
-            branch,
-            lnf,
-            lnf_rstd,
-            logits,
-        };
-        Ok((layout, grad_layout, total))
     }
 
     /// Buffers for `batch` sequences of `seq` tokens (`seq <= max_position_embeddings`); an error
     /// when they do not fit the available memory (backward scratch included).
     pub fn new(model: &Llama, batch: usize, seq: usize) -> Result<Self> {
-        let (layout, grad_layout, total) = Self::layouts(model, batch, seq)?;
+        let (layout, grad_layout, total) =
+            layouts(model, batch, seq, cpu_attention(model, batch, seq))?;
         let cfg = model.config();
         let hd = cfg.head_dim();
         let mut plan = MemoryPlan::new();
@@ -472,29 +482,12 @@ impl<F: Real> Activations<F> {
     }
 }
 
-/// Disjoint mutable views of `buf` at `spans` (an internal invariant: spans never overlap).
-fn split_mut<'a, F, const K: usize>(buf: &'a mut [F], spans: [Span; K]) -> [&'a mut [F]; K] {
-    let mut order: [usize; K] = std::array::from_fn(|i| i);
-    order.sort_unstable_by_key(|&i| spans[i].offset);
-    let mut out: [Option<&'a mut [F]>; K] = std::array::from_fn(|_| None);
-    let mut rest = buf;
-    let mut pos = 0;
-    for &i in &order {
-        let s = spans[i];
-        assert!(s.offset >= pos, "overlapping spans");
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(s.offset - pos);
-        let (mid, tail) = tail.split_at_mut(s.len);
-        out[i] = Some(mid);
-        rest = tail;
-        pos = s.offset + s.len;
-    }
-    out.map(|o| o.expect("every span is assigned"))
+fn slot(store: Store, span: Span) -> Slot {
+    Slot { store, span }
 }
 
-fn add_into<F: Real>(dst: &mut [F], src: &[F]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d += s;
-    }
+fn input_slot(k: usize, len: usize) -> Slot {
+    slot(Store::Input(k), Span { offset: 0, len })
 }
 
 /// Elements per independently seeded stream of the initialization (so it can run in parallel
@@ -584,6 +577,34 @@ impl Llama {
         params
     }
 
+    /// `[B*T]` tokens, each below the vocabulary size.
+    pub(crate) fn check_tokens(&self, tokens: &[u32], b: usize, t: usize) -> Result<()> {
+        self.check_len(
+            "tokens",
+            tokens.len(),
+            b * t,
+            format!("[batch {b}, seq {t}]"),
+        )?;
+        let vocab = self.config.vocab_size;
+        if let Some((position, &token)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x as usize >= vocab)
+        {
+            return Err(Error::TokenOutOfRange {
+                position,
+                token,
+                vocab,
+            });
+        }
+        Ok(())
+    }
+
+    /// The attention's shape at `batch` x `seq`.
+    pub(crate) fn attention_shape(&self, batch: usize, seq: usize) -> AttnShape {
+        self.attn_shape(batch, seq)
+    }
+
     fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
         AttnShape {
             batch,
@@ -641,90 +662,22 @@ impl Llama {
         tokens: &[u32],
         acts: &'a mut Activations<F>,
     ) -> Result<&'a [F]> {
-        let cfg = &self.config;
         self.check_params("params", params.len())?;
         self.check_acts(acts)?;
         let (b, t) = (acts.batch, acts.seq);
-        let n = b * t;
-        self.check_len("tokens", tokens.len(), n, format!("[batch {b}, seq {t}]"))?;
-        let vocab = cfg.vocab_size;
-        if let Some((position, &token)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x as usize >= vocab)
-        {
-            return Err(Error::TokenOutOfRange {
-                position,
-                token,
-                vocab,
-            });
-        }
+        self.check_tokens(tokens, b, t)?;
         acts.ready = false;
         acts.tokens.clear();
         acts.tokens.extend_from_slice(tokens);
 
-        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, vocab);
-        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim());
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let eps = cfg.rms_norm_eps;
-        let shape = self.attn_shape(b, t);
-        let (pl, la) = (&self.layout, &acts.layout);
-        let p = |s: Span| s.of(params);
-        let buf = &mut acts.buf;
-
-        ops::embedding_forward(la.encoded.of_mut(buf), tokens, p(pl.embed_tokens), c);
-        for (l, (lp, lay)) in pl.layers.iter().zip(&la.layers).enumerate() {
-            let input = if l == 0 {
-                la.encoded
-            } else {
-                la.layers[l - 1].out
-            };
-            let [inp, cos, sin, ln1, ln1_rstd, q, k, vv, att, atty, branch, res2, ln2, ln2_rstd, gate, up, sw, out] =
-                split_mut(
-                    buf,
-                    [
-                        input,
-                        la.rope_cos,
-                        la.rope_sin,
-                        lay.ln1,
-                        lay.ln1_rstd,
-                        lay.q,
-                        lay.k,
-                        lay.v,
-                        lay.att,
-                        lay.atty,
-                        la.branch,
-                        lay.res2,
-                        lay.ln2,
-                        lay.ln2_rstd,
-                        lay.gate,
-                        lay.up,
-                        lay.swiglu,
-                        lay.out,
-                    ],
-                );
-            // attention block
-            ops::rmsnorm_forward(ln1, ln1_rstd, inp, p(lp.input_layernorm), eps);
-            ops::matmul_forward(q, ln1, p(lp.q_proj), c, qd);
-            ops::matmul_forward(k, ln1, p(lp.k_proj), c, kvd);
-            ops::matmul_forward(vv, ln1, p(lp.v_proj), c, kvd);
-            ops::rope_forward(q, cos, sin, t, nh, hd);
-            ops::rope_forward(k, cos, sin, t, nkv, hd);
-            ops::attention_forward(atty, att, q, k, vv, shape);
-            ops::matmul_forward(branch, atty, p(lp.o_proj), qd, c);
-            ops::residual_forward(res2, inp, branch);
-            // MLP block
-            ops::rmsnorm_forward(ln2, ln2_rstd, res2, p(lp.post_attention_layernorm), eps);
-            ops::matmul_forward(gate, ln2, p(lp.gate_proj), c, i);
-            ops::matmul_forward(up, ln2, p(lp.up_proj), c, i);
-            ops::swiglu_forward(sw, gate, up);
-            ops::matmul_forward(branch, sw, p(lp.down_proj), i, c);
-            ops::residual_forward(out, res2, branch);
-        }
-        let last = la.layers[la.layers.len() - 1].out;
-        let [h, lnf, lnf_rstd, logits] = split_mut(buf, [last, la.lnf, la.lnf_rstd, la.logits]);
-        ops::rmsnorm_forward(lnf, lnf_rstd, h, p(pl.norm), eps);
-        ops::matmul_forward(logits, lnf, p(pl.lm_head), c, v);
+        let Activations {
+            layout,
+            buf,
+            tokens,
+            ..
+        } = acts;
+        let mut ex = CpuExec::new(params, &mut [], buf, &mut [], Vec::new(), tokens);
+        self.forward_ops(&mut ex, layout, b, t)?;
         acts.ready = true;
         Ok(acts.layout.logits.of(&acts.buf))
     }
@@ -765,13 +718,7 @@ impl Llama {
         }
         let (b, t) = (acts.batch, acts.seq);
         let n = b * t;
-        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim());
-        let (nh, nkv, layers) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.num_hidden_layers,
-        );
+        let (c, v, layers) = (cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers);
         if let Some(dl) = dlogits {
             self.check_len("dlogits", dl.len(), n * v, format!("[{n}, {v}]"))?;
         }
@@ -787,127 +734,207 @@ impl Llama {
             }
             self.check_len("dhidden", g.len(), n * c, format!("[{n}, {c}]"))?;
         }
-        let shape = self.attn_shape(b, t);
         let Activations {
-            layout: la,
-            grad_layout: gl,
+            layout,
+            grad_layout,
             buf,
             grad_buf,
             tokens,
             ..
         } = acts;
-        if grad_buf.len() != gl.total {
-            *grad_buf = memory::filled(gl.total, F::ZERO, "the backward scratch buffer")?;
+        if grad_buf.len() != grad_layout.total {
+            *grad_buf = memory::filled(grad_layout.total, F::ZERO, "the backward scratch buffer")?;
         }
-        let (pl, buf) = (&self.layout, &*buf);
-        let p = |s: Span| s.of(params);
-        let a = |s: Span| s.of(buf);
+        // The loss's gradients are the call's inputs: dlogits first, then each hidden state's.
+        let mut inputs: Vec<&[F]> = Vec::new();
+        let dl = dlogits.map(|d| {
+            inputs.push(d);
+            input_slot(0, d.len())
+        });
+        let dh: Vec<(HiddenPoint, Slot)> = dhidden
+            .iter()
+            .map(|(point, g)| {
+                inputs.push(g);
+                (*point, input_slot(inputs.len() - 1, g.len()))
+            })
+            .collect();
+        let mut ex = CpuExec::new(params, grads, buf, grad_buf, inputs, tokens);
+        self.backward_ops(&mut ex, layout, grad_layout, b, t, dl, &dh)
+    }
+
+    /// The forward pass, op by op: the one definition both executors run.
+    pub(crate) fn forward_ops<E: Executor>(
+        &self,
+        ex: &mut E,
+        la: &ActLayout,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let eps = cfg.rms_norm_eps;
+        let shape = self.attn_shape(b, t);
+        let pl = &self.layout;
+        let p = |span| slot(Store::Params, span);
+        let a = |span| slot(Store::Acts, span);
         let (cos, sin) = (a(la.rope_cos), a(la.rope_sin));
-        let extra = |dst: &mut [F], at: HiddenPoint| {
-            for (_, g) in dhidden.iter().filter(|(pt, _)| *pt == at) {
-                add_into(dst, g);
-            }
-        };
-        let [dres, dln, dq, dk, dv, datty, dpreatt, dsw, dgate, dup] = split_mut(
-            grad_buf,
-            [
-                gl.dres, gl.dln, gl.dq, gl.dk, gl.dv, gl.datty, gl.dpreatt, gl.dswiglu, gl.dgate,
-                gl.dup,
-            ],
-        );
 
-        // lm_head and the final norm
-        dln.fill(F::ZERO);
-        if let Some(dl) = dlogits {
-            ops::matmul_backward(
-                dln,
-                pl.lm_head.of_mut(grads),
-                dl,
-                a(la.lnf),
-                p(pl.lm_head),
-                c,
-                v,
-            );
-        }
-        extra(dln, HiddenPoint::Final);
-        dres.fill(F::ZERO);
-        let last = la.layers[layers - 1].out;
-        ops::rmsnorm_backward(
-            dres,
-            pl.norm.of_mut(grads),
-            dln,
-            a(last),
-            p(pl.norm),
-            a(la.lnf_rstd),
-        );
-
-        // The residual stream's gradient `dres` passes through each residual add unchanged
-        // (residual_backward's `da += dout`), so it is kept in place and each branch's backward
-        // reads it as its output gradient and adds its input gradient into it.
-        for l in (0..layers).rev() {
-            let (lp, lay) = (&pl.layers[l], &la.layers[l]);
-            let input = if l == 0 {
+        ex.embedding_forward(a(la.encoded), p(pl.embed_tokens), c)?;
+        for (l, (lp, lay)) in pl.layers.iter().zip(&la.layers).enumerate() {
+            let inp = a(if l == 0 {
                 la.encoded
             } else {
                 la.layers[l - 1].out
-            };
-            extra(dres, HiddenPoint::LayerOutput(l));
+            });
+            let (ln1, q, k, vv, atty, branch) = (
+                a(lay.ln1),
+                a(lay.q),
+                a(lay.k),
+                a(lay.v),
+                a(lay.atty),
+                a(la.branch),
+            );
+            let (res2, ln2, gate, up, sw) = (
+                a(lay.res2),
+                a(lay.ln2),
+                a(lay.gate),
+                a(lay.up),
+                a(lay.swiglu),
+            );
+            // attention block
+            ex.rmsnorm_forward(ln1, a(lay.ln1_rstd), inp, p(lp.input_layernorm), eps)?;
+            ex.matmul_forward(q, ln1, p(lp.q_proj), c, qd)?;
+            ex.matmul_forward(k, ln1, p(lp.k_proj), c, kvd)?;
+            ex.matmul_forward(vv, ln1, p(lp.v_proj), c, kvd)?;
+            ex.rope(q, cos, sin, t, nh, hd, false)?;
+            ex.rope(k, cos, sin, t, nkv, hd, false)?;
+            ex.attention_forward(atty, a(lay.att), q, k, vv, shape)?;
+            ex.matmul_forward(branch, atty, p(lp.o_proj), qd, c)?;
+            ex.residual_forward(res2, inp, branch)?;
             // MLP block
-            dsw.fill(F::ZERO);
-            ops::matmul_backward(
+            ex.rmsnorm_forward(
+                ln2,
+                a(lay.ln2_rstd),
+                res2,
+                p(lp.post_attention_layernorm),
+                eps,
+            )?;
+            ex.matmul_forward(gate, ln2, p(lp.gate_proj), c, i)?;
+            ex.matmul_forward(up, ln2, p(lp.up_proj), c, i)?;
+            ex.swiglu_forward(sw, gate, up)?;
+            ex.matmul_forward(branch, sw, p(lp.down_proj), i, c)?;
+            ex.residual_forward(a(lay.out), res2, branch)?;
+        }
+        let last = a(la.layers[la.layers.len() - 1].out);
+        ex.rmsnorm_forward(a(la.lnf), a(la.lnf_rstd), last, p(pl.norm), eps)?;
+        ex.matmul_forward(a(la.logits), a(la.lnf), p(pl.lm_head), c, v)
+    }
+
+    /// The backward pass, op by op (the residual stream's gradient `dres` passes through each
+    /// residual add unchanged, so it is kept in place and each branch's backward reads it as its
+    /// output gradient and adds its input gradient into it). `dlogits` and `dhidden` are slots of
+    /// the call's inputs.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_ops<E: Executor>(
+        &self,
+        ex: &mut E,
+        la: &ActLayout,
+        gl: &GradLayout,
+        b: usize,
+        t: usize,
+        dlogits: Option<Slot>,
+        dhidden: &[(HiddenPoint, Slot)],
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim());
+        let (nh, nkv, layers) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.num_hidden_layers,
+        );
+        let shape = self.attn_shape(b, t);
+        let pl = &self.layout;
+        let p = |span| slot(Store::Params, span);
+        let g = |span| slot(Store::Grads, span);
+        let a = |span| slot(Store::Acts, span);
+        let sc = |span| slot(Store::Scratch, span);
+        let (cos, sin) = (a(la.rope_cos), a(la.rope_sin));
+        let extra = |ex: &mut E, dst: Slot, at: HiddenPoint| -> Result<()> {
+            for (_, src) in dhidden.iter().filter(|(pt, _)| *pt == at) {
+                ex.add_into(dst, *src)?;
+            }
+            Ok(())
+        };
+        let (dres, dln, dq, dk, dv) = (sc(gl.dres), sc(gl.dln), sc(gl.dq), sc(gl.dk), sc(gl.dv));
+        let (datty, dpreatt, dsw, dgate, dup) = (
+            sc(gl.datty),
+            sc(gl.dpreatt),
+            sc(gl.dswiglu),
+            sc(gl.dgate),
+            sc(gl.dup),
+        );
+
+        // lm_head and the final norm
+        ex.zero(dln)?;
+        if let Some(dl) = dlogits {
+            ex.matmul_backward(dln, g(pl.lm_head), dl, a(la.lnf), p(pl.lm_head), c, v)?;
+        }
+        extra(ex, dln, HiddenPoint::Final)?;
+        ex.zero(dres)?;
+        let last = a(la.layers[layers - 1].out);
+        ex.rmsnorm_backward(dres, g(pl.norm), dln, last, p(pl.norm), a(la.lnf_rstd))?;
+
+        for l in (0..layers).rev() {
+            let (lp, lay) = (&pl.layers[l], &la.layers[l]);
+            let input = a(if l == 0 {
+                la.encoded
+            } else {
+                la.layers[l - 1].out
+            });
+            extra(ex, dres, HiddenPoint::LayerOutput(l))?;
+            // MLP block
+            ex.zero(dsw)?;
+            ex.matmul_backward(
                 dsw,
-                lp.down_proj.of_mut(grads),
+                g(lp.down_proj),
                 dres,
                 a(lay.swiglu),
                 p(lp.down_proj),
                 i,
                 c,
-            );
-            dgate.fill(F::ZERO);
-            dup.fill(F::ZERO);
-            ops::swiglu_backward(dgate, dup, dsw, a(lay.gate), a(lay.up));
-            dln.fill(F::ZERO);
-            ops::matmul_backward(
+            )?;
+            ex.zero(dgate)?;
+            ex.zero(dup)?;
+            ex.swiglu_backward(dgate, dup, dsw, a(lay.gate), a(lay.up))?;
+            ex.zero(dln)?;
+            ex.matmul_backward(
                 dln,
-                lp.gate_proj.of_mut(grads),
+                g(lp.gate_proj),
                 dgate,
                 a(lay.ln2),
                 p(lp.gate_proj),
                 c,
                 i,
-            );
-            ops::matmul_backward(
-                dln,
-                lp.up_proj.of_mut(grads),
-                dup,
-                a(lay.ln2),
-                p(lp.up_proj),
-                c,
-                i,
-            );
-            ops::rmsnorm_backward(
+            )?;
+            ex.matmul_backward(dln, g(lp.up_proj), dup, a(lay.ln2), p(lp.up_proj), c, i)?;
+            ex.rmsnorm_backward(
                 dres,
-                lp.post_attention_layernorm.of_mut(grads),
+                g(lp.post_attention_layernorm),
                 dln,
                 a(lay.res2),
                 p(lp.post_attention_layernorm),
                 a(lay.ln2_rstd),
-            );
+            )?;
             // attention block
-            datty.fill(F::ZERO);
-            ops::matmul_backward(
-                datty,
-                lp.o_proj.of_mut(grads),
-                dres,
-                a(lay.atty),
-                p(lp.o_proj),
-                qd,
-                c,
-            );
-            dq.fill(F::ZERO);
-            dk.fill(F::ZERO);
-            dv.fill(F::ZERO);
-            ops::attention_backward(
+            ex.zero(datty)?;
+            ex.matmul_backward(datty, g(lp.o_proj), dres, a(lay.atty), p(lp.o_proj), qd, c)?;
+            ex.zero(dq)?;
+            ex.zero(dk)?;
+            ex.zero(dv)?;
+            ex.attention_backward(
                 dq,
                 dk,
                 dv,
@@ -916,50 +943,26 @@ impl Llama {
                 a(lay.q),
                 a(lay.k),
                 a(lay.v),
+                a(lay.atty),
                 a(lay.att),
                 shape,
-            );
-            ops::rope_backward(dq, cos, sin, t, nh, hd);
-            ops::rope_backward(dk, cos, sin, t, nkv, hd);
-            dln.fill(F::ZERO);
-            ops::matmul_backward(
-                dln,
-                lp.q_proj.of_mut(grads),
-                dq,
-                a(lay.ln1),
-                p(lp.q_proj),
-                c,
-                qd,
-            );
-            ops::matmul_backward(
-                dln,
-                lp.k_proj.of_mut(grads),
-                dk,
-                a(lay.ln1),
-                p(lp.k_proj),
-                c,
-                kvd,
-            );
-            ops::matmul_backward(
-                dln,
-                lp.v_proj.of_mut(grads),
-                dv,
-                a(lay.ln1),
-                p(lp.v_proj),
-                c,
-                kvd,
-            );
-            ops::rmsnorm_backward(
+            )?;
+            ex.rope(dq, cos, sin, t, nh, hd, true)?;
+            ex.rope(dk, cos, sin, t, nkv, hd, true)?;
+            ex.zero(dln)?;
+            ex.matmul_backward(dln, g(lp.q_proj), dq, a(lay.ln1), p(lp.q_proj), c, qd)?;
+            ex.matmul_backward(dln, g(lp.k_proj), dk, a(lay.ln1), p(lp.k_proj), c, kvd)?;
+            ex.matmul_backward(dln, g(lp.v_proj), dv, a(lay.ln1), p(lp.v_proj), c, kvd)?;
+            ex.rmsnorm_backward(
                 dres,
-                lp.input_layernorm.of_mut(grads),
+                g(lp.input_layernorm),
                 dln,
-                a(input),
+                input,
                 p(lp.input_layernorm),
                 a(lay.ln1_rstd),
-            );
+            )?;
         }
-        extra(dres, HiddenPoint::Embeddings);
-        ops::embedding_backward(pl.embed_tokens.of_mut(grads), tokens, dres, c);
-        Ok(())
+        extra(ex, dres, HiddenPoint::Embeddings)?;
+        ex.embedding_backward(g(pl.embed_tokens), dres, c)
     }
 }

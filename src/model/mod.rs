@@ -26,6 +26,9 @@
 //! ```
 
 pub mod config;
+pub mod exec;
+#[cfg(feature = "cuda")]
+pub mod exec_cuda;
 pub mod llama;
 pub mod ops;
 

@@ -1,0 +1,70 @@
+//! A range of elements inside a device allocation, usable wherever the device ops take a buffer:
+//! how an executor that keeps its parameters, gradients and activations in a few large allocations
+//! (llm.c style) passes one tensor of them. Work on spans is ordered by the one stream they name
+//! (no events), so every span of an executor belongs to that executor's stream.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop,
+};
+
+use crate::error::{Error, Result};
+
+/// Elements `offset .. offset + len` of a device allocation of `T`.
+#[derive(Debug, Clone)]
+pub struct DeviceSpan<T> {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    stream: Arc<CudaStream>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T> DeviceSpan<T> {
+    /// Elements `offset .. offset + len` of `slice`, used in order on `slice`'s stream. The span
+    /// does not keep the allocation alive: its owner must outlive every use (an executor holds
+    /// both). An error when the range is not inside the slice.
+    pub fn of(slice: &CudaSlice<T>, offset: usize, len: usize) -> Result<Self> {
+        let end = offset.checked_add(len).filter(|&e| e <= slice.len());
+        if end.is_none() {
+            return Err(Error::ShapeMismatch {
+                tensor: "span",
+                expected: slice.len(),
+                actual: offset.saturating_add(len),
+                shape: format!("[{offset}..+{len}] of a buffer of {}", slice.len()),
+            });
+        }
+        let stream = slice.stream().clone();
+        let base = slice.device_ptr(&stream).0;
+        Ok(DeviceSpan {
+            ptr: base + (offset * std::mem::size_of::<T>()) as u64,
+            len,
+            stream,
+            _t: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<T> DeviceSlice<T> for DeviceSpan<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl<T> DevicePtr<T> for DeviceSpan<T> {
+    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+impl<T> DevicePtrMut<T> for DeviceSpan<T> {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a CudaStream,
+    ) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}

@@ -1,0 +1,415 @@
+//! The device executor: the model's passes (`Llama::forward_ops`, `Llama::backward_ops`) on
+//! device buffers, through the crate's kernels and cuBLAS, on a real GPU or the emulated one.
+//! f32. The forward's activations and the backward's scratch are one allocation each, sized up
+//! front from the configuration, batch and sequence length; a pass allocates nothing.
+
+use cudarc::driver::CudaSlice;
+
+use super::config::LlamaConfig;
+use super::exec::{AttentionState, Executor, Slot, Store};
+use super::llama::{layouts, ActLayout, GradLayout, Llama, Span};
+use super::ops;
+use crate::cuda::{CudaKernels, DeviceSpan};
+use crate::shapes::AttnShape;
+use crate::train::error::{Result, TrainError as Error};
+
+/// The executor over one pass's device stores.
+pub struct DeviceExec<'a> {
+    dev: &'a CudaKernels,
+    params: &'a CudaSlice<f32>,
+    grads: Option<&'a CudaSlice<f32>>,
+    acts: &'a CudaSlice<f32>,
+    scratch: Option<&'a CudaSlice<f32>>,
+    inputs: Vec<&'a CudaSlice<f32>>,
+    tokens: &'a CudaSlice<u32>,
+    tokens_host: &'a [u32],
+}
+
+impl DeviceExec<'_> {
+    fn span(&self, s: Slot) -> Result<DeviceSpan<f32>> {
+        let missing = |what: &'static str| Error::InvalidOption {
+            name: "executor",
+            value: what.into(),
+            reason: "this pass was given no such buffer",
+        };
+        let store = match s.store {
+            Store::Params => self.params,
+            Store::Grads => self.grads.ok_or_else(|| missing("grads"))?,
+            Store::Acts => self.acts,
+            Store::Scratch => self.scratch.ok_or_else(|| missing("scratch"))?,
+            Store::Input(k) => *self.inputs.get(k).ok_or_else(|| missing("input"))?,
+        };
+        Ok(DeviceSpan::of(store, s.span.offset, s.span.len)?)
+    }
+}
+
+impl Executor for DeviceExec<'_> {
+    fn attention_state(s: &AttnShape) -> AttentionState {
+        let rows = s.batch * s.seq * s.n_heads;
+        AttentionState {
+            saved: rows,
+            scratch: rows,
+        }
+    }
+    fn embedding_forward(&mut self, out: Slot, wte: Slot, c: usize) -> Result<()> {
+        let (mut o, w) = (self.span(out)?, self.span(wte)?);
+        Ok(self
+            .dev
+            .embedding_forward(&mut o, self.tokens, self.tokens_host, &w, c)?)
+    }
+    fn embedding_backward(&mut self, dwte: Slot, dout: Slot, c: usize) -> Result<()> {
+        let (mut g, d) = (self.span(dwte)?, self.span(dout)?);
+        Ok(self
+            .dev
+            .embedding_backward(&mut g, self.tokens, self.tokens_host, &d, c)?)
+    }
+    fn rmsnorm_forward(
+        &mut self,
+        out: Slot,
+        rstd: Slot,
+        inp: Slot,
+        w: Slot,
+        eps: f64,
+    ) -> Result<()> {
+        let (mut o, mut r) = (self.span(out)?, self.span(rstd)?);
+        Ok(self
+            .dev
+            .rmsnorm_forward(&mut o, &mut r, &self.span(inp)?, &self.span(w)?, eps)?)
+    }
+    fn rmsnorm_backward(
+        &mut self,
+        dinp: Slot,
+        dweight: Slot,
+        dout: Slot,
+        inp: Slot,
+        weight: Slot,
+        rstd: Slot,
+    ) -> Result<()> {
+        let (mut dx, mut dw) = (self.span(dinp)?, self.span(dweight)?);
+        Ok(self.dev.rmsnorm_backward(
+            &mut dx,
+            &mut dw,
+            &self.span(dout)?,
+            &self.span(inp)?,
+            &self.span(weight)?,
+            &self.span(rstd)?,
+        )?)
+    }
+    fn matmul_forward(
+        &mut self,
+        out: Slot,
+        inp: Slot,
+        w: Slot,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let mut o = self.span(out)?;
+        Ok(self
+            .dev
+            .matmul_forward(&mut o, &self.span(inp)?, &self.span(w)?, ic, oc)?)
+    }
+    fn matmul_backward(
+        &mut self,
+        dinp: Slot,
+        dweight: Slot,
+        dout: Slot,
+        inp: Slot,
+        weight: Slot,
+        ic: usize,
+        oc: usize,
+    ) -> Result<()> {
+        let (mut dx, mut dw) = (self.span(dinp)?, self.span(dweight)?);
+        Ok(self.dev.matmul_backward(
+            &mut dx,
+            &mut dw,
+            &self.span(dout)?,
+            &self.span(inp)?,
+            &self.span(weight)?,
+            ic,
+            oc,
+        )?)
+    }
+    fn rope(
+        &mut self,
+        x: Slot,
+        cos: Slot,
+        sin: Slot,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let mut x = self.span(x)?;
+        let (c, s) = (self.span(cos)?, self.span(sin)?);
+        if inverse {
+            self.dev
+                .rope_backward(&mut x, &c, &s, seq, heads, head_dim)?;
+        } else {
+            self.dev
+                .rope_forward(&mut x, &c, &s, seq, heads, head_dim)?;
+        }
+        Ok(())
+    }
+    fn attention_forward(
+        &mut self,
+        out: Slot,
+        saved: Slot,
+        q: Slot,
+        k: Slot,
+        v: Slot,
+        shape: AttnShape,
+    ) -> Result<()> {
+        let (mut o, mut lse) = (self.span(out)?, self.span(saved)?);
+        Ok(self.dev.attention_forward(
+            &mut o,
+            &mut lse,
+            &self.span(q)?,
+            &self.span(k)?,
+            &self.span(v)?,
+            shape,
+        )?)
+    }
+    fn attention_backward(
+        &mut self,
+        dq: Slot,
+        dk: Slot,
+        dv: Slot,
+        scratch: Slot,
+        dout: Slot,
+        q: Slot,
+        k: Slot,
+        v: Slot,
+        out: Slot,
+        saved: Slot,
+        shape: AttnShape,
+    ) -> Result<()> {
+        let (mut dq, mut dk, mut dv) = (self.span(dq)?, self.span(dk)?, self.span(dv)?);
+        let mut delta = self.span(scratch)?;
+        Ok(self.dev.attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &mut delta,
+            &self.span(dout)?,
+            &self.span(q)?,
+            &self.span(k)?,
+            &self.span(v)?,
+            &self.span(out)?,
+            &self.span(saved)?,
+            shape,
+        )?)
+    }
+    fn swiglu_forward(&mut self, out: Slot, gate: Slot, up: Slot) -> Result<()> {
+        let mut o = self.span(out)?;
+        Ok(self
+            .dev
+            .swiglu_forward(&mut o, &self.span(gate)?, &self.span(up)?)?)
+    }
+    fn swiglu_backward(
+        &mut self,
+        dgate: Slot,
+        dup: Slot,
+        dout: Slot,
+        gate: Slot,
+        up: Slot,
+    ) -> Result<()> {
+        let (mut dg, mut du) = (self.span(dgate)?, self.span(dup)?);
+        Ok(self.dev.swiglu_backward(
+            &mut dg,
+            &mut du,
+            &self.span(dout)?,
+            &self.span(gate)?,
+            &self.span(up)?,
+        )?)
+    }
+    fn residual_forward(&mut self, out: Slot, a: Slot, b: Slot) -> Result<()> {
+        let mut o = self.span(out)?;
+        Ok(self
+            .dev
+            .residual_forward(&mut o, &self.span(a)?, &self.span(b)?)?)
+    }
+    fn add_into(&mut self, dst: Slot, src: Slot) -> Result<()> {
+        // dst = dst + src: the residual add in place (element-wise, each element read then
+        // written by its own thread), rounded like the CPU's `+=`.
+        let (mut d, a) = (self.span(dst)?, self.span(dst)?);
+        Ok(self.dev.residual_forward(&mut d, &a, &self.span(src)?)?)
+    }
+    fn zero(&mut self, dst: Slot) -> Result<()> {
+        let mut d = self.span(dst)?;
+        self.dev
+            .stream()
+            .memset_zeros(&mut d)
+            .map_err(|e| self.dev.cuda_error("memset", e).into())
+    }
+}
+
+/// Everything a device forward keeps for the backward, the backward's scratch and the tokens,
+/// each one allocation sized for (batch, seq) when made.
+pub struct DeviceActivations {
+    config: LlamaConfig,
+    batch: usize,
+    seq: usize,
+    layout: ActLayout,
+    grad_layout: GradLayout,
+    buf: CudaSlice<f32>,
+    grad_buf: CudaSlice<f32>,
+    tokens: CudaSlice<u32>,
+    tokens_host: Vec<u32>,
+    ready: bool,
+}
+
+impl DeviceActivations {
+    /// Device buffers for `batch` sequences of `seq` tokens of `model`, with the RoPE tables
+    /// uploaded; an error (nothing kept) when the device cannot hold them.
+    pub fn new(dev: &CudaKernels, model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+        let shape = model.attention_shape(batch, seq);
+        let state = DeviceExec::attention_state(&shape);
+        let (layout, grad_layout, total) = layouts(model, batch, seq, state)?;
+        let cfg = model.config();
+        let s = dev.stream();
+        let alloc = |n: usize, what: &str| {
+            s.alloc_zeros::<f32>(n.max(1))
+                .map_err(|e| dev.cuda_error(what, e))
+        };
+        let mut buf = alloc(total, "the activation buffer")?;
+        let grad_buf = alloc(grad_layout.total, "the backward scratch buffer")?;
+        let tokens = s
+            .alloc_zeros::<u32>(batch * seq)
+            .map_err(|e| dev.cuda_error("the token buffer", e))?;
+        let (cos, sin) = ops::rope_tables::<f32>(seq, cfg.head_dim(), cfg.rope_theta);
+        for (span, table) in [(layout.rope_cos, &cos), (layout.rope_sin, &sin)] {
+            let mut dst = buf.slice_mut(span.range());
+            s.memcpy_htod(table.as_slice(), &mut dst)
+                .map_err(|e| dev.cuda_error("the RoPE tables", e))?;
+        }
+        Ok(DeviceActivations {
+            config: cfg.clone(),
+            batch,
+            seq,
+            layout,
+            grad_layout,
+            buf,
+            grad_buf,
+            tokens,
+            tokens_host: vec![0; batch * seq],
+            ready: false,
+        })
+    }
+
+    /// `[B*T, V]`: the last forward's logits (a view of the activation buffer).
+    pub fn logits(&self) -> cudarc::driver::CudaView<'_, f32> {
+        self.buf.slice(self.layout.logits.range())
+    }
+
+    /// Bytes held on the device.
+    pub fn bytes(&self) -> usize {
+        4 * (self.buf.len() + self.grad_buf.len()) + 4 * self.tokens.len()
+    }
+
+    /// Runs `model` on `tokens` (`[B*T]`) with `params` on the device; the logits and everything
+    /// the backward needs stay in these buffers.
+    pub fn forward(
+        &mut self,
+        dev: &CudaKernels,
+        model: &Llama,
+        params: &CudaSlice<f32>,
+        tokens: &[u32],
+    ) -> Result<()> {
+        self.check(model, params.len(), "params")?;
+        model.check_tokens(tokens, self.batch, self.seq)?;
+        self.ready = false;
+        self.tokens_host.copy_from_slice(tokens);
+        dev.stream()
+            .memcpy_htod(tokens, &mut self.tokens)
+            .map_err(|e| dev.cuda_error("the tokens", e))?;
+        let mut ex = DeviceExec {
+            dev,
+            params,
+            grads: None,
+            acts: &self.buf,
+            scratch: None,
+            inputs: Vec::new(),
+            tokens: &self.tokens,
+            tokens_host: &self.tokens_host,
+        };
+        model.forward_ops(&mut ex, &self.layout, self.batch, self.seq)?;
+        self.ready = true;
+        Ok(())
+    }
+
+    /// Accumulates into `grads` the gradient of a loss whose gradient with respect to the last
+    /// forward's logits is `dlogits` (`[B*T, V]` on the device).
+    pub fn backward(
+        &mut self,
+        dev: &CudaKernels,
+        model: &Llama,
+        params: &CudaSlice<f32>,
+        dlogits: &CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check(model, params.len(), "params")?;
+        self.check(model, grads.len(), "grads")?;
+        if !self.ready {
+            return Err(Error::InvalidOption {
+                name: "activations",
+                value: "no forward".into(),
+                reason: "backward needs a forward on these activations first",
+            });
+        }
+        let n = self.batch * self.seq;
+        let v = self.config.vocab_size;
+        if dlogits.len() != n * v {
+            return Err(Error::ShapeMismatch {
+                tensor: "dlogits",
+                expected: n * v,
+                actual: dlogits.len(),
+                shape: format!("[{n}, {v}]"),
+            });
+        }
+        let mut ex = DeviceExec {
+            dev,
+            params,
+            grads: Some(grads),
+            acts: &self.buf,
+            scratch: Some(&self.grad_buf),
+            inputs: vec![dlogits],
+            tokens: &self.tokens,
+            tokens_host: &self.tokens_host,
+        };
+        let dl = Slot {
+            store: Store::Input(0),
+            span: Span {
+                offset: 0,
+                len: n * v,
+            },
+        };
+        model.backward_ops(
+            &mut ex,
+            &self.layout,
+            &self.grad_layout,
+            self.batch,
+            self.seq,
+            Some(dl),
+            &[],
+        )
+    }
+
+    fn check(&self, model: &Llama, len: usize, tensor: &'static str) -> Result<()> {
+        if &self.config != model.config() {
+            return Err(Error::InvalidOption {
+                name: "activations",
+                value: format!("batch {} seq {}", self.batch, self.seq),
+                reason: "were made for another model configuration",
+            });
+        }
+        if len != model.num_params() {
+            return Err(Error::ShapeMismatch {
+                tensor,
+                expected: model.num_params(),
+                actual: len,
+                shape: "one scalar per parameter of the layout".into(),
+            });
+        }
+        Ok(())
+    }
+}
