@@ -41,6 +41,9 @@ pub struct DemoArgs {
     /// Validation documents
     #[arg(long, default_value_t = DEMO_VAL_DOCS)]
     pub val_docs: usize,
+    /// Where the training steps run: cpu, emulated or cuda
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 // The demo's scale: chosen so that the whole demo finishes in under 10 minutes on 2 cores.
@@ -64,6 +67,7 @@ fn demo_distill() -> DistillConfig {
 
 pub fn run(a: &DemoArgs) -> CliResult<()> {
     let started = Instant::now();
+    let device: distill_kernels::DeviceKind = a.device.parse().map_err(super::CliError::new)?;
     let lang = SyntheticLanguage::new(a.seed);
     let corpus = Corpus::synthetic(a.seed, a.train_docs, a.val_docs);
     let tok = Tokenizer::train(&corpus.train, DEMO_VOCAB)?;
@@ -108,6 +112,7 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
             keep_checkpoints: session::DEFAULT_KEEP_CHECKPOINTS,
             data_fingerprint: None,
             allow_data_change: false,
+            device,
         };
         CliResult::Ok(session::run(spec, &mut Display::new())?)
     };

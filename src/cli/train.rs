@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// With --resume: continue even if --data differs from the data the run was trained on
     #[arg(long, requires = "resume")]
     pub allow_data_change: bool,
+    /// Where the training steps run: cpu, emulated (the CUDA kernels on the emulated GPU) or cuda
+    /// (GPU 0); evaluation and checkpoints stay on the host
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Args)]
@@ -293,6 +297,7 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
             keep_checkpoints: r.keep_checkpoints,
             data_fingerprint: Some(corpus.fingerprint()),
             allow_data_change: r.allow_data_change,
+            device: r.device.parse().map_err(CliError::new)?,
         },
         &mut Display::new(),
     )?;
@@ -427,6 +432,7 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
             keep_checkpoints: r.keep_checkpoints,
             data_fingerprint: Some(corpus.fingerprint()),
             allow_data_change: r.allow_data_change,
+            device: r.device.parse().map_err(CliError::new)?,
         },
         &mut Display::new(),
     )?;

@@ -296,6 +296,13 @@ impl DeviceActivations {
         })
     }
 
+    /// Device bytes [`DeviceActivations::new`] allocates for `model` at `batch` x `seq`.
+    pub fn bytes_for(model: &Llama, batch: usize, seq: usize) -> Result<usize> {
+        let state = DeviceExec::attention_state(&model.attention_shape(batch, seq));
+        let (_, grad_layout, total) = layouts(model, batch, seq, state)?;
+        Ok(4 * (total.max(1) + grad_layout.total.max(1)) + 4 * batch * seq)
+    }
+
     /// `[B*T, V]`: the last forward's logits (a view of the activation buffer).
     pub fn logits(&self) -> cudarc::driver::CudaView<'_, f32> {
         self.buf.slice(self.layout.logits.range())

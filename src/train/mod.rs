@@ -5,6 +5,8 @@ pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod device_optim;
+#[cfg(feature = "cuda")]
+pub mod device_step;
 pub mod error;
 pub mod files;
 pub mod hf_config;

@@ -79,6 +79,9 @@ pub struct RunSpec<'a> {
     pub data_fingerprint: Option<String>,
     /// Resume even if the data's fingerprint differs from the checkpoint's.
     pub allow_data_change: bool,
+    /// Where the steps run: `cpu`, or `emulated` / `cuda` (the device step; evaluation and
+    /// checkpoints stay on the host). `reference` is refused.
+    pub device: crate::device::DeviceKind,
 }
 
 /// The default of [`RunSpec::keep_checkpoints`]: the newest and the one before it.
@@ -295,6 +298,7 @@ pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary>
     validate(&spec)?;
     let teacher = spec.teacher.take();
     let mut trainer = Trainer::new(spec.train.clone(), spec.model.clone(), teacher)?;
+    open_device(&mut trainer, spec.device, progress)?;
     let mut dir = RunDir::open(spec.out, &mut |line| progress.note(&line))?;
     // The same checks under the lock: another run may have finished in between.
     check_contents(spec.out, spec.resume, spec.force)?;
@@ -311,6 +315,55 @@ pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary>
         progress.note("the previous run was put back: this run failed before its first checkpoint");
     }
     result
+}
+
+/// Moves the trainer's steps onto `kind` (nothing for `cpu`) and reports the device memory
+/// plan; a device that cannot run here, or a plan that does not fit it, stops the command before
+/// the run directory is touched.
+fn open_device(
+    trainer: &mut Trainer,
+    kind: crate::device::DeviceKind,
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    use crate::device::DeviceKind;
+    let dev = match kind {
+        DeviceKind::Cpu => return Ok(()),
+        DeviceKind::Reference => {
+            return Err(Error::InvalidOption {
+                name: "device",
+                value: "reference".into(),
+                reason: "the f64 reference computes losses only; train on cpu, emulated or cuda",
+            })
+        }
+        #[cfg(feature = "emulator")]
+        DeviceKind::Emulated => crate::cuda::CudaKernels::emulated()?,
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => crate::cuda::CudaKernels::new(0)?,
+        #[allow(unreachable_patterns)]
+        other => {
+            return Err(Error::Loss(crate::Error::DeviceUnavailable(format!(
+                "this build has no {other:?} device (enable the `cuda`/`emulator` features)"
+            ))))
+        }
+    };
+    #[cfg(feature = "cuda")]
+    {
+        let name = dev.name().unwrap_or_default();
+        let plan = trainer.use_device(dev)?;
+        let total: usize = plan.iter().map(|(_, b)| b).sum();
+        let parts: Vec<String> = plan
+            .iter()
+            .map(|(what, b)| format!("{what} {}", crate::train::memory::human_bytes(*b as u128)))
+            .collect();
+        progress.note(&format!(
+            "device {name}: {} allocated up front ({})",
+            crate::train::memory::human_bytes(total as u128),
+            parts.join(", ")
+        ));
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (dev, trainer, progress);
+    Ok(())
 }
 
 fn train_and_report(
@@ -334,7 +387,8 @@ fn train_and_report(
         obj.insert(DATA_FINGERPRINT_KEY.into(), Value::from(fp.clone()));
     }
     let mut saved_step = dir.generations()?.first().and_then(|g| g.step);
-    let save = |trainer: &Trainer, dir: &mut RunDir, saved: &mut Option<u64>| -> Result<()> {
+    let save = |trainer: &mut Trainer, dir: &mut RunDir, saved: &mut Option<u64>| -> Result<()> {
+        trainer.sync_host()?;
         dir.save_generation(trainer.step_count(), spec.keep_checkpoints, |path| {
             trainer.save(path, &tokenizer_json, &extras, meta.clone())
         })?;
@@ -376,12 +430,12 @@ fn train_and_report(
             progress.eval(s, v);
         }
         if s.is_multiple_of(cfg.checkpoint_every) || s == last {
-            save(trainer, dir, &mut saved_step)?;
+            save(&mut *trainer, dir, &mut saved_step)?;
         }
     }
     // A run stopped before its first step (--stop-at 0) still leaves a checkpoint to resume.
     if saved_step != Some(trainer.step_count()) {
-        save(trainer, dir, &mut saved_step)?;
+        save(&mut *trainer, dir, &mut saved_step)?;
     }
     progress.finish();
     let h = trainer.history.clone();

@@ -111,6 +111,10 @@ pub struct Trainer {
     step: u64,
     /// Loss curves so far; [`Trainer::resume`] restores them and every save stores them.
     pub history: History,
+    /// The step on a CUDA device, once [`Trainer::use_device`] moved the run there; the host's
+    /// parameters and optimizer state then lag until [`Trainer::sync_host`].
+    #[cfg(feature = "cuda")]
+    device: Option<crate::train::device_step::DeviceStep>,
 }
 
 fn hidden_point(
@@ -183,6 +187,8 @@ impl Trainer {
             teacher,
             step: 0,
             history: History::default(),
+            #[cfg(feature = "cuda")]
+            device: None,
         })
     }
 
@@ -324,25 +330,99 @@ impl Trainer {
         for (l, &t) in self.labels.iter_mut().zip(&targets) {
             *l = t as i64;
         }
-        self.grads.fill(0.0);
-        let loss = self.forward_backward(&inputs)?;
-        if !loss.is_finite() {
-            return Err(Error::Training {
-                step: step + 1,
-                message: format!("the loss is {loss}"),
-            });
-        }
-        let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
-        if !grad_norm.is_finite() {
-            return Err(Error::Training {
-                step: step + 1,
-                message: format!("the gradient norm is {grad_norm}"),
-            });
-        }
         let lr = self.schedule.lr(step);
         let temperature = self.temperature();
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return self.device_step(step, &inputs, lr, temperature, started);
+        }
+        self.grads.fill(0.0);
+        let loss = self.forward_backward(&inputs)?;
+        check_finite(step, "loss", loss)?;
+        let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
+        check_finite(step, "gradient norm", grad_norm)?;
         self.adam
             .update(&mut self.params, &self.grads, &self.decay, lr)?;
+        self.step += 1;
+        self.history.train.push((self.step, loss as f64));
+        self.history.train_seconds += started.elapsed().as_secs_f64();
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            grad_norm,
+            lr,
+            temperature,
+        })
+    }
+
+    /// Moves the run's steps onto `dev` (a GPU or the emulated one): parameters, optimizer state
+    /// and the teacher are uploaded, every buffer of a step allocated once after the plan was
+    /// checked against the device's free memory. Returns the plan (allocation, bytes) for the
+    /// start-up report. Hidden-state distillation is not on the device yet: refused.
+    #[cfg(feature = "cuda")]
+    pub fn use_device(&mut self, dev: crate::cuda::CudaKernels) -> Result<Vec<(String, usize)>> {
+        if !self.pairs.is_empty() {
+            return Err(Error::InvalidOption {
+                name: "hidden-layers",
+                value: format!("{} pairs", self.pairs.len()),
+                reason: "hidden-state distillation runs on the cpu device only (for now)",
+            });
+        }
+        let teacher = self
+            .teacher
+            .as_ref()
+            .map(|(t, _)| (&t.model, t.params.as_slice()));
+        let step = crate::train::device_step::DeviceStep::new(
+            dev,
+            &self.model,
+            &self.params,
+            &self.adam,
+            teacher,
+            self.cfg.batch,
+            self.cfg.seq,
+        )?;
+        let plan = step.plan.clone();
+        self.device = Some(step);
+        Ok(plan)
+    }
+
+    /// Copies the parameters and optimizer state from the device (after device steps) into the
+    /// host's copies, which checkpoints, evaluation and [`Trainer::params`] read. A no-op on the
+    /// cpu.
+    pub fn sync_host(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            let (params, adam) = d.download()?;
+            self.params = params;
+            self.adam = adam;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device_step(
+        &mut self,
+        step: u64,
+        inputs: &[u32],
+        lr: f32,
+        temperature: f32,
+        started: Instant,
+    ) -> Result<StepStats> {
+        let loss_cfg = self.loss_config();
+        let distilling = self.cfg.distill.is_some();
+        let teacher = self.teacher.as_ref().map(|(t, _)| &t.model);
+        let d = self.device.as_mut().expect("device_step runs on a device");
+        let loss = d.forward_backward(
+            &self.model,
+            teacher,
+            &loss_cfg,
+            inputs,
+            &self.labels,
+            distilling,
+        )?;
+        check_finite(step, "loss", loss)?;
+        let grad_norm = d.update(&self.decay, lr, self.cfg.grad_clip)?;
+        check_finite(step, "gradient norm", grad_norm)?;
         self.step += 1;
         self.history.train.push((self.step, loss as f64));
         self.history.train_seconds += started.elapsed().as_secs_f64();
@@ -439,6 +519,8 @@ impl Trainer {
     /// Mean cross-entropy (nats per token) of the model on validation windows, at most
     /// `eval_windows` of them (evenly spread) when that option is set.
     pub fn evaluate(&mut self, windows: &[(Vec<u32>, Vec<u32>)]) -> Result<f64> {
+        // Evaluation runs on the CPU executor, with the device's current weights.
+        self.sync_host()?;
         let picked = pick_windows(windows, self.cfg.eval_windows);
         let params = &self.params[..self.n_model];
         let loss = eval_loss(&self.model, params, &picked, &mut self.acts)?;
@@ -565,6 +647,10 @@ impl Trainer {
         self.adam.v = state.adam_v;
         self.adam.step = state.step;
         self.step = state.step;
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &mut self.device {
+            d.upload(&self.params, &self.adam)?;
+        }
         self.history = state
             .meta
             .get("history")
@@ -572,6 +658,17 @@ impl Trainer {
             .ok_or_else(|| ckpt_err("trainer_state.safetensors", "has no loss history".into()))?;
         Ok(state.meta.get("run").cloned().unwrap_or(Value::Null))
     }
+}
+
+/// A training failure at step `step + 1` when `value` is not finite.
+fn check_finite(step: u64, what: &str, value: f32) -> Result<()> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    Err(Error::Training {
+        step: step + 1,
+        message: format!("the {what} is {value}"),
+    })
 }
 
 /// The keys whose values differ between two JSON objects, as `key: saved -> now`.

@@ -1,0 +1,229 @@
+//! The training step on a CUDA device (a GPU or the emulated one): teacher forward, student
+//! forward, the fused distillation loss, student backward, gradient clipping and AdamW, all on
+//! device buffers allocated once when the step is made (`DeviceStep::new`); a step allocates
+//! nothing and synchronizes twice, to read the loss and the gradient norm (the CPU trainer's
+//! checks of both). The host `Trainer` keeps the run (schedule, history, checkpoints) and
+//! mirrors parameters and optimizer state to and from the device around checkpoints.
+
+use cudarc::driver::CudaSlice;
+
+use crate::cuda::{CudaKernels, DeviceInputs, LossWorkspace, RowStrides, Student};
+use crate::model::exec_cuda::DeviceActivations;
+use crate::model::llama::Llama;
+use crate::semantics::LossConfig;
+use crate::train::device_optim::{DeviceAdamW, GradClip};
+use crate::train::error::{Result, TrainError as Error};
+use crate::train::memory::MemoryPlan;
+use crate::train::optim::{AdamW, DecayMask};
+
+/// What a step on the device needs besides the host's schedule and history.
+pub struct DeviceStep {
+    dev: CudaKernels,
+    params: CudaSlice<f32>,
+    grads: CudaSlice<f32>,
+    dlogits: CudaSlice<f32>,
+    labels: CudaSlice<i64>,
+    acts: DeviceActivations,
+    teacher: Option<(CudaSlice<f32>, DeviceActivations)>,
+    ws: LossWorkspace,
+    clip: GradClip,
+    adam: DeviceAdamW,
+    /// The device memory plan, one line per allocation, for the start-up report.
+    pub plan: Vec<(String, usize)>,
+}
+
+/// Device bytes of a step for `model` (and `teacher`) at `batch` x `seq`, by allocation.
+pub fn plan(
+    model: &Llama,
+    teacher: Option<&Llama>,
+    batch: usize,
+    seq: usize,
+) -> Result<Vec<(String, usize)>> {
+    let n = model.num_params();
+    let (b, t) = (batch, seq);
+    let rows = b * t;
+    let v = model.config().vocab_size;
+    let mut plan = vec![
+        ("parameters".to_string(), 4 * n),
+        ("gradients".to_string(), 4 * n),
+        ("optimizer state (AdamW m, v)".to_string(), 8 * n),
+        (
+            "activations and backward scratch".to_string(),
+            DeviceActivations::bytes_for(model, b, t)?,
+        ),
+        ("logit gradients".to_string(), 4 * rows * v),
+        ("labels and loss workspace".to_string(), 8 * rows + 8 * rows),
+    ];
+    if let Some(tm) = teacher {
+        plan.push(("teacher parameters".to_string(), 4 * tm.num_params()));
+        plan.push((
+            "teacher activations".to_string(),
+            DeviceActivations::bytes_for(tm, b, t)?,
+        ));
+    }
+    Ok(plan)
+}
+
+impl DeviceStep {
+    /// Uploads the student's parameters and optimizer state (and the teacher's parameters) and
+    /// allocates every buffer of a step, after checking the plan against the device's free
+    /// memory: a run that does not fit stops here with the sizes named.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dev: CudaKernels,
+        model: &Llama,
+        params: &[f32],
+        adam: &AdamW,
+        teacher: Option<(&Llama, &[f32])>,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self> {
+        let plan = plan(model, teacher.map(|t| t.0), batch, seq)?;
+        let (free, _total) = dev
+            .context()
+            .mem_get_info()
+            .map_err(|e| Error::Loss(dev.cuda_error("cuMemGetInfo", e)))?;
+        let mut p = MemoryPlan::new();
+        for (what, bytes) in &plan {
+            p.add(what.clone(), Some(*bytes), 1);
+        }
+        p.check_against(
+            &format!("training on the device at batch {batch} x seq {seq}"),
+            Some(free as u128),
+        )?;
+        let s = dev.stream().clone();
+        let d = &dev;
+        let map = |what: &'static str| move |e| Error::Loss(d.cuda_error(what, e));
+        let rows = batch * seq;
+        let v = model.config().vocab_size;
+        let params_d = s
+            .clone_htod(params)
+            .map_err(map("uploading the parameters"))?;
+        let grads = s
+            .alloc_zeros::<f32>(params.len())
+            .map_err(map("the gradients"))?;
+        let dlogits = s
+            .alloc_zeros::<f32>(rows * v)
+            .map_err(map("the logit gradients"))?;
+        let labels = s.alloc_zeros::<i64>(rows).map_err(map("the labels"))?;
+        let acts = DeviceActivations::new(&dev, model, batch, seq)?;
+        let teacher = match teacher {
+            Some((tm, tp)) => {
+                let p = s.clone_htod(tp).map_err(map("uploading the teacher"))?;
+                Some((p, DeviceActivations::new(&dev, tm, batch, seq)?))
+            }
+            None => None,
+        };
+        let ws = dev.workspace(rows)?;
+        let clip = GradClip::new(&dev, params.len())?;
+        let adam = DeviceAdamW::upload(&dev, adam)?;
+        Ok(DeviceStep {
+            dev,
+            params: params_d,
+            grads,
+            dlogits,
+            labels,
+            acts,
+            teacher,
+            ws,
+            clip,
+            adam,
+            plan,
+        })
+    }
+
+    /// Whether this is the emulated device.
+    pub fn is_emulated(&self) -> bool {
+        self.dev.is_emulated()
+    }
+
+    /// Gradients of the loss `cfg` on `inputs` (labels `labels`) into the device gradient buffer
+    /// (zeroed first); returns the loss. The teacher runs only when `distilling`.
+    pub fn forward_backward(
+        &mut self,
+        model: &Llama,
+        teacher: Option<&Llama>,
+        cfg: &LossConfig,
+        inputs: &[u32],
+        labels: &[i64],
+        distilling: bool,
+    ) -> Result<f32> {
+        let dev = &self.dev;
+        let s = dev.stream();
+        let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
+        s.memcpy_htod(labels, &mut self.labels)
+            .map_err(map("the labels"))?;
+        s.memset_zeros(&mut self.grads)
+            .map_err(map("zeroing the gradients"))?;
+        if let (Some((tp, tacts)), Some(tm), true) = (&mut self.teacher, teacher, distilling) {
+            tacts.forward(dev, tm, tp, inputs)?;
+        }
+        self.acts.forward(dev, model, &self.params, inputs)?;
+        let logits = self.acts.logits();
+        let teacher_logits = match (&self.teacher, distilling) {
+            (Some((_, tacts)), true) => tacts.logits(),
+            _ => self.acts.logits(),
+        };
+        let (rows, vocab) = (labels.len(), model.config().vocab_size);
+        dev.distill_loss_enqueue(
+            cfg,
+            DeviceInputs {
+                rows,
+                vocab,
+                student: Student::Logits {
+                    logits: &logits,
+                    grad: Some(&mut self.dlogits),
+                },
+                teacher: &teacher_logits,
+                labels: Some(&self.labels),
+                hidden: None,
+                strides: RowStrides::default(),
+            },
+            &mut self.ws,
+        )?;
+        let loss = dev.read_loss(&self.ws)?.total();
+        self.acts
+            .backward(dev, model, &self.params, &self.dlogits, &mut self.grads)?;
+        Ok(loss)
+    }
+
+    /// Clips the gradient to `max_norm` and applies one AdamW update at `lr`; returns the norm
+    /// before clipping. A non-finite norm is returned without updating.
+    pub fn update(&mut self, decay: &DecayMask, lr: f32, max_norm: f32) -> Result<f32> {
+        self.clip.enqueue(&self.dev, &self.grads, max_norm)?;
+        let norm = self.clip.norm(&self.dev)?;
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        self.adam.update(
+            &self.dev,
+            &mut self.params,
+            &self.grads,
+            decay,
+            lr,
+            Some(&self.clip),
+        )?;
+        Ok(norm)
+    }
+
+    /// The parameters and the optimizer state, copied to the host (for checkpoints and
+    /// evaluation).
+    pub fn download(&self) -> Result<(Vec<f32>, AdamW)> {
+        let params = self
+            .dev
+            .stream()
+            .clone_dtoh(&self.params)
+            .map_err(|e| Error::Loss(self.dev.cuda_error("reading the parameters", e)))?;
+        Ok((params, self.adam.download(&self.dev)?))
+    }
+
+    /// Replaces the device's parameters and optimizer state (after a resume).
+    pub fn upload(&mut self, params: &[f32], adam: &AdamW) -> Result<()> {
+        self.dev
+            .stream()
+            .memcpy_htod(params, &mut self.params)
+            .map_err(|e| Error::Loss(self.dev.cuda_error("uploading the parameters", e)))?;
+        self.adam = DeviceAdamW::upload(&self.dev, adam)?;
+        Ok(())
+    }
+}
