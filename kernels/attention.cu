@@ -3,74 +3,82 @@
 // probabilities are never stored. The forward keeps one log-sum-exp per query row; the backward
 // recomputes each probability from it.
 //
-// One warp per row (query row in the forward and dQ pass, key/value row in the dK/dV pass): lane
-// l holds elements l, l + 32, ... of the row (head sizes up to 32 * DK_ATT_CHUNKS), dot products
-// end in a butterfly reduction so every lane holds the same score. Each gradient row is summed by
-// the one warp that owns it, in a fixed order: no atomics, the same bits on every run.
+// One warp per row (query row in the forward and dQ pass, key/value row in the dK/dV pass), the
+// row in shared memory. The other side is taken 32 rows at a time, one per lane: each lane forms
+// its own score with a plain dot product (no shuffles), the chunk's softmax statistics are two warp
+// reductions, and the accumulation into the warp's output row (lane l holds elements l, l + 32, ...,
+// head sizes up to 32 * DK_ATT_CHUNKS) reads the chunk's 32 weights from the warp's slot of shared
+// memory. Per 32 keys that is two warp reductions and two warp barriers in the forward and two
+// barriers in the backward passes, against 5 shuffles per key for a warp-wide dot product. Each gradient row is summed by the one warp that owns it, in a fixed
+// order: no atomics, the same bits on every run.
 //
 // Why this shape (not llm.c's batched GEMMs plus a masked softmax): the [B, NH, T, T] scores
 // would be 151 MB per sequence per layer for the 135M student at T = 2048, and GQA's head
-// mapping does not fit one strided batch. This first version uses no tensor cores (see
-// BENCHMARKS.md for what that costs and the tiled successor).
+// mapping does not fit one strided batch. This version uses no tensor cores and no K/V reuse
+// across query rows (see BENCHMARKS.md for what that costs and the tiled successor).
 #include "common.cuh"
 
 #define DK_ATT_CHUNKS 4  // head_dim <= 128
+#define DK_ATT_MAX_D (32 * DK_ATT_CHUNKS)
+#define DK_ATT_WARPS 8   // warps (rows) per 256-thread block
 
-// The score of query row `qrow` against key row `krow` with the query in registers.
-__device__ __forceinline__ float dk_att_dot(const float (&a)[DK_ATT_CHUNKS], const float* b, int lane, int64_t D) {
+struct DkAttMax {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// a . b over D elements in order, one fused multiply-add per term (the same bits wherever both
+// sides of a score are computed).
+__device__ __forceinline__ float dk_att_dot(const float* a, const float* b, int64_t D) {
     float s = 0.0f;
-#pragma unroll
-    for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
-        const int64_t d = lane + 32 * c;
-        if (d < D) s = fmaf(a[c], b[d], s);
-    }
-    return dk_warp_reduce(s, DkSum{});
+    for (int64_t d = 0; d < D; ++d) s = fmaf(a[d], b[d], s);
+    return s;
 }
 
-// Same as dk_att_dot with the operands' roles swapped in registers, the same products in the
-// same order: the dK/dV pass recomputes exactly the scores of the dQ pass.
-__device__ __forceinline__ float dk_att_dot_rev(const float* a, const float (&b)[DK_ATT_CHUNKS], int lane, int64_t D) {
-    float s = 0.0f;
-#pragma unroll
-    for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
-        const int64_t d = lane + 32 * c;
-        if (d < D) s = fmaf(a[d], b[c], s);
-    }
-    return dk_warp_reduce(s, DkSum{});
-}
-
-__device__ __forceinline__ void dk_att_load(float (&r)[DK_ATT_CHUNKS], const float* row, int lane, int64_t D) {
-#pragma unroll
-    for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
-        const int64_t d = lane + 32 * c;
-        r[c] = d < D ? row[d] : 0.0f;
-    }
+// Copies a row into the warp's shared slot; the caller syncs the warp before reading it.
+__device__ __forceinline__ void dk_att_stage(float* dst, const float* row, int lane, int64_t D) {
+    for (int64_t d = lane; d < D; d += 32) dst[d] = row[d];
 }
 
 extern "C" __global__ void __launch_bounds__(256) dk_attention_fwd(DkAttentionParams p) {
-    const int lane = threadIdx.x & 31;
+    __shared__ float qs[DK_ATT_WARPS][DK_ATT_MAX_D];
+    __shared__ float ws[DK_ATT_WARPS][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t NH = p.n_heads, T = p.seq, D = p.head_dim, NKV = p.n_kv_heads;
-    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int64_t r = (int64_t)blockIdx.x * DK_ATT_WARPS + warp;
     if (r >= p.batch * T * NH) return;  // whole warps leave together
     const int64_t h = r % NH, t = (r / NH) % T, b = r / NH / T, g = h / (NH / NKV);
-    float q[DK_ATT_CHUNKS], o[DK_ATT_CHUNKS];
-    dk_att_load(q, p.q + r * D, lane, D);
+    float* q = qs[warp];
+    dk_att_stage(q, p.q + r * D, lane, D);
+    __syncwarp();
+    float o[DK_ATT_CHUNKS];
 #pragma unroll
     for (int c = 0; c < DK_ATT_CHUNKS; ++c) o[c] = 0.0f;
     float m = -INFINITY, l = 0.0f;
-    for (int64_t j = 0; j <= t; ++j) {
-        const int64_t kv = ((b * T + j) * NKV + g) * D;
-        const float s = dk_att_dot(q, p.k + kv, lane, D) * p.scale;
-        const float m_new = fmaxf(m, s);
-        const float corr = expf(m - m_new);  // 0 at the first key (m = -inf)
-        const float e = expf(s - m_new);
-        l = fmaf(l, corr, e);
+    for (int64_t j0 = 0; j0 <= t; j0 += 32) {
+        const int64_t j = j0 + lane;
+        const bool live = j <= t;
+        const float s = live ? dk_att_dot(q, p.k + ((b * T + j) * NKV + g) * D, D) * p.scale : -INFINITY;
+        const float m_new = fmaxf(m, dk_warp_reduce(s, DkAttMax{}));
+        const float corr = expf(m - m_new);  // 0 at the first chunk (m = -inf)
+        const float e = live ? expf(s - m_new) : 0.0f;
+        l = fmaf(l, corr, dk_warp_reduce(e, DkSum{}));
 #pragma unroll
-        for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
-            const int64_t d = lane + 32 * c;
-            if (d < D) o[c] = fmaf(o[c], corr, e * p.v[kv + d]);
+        for (int c = 0; c < DK_ATT_CHUNKS; ++c) o[c] *= corr;
+        const int n = (int)min((int64_t)32, t + 1 - j0);  // the same in every lane
+        float* w = ws[warp];
+        w[lane] = e;
+        __syncwarp();
+        for (int jj = 0; jj < n; ++jj) {
+            const float pj = w[jj];
+            const float* v = p.v + ((b * T + j0 + jj) * NKV + g) * D;
+#pragma unroll
+            for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
+                const int64_t d = lane + 32 * c;
+                if (d < D) o[c] = fmaf(pj, v[d], o[c]);
+            }
         }
         m = m_new;
+        __syncwarp();  // every lane has read w before the next chunk writes it
     }
     const float inv = 1.0f / l;
 #pragma unroll
@@ -85,28 +93,48 @@ DK_REGISTER_KERNEL(dk_attention_fwd, DkAttentionParams)
 // dQ += scale sum_j dS_ij K_j with dS_ij = P_ij (dO_i . V_j - delta_i), delta_i = dO_i . O_i
 // (written for the dK/dV pass).
 extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dq(DkAttentionParams p) {
-    const int lane = threadIdx.x & 31;
+    __shared__ float rows[DK_ATT_WARPS][2][DK_ATT_MAX_D];
+    __shared__ float ws[DK_ATT_WARPS][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t NH = p.n_heads, T = p.seq, D = p.head_dim, NKV = p.n_kv_heads;
-    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int64_t r = (int64_t)blockIdx.x * DK_ATT_WARPS + warp;
     if (r >= p.batch * T * NH) return;
     const int64_t h = r % NH, t = (r / NH) % T, b = r / NH / T, g = h / (NH / NKV);
-    float q[DK_ATT_CHUNKS], dout[DK_ATT_CHUNKS], acc[DK_ATT_CHUNKS];
-    dk_att_load(q, p.q + r * D, lane, D);
-    dk_att_load(dout, p.dout + r * D, lane, D);
-    const float delta = dk_att_dot(dout, p.out + r * D, lane, D);
+    float* q = rows[warp][0];
+    float* dout = rows[warp][1];
+    dk_att_stage(q, p.q + r * D, lane, D);
+    dk_att_stage(dout, p.dout + r * D, lane, D);
+    __syncwarp();
+    // Summed like dO . V below, so that a row whose output is one value row (a single key) gets
+    // dS = 0 exactly, as in exact arithmetic.
+    const float delta = dk_att_dot(dout, p.out + r * D, D);
     if (lane == 0) p.delta[r] = delta;
     const float lse = p.lse[r];
+    float acc[DK_ATT_CHUNKS];
 #pragma unroll
     for (int c = 0; c < DK_ATT_CHUNKS; ++c) acc[c] = 0.0f;
-    for (int64_t j = 0; j <= t; ++j) {
-        const int64_t kv = ((b * T + j) * NKV + g) * D;
-        const float pr = expf(dk_att_dot(q, p.k + kv, lane, D) * p.scale - lse);
-        const float ds = pr * (dk_att_dot(dout, p.v + kv, lane, D) - delta);
-#pragma unroll
-        for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
-            const int64_t d = lane + 32 * c;
-            if (d < D) acc[c] = fmaf(ds, p.k[kv + d], acc[c]);
+    for (int64_t j0 = 0; j0 <= t; j0 += 32) {
+        const int64_t j = j0 + lane;
+        float ds = 0.0f;
+        if (j <= t) {
+            const int64_t kv = ((b * T + j) * NKV + g) * D;
+            const float pr = expf(dk_att_dot(q, p.k + kv, D) * p.scale - lse);
+            ds = pr * (dk_att_dot(dout, p.v + kv, D) - delta);
         }
+        const int n = (int)min((int64_t)32, t + 1 - j0);
+        float* w = ws[warp];
+        w[lane] = ds;
+        __syncwarp();
+        for (int jj = 0; jj < n; ++jj) {
+            const float dsj = w[jj];
+            const float* k = p.k + ((b * T + j0 + jj) * NKV + g) * D;
+#pragma unroll
+            for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
+                const int64_t d = lane + 32 * c;
+                if (d < D) acc[c] = fmaf(dsj, k[d], acc[c]);
+            }
+        }
+        __syncwarp();
     }
 #pragma unroll
     for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
@@ -120,31 +148,52 @@ DK_REGISTER_KERNEL(dk_attention_bwd_dq, DkAttentionParams)
 // over the group's query heads in head order and the rows i >= j in order. Runs after
 // dk_attention_bwd_dq (it reads delta).
 extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dkv(DkAttentionParams p) {
-    const int lane = threadIdx.x & 31;
+    __shared__ float rows[DK_ATT_WARPS][2][DK_ATT_MAX_D];
+    __shared__ float ws[DK_ATT_WARPS][2][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t NH = p.n_heads, T = p.seq, D = p.head_dim, NKV = p.n_kv_heads, rep = NH / NKV;
-    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    const int64_t r = (int64_t)blockIdx.x * DK_ATT_WARPS + warp;
     if (r >= p.batch * T * NKV) return;
     const int64_t g = r % NKV, j = (r / NKV) % T, b = r / NKV / T;
-    float k[DK_ATT_CHUNKS], v[DK_ATT_CHUNKS], dk[DK_ATT_CHUNKS], dv[DK_ATT_CHUNKS];
-    dk_att_load(k, p.k + r * D, lane, D);
-    dk_att_load(v, p.v + r * D, lane, D);
+    float* k = rows[warp][0];
+    float* v = rows[warp][1];
+    dk_att_stage(k, p.k + r * D, lane, D);
+    dk_att_stage(v, p.v + r * D, lane, D);
+    __syncwarp();
+    float dk[DK_ATT_CHUNKS], dv[DK_ATT_CHUNKS];
 #pragma unroll
     for (int c = 0; c < DK_ATT_CHUNKS; ++c) dk[c] = dv[c] = 0.0f;
     for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
-        for (int64_t i = j; i < T; ++i) {
-            const int64_t qr = (b * T + i) * NH + h;
-            const float* q = p.q + qr * D;
-            const float* dout = p.dout + qr * D;
-            const float pr = expf(dk_att_dot_rev(q, k, lane, D) * p.scale - p.lse[qr]);
-            const float ds = pr * (dk_att_dot_rev(dout, v, lane, D) - p.delta[qr]);
+        for (int64_t i0 = j; i0 < T; i0 += 32) {
+            const int64_t i = i0 + lane;
+            float ds = 0.0f, pr = 0.0f;
+            if (i < T) {
+                const int64_t qr = (b * T + i) * NH + h;
+                pr = expf(dk_att_dot(p.q + qr * D, k, D) * p.scale - p.lse[qr]);
+                ds = pr * (dk_att_dot(p.dout + qr * D, v, D) - p.delta[qr]);
+            }
+            const int n = (int)min((int64_t)32, T - i0);
+            float* wds = ws[warp][0];
+            float* wp = ws[warp][1];
+            wds[lane] = ds;
+            wp[lane] = pr;
+            __syncwarp();
+            for (int ii = 0; ii < n; ++ii) {
+                const float dsi = wds[ii];
+                const float pi = wp[ii];
+                const int64_t qr = (b * T + i0 + ii) * NH + h;
+                const float* q = p.q + qr * D;
+                const float* dout = p.dout + qr * D;
 #pragma unroll
-            for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
-                const int64_t d = lane + 32 * c;
-                if (d < D) {
-                    dk[c] = fmaf(ds, q[d], dk[c]);
-                    dv[c] = fmaf(pr, dout[d], dv[c]);
+                for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
+                    const int64_t d = lane + 32 * c;
+                    if (d < D) {
+                        dk[c] = fmaf(dsi, q[d], dk[c]);
+                        dv[c] = fmaf(pi, dout[d], dv[c]);
+                    }
                 }
             }
+            __syncwarp();
         }
     }
 #pragma unroll

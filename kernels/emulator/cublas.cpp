@@ -188,20 +188,38 @@ int workers() {
 /* Columns [j0, j1) of C for matrix `bi` of the batch. */
 void compute_columns(const Gemm& g, float alpha, float beta, int64_t bi, int64_t j0, int64_t j1) {
     const int64_t offa = bi * g.a.stride, offb = bi * g.b.stride, offc = bi * g.stridec;
-    std::vector<float> acc(static_cast<size_t>(g.m));
+    std::vector<float> acc(static_cast<size_t>(g.m)), bcol(static_cast<size_t>(g.k));
     for (int64_t j = j0; j < j1; ++j) {
         std::fill(acc.begin(), acc.end(), 0.0f);
-        if (alpha != 0.0f) {
+        if (alpha != 0.0f && g.a.trans) {
+            /* op(A)(i, l) = A[l + i * lda]: row i of op(A) is contiguous, so each element is one
+             * dot product over l, in the same ascending order as the column form below. */
+            for (int64_t l = 0; l < g.k; ++l)
+                bcol[l] = g.b.trans ? widen(g.b.p, g.b.type, offb + j + l * g.b.ld)
+                                    : widen(g.b.p, g.b.type, offb + l + j * g.b.ld);
+            for (int64_t i = 0; i < g.m; ++i) {
+                const int64_t row = offa + i * g.a.ld;
+                float s = 0.0f;
+                if (g.a.type == kR32F) {
+                    const float* a = static_cast<const float*>(g.a.p) + row;
+                    for (int64_t l = 0; l < g.k; ++l) s = std::fma(a[l], bcol[l], s);
+                } else {
+                    for (int64_t l = 0; l < g.k; ++l) s = std::fma(widen(g.a.p, g.a.type, row + l), bcol[l], s);
+                }
+                acc[i] = s;
+            }
+        } else if (alpha != 0.0f) {
             for (int64_t l = 0; l < g.k; ++l) {
                 /* op(B)(l, j) */
                 const float bl = g.b.trans ? widen(g.b.p, g.b.type, offb + j + l * g.b.ld)
                                            : widen(g.b.p, g.b.type, offb + l + j * g.b.ld);
-                if (!g.a.trans) { /* op(A)(i, l) = A[i + l * lda]: a column of A, contiguous */
-                    const int64_t col = offa + l * g.a.ld;
+                /* op(A)(i, l) = A[i + l * lda]: a column of A, contiguous */
+                const int64_t col = offa + l * g.a.ld;
+                if (g.a.type == kR32F) {
+                    const float* a = static_cast<const float*>(g.a.p) + col;
+                    for (int64_t i = 0; i < g.m; ++i) acc[i] = std::fma(a[i], bl, acc[i]);
+                } else {
                     for (int64_t i = 0; i < g.m; ++i) acc[i] = std::fma(widen(g.a.p, g.a.type, col + i), bl, acc[i]);
-                } else { /* op(A)(i, l) = A[l + i * lda] */
-                    for (int64_t i = 0; i < g.m; ++i)
-                        acc[i] = std::fma(widen(g.a.p, g.a.type, offa + l + i * g.a.ld), bl, acc[i]);
                 }
             }
         }

@@ -97,7 +97,8 @@ DK_EMU_HIDDEN std::string note_host_read(const void* p, size_t n, const char* re
 struct ThreadView {
     unsigned tid;        /* linear thread index in the block */
     unsigned bar_gen;    /* __syncthreads completed by this block so far */
-    unsigned warp_gen;   /* warp primitives completed by this thread's warp so far */
+    unsigned warp_gen;   /* __syncwarp barriers completed by this thread's warp so far (shuffles,
+                          * votes and reductions exchange values but do not order memory) */
     unsigned long long block_serial; /* unique per block run in this process */
     unsigned long long block_linear; /* linear block index in the grid */
 };

@@ -87,21 +87,21 @@ mutant rmsnorm-dw-last-row model_ops.cu \
     'for (int64_t n = 0; n + 1 < p.rows; ++n)' \
     "the RMSNorm weight gradient leaves out the last row"
 mutant attention-dkv-diagonal attention.cu \
-    'for (int64_t i = j; i < T; ++i)' \
-    'for (int64_t i = j + 1; i < T; ++i)' \
+    'for (int64_t i0 = j; i0 < T; i0 += 32)' \
+    'for (int64_t i0 = j + 1; i0 < T; i0 += 32)' \
     "the key/value gradient leaves out each key's own query row (the causal diagonal)"
 mutant attention-kv-head-modulo attention.cu \
-    'b = r / NH / T, g = h / (NH / NKV);
-    float q[DK_ATT_CHUNKS], o[DK_ATT_CHUNKS];' \
-    'b = r / NH / T, g = h % NKV;
-    float q[DK_ATT_CHUNKS], o[DK_ATT_CHUNKS];' \
+    'g = h / (NH / NKV);
+    float* q = qs[warp];' \
+    'g = h % NKV;
+    float* q = qs[warp];' \
     "the forward maps query head h to key/value head h mod NKV instead of h / (NH / NKV)"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do
     NAMES+=("no-barrier-$(basename "$file" | tr . -)-$line")
-    FILES+=("${file#kernels/}") FROM+=("@$line") TO+=("") WHAT+=("$file:$line: __syncthreads() deleted")
-done < <(grep -n '__syncthreads()' kernels/*.cu kernels/*.cuh | grep -v '^[^:]*:[0-9]*: *//')
+    FILES+=("${file#kernels/}") FROM+=("@$line") TO+=("") WHAT+=("$file:$line: barrier deleted")
+done < <(grep -n '__syncthreads()\|__syncwarp()' kernels/*.cu kernels/*.cuh | grep -v '^[^:]*:[0-9]*: *//')
 
 # ---- building one mutant's libraries.
 unit_source() { if [[ $1 == selftest ]]; then echo emulator/selftest.cu; else echo "$1.cu"; fi; }
@@ -117,7 +117,7 @@ affected_units() {
 apply_mutation() { # tree file from to
     local path=$1/$2 from=$3 to=$4
     if [[ $from == @* ]]; then
-        sed -i "${from#@}s/__syncthreads();//" "$path"
+        sed -i -e "${from#@}s/__syncthreads();//" -e "${from#@}s/__syncwarp();//" "$path"
         return
     fi
     local text rest n=0

@@ -285,6 +285,7 @@ struct Stack {
 
 struct Warp {
     unsigned gen = 0;     /* completed rendezvous count */
+    unsigned sync_gen = 0; /* completed __syncwarp count: the warp primitive that orders memory */
     unsigned arrived = 0; /* lanes at the current rendezvous */
     unsigned nlanes = 32;
     unsigned mask = 0xffffffffu;
@@ -729,6 +730,7 @@ WarpResult warp_sync(unsigned mask, unsigned op, const void* value, unsigned siz
     if (pred) wp->ballot[b] |= 1u << f->lane;
     if (++wp->arrived == wp->nlanes) {
         wp->arrived = 0;
+        if (op == OP_SYNCWARP) ++wp->sync_gen;
         wp->gen = g + 1; /* releases the parked lanes */
     } else {
         wait_for(f, &wp->gen, g, op);
@@ -1242,7 +1244,7 @@ void current_thread_view(ThreadView* out) {
     const Worker* w = f->worker;
     out->tid = static_cast<unsigned>(f - w->fibers.data());
     out->bar_gen = w->block.bar_gen;
-    out->warp_gen = f->warp->gen;
+    out->warp_gen = f->warp->sync_gen;
     out->block_serial = w->block.serial;
     out->block_linear = w->block.linear;
 }

@@ -141,7 +141,8 @@ struct Access {
     uint16_t tid;
     uint16_t bar;   /* __syncthreads completed by the block before the access */
     uint16_t wgen;  /* warp primitives completed by the thread's warp before the access */
-    uint16_t multi; /* reads only: another thread read too, in the same interval */
+    uint16_t multi; /* reads only: bit 0, another thread read too in the same interval; bit 1,
+                     * one of them in another warp */
 };
 struct RaceCell {
     Access w, r;
@@ -511,16 +512,24 @@ static void race_check(RaceCell* cells, size_t first, size_t last, int kind, con
         if (kind == kWrite) {
             if (r_live) {
                 const bool same_interval = c.r.block == block && c.r.bar == static_cast<uint16_t>(t.bar_gen);
-                if (!ordered(c.r, t, block) || (c.r.multi && same_interval))
+                /* Readers all of the writer's warp, the last of them before a warp barrier the
+                 * writer has passed (a warp-private slot reused after __syncwarp). */
+                const bool warp_ordered = !(c.r.multi & 2) && c.r.tid / 32 == t.tid / 32 &&
+                                          static_cast<uint16_t>(t.warp_gen) != c.r.wgen;
+                if (!ordered(c.r, t, block) || (c.r.multi && same_interval && !warp_ordered))
                     race_report(space, where_fn(addr), "write-after-read", c.r, false, kind, t, pc, block);
             }
             c.w = Access{g.launch_id, block, pc, static_cast<uint16_t>(t.tid), static_cast<uint16_t>(t.bar_gen),
                          static_cast<uint16_t>(t.warp_gen), 0};
             c.r.launch = 0;
         } else {
-            if (r_live && c.r.tid != t.tid && c.r.block == block && c.r.bar == static_cast<uint16_t>(t.bar_gen)) {
-                c.r.multi = 1;
-            } else if (!r_live || c.r.tid != t.tid || c.r.bar != static_cast<uint16_t>(t.bar_gen)) {
+            if (r_live && c.r.block == block && c.r.bar == static_cast<uint16_t>(t.bar_gen)) {
+                if (c.r.tid != t.tid) c.r.multi |= 1;
+                if (c.r.tid / 32 != t.tid / 32) c.r.multi |= 2;
+                /* Within one warp the latest read's warp generation is the one a writer must be
+                 * past (warp barriers only increase it). */
+                if (!(c.r.multi & 2)) c.r.wgen = static_cast<uint16_t>(t.warp_gen);
+            } else {
                 c.r = Access{g.launch_id, block, pc, static_cast<uint16_t>(t.tid), static_cast<uint16_t>(t.bar_gen),
                              static_cast<uint16_t>(t.warp_gen), 0};
             }

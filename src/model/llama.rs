@@ -601,6 +601,7 @@ impl Llama {
     }
 
     /// The attention's shape at `batch` x `seq`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn attention_shape(&self, batch: usize, seq: usize) -> AttnShape {
         self.attn_shape(batch, seq)
     }

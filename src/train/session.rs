@@ -317,9 +317,26 @@ pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary>
     result
 }
 
+/// `--device reference`: the f64 oracle trains nothing.
+fn reference_refused() -> Error {
+    Error::InvalidOption {
+        name: "device",
+        value: "reference".into(),
+        reason: "the f64 reference computes losses only; train on cpu, emulated or cuda",
+    }
+}
+
+#[cfg(not(all(feature = "cuda", feature = "emulator")))]
+fn device_missing(kind: crate::device::DeviceKind) -> Error {
+    Error::Loss(crate::Error::DeviceUnavailable(format!(
+        "this build has no {kind:?} device (enable the `cuda`/`emulator` features)"
+    )))
+}
+
 /// Moves the trainer's steps onto `kind` (nothing for `cpu`) and reports the device memory
 /// plan; a device that cannot run here, or a plan that does not fit it, stops the command before
 /// the run directory is touched.
+#[cfg(feature = "cuda")]
 fn open_device(
     trainer: &mut Trainer,
     kind: crate::device::DeviceKind,
@@ -328,42 +345,41 @@ fn open_device(
     use crate::device::DeviceKind;
     let dev = match kind {
         DeviceKind::Cpu => return Ok(()),
-        DeviceKind::Reference => {
-            return Err(Error::InvalidOption {
-                name: "device",
-                value: "reference".into(),
-                reason: "the f64 reference computes losses only; train on cpu, emulated or cuda",
-            })
-        }
+        DeviceKind::Reference => return Err(reference_refused()),
         #[cfg(feature = "emulator")]
         DeviceKind::Emulated => crate::cuda::CudaKernels::emulated()?,
-        #[cfg(feature = "cuda")]
+        #[cfg(not(feature = "emulator"))]
+        DeviceKind::Emulated => return Err(device_missing(kind)),
         DeviceKind::Cuda => crate::cuda::CudaKernels::new(0)?,
-        #[allow(unreachable_patterns)]
-        other => {
-            return Err(Error::Loss(crate::Error::DeviceUnavailable(format!(
-                "this build has no {other:?} device (enable the `cuda`/`emulator` features)"
-            ))))
-        }
     };
-    #[cfg(feature = "cuda")]
-    {
-        let name = dev.name().unwrap_or_default();
-        let plan = trainer.use_device(dev)?;
-        let total: usize = plan.iter().map(|(_, b)| b).sum();
-        let parts: Vec<String> = plan
-            .iter()
-            .map(|(what, b)| format!("{what} {}", crate::train::memory::human_bytes(*b as u128)))
-            .collect();
-        progress.note(&format!(
-            "device {name}: {} allocated up front ({})",
-            crate::train::memory::human_bytes(total as u128),
-            parts.join(", ")
-        ));
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = (dev, trainer, progress);
+    let name = dev.name().unwrap_or_default();
+    let plan = trainer.use_device(dev)?;
+    let total: usize = plan.iter().map(|(_, b)| b).sum();
+    let parts: Vec<String> = plan
+        .iter()
+        .map(|(what, b)| format!("{what} {}", crate::train::memory::human_bytes(*b as u128)))
+        .collect();
+    progress.note(&format!(
+        "device {name}: {} allocated up front ({})",
+        crate::train::memory::human_bytes(total as u128),
+        parts.join(", ")
+    ));
     Ok(())
+}
+
+/// Without the `cuda` feature only `cpu` trains.
+#[cfg(not(feature = "cuda"))]
+fn open_device(
+    _trainer: &mut Trainer,
+    kind: crate::device::DeviceKind,
+    _progress: &mut dyn Progress,
+) -> Result<()> {
+    use crate::device::DeviceKind;
+    match kind {
+        DeviceKind::Cpu => Ok(()),
+        DeviceKind::Reference => Err(reference_refused()),
+        other => Err(device_missing(other)),
+    }
 }
 
 fn train_and_report(
