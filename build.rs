@@ -425,7 +425,9 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) {
     // The fake cuBLAS: its own library (SONAME libcublas.so, the first name cudarc tries), one
     // for both driver builds (it finds the loaded driver's helpers at run time).
     let cublas_obj = out.join("cublas.o");
-    jobs.push((emu.join("cublas.cpp"), cublas_obj.clone(), &[]));
+    // -O3: the GEMM's inner loop must vectorize (the emulated trainer spends its time there);
+    // the numerics are fixed by explicit FMAs, not by the optimization level.
+    jobs.push((emu.join("cublas.cpp"), cublas_obj.clone(), &["-O3"]));
     std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
             .iter()

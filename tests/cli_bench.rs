@@ -428,3 +428,37 @@ fn json_parser_is_strict() {
     assert!(parse_object(r#"{"a":1} x"#).is_err());
     assert!(parse_object(r#"{"a":01}"#).is_err());
 }
+
+#[test]
+fn bench_train_on_the_emulated_device_reports_device_memory() {
+    let args = [
+        "bench",
+        "train",
+        "--device",
+        "emulated",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--vocab",
+        "64",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+    ];
+    let obj = bench_ok(&args);
+    assert_eq!(string(&obj, "device"), "emulated");
+    assert!(num(&obj, "tokens_per_s") > 0.0);
+    // Steps allocate nothing: what the run took from the device is its plan (up to the
+    // emulator's allocation rounding).
+    let (peak, plan) = (num(&obj, "peak_device_mb"), num(&obj, "planned_device_mb"));
+    assert!(
+        plan > 0.0 && peak >= plan && peak < plan * 1.05 + 0.01,
+        "peak {peak} MB, plan {plan} MB"
+    );
+    let obj = bench_ok(&[
+        "bench", "train", "--batch", "2", "--seq", "16", "--vocab", "64", "--steps", "2",
+    ]);
+    assert_eq!(string(&obj, "device"), "cpu");
+}

@@ -185,45 +185,39 @@ int workers() {
     return n;
 }
 
-/* Columns [j0, j1) of C for matrix `bi` of the batch. */
-void compute_columns(const Gemm& g, float alpha, float beta, int64_t bi, int64_t j0, int64_t j1) {
-    const int64_t offa = bi * g.a.stride, offb = bi * g.b.stride, offc = bi * g.stridec;
-    std::vector<float> acc(static_cast<size_t>(g.m)), bcol(static_cast<size_t>(g.k));
+/* op(A) of matrix `bi` of the batch, widened to f32 and stored column-major m x k (element
+ * (i, l) at [i + l * m]), so that every column of C below is a run of contiguous multiply-adds
+ * whatever A's transposition and type. */
+std::vector<float> pack_a(const Gemm& g, int64_t bi) {
+    std::vector<float> ap(static_cast<size_t>(g.m * g.k));
+    const int64_t off = bi * g.a.stride;
+    for (int64_t l = 0; l < g.k; ++l)
+        for (int64_t i = 0; i < g.m; ++i)
+            ap[i + l * g.m] = g.a.trans ? widen(g.a.p, g.a.type, off + l + i * g.a.ld)
+                                        : widen(g.a.p, g.a.type, off + i + l * g.a.ld);
+    return ap;
+}
+
+/* Columns [j0, j1) of C for matrix `bi` of the batch, with op(A) packed by pack_a. Each element
+ * is summed in ascending l, one FMA per term; the loop over i is what the compiler vectorizes. */
+void compute_columns(const Gemm& g, const float* __restrict ap, float alpha, float beta, int64_t bi, int64_t j0,
+                     int64_t j1) {
+    const int64_t offb = bi * g.b.stride, offc = bi * g.stridec;
+    std::vector<float> accv(static_cast<size_t>(g.m));
+    float* __restrict acc = accv.data();
+    const int64_t m = g.m;
     for (int64_t j = j0; j < j1; ++j) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        if (alpha != 0.0f && g.a.trans) {
-            /* op(A)(i, l) = A[l + i * lda]: row i of op(A) is contiguous, so each element is one
-             * dot product over l, in the same ascending order as the column form below. */
-            for (int64_t l = 0; l < g.k; ++l)
-                bcol[l] = g.b.trans ? widen(g.b.p, g.b.type, offb + j + l * g.b.ld)
-                                    : widen(g.b.p, g.b.type, offb + l + j * g.b.ld);
-            for (int64_t i = 0; i < g.m; ++i) {
-                const int64_t row = offa + i * g.a.ld;
-                float s = 0.0f;
-                if (g.a.type == kR32F) {
-                    const float* a = static_cast<const float*>(g.a.p) + row;
-                    for (int64_t l = 0; l < g.k; ++l) s = std::fma(a[l], bcol[l], s);
-                } else {
-                    for (int64_t l = 0; l < g.k; ++l) s = std::fma(widen(g.a.p, g.a.type, row + l), bcol[l], s);
-                }
-                acc[i] = s;
-            }
-        } else if (alpha != 0.0f) {
+        for (int64_t i = 0; i < m; ++i) acc[i] = 0.0f;
+        if (alpha != 0.0f) {
             for (int64_t l = 0; l < g.k; ++l) {
                 /* op(B)(l, j) */
                 const float bl = g.b.trans ? widen(g.b.p, g.b.type, offb + j + l * g.b.ld)
                                            : widen(g.b.p, g.b.type, offb + l + j * g.b.ld);
-                /* op(A)(i, l) = A[i + l * lda]: a column of A, contiguous */
-                const int64_t col = offa + l * g.a.ld;
-                if (g.a.type == kR32F) {
-                    const float* a = static_cast<const float*>(g.a.p) + col;
-                    for (int64_t i = 0; i < g.m; ++i) acc[i] = std::fma(a[i], bl, acc[i]);
-                } else {
-                    for (int64_t i = 0; i < g.m; ++i) acc[i] = std::fma(widen(g.a.p, g.a.type, col + i), bl, acc[i]);
-                }
+                const float* __restrict col = ap + l * m;
+                for (int64_t i = 0; i < m; ++i) acc[i] = std::fma(col[i], bl, acc[i]);
             }
         }
-        for (int64_t i = 0; i < g.m; ++i) {
+        for (int64_t i = 0; i < m; ++i) {
             const int64_t at = offc + i + j * g.ldc;
             const float v = beta == 0.0f ? alpha * acc[i] : std::fma(alpha, acc[i], beta * widen(g.c, g.ctype, at));
             store(g.c, g.ctype, at, v);
@@ -251,25 +245,23 @@ int run_gemm(void* arg) {
                                    });
                                });
     if (r) return r;
-    const int64_t columns = g.batch * g.n;
-    const double flops = static_cast<double>(g.m) * static_cast<double>(columns) * static_cast<double>(g.k);
-    const int64_t threads = std::min<int64_t>({workers(), columns, std::max<int64_t>(1, static_cast<int64_t>(flops / 2e5))});
-    auto work = [&](int64_t t) {
-        /* Columns of the whole batch, split evenly: thread t takes [t*columns/threads, ...). */
-        const int64_t c0 = t * columns / threads, c1 = (t + 1) * columns / threads;
-        for (int64_t c = c0; c < c1;) {
-            const int64_t bi = c / g.n, j0 = c % g.n, j1 = std::min(g.n, j0 + (c1 - c));
-            compute_columns(g, alpha, beta, bi, j0, j1);
-            c += j1 - j0;
+    const double flops = static_cast<double>(g.m) * static_cast<double>(g.n) * static_cast<double>(g.k);
+    const int64_t threads = std::min<int64_t>(workers(), std::max<int64_t>(1, static_cast<int64_t>(flops / 2e5)));
+    /* One batch matrix at a time: op(A) packed once, its columns split evenly over the threads. */
+    for (int64_t bi = 0; bi < g.batch; ++bi) {
+        const std::vector<float> ap = alpha != 0.0f ? pack_a(g, bi) : std::vector<float>();
+        const int64_t split = std::min<int64_t>(threads, g.n);
+        auto work = [&](int64_t t) {
+            compute_columns(g, ap.data(), alpha, beta, bi, t * g.n / split, (t + 1) * g.n / split);
+        };
+        if (split <= 1) {
+            work(0);
+        } else {
+            std::vector<std::thread> pool;
+            for (int64_t t = 1; t < split; ++t) pool.emplace_back(work, t);
+            work(0);
+            for (auto& th : pool) th.join();
         }
-    };
-    if (threads <= 1) {
-        work(0);
-    } else {
-        std::vector<std::thread> pool;
-        for (int64_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
-        work(0);
-        for (auto& th : pool) th.join();
     }
     return 0;
 }

@@ -44,6 +44,79 @@ pub struct BenchTrainArgs {
     /// Worker threads [default: one per core]
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the steps run: cpu, emulated or cuda (timed with CUDA events on the device's stream)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// The device a benchmark runs on: its context and stream (for events and memory), and the
+/// device's free memory before the run's buffers were allocated.
+struct OnDevice {
+    ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    free_before: usize,
+    plan_bytes: usize,
+}
+
+fn open_device(trainer: &mut Trainer, spelled: &str) -> CliResult<Option<OnDevice>> {
+    use distill_kernels::cuda::CudaKernels;
+    use distill_kernels::{DeviceKind, Error};
+    let kind: DeviceKind = spelled.parse().map_err(CliError::new)?;
+    let dev = match kind {
+        DeviceKind::Cpu => return Ok(None),
+        DeviceKind::Reference => {
+            return Err(CliError::new(
+                "--device reference: the f64 reference trains nothing (cpu, emulated or cuda)",
+            ))
+        }
+        DeviceKind::Emulated => CudaKernels::emulated(),
+        DeviceKind::Cuda => CudaKernels::new(0),
+    }
+    .map_err(|e| match e {
+        Error::DeviceUnavailable(_) => CliError::new(format!("--device {spelled}: {e}")),
+        other => CliError::new(format!("cannot open device {spelled}: {other}")),
+    })?;
+    let (ctx, stream) = (dev.context().clone(), dev.stream().clone());
+    let free_before = ctx
+        .mem_get_info()
+        .map_err(|e| CliError::new(format!("cuMemGetInfo: {e}")))?
+        .0;
+    let plan = trainer.use_device(dev)?;
+    Ok(Some(OnDevice {
+        ctx,
+        stream,
+        free_before,
+        plan_bytes: plan.iter().map(|(_, b)| b).sum(),
+    }))
+}
+
+/// One step's milliseconds: CUDA events around it on the device (the stream is drained before
+/// the end event is read), the wall clock on the cpu.
+fn timed_step(
+    trainer: &mut Trainer,
+    stream: &TokenStream,
+    on: Option<&OnDevice>,
+) -> CliResult<f64> {
+    let Some(d) = on else {
+        let t = Instant::now();
+        trainer.step(stream)?;
+        return Ok(t.elapsed().as_secs_f64() * 1e3);
+    };
+    let event = |what: &str| {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        d.stream
+            .record_event(flags)
+            .map_err(|e| CliError::new(format!("recording the {what} event: {e}")))
+    };
+    let start = event("start")?;
+    trainer.step(stream)?;
+    let end = event("end")?;
+    end.synchronize()
+        .map_err(|e| CliError::new(format!("waiting for the step: {e}")))?;
+    let ms = start
+        .elapsed_ms(&end)
+        .map_err(|e| CliError::new(format!("cuEventElapsedTime: {e}")))?;
+    Ok(ms as f64)
 }
 
 pub fn run(a: &BenchTrainArgs) -> CliResult<()> {
@@ -92,14 +165,27 @@ fn measure(a: &BenchTrainArgs) -> CliResult<()> {
         .collect();
     let stream = TokenStream { tokens, docs: 1 };
     let mut trainer = Trainer::new(cfg, student, teacher)?;
+    let on = open_device(&mut trainer, &a.device)?;
     let mut times = Vec::new();
     for i in 0..total {
-        let t = Instant::now();
-        trainer.step(&stream)?;
+        let ms = timed_step(&mut trainer, &stream, on.as_ref())?;
         if i >= a.warmup_steps {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            times.push(ms);
         }
     }
+    // Peak device memory: what the run took from the device's free memory (steps allocate
+    // nothing, so the lowest free memory is the one after the first step).
+    let device_mb = match &on {
+        Some(d) => {
+            let free = d
+                .ctx
+                .mem_get_info()
+                .map_err(|e| CliError::new(format!("cuMemGetInfo: {e}")))?
+                .0;
+            Some(d.free_before.saturating_sub(free) as f64 / (1024.0 * 1024.0))
+        }
+        None => None,
+    };
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let tokens = (a.batch * a.seq) as f64;
@@ -118,6 +204,9 @@ fn measure(a: &BenchTrainArgs) -> CliResult<()> {
             "tokens_per_s": tokens / (median / 1e3),
             "params": trainer.model().num_params(),
             "peak_rss_mb": super::bench::memory_status().hwm_kb.map(|kb| kb as f64 / 1024.0),
+            "device": a.device,
+            "peak_device_mb": device_mb,
+            "planned_device_mb": on.as_ref().map(|d| d.plan_bytes as f64 / (1024.0 * 1024.0)),
         })
         .to_string(),
     )
