@@ -23,7 +23,8 @@ echo "consumers: lean consumer built in $(( $(date +%s) - t )) s with CC and CXX
 "$CARGO_TARGET_DIR/release/lean-consumer"
 
 # 2. cudarc `dynamic-linking` next to distill-kernels' `cuda`: link against stand-ins for
-#    libcuda (the emulator's driver, without kernels) and libnvrtc (empty), then run.
+#    libcuda (the emulator's driver, without kernels), libcublas (the emulator's), and libnvrtc
+#    and libcublasLt (empty), then run.
 stub=$CARGO_TARGET_DIR/cuda-stub
 mkdir -p "$stub/lib64"
 if [ ! -f "$stub/lib64/libcuda.so" ]; then
@@ -31,6 +32,11 @@ if [ ! -f "$stub/lib64/libcuda.so" ]; then
     "$ROOT"/kernels/emulator/{runtime,driver,sanitizer}.cpp -o "$stub/lib64/libcuda.so"
   ln -sf libcuda.so "$stub/lib64/libcuda.so.1"
   echo "" | cc -shared -x c - -Wl,-soname,libnvrtc.so -o "$stub/lib64/libnvrtc.so"
+fi
+if [ ! -f "$stub/lib64/libcublas.so" ]; then
+  c++ -std=c++17 -O1 -fPIC -pthread -w -shared -Wl,-soname,libcublas.so \
+    "$ROOT"/kernels/emulator/cublas.cpp -ldl -o "$stub/lib64/libcublas.so"
+  echo "" | cc -shared -x c - -Wl,-soname,libcublasLt.so -o "$stub/lib64/libcublasLt.so"
 fi
 t=$(date +%s)
 (cd dynamic-linking && CUDA_HOME=$stub cargo build --release --quiet)

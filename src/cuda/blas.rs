@@ -40,6 +40,27 @@ fn int(what: &'static str, v: usize) -> Result<i32> {
     })
 }
 
+/// Whether a cuBLAS library can be loaded (cudarc would panic at its first cuBLAS call without
+/// one when it loads it at run time; when the application links it, it is loaded already and this
+/// finds it; on the emulated device it finds the emulated cuBLAS by its SONAME).
+fn cublas_library_present() -> bool {
+    let names: &[&str] = if cfg!(windows) {
+        &["cublas64_13.dll", "cublas64_12.dll", "cublas64_11.dll"]
+    } else {
+        &[
+            "libcublas.so",
+            "libcublas.so.13",
+            "libcublas.so.12",
+            "libcublas.so.11",
+        ]
+    };
+    names.iter().any(|name| {
+        // SAFETY: loads the system's cuBLAS (or finds it loaded); its initializers are the
+        // library's own, which cudarc would run next anyway.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
+}
+
 impl CudaKernels {
     /// The cuBLAS handle on this device's stream (the emulated cuBLAS on the emulated device),
     /// created at the first use; for callers' own GEMMs in stream order with the crate's work.
@@ -47,8 +68,7 @@ impl CudaKernels {
     pub fn blas(&self) -> Result<&CudaBlas> {
         self.blas
             .get_or_init(|| {
-                // SAFETY: tries to dlopen the names cudarc would; nothing else runs.
-                if !unsafe { sys::is_culib_present() } {
+                if !cublas_library_present() {
                     return Err(
                         "libcublas could not be loaded: install the CUDA toolkit's cuBLAS (or put \
                          its directory on LD_LIBRARY_PATH) to run the model's matmuls"
