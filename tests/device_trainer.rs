@@ -1,7 +1,8 @@
 //! The trainer with its steps on the emulated device (`--device emulated`), end to end through the
 //! `distill` binary, against the same commands on `cpu`: `train` and `distill` over 20 steps give
 //! the same loss curves to within f32 rounding, a checkpoint written on one device resumes on the
-//! other, and `--device cuda` without a GPU fails with one line and touches nothing.
+//! other, `distill eval` agrees across devices, and `--device cuda` without a GPU fails with one
+//! line and touches nothing.
 //!
 //! Tolerance: every step's loss within 1e-4 relative of the cpu run's. The two executors sum in
 //! different orders (the device's GEMMs and flash attention), so their gradients differ in the
@@ -179,6 +180,27 @@ fn a_checkpoint_resumes_on_the_other_device() {
         "cpu then emulated",
         &s.curve("cpu_then_emu"),
         &s.curve("cpu"),
+    );
+
+    // `distill eval` of one checkpoint agrees across devices (the same windows and sums; the
+    // forward passes differ in summation order only).
+    let eval = |device: &str| {
+        let model = s.s("cpu");
+        let out = distill(&[
+            "eval", "--model", &model, "--data", &data, "--device", device,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        line["val_loss"].as_f64().unwrap()
+    };
+    let (cpu, emu) = (eval("cpu"), eval("emulated"));
+    assert!(
+        (cpu - emu).abs() <= 1e-6 * cpu,
+        "eval: emulated {emu} vs cpu {cpu}"
     );
 }
 

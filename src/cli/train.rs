@@ -142,6 +142,9 @@ pub struct EvalArgs {
     /// Tokens per window [default: the model's max_position_embeddings, at most 512]
     #[arg(long)]
     pub seq: Option<usize>,
+    /// Where the forward passes run: cpu, emulated or cuda
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Args)]
@@ -455,8 +458,31 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
     // A split shorter than one window is evaluated as the one window it makes.
     let seq = windows.first().map_or(seq, |w| w.0.len());
     let picked: Vec<_> = windows.iter().collect();
-    let mut acts = Activations::new(&model, 8.min(picked.len().max(1)), seq)?;
-    let loss = eval_loss(&model, &params, &picked, &mut acts)?;
+    let batch = 8.min(picked.len().max(1));
+    let device: distill_kernels::DeviceKind = a.device.parse().map_err(CliError::new)?;
+    let loss = match device {
+        distill_kernels::DeviceKind::Cpu => {
+            let mut acts = Activations::new(&model, batch, seq)?;
+            eval_loss(&model, &params, &picked, &mut acts)?
+        }
+        distill_kernels::DeviceKind::Reference => {
+            return Err(CliError::new(
+                "--device reference: evaluation runs on cpu, emulated or cuda",
+            ))
+        }
+        kind => {
+            let dev = match kind {
+                distill_kernels::DeviceKind::Emulated => {
+                    distill_kernels::cuda::CudaKernels::emulated()
+                }
+                _ => distill_kernels::cuda::CudaKernels::new(0),
+            }
+            .map_err(|e| CliError::new(format!("--device {}: {e}", a.device)))?;
+            distill_kernels::train::device_step::eval_loss_device(
+                &dev, &model, &params, &picked, batch, seq,
+            )?
+        }
+    };
     print_line(
         &json!({
             "model": a.model.display().to_string(),

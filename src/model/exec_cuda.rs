@@ -308,6 +308,11 @@ impl DeviceActivations {
         self.buf.slice(self.layout.logits.range())
     }
 
+    /// Token rows (`batch * seq`) these buffers are sized for.
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+
     /// Bytes held on the device.
     pub fn bytes(&self) -> usize {
         4 * (self.buf.len() + self.grad_buf.len()) + 4 * self.tokens.len()

@@ -227,3 +227,79 @@ impl DeviceStep {
         Ok(())
     }
 }
+
+/// Mean cross-entropy (nats per token) of `model` with `params` on validation windows, on the
+/// device: the same windows, batches and sum as `trainer::eval_loss` on the CPU executor, each
+/// batch's forward and loss on `dev` (buffers for at most `batch` windows allocated once).
+pub fn eval_loss_device(
+    dev: &CudaKernels,
+    model: &Llama,
+    params: &[f32],
+    windows: &[&(Vec<u32>, Vec<u32>)],
+    batch: usize,
+    seq: usize,
+) -> Result<f64> {
+    if windows.is_empty() {
+        return Err(Error::Data(
+            "no validation windows: the validation split is shorter than one sequence".into(),
+        ));
+    }
+    let s = dev.stream();
+    let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
+    let d_params = s
+        .clone_htod(params)
+        .map_err(map("uploading the parameters"))?;
+    let v = model.config().vocab_size;
+    let cfg = LossConfig {
+        alpha: 0.0,
+        reduction: crate::semantics::Reduction::Sum,
+        ..LossConfig::default()
+    };
+    let mut acts: Option<DeviceActivations> = None;
+    let mut ws = dev.workspace(batch * seq)?;
+    let mut labels_d = s
+        .alloc_zeros::<i64>(batch * seq)
+        .map_err(map("the labels"))?;
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for group in windows.chunks(batch) {
+        let inputs: Vec<u32> = group.iter().flat_map(|w| w.0.iter().copied()).collect();
+        let labels: Vec<i64> = group
+            .iter()
+            .flat_map(|w| w.1.iter().map(|&t| t as i64))
+            .collect();
+        if inputs.len() != group.len() * seq || labels.len() != inputs.len() {
+            return Err(Error::Data(format!(
+                "validation windows must hold {seq} tokens each"
+            )));
+        }
+        // Buffers for this group's size (the last group may be smaller).
+        if acts.as_ref().is_none_or(|a| a.rows() != inputs.len()) {
+            acts = Some(DeviceActivations::new(dev, model, group.len(), seq)?);
+        }
+        let a = acts.as_mut().expect("made above");
+        a.forward(dev, model, &d_params, &inputs)?;
+        let mut lab = labels_d.slice_mut(0..labels.len());
+        s.memcpy_htod(&labels, &mut lab)
+            .map_err(map("the labels"))?;
+        let logits = a.logits();
+        dev.distill_loss_enqueue(
+            &cfg,
+            DeviceInputs {
+                rows: labels.len(),
+                vocab: v,
+                student: Student::Logits {
+                    logits: &logits,
+                    grad: None,
+                },
+                teacher: &logits,
+                labels: Some(&lab),
+                hidden: None,
+                strides: RowStrides::default(),
+            },
+            &mut ws,
+        )?;
+        total += dev.read_loss(&ws)?.total() as f64;
+        count += labels.len();
+    }
+    Ok(total / count as f64)
+}
