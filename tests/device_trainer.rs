@@ -44,6 +44,19 @@ impl Scratch {
     fn s(&self, rel: &str) -> String {
         self.path(rel).display().to_string()
     }
+    /// `(step, loss)` of the run's validation curve (evaluated on the run's device).
+    fn val_curve(&self, run: &str) -> Vec<(u64, f64)> {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.path(run).join("metrics.json")).unwrap())
+                .unwrap();
+        m["metrics"]["val_curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+            .collect()
+    }
+
     /// `(step, loss)` of the run's training curve.
     fn curve(&self, run: &str) -> Vec<(u64, f64)> {
         let m: serde_json::Value =
@@ -119,6 +132,15 @@ fn train_and_distill_on_the_emulated_device_follow_the_cpu() {
     );
     train(&s.s("cpu"), "cpu");
     assert_curves_match("train", &s.curve("emu"), &s.curve("cpu"));
+    // Validation ran on each run's device: steps 0, 10 and 20.
+    let (ve, vc) = (s.val_curve("emu"), s.val_curve("cpu"));
+    assert_eq!(ve.len(), 3, "{ve:?}");
+    for (&(st, e), &(_, c)) in ve.iter().zip(&vc) {
+        assert!(
+            (e - c).abs() <= 1e-4 * c,
+            "val step {st}: emulated {e} vs cpu {c}"
+        );
+    }
 
     // Distillation from the cpu-trained run as the teacher, into the small student.
     let distill_run = |out: &str, device: &str| {

@@ -206,6 +206,18 @@ impl DeviceStep {
         Ok(norm)
     }
 
+    /// Mean cross-entropy of the current parameters on validation windows, on the device (see
+    /// [`eval_loss_device`]), in batches of at most `batch` windows of `seq` tokens.
+    pub fn evaluate(
+        &self,
+        model: &Llama,
+        windows: &[&(Vec<u32>, Vec<u32>)],
+        batch: usize,
+        seq: usize,
+    ) -> Result<f64> {
+        eval_on_device(&self.dev, model, &self.params, windows, batch, seq)
+    }
+
     /// The parameters and the optimizer state, copied to the host (for checkpoints and
     /// evaluation).
     pub fn download(&self) -> Result<(Vec<f32>, AdamW)> {
@@ -239,6 +251,22 @@ pub fn eval_loss_device(
     batch: usize,
     seq: usize,
 ) -> Result<f64> {
+    let d_params = dev
+        .stream()
+        .clone_htod(params)
+        .map_err(|e| Error::Loss(dev.cuda_error("uploading the parameters", e)))?;
+    eval_on_device(dev, model, &d_params, windows, batch, seq)
+}
+
+/// [`eval_loss_device`] with the parameters already on the device.
+fn eval_on_device(
+    dev: &CudaKernels,
+    model: &Llama,
+    d_params: &CudaSlice<f32>,
+    windows: &[&(Vec<u32>, Vec<u32>)],
+    batch: usize,
+    seq: usize,
+) -> Result<f64> {
     if windows.is_empty() {
         return Err(Error::Data(
             "no validation windows: the validation split is shorter than one sequence".into(),
@@ -246,9 +274,6 @@ pub fn eval_loss_device(
     }
     let s = dev.stream();
     let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
-    let d_params = s
-        .clone_htod(params)
-        .map_err(map("uploading the parameters"))?;
     let v = model.config().vocab_size;
     let cfg = LossConfig {
         alpha: 0.0,
@@ -277,7 +302,7 @@ pub fn eval_loss_device(
             acts = Some(DeviceActivations::new(dev, model, group.len(), seq)?);
         }
         let a = acts.as_mut().expect("made above");
-        a.forward(dev, model, &d_params, &inputs)?;
+        a.forward(dev, model, d_params, &inputs)?;
         let mut lab = labels_d.slice_mut(0..labels.len());
         s.memcpy_htod(&labels, &mut lab)
             .map_err(map("the labels"))?;

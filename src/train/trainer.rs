@@ -519,9 +519,14 @@ impl Trainer {
     /// Mean cross-entropy (nats per token) of the model on validation windows, at most
     /// `eval_windows` of them (evenly spread) when that option is set.
     pub fn evaluate(&mut self, windows: &[(Vec<u32>, Vec<u32>)]) -> Result<f64> {
-        // Evaluation runs on the CPU executor, with the device's current weights.
-        self.sync_host()?;
         let picked = pick_windows(windows, self.cfg.eval_windows);
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.device {
+            let (batch, seq) = (self.acts.batch(), self.acts.seq());
+            let loss = d.evaluate(&self.model, &picked, batch, seq)?;
+            self.history.val.push((self.step, loss));
+            return Ok(loss);
+        }
         let params = &self.params[..self.n_model];
         let loss = eval_loss(&self.model, params, &picked, &mut self.acts)?;
         self.history.val.push((self.step, loss));
