@@ -370,14 +370,7 @@ impl DeviceActivations {
         }
         let n = self.batch * self.seq;
         let v = self.config.vocab_size;
-        if dlogits.len() != n * v {
-            return Err(Error::ShapeMismatch {
-                tensor: "dlogits",
-                expected: n * v,
-                actual: dlogits.len(),
-                shape: format!("[{n}, {v}]"),
-            });
-        }
+        model.check_len("dlogits", dlogits.len(), n * v, format!("[{n}, {v}]"))?;
         let mut ex = DeviceExec {
             dev,
             params,
@@ -407,21 +400,7 @@ impl DeviceActivations {
     }
 
     fn check(&self, model: &Llama, len: usize, tensor: &'static str) -> Result<()> {
-        if &self.config != model.config() {
-            return Err(Error::InvalidOption {
-                name: "activations",
-                value: format!("batch {} seq {}", self.batch, self.seq),
-                reason: "were made for another model configuration",
-            });
-        }
-        if len != model.num_params() {
-            return Err(Error::ShapeMismatch {
-                tensor,
-                expected: model.num_params(),
-                actual: len,
-                shape: "one scalar per parameter of the layout".into(),
-            });
-        }
-        Ok(())
+        model.check_buffers_for(&self.config, self.batch, self.seq)?;
+        model.check_params(tensor, len)
     }
 }

@@ -616,7 +616,7 @@ impl Llama {
         }
     }
 
-    fn check_len(
+    pub(crate) fn check_len(
         &self,
         tensor: &'static str,
         actual: usize,
@@ -635,7 +635,7 @@ impl Llama {
     }
 
     /// `params` or `grads`: one scalar per parameter of the layout.
-    fn check_params(&self, tensor: &'static str, len: usize) -> Result<()> {
+    pub(crate) fn check_params(&self, tensor: &'static str, len: usize) -> Result<()> {
         let shape = format!(
             "{} tensors of the parameter layout",
             self.layout.tensors.len()
@@ -644,10 +644,21 @@ impl Llama {
     }
 
     fn check_acts<F>(&self, acts: &Activations<F>) -> Result<()> {
-        if acts.config != self.config {
+        self.check_buffers_for(&acts.config, acts.batch, acts.seq)
+    }
+
+    /// Activation buffers (of any executor) made for `config` at `batch` x `seq` belong to this
+    /// model.
+    pub(crate) fn check_buffers_for(
+        &self,
+        config: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+    ) -> Result<()> {
+        if config != &self.config {
             return Err(Error::InvalidOption {
                 name: "activations",
-                value: format!("batch {} seq {}", acts.batch, acts.seq),
+                value: format!("batch {batch} seq {seq}"),
                 reason: "were made for another model configuration",
             });
         }

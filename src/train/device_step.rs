@@ -287,16 +287,7 @@ fn eval_on_device(
         .map_err(map("the labels"))?;
     let (mut total, mut count) = (0.0f64, 0usize);
     for group in windows.chunks(batch) {
-        let inputs: Vec<u32> = group.iter().flat_map(|w| w.0.iter().copied()).collect();
-        let labels: Vec<i64> = group
-            .iter()
-            .flat_map(|w| w.1.iter().map(|&t| t as i64))
-            .collect();
-        if inputs.len() != group.len() * seq || labels.len() != inputs.len() {
-            return Err(Error::Data(format!(
-                "validation windows must hold {seq} tokens each"
-            )));
-        }
+        let (inputs, labels) = crate::train::trainer::window_batch(group, seq)?;
         // Buffers for this group's size (the last group may be smaller).
         if acts.as_ref().is_none_or(|a| a.rows() != inputs.len()) {
             acts = Some(DeviceActivations::new(dev, model, group.len(), seq)?);

@@ -700,6 +700,25 @@ fn pick_windows(windows: &[(Vec<u32>, Vec<u32>)], max: usize) -> Vec<&(Vec<u32>,
         .collect()
 }
 
+/// The evaluation windows of one batch as model inputs and labels, `[windows * seq]` each; an
+/// error when a window does not hold `seq` tokens. Shared by the CPU and device evaluations.
+pub(crate) fn window_batch(
+    group: &[&(Vec<u32>, Vec<u32>)],
+    seq: usize,
+) -> Result<(Vec<u32>, Vec<i64>)> {
+    let inputs: Vec<u32> = group.iter().flat_map(|w| w.0.iter().copied()).collect();
+    let labels: Vec<i64> = group
+        .iter()
+        .flat_map(|w| w.1.iter().map(|&t| t as i64))
+        .collect();
+    if inputs.len() != group.len() * seq || labels.len() != inputs.len() {
+        return Err(Error::Data(format!(
+            "validation windows must hold {seq} tokens each"
+        )));
+    }
+    Ok((inputs, labels))
+}
+
 /// Mean next-token cross-entropy over `windows` (each `seq` inputs and `seq` targets), in
 /// batches of the activations' batch size (a smaller last batch gets its own buffers).
 pub fn eval_loss(
@@ -722,16 +741,7 @@ pub fn eval_loss(
     };
     let (mut total, mut count) = (0.0f64, 0usize);
     for group in windows.chunks(batch) {
-        let inputs: Vec<u32> = group.iter().flat_map(|w| w.0.iter().copied()).collect();
-        let labels: Vec<i64> = group
-            .iter()
-            .flat_map(|w| w.1.iter().map(|&t| t as i64))
-            .collect();
-        if inputs.len() != group.len() * seq || labels.len() != inputs.len() {
-            return Err(Error::Data(format!(
-                "validation windows must hold {seq} tokens each"
-            )));
-        }
+        let (inputs, labels) = window_batch(group, seq)?;
         let mut small;
         let acts = if group.len() == batch {
             &mut *acts
