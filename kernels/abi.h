@@ -214,6 +214,19 @@ typedef struct DkElementwiseParams {
     int64_t n;
 } DkElementwiseParams;
 
+/* dk_copy_rows: dst[r * dst_stride + j] = src[r * src_stride + j] for r < rows, j < width: a
+ * [rows, width] block between row-major buffers of different row strides (the hidden-state
+ * pairs side by side in one loss row, and back). dst and src do not overlap. Grid-stride over
+ * rows * width. */
+typedef struct DkCopyRowsParams {
+    float* dst;
+    const float* src;
+    int64_t rows;
+    int64_t width;
+    int64_t dst_stride;
+    int64_t src_stride;
+} DkCopyRowsParams;
+
 /* dk_rope: rotate-half RoPE in place over x [vectors, head_dim] (vectors = N * heads), row n of
  * the activations at position n % seq: for i < half, y[i] = x[i] cos - x[i+half] sin,
  * y[i+half] = x[i+half] cos + x[i] sin, with cos/sin [seq, half]. inverse != 0: the transposed

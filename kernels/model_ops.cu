@@ -124,3 +124,11 @@ extern "C" __global__ void __launch_bounds__(256) dk_rope(DkRopeParams p) {
     }
 }
 DK_REGISTER_KERNEL(dk_rope, DkRopeParams)
+
+extern "C" __global__ void __launch_bounds__(256) dk_copy_rows(DkCopyRowsParams p) {
+    DK_GRID_STRIDE(k, p.rows * p.width) {
+        const int64_t r = k / p.width, j = k - r * p.width;
+        p.dst[r * p.dst_stride + j] = p.src[r * p.src_stride + j];
+    }
+}
+DK_REGISTER_KERNEL(dk_copy_rows, DkCopyRowsParams)

@@ -33,6 +33,7 @@ device_repr!(
     DkRmsNormParams,
     DkElementwiseParams,
     DkRopeParams,
+    DkCopyRowsParams,
     DkAttentionParams
 );
 

@@ -561,6 +561,42 @@ impl Default for DkElementwiseParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct DkCopyRowsParams {
+    pub dst: *mut f32,
+    pub src: *const f32,
+    pub rows: i64,
+    pub width: i64,
+    pub dst_stride: i64,
+    pub src_stride: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkCopyRowsParams"][::std::mem::size_of::<DkCopyRowsParams>() - 48usize];
+    ["Alignment of DkCopyRowsParams"][::std::mem::align_of::<DkCopyRowsParams>() - 8usize];
+    ["Offset of field: DkCopyRowsParams::dst"]
+        [::std::mem::offset_of!(DkCopyRowsParams, dst) - 0usize];
+    ["Offset of field: DkCopyRowsParams::src"]
+        [::std::mem::offset_of!(DkCopyRowsParams, src) - 8usize];
+    ["Offset of field: DkCopyRowsParams::rows"]
+        [::std::mem::offset_of!(DkCopyRowsParams, rows) - 16usize];
+    ["Offset of field: DkCopyRowsParams::width"]
+        [::std::mem::offset_of!(DkCopyRowsParams, width) - 24usize];
+    ["Offset of field: DkCopyRowsParams::dst_stride"]
+        [::std::mem::offset_of!(DkCopyRowsParams, dst_stride) - 32usize];
+    ["Offset of field: DkCopyRowsParams::src_stride"]
+        [::std::mem::offset_of!(DkCopyRowsParams, src_stride) - 40usize];
+};
+impl Default for DkCopyRowsParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct DkRopeParams {
     pub x: *mut f32,
     pub cos: *const f32,

@@ -8,9 +8,10 @@
 mod common;
 
 use common::emulated;
+use distill_kernels::cuda::DeviceSpan;
 use distill_kernels::model::config::LlamaConfig;
 use distill_kernels::model::exec_cuda::DeviceActivations;
-use distill_kernels::model::llama::{Activations, Llama};
+use distill_kernels::model::llama::{Activations, HiddenPoint, Llama};
 
 fn config(tied: bool, kv_heads: usize, head_dim: Option<usize>) -> LlamaConfig {
     LlamaConfig {
@@ -59,6 +60,34 @@ fn run_case(cfg: LlamaConfig, batch: usize, seq: usize) {
         .map(|i| (((i * 37) % 101) as f32 - 50.0) / 500.0)
         .collect();
     let dl64: Vec<f64> = dlogits.iter().map(|&x| x as f64).collect();
+    // Hidden-state gradients (hidden-state distillation) at three points of the residual stream.
+    let c = cfg.hidden_size;
+    let points = [
+        HiddenPoint::Embeddings,
+        HiddenPoint::LayerOutput(0),
+        HiddenPoint::Final,
+    ];
+    let dh: Vec<Vec<f32>> = (0..points.len())
+        .map(|k| {
+            (0..n * c)
+                .map(|i| ((((i + 11 * k) * 53) % 97) as f32 - 48.0) / 300.0)
+                .collect()
+        })
+        .collect();
+    let dh64: Vec<Vec<f64>> = dh
+        .iter()
+        .map(|g| g.iter().map(|&x| x as f64).collect())
+        .collect();
+    let dh_cpu: Vec<(HiddenPoint, &[f32])> = points
+        .iter()
+        .copied()
+        .zip(dh.iter().map(|g| &g[..]))
+        .collect();
+    let dh_cpu64: Vec<(HiddenPoint, &[f64])> = points
+        .iter()
+        .copied()
+        .zip(dh64.iter().map(|g| &g[..]))
+        .collect();
 
     // CPU, f32 and f64.
     let mut acts32 = Activations::<f32>::new(&model, batch, seq).unwrap();
@@ -68,13 +97,13 @@ fn run_case(cfg: LlamaConfig, batch: usize, seq: usize) {
         .to_vec();
     let mut grads32 = vec![0.0f32; params.len()];
     model
-        .backward(&params, &mut acts32, &dlogits, &mut grads32)
+        .backward_with_hidden(&params, &mut acts32, Some(&dlogits), &dh_cpu, &mut grads32)
         .unwrap();
     let mut acts64 = Activations::<f64>::new(&model, batch, seq).unwrap();
     let logits64 = model.forward(&p64, &tokens, &mut acts64).unwrap().to_vec();
     let mut grads64 = vec![0.0f64; params.len()];
     model
-        .backward(&p64, &mut acts64, &dl64, &mut grads64)
+        .backward_with_hidden(&p64, &mut acts64, Some(&dl64), &dh_cpu64, &mut grads64)
         .unwrap();
 
     // The device.
@@ -85,7 +114,17 @@ fn run_case(cfg: LlamaConfig, batch: usize, seq: usize) {
     let mut acts = DeviceActivations::new(dev, &model, batch, seq).unwrap();
     acts.forward(dev, &model, &d_params, &tokens).unwrap();
     let logits = s.clone_dtoh(&acts.logits()).unwrap();
-    acts.backward(dev, &model, &d_params, &d_dlogits, &mut d_grads)
+    let states: Vec<Vec<f32>> = points
+        .iter()
+        .map(|&p| s.clone_dtoh(&acts.hidden(p).unwrap()).unwrap())
+        .collect();
+    let d_dh: Vec<_> = dh.iter().map(|g| s.clone_htod(g).unwrap()).collect();
+    let dh_dev: Vec<(HiddenPoint, DeviceSpan<f32>)> = points
+        .iter()
+        .copied()
+        .zip(d_dh.iter().map(DeviceSpan::over))
+        .collect();
+    acts.backward(dev, &model, &d_params, &d_dlogits, &dh_dev, &mut d_grads)
         .unwrap();
     let grads = s.clone_dtoh(&d_grads).unwrap();
 
@@ -94,6 +133,14 @@ fn run_case(cfg: LlamaConfig, batch: usize, seq: usize) {
         cfg.num_key_value_heads, cfg.tie_word_embeddings
     );
     check(&format!("{what} logits"), &logits, &logits32, &logits64);
+    for (k, &p) in points.iter().enumerate() {
+        check(
+            &format!("{what} hidden state {p:?}"),
+            &states[k],
+            acts32.hidden(p).unwrap(),
+            acts64.hidden(p).unwrap(),
+        );
+    }
     for t in model.layout().tensors() {
         let r = t.span.range();
         check(
@@ -140,7 +187,31 @@ fn a_pass_on_mismatched_buffers_is_an_error() {
     let dl = s.alloc_zeros::<f32>(4 * 37).unwrap();
     let mut g = s.alloc_zeros::<f32>(model.num_params()).unwrap();
     let e = acts
-        .backward(dev, &model, &params, &dl, &mut g)
+        .backward(dev, &model, &params, &dl, &[], &mut g)
         .unwrap_err();
     assert!(e.to_string().contains("forward"), "{e}");
+    acts.forward(dev, &model, &params, &[0, 1, 2, 3]).unwrap();
+    let wrong = s.alloc_zeros::<f32>(4 * 48 - 1).unwrap();
+    let e = acts
+        .backward(
+            dev,
+            &model,
+            &params,
+            &dl,
+            &[(HiddenPoint::Final, DeviceSpan::over(&wrong))],
+            &mut g,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("dhidden"), "{e}");
+    let e = acts
+        .backward(
+            dev,
+            &model,
+            &params,
+            &dl,
+            &[(HiddenPoint::LayerOutput(2), DeviceSpan::over(&wrong))],
+            &mut g,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("no such layer"), "{e}");
 }

@@ -230,3 +230,39 @@ fn rope_rejects_bad_shapes_with_the_tensor_named() {
         .unwrap_err();
     assert!(e.to_string().contains("head_dim"), "{e}");
 }
+
+#[test]
+fn copy_rows_moves_a_block_between_row_strides() {
+    let dev = emulated();
+    let (rows, width, src_stride, dst_stride) = (5, 3, 7, 4);
+    let src: Vec<f32> = (0..rows * src_stride).map(|i| i as f32).collect();
+    // The destination starts one column in: the block's first element, not the buffer's.
+    let start = 1;
+    let dst_len = start + (rows - 1) * dst_stride + width;
+    let mut d_dst = up(&vec![-1.0f32; dst_len]);
+    let d_src = up(&src);
+    {
+        let mut view = d_dst.slice_mut(start..dst_len);
+        dev.copy_rows(&mut view, dst_stride, &d_src, src_stride, rows, width)
+            .unwrap();
+    }
+    let got = down(&d_dst);
+    let mut want = vec![-1.0f32; dst_len];
+    for r in 0..rows {
+        for j in 0..width {
+            want[start + r * dst_stride + j] = src[r * src_stride + j];
+        }
+    }
+    assert_eq!(bits(&got), bits(&want), "copied {got:?}");
+
+    // A stride below the width, or a buffer too short for the block, is an error naming it.
+    let e = dev
+        .copy_rows(&mut d_dst, 2, &d_src, src_stride, rows, width)
+        .unwrap_err();
+    assert!(e.to_string().contains("dst: 2"), "{e}");
+    let short = up(&vec![0.0f32; (rows - 1) * src_stride + width - 1]);
+    let e = dev
+        .copy_rows(&mut d_dst, dst_stride, &short, src_stride, rows, width)
+        .unwrap_err();
+    assert!(e.to_string().contains("src"), "{e}");
+}

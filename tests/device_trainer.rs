@@ -142,8 +142,18 @@ fn train_and_distill_on_the_emulated_device_follow_the_cpu() {
         );
     }
 
-    // Distillation from the cpu-trained run as the teacher, into the small student.
-    let distill_run = |out: &str, device: &str| {
+    // Distillation from the cpu-trained run as the teacher, into the small student; and into a
+    // narrower student (hidden 48 against the teacher's 64, head size 12) with the hidden-state
+    // loss on three pairs (embeddings, a layer output, the final state), so the FitNets
+    // projections and their gradients take part.
+    let teacher_cfg = std::fs::read_to_string(s.path("cpu/config.json")).unwrap();
+    let mut narrow: serde_json::Value = serde_json::from_str(&teacher_cfg).unwrap();
+    narrow["hidden_size"] = 48.into();
+    narrow["intermediate_size"] = 128.into();
+    narrow["head_dim"] = 12.into();
+    std::fs::write(s.path("narrow.json"), narrow.to_string()).unwrap();
+    let narrow = s.s("narrow.json");
+    let distill_run = |out: &str, device: &str, hidden: bool| {
         let teacher = s.s("cpu");
         let mut a = vec![
             "distill",
@@ -158,13 +168,43 @@ fn train_and_distill_on_the_emulated_device_follow_the_cpu() {
             "--temperature",
             "2",
         ];
+        if hidden {
+            a.extend([
+                "--config",
+                &narrow,
+                "--hidden-weight",
+                "0.5",
+                "--hidden-layers",
+                "0:0,1:1,2:2",
+            ]);
+        }
         a.extend(FAST);
         a.extend(["--device", device]);
-        ok(&a);
+        ok(&a)
     };
-    distill_run(&s.s("kd_emu"), "emulated");
-    distill_run(&s.s("kd_cpu"), "cpu");
+    distill_run(&s.s("kd_emu"), "emulated", false);
+    distill_run(&s.s("kd_cpu"), "cpu", false);
     assert_curves_match("distill", &s.curve("kd_emu"), &s.curve("kd_cpu"));
+    let log = distill_run(&s.s("hid_emu"), "emulated", true);
+    assert!(log.contains("hidden-state pairs (3)"), "{log}");
+    distill_run(&s.s("hid_cpu"), "cpu", true);
+    assert_curves_match(
+        "distill with hidden states",
+        &s.curve("hid_emu"),
+        &s.curve("hid_cpu"),
+    );
+    // The three projections (48 -> 64) are saved with the run's state on both devices.
+    for run in ["hid_emu", "hid_cpu"] {
+        let ckpt = format!("{run}/checkpoints/step-00000020/trainer_state.safetensors");
+        let state = std::fs::read(s.path(&ckpt)).unwrap();
+        let names = safetensors::SafeTensors::deserialize(&state)
+            .unwrap()
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with("distill.hidden_proj."))
+            .count();
+        assert_eq!(names, 3, "{run}: projections in the trainer state");
+    }
 }
 
 #[test]

@@ -96,6 +96,10 @@ mutant attention-kv-head-modulo attention.cu \
     'g = h % NKV;
     float* q = qs[warp];' \
     "the forward maps query head h to key/value head h mod NKV instead of h / (NH / NKV)"
+mutant copy-rows-one-past model_ops.cu \
+    'DK_GRID_STRIDE(k, p.rows * p.width)' \
+    'DK_GRID_STRIDE(k, p.rows * p.width + 1)' \
+    "the strided row copy runs one element past its block: reads past the source and writes past the destination"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do

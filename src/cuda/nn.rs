@@ -7,7 +7,9 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::ops::{check_len as check, row_grid as grid};
 use super::CudaKernels;
-use crate::abi::{DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams, DkRopeParams};
+use crate::abi::{
+    DkCopyRowsParams, DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams, DkRopeParams,
+};
 use crate::error::{Error, Result};
 
 /// Threads of the element-wise and per-channel kernels (their `__launch_bounds__`).
@@ -299,6 +301,62 @@ impl CudaKernels {
             inverse: inverse as i32,
         };
         self.launch("dk_rope", elementwise_grid(vectors * half)?, &p)
+    }
+
+    /// `dst[r * dst_stride + j] = src[r * src_stride + j]` for `r < rows`, `j < width`: moves a
+    /// `[rows, width]` block between row-major buffers with different row strides (each
+    /// buffer starts at the block's first element; `dst` and `src` must not overlap).
+    pub fn copy_rows(
+        &self,
+        dst: &mut impl DevicePtrMut<f32>,
+        dst_stride: usize,
+        src: &impl DevicePtr<f32>,
+        src_stride: usize,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        nonzero("rows = 0", rows)?;
+        nonzero("width = 0", width)?;
+        for (name, len, stride) in [
+            ("dst", dst.len(), dst_stride),
+            ("src", src.len(), src_stride),
+        ] {
+            if stride < width {
+                return Err(Error::InvalidOption {
+                    name: "row stride",
+                    value: format!("{name}: {stride}"),
+                    reason: "a row stride below the block's width would overlap its rows",
+                });
+            }
+            let need = (rows - 1)
+                .checked_mul(stride)
+                .and_then(|x| x.checked_add(width))
+                .ok_or_else(|| Error::InvalidOption {
+                    name: "rows",
+                    value: rows.to_string(),
+                    reason: "rows * stride overflows",
+                })?;
+            if len < need {
+                return Err(Error::ShapeMismatch {
+                    tensor: name,
+                    expected: need,
+                    actual: len,
+                    shape: format!("[{rows}, {width}] with row stride {stride}"),
+                });
+            }
+        }
+        let s = self.stream();
+        let (sp, _s) = src.device_ptr(s);
+        let (dp, _d) = dst.device_ptr_mut(s);
+        let p = DkCopyRowsParams {
+            dst: dp as *mut f32,
+            src: sp as *const f32,
+            rows: rows as i64,
+            width: width as i64,
+            dst_stride: dst_stride as i64,
+            src_stride: src_stride as i64,
+        };
+        self.launch("dk_copy_rows", elementwise_grid(rows * width)?, &p)
     }
 
     /// One element-wise kernel: the three inputs (gate, up, dout slots) and three outputs (out,

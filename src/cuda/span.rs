@@ -45,6 +45,53 @@ impl<T> DeviceSpan<T> {
     }
 }
 
+impl<T> DeviceSpan<T> {
+    /// All of `buf` (a slice, a view or a span), used in order on its stream; like
+    /// [`DeviceSpan::of`], the span does not keep `buf`'s allocation alive.
+    pub fn over(buf: &impl DevicePtr<T>) -> Self {
+        let stream = buf.stream().clone();
+        let ptr = buf.device_ptr(&stream).0;
+        DeviceSpan {
+            ptr,
+            len: buf.len(),
+            stream,
+            _t: std::marker::PhantomData,
+        }
+    }
+
+    /// All of the writable `buf`, like [`DeviceSpan::over`]: the span may be written through
+    /// (device ops take it as an output).
+    pub fn over_mut(buf: &mut impl DevicePtrMut<T>) -> Self {
+        let stream = buf.stream().clone();
+        let ptr = buf.device_ptr_mut(&stream).0;
+        DeviceSpan {
+            ptr,
+            len: buf.len(),
+            stream,
+            _t: std::marker::PhantomData,
+        }
+    }
+
+    /// Elements `offset .. offset + len` of this span; an error when they are not inside it.
+    pub fn sub(&self, offset: usize, len: usize) -> Result<Self> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len);
+        if end.is_none() {
+            return Err(Error::ShapeMismatch {
+                tensor: "span",
+                expected: self.len,
+                actual: offset.saturating_add(len),
+                shape: format!("[{offset}..+{len}] of a span of {}", self.len),
+            });
+        }
+        Ok(DeviceSpan {
+            ptr: self.ptr + (offset * std::mem::size_of::<T>()) as u64,
+            len,
+            stream: self.stream.clone(),
+            _t: std::marker::PhantomData,
+        })
+    }
+}
+
 impl<T> DeviceSlice<T> for DeviceSpan<T> {
     fn len(&self) -> usize {
         self.len

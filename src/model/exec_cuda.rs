@@ -3,11 +3,11 @@
 //! f32. The forward's activations and the backward's scratch are one allocation each, sized up
 //! front from the configuration, batch and sequence length; a pass allocates nothing.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use super::config::LlamaConfig;
 use super::exec::{AttentionState, Executor, Slot, Store};
-use super::llama::{layouts, ActLayout, GradLayout, Llama, Span};
+use super::llama::{layouts, ActLayout, GradLayout, HiddenPoint, Llama, Span};
 use super::ops;
 use crate::cuda::{CudaKernels, DeviceSpan};
 use crate::shapes::AttnShape;
@@ -16,11 +16,11 @@ use crate::train::error::{Result, TrainError as Error};
 /// The executor over one pass's device stores.
 pub struct DeviceExec<'a> {
     dev: &'a CudaKernels,
-    params: &'a CudaSlice<f32>,
-    grads: Option<&'a CudaSlice<f32>>,
-    acts: &'a CudaSlice<f32>,
-    scratch: Option<&'a CudaSlice<f32>>,
-    inputs: Vec<&'a CudaSlice<f32>>,
+    params: DeviceSpan<f32>,
+    grads: Option<DeviceSpan<f32>>,
+    acts: DeviceSpan<f32>,
+    scratch: Option<DeviceSpan<f32>>,
+    inputs: Vec<DeviceSpan<f32>>,
     tokens: &'a CudaSlice<u32>,
     tokens_host: &'a [u32],
 }
@@ -33,13 +33,13 @@ impl DeviceExec<'_> {
             reason: "this pass was given no such buffer",
         };
         let store = match s.store {
-            Store::Params => self.params,
-            Store::Grads => self.grads.ok_or_else(|| missing("grads"))?,
-            Store::Acts => self.acts,
-            Store::Scratch => self.scratch.ok_or_else(|| missing("scratch"))?,
-            Store::Input(k) => *self.inputs.get(k).ok_or_else(|| missing("input"))?,
+            Store::Params => &self.params,
+            Store::Grads => self.grads.as_ref().ok_or_else(|| missing("grads"))?,
+            Store::Acts => &self.acts,
+            Store::Scratch => self.scratch.as_ref().ok_or_else(|| missing("scratch"))?,
+            Store::Input(k) => self.inputs.get(k).ok_or_else(|| missing("input"))?,
         };
-        Ok(DeviceSpan::of(store, s.span.offset, s.span.len)?)
+        Ok(store.sub(s.span.offset, s.span.len)?)
     }
 }
 
@@ -318,13 +318,20 @@ impl DeviceActivations {
         4 * (self.buf.len() + self.grad_buf.len()) + 4 * self.tokens.len()
     }
 
-    /// Runs `model` on `tokens` (`[B*T]`) with `params` on the device; the logits and everything
-    /// the backward needs stay in these buffers.
+    /// `[B*T, C]`: the last forward's hidden state at `point` (a view of the activation buffer);
+    /// `None` for a layer the model does not have.
+    pub fn hidden(&self, point: HiddenPoint) -> Option<CudaView<'_, f32>> {
+        Some(self.buf.slice(self.layout.hidden(point)?.range()))
+    }
+
+    /// Runs `model` on `tokens` (`[B*T]`) with `params` (a slice, a view or a span: exactly the
+    /// model's parameters) on the device; the logits and everything the backward needs stay in
+    /// these buffers.
     pub fn forward(
         &mut self,
         dev: &CudaKernels,
         model: &Llama,
-        params: &CudaSlice<f32>,
+        params: &impl DevicePtr<f32>,
         tokens: &[u32],
     ) -> Result<()> {
         self.check(model, params.len(), "params")?;
@@ -336,9 +343,9 @@ impl DeviceActivations {
             .map_err(|e| dev.cuda_error("the tokens", e))?;
         let mut ex = DeviceExec {
             dev,
-            params,
+            params: DeviceSpan::over(params),
             grads: None,
-            acts: &self.buf,
+            acts: DeviceSpan::over(&self.buf),
             scratch: None,
             inputs: Vec::new(),
             tokens: &self.tokens,
@@ -350,14 +357,16 @@ impl DeviceActivations {
     }
 
     /// Accumulates into `grads` the gradient of a loss whose gradient with respect to the last
-    /// forward's logits is `dlogits` (`[B*T, V]` on the device).
+    /// forward's logits is `dlogits` (`[B*T, V]` on the device) and, for each `(point, g)` of
+    /// `dhidden`, with respect to the hidden state at `point` is `g` (`[B*T, C]`).
     pub fn backward(
         &mut self,
         dev: &CudaKernels,
         model: &Llama,
-        params: &CudaSlice<f32>,
-        dlogits: &CudaSlice<f32>,
-        grads: &mut CudaSlice<f32>,
+        params: &impl DevicePtr<f32>,
+        dlogits: &impl DevicePtr<f32>,
+        dhidden: &[(HiddenPoint, DeviceSpan<f32>)],
+        grads: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         self.check(model, params.len(), "params")?;
         self.check(model, grads.len(), "grads")?;
@@ -369,15 +378,36 @@ impl DeviceActivations {
             });
         }
         let n = self.batch * self.seq;
-        let v = self.config.vocab_size;
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
         model.check_len("dlogits", dlogits.len(), n * v, format!("[{n}, {v}]"))?;
+        let mut inputs = vec![DeviceSpan::over(dlogits)];
+        let mut dh = Vec::with_capacity(dhidden.len());
+        for (point, g) in dhidden {
+            if self.hidden(*point).is_none() {
+                return Err(Error::InvalidOption {
+                    name: "dhidden",
+                    value: format!("{point:?}"),
+                    reason: "no such layer",
+                });
+            }
+            model.check_len("dhidden", g.len(), n * c, format!("[{n}, {c}]"))?;
+            let slot = Slot {
+                store: Store::Input(inputs.len()),
+                span: Span {
+                    offset: 0,
+                    len: n * c,
+                },
+            };
+            inputs.push(g.clone());
+            dh.push((*point, slot));
+        }
         let mut ex = DeviceExec {
             dev,
-            params,
-            grads: Some(grads),
-            acts: &self.buf,
-            scratch: Some(&self.grad_buf),
-            inputs: vec![dlogits],
+            params: DeviceSpan::over(params),
+            grads: Some(DeviceSpan::over_mut(grads)),
+            acts: DeviceSpan::over(&self.buf),
+            scratch: Some(DeviceSpan::over(&self.grad_buf)),
+            inputs,
             tokens: &self.tokens,
             tokens_host: &self.tokens_host,
         };
@@ -395,7 +425,7 @@ impl DeviceActivations {
             self.batch,
             self.seq,
             Some(dl),
-            &[],
+            &dh,
         )
     }
 

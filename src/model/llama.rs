@@ -258,6 +258,17 @@ pub(crate) struct ActLayout {
     pub(crate) logits: Span, // [N, V]
 }
 
+impl ActLayout {
+    /// Where the hidden state at `point` lives; `None` for a layer the model does not have.
+    pub(crate) fn hidden(&self, point: HiddenPoint) -> Option<Span> {
+        Some(match point {
+            HiddenPoint::Embeddings => self.encoded,
+            HiddenPoint::LayerOutput(l) => self.layers.get(l)?.out,
+            HiddenPoint::Final => self.lnf,
+        })
+    }
+}
+
 /// Backward scratch, reused by every layer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct GradLayout {
@@ -466,12 +477,7 @@ impl<F: Real> Activations<F> {
     /// `[B*T, C]`: the residual stream at `point` in the last forward; `None` for a layer index
     /// past the last layer.
     pub fn hidden(&self, point: HiddenPoint) -> Option<&[F]> {
-        let span = match point {
-            HiddenPoint::Embeddings => self.layout.encoded,
-            HiddenPoint::LayerOutput(l) => self.layout.layers.get(l)?.out,
-            HiddenPoint::Final => self.layout.lnf,
-        };
-        Some(span.of(&self.buf))
+        Some(self.layout.hidden(point)?.of(&self.buf))
     }
     /// The `num_layers + 1` states HF returns with `output_hidden_states=True`, each `[B*T, C]`.
     pub fn hf_hidden_states(&self) -> Vec<&[F]> {

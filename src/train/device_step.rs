@@ -7,14 +7,17 @@
 
 use cudarc::driver::CudaSlice;
 
-use crate::cuda::{CudaKernels, DeviceInputs, LossWorkspace, RowStrides, Student};
+use crate::cuda::{
+    CudaKernels, DeviceHidden, DeviceInputs, DeviceSpan, LossWorkspace, RowStrides, Student,
+};
 use crate::model::exec_cuda::DeviceActivations;
-use crate::model::llama::Llama;
+use crate::model::llama::{HiddenPoint, Llama};
 use crate::semantics::LossConfig;
 use crate::train::device_optim::{DeviceAdamW, GradClip};
 use crate::train::error::{Result, TrainError as Error};
 use crate::train::memory::MemoryPlan;
 use crate::train::optim::{AdamW, DecayMask};
+use crate::train::trainer::HiddenPair;
 
 /// What a step on the device needs besides the host's schedule and history.
 pub struct DeviceStep {
@@ -25,6 +28,7 @@ pub struct DeviceStep {
     labels: CudaSlice<i64>,
     acts: DeviceActivations,
     teacher: Option<(CudaSlice<f32>, DeviceActivations)>,
+    hidden: Option<HiddenStates>,
     ws: LossWorkspace,
     clip: GradClip,
     adam: DeviceAdamW,
@@ -33,13 +37,15 @@ pub struct DeviceStep {
 }
 
 /// Device bytes of a step for `model` (and `teacher`) at `batch` x `seq`, by allocation.
-pub fn plan(
+pub(crate) fn plan(
     model: &Llama,
     teacher: Option<&Llama>,
+    pairs: &[HiddenPair],
+    n_params: usize,
     batch: usize,
     seq: usize,
 ) -> Result<Vec<(String, usize)>> {
-    let n = model.num_params();
+    let n = n_params;
     let (b, t) = (batch, seq);
     let rows = b * t;
     let v = model.config().vocab_size;
@@ -60,25 +66,34 @@ pub fn plan(
             "teacher activations".to_string(),
             DeviceActivations::bytes_for(tm, b, t)?,
         ));
+        if !pairs.is_empty() {
+            let (cs, ct) = (model.config().hidden_size, tm.config().hidden_size);
+            plan.push((
+                format!("hidden-state pairs ({})", pairs.len()),
+                HiddenStates::bytes(pairs.len(), rows, cs, ct),
+            ));
+        }
     }
     Ok(plan)
 }
 
 impl DeviceStep {
-    /// Uploads the student's parameters and optimizer state (and the teacher's parameters) and
-    /// allocates every buffer of a step, after checking the plan against the device's free
-    /// memory: a run that does not fit stops here with the sizes named.
+    /// Uploads the student's parameters (the model's, then the hidden-state projections of
+    /// `pairs`) and optimizer state (and the teacher's parameters) and allocates every buffer of
+    /// a step, after checking the plan against the device's free memory: a run that does not
+    /// fit stops here with the sizes named.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         dev: CudaKernels,
         model: &Llama,
         params: &[f32],
         adam: &AdamW,
         teacher: Option<(&Llama, &[f32])>,
+        pairs: &[HiddenPair],
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        let plan = plan(model, teacher.map(|t| t.0), batch, seq)?;
+        let plan = plan(model, teacher.map(|t| t.0), pairs, params.len(), batch, seq)?;
         let (free, _total) = dev
             .context()
             .mem_get_info()
@@ -107,6 +122,13 @@ impl DeviceStep {
             .map_err(map("the logit gradients"))?;
         let labels = s.alloc_zeros::<i64>(rows).map_err(map("the labels"))?;
         let acts = DeviceActivations::new(&dev, model, batch, seq)?;
+        let hidden = match (teacher, pairs.is_empty()) {
+            (Some((tm, _)), false) => {
+                let (cs, ct) = (model.config().hidden_size, tm.config().hidden_size);
+                Some(HiddenStates::new(&dev, pairs, rows, cs, ct)?)
+            }
+            _ => None,
+        };
         let teacher = match teacher {
             Some((tm, tp)) => {
                 let p = s.clone_htod(tp).map_err(map("uploading the teacher"))?;
@@ -125,6 +147,7 @@ impl DeviceStep {
             labels,
             acts,
             teacher,
+            hidden,
             ws,
             clip,
             adam,
@@ -138,7 +161,8 @@ impl DeviceStep {
     }
 
     /// Gradients of the loss `cfg` on `inputs` (labels `labels`) into the device gradient buffer
-    /// (zeroed first); returns the loss. The teacher runs only when `distilling`.
+    /// (zeroed first); returns the loss. The teacher runs only when `distilling`; the
+    /// hidden-state pairs take part when `cfg.hidden_weight` is not 0.
     pub fn forward_backward(
         &mut self,
         model: &Llama,
@@ -155,16 +179,48 @@ impl DeviceStep {
             .map_err(map("the labels"))?;
         s.memset_zeros(&mut self.grads)
             .map_err(map("zeroing the gradients"))?;
+        let n_model = model.num_params();
+        let all_params = DeviceSpan::over(&self.params);
+        let params = all_params.sub(0, n_model)?;
         if let (Some((tp, tacts)), Some(tm), true) = (&mut self.teacher, teacher, distilling) {
             tacts.forward(dev, tm, tp, inputs)?;
         }
-        self.acts.forward(dev, model, &self.params, inputs)?;
+        self.acts.forward(dev, model, &params, inputs)?;
+        let use_hidden = distilling && cfg.hidden_weight != 0.0;
+        let hidden = match (&mut self.hidden, &self.teacher, use_hidden) {
+            (Some(h), Some((_, tacts)), true) => {
+                h.gather(dev, &all_params, &self.acts, tacts)?;
+                Some(h)
+            }
+            _ => None,
+        };
         let logits = self.acts.logits();
         let teacher_logits = match (&self.teacher, distilling) {
             (Some((_, tacts)), true) => tacts.logits(),
             _ => self.acts.logits(),
         };
         let (rows, vocab) = (labels.len(), model.config().vocab_size);
+        let width = hidden.as_ref().map_or(0, |h| h.width());
+        let (hidden, dhidden) = match hidden {
+            Some(h) => {
+                let HiddenStates {
+                    student,
+                    teacher,
+                    grad,
+                    ..
+                } = h;
+                (
+                    Some(DeviceHidden {
+                        size: width,
+                        student: &*student,
+                        teacher: &*teacher,
+                        grad: Some(grad),
+                    }),
+                    true,
+                )
+            }
+            None => (None, false),
+        };
         dev.distill_loss_enqueue(
             cfg,
             DeviceInputs {
@@ -176,14 +232,20 @@ impl DeviceStep {
                 },
                 teacher: &teacher_logits,
                 labels: Some(&self.labels),
-                hidden: None,
+                hidden,
                 strides: RowStrides::default(),
             },
             &mut self.ws,
         )?;
         let loss = dev.read_loss(&self.ws)?.total();
+        let all_grads = DeviceSpan::over_mut(&mut self.grads);
+        let dstates = match (&mut self.hidden, dhidden) {
+            (Some(h), true) => h.scatter(dev, &all_params, &all_grads, &self.acts)?,
+            _ => Vec::new(),
+        };
+        let mut grads = all_grads.sub(0, n_model)?;
         self.acts
-            .backward(dev, model, &self.params, &self.dlogits, &mut self.grads)?;
+            .backward(dev, model, &params, &self.dlogits, &dstates, &mut grads)?;
         Ok(loss)
     }
 
@@ -215,7 +277,8 @@ impl DeviceStep {
         batch: usize,
         seq: usize,
     ) -> Result<f64> {
-        eval_on_device(&self.dev, model, &self.params, windows, batch, seq)
+        let params = DeviceSpan::over(&self.params).sub(0, model.num_params())?;
+        eval_on_device(&self.dev, model, &params, windows, batch, seq)
     }
 
     /// The parameters and the optimizer state, copied to the host (for checkpoints and
@@ -255,14 +318,21 @@ pub fn eval_loss_device(
         .stream()
         .clone_htod(params)
         .map_err(|e| Error::Loss(dev.cuda_error("uploading the parameters", e)))?;
-    eval_on_device(dev, model, &d_params, windows, batch, seq)
+    eval_on_device(
+        dev,
+        model,
+        &DeviceSpan::over(&d_params),
+        windows,
+        batch,
+        seq,
+    )
 }
 
 /// [`eval_loss_device`] with the parameters already on the device.
 fn eval_on_device(
     dev: &CudaKernels,
     model: &Llama,
-    d_params: &CudaSlice<f32>,
+    d_params: &DeviceSpan<f32>,
     windows: &[&(Vec<u32>, Vec<u32>)],
     batch: usize,
     seq: usize,
@@ -318,4 +388,148 @@ fn eval_on_device(
         count += labels.len();
     }
     Ok(total / count as f64)
+}
+
+/// Hidden-state distillation on the device, laid out as on the CPU: every pair's (projected)
+/// student state and its teacher state side by side in rows of `[N, pairs * C_teacher]`, so one
+/// fused loss call averages the pairs' MSEs over the valid rows; the FitNets projections live in
+/// the step's parameter buffer after the model's parameters (their gradients likewise).
+struct HiddenStates {
+    pairs: Vec<HiddenPair>,
+    rows: usize,
+    cs: usize,
+    ct: usize,
+    /// `[N, pairs * C_teacher]`: the students' states, projected where the widths differ.
+    student: CudaSlice<f32>,
+    /// `[N, pairs * C_teacher]`: the teacher's states.
+    teacher: CudaSlice<f32>,
+    /// `[N, pairs * C_teacher]`: the loss's gradient with respect to `student`.
+    grad: CudaSlice<f32>,
+    /// `[N, C_teacher]`: one pair's projected state or its gradient, in turn.
+    projected: CudaSlice<f32>,
+    /// `[pairs, N, C_student]`: each pair's gradient with respect to the student's state.
+    dstates: CudaSlice<f32>,
+}
+
+impl HiddenStates {
+    fn bytes(pairs: usize, rows: usize, cs: usize, ct: usize) -> usize {
+        4 * (3 * rows * pairs * ct + rows * ct + pairs * rows * cs)
+    }
+
+    fn new(
+        dev: &CudaKernels,
+        pairs: &[HiddenPair],
+        rows: usize,
+        cs: usize,
+        ct: usize,
+    ) -> Result<Self> {
+        let s = dev.stream();
+        let alloc = |n: usize, what: &'static str| {
+            s.alloc_zeros::<f32>(n)
+                .map_err(|e| Error::Loss(dev.cuda_error(what, e)))
+        };
+        let w = pairs.len() * ct;
+        Ok(HiddenStates {
+            pairs: pairs.to_vec(),
+            rows,
+            cs,
+            ct,
+            student: alloc(rows * w, "the student hidden states")?,
+            teacher: alloc(rows * w, "the teacher hidden states")?,
+            grad: alloc(rows * w, "the hidden-state gradients")?,
+            projected: alloc(rows * ct, "the projected hidden state")?,
+            dstates: alloc(
+                pairs.len() * rows * cs,
+                "the student hidden-state gradients",
+            )?,
+        })
+    }
+
+    fn width(&self) -> usize {
+        self.pairs.len() * self.ct
+    }
+
+    /// Fills `student` and `teacher` from the last forwards (projecting with the weights in
+    /// `params`).
+    fn gather(
+        &mut self,
+        dev: &CudaKernels,
+        params: &DeviceSpan<f32>,
+        s_acts: &DeviceActivations,
+        t_acts: &DeviceActivations,
+    ) -> Result<()> {
+        let (n, w, cs, ct) = (self.rows, self.width(), self.cs, self.ct);
+        let student = DeviceSpan::over_mut(&mut self.student);
+        let teacher = DeviceSpan::over_mut(&mut self.teacher);
+        for (k, p) in self.pairs.iter().enumerate() {
+            let hs = state(s_acts, p.student, "student")?;
+            let ht = state(t_acts, p.teacher, "teacher")?;
+            // Pair k's columns: the block starting at column k * ct, rows `w` apart.
+            let mut dst = student.sub(k * ct, n * w - k * ct)?;
+            match p.proj {
+                Some(at) => {
+                    let weight = params.sub(at, ct * cs)?;
+                    dev.matmul_forward(&mut self.projected, &hs, &weight, cs, ct)?;
+                    dev.copy_rows(&mut dst, w, &self.projected, ct, n, ct)?;
+                }
+                None => dev.copy_rows(&mut dst, w, &hs, ct, n, ct)?,
+            }
+            let mut dst = teacher.sub(k * ct, n * w - k * ct)?;
+            dev.copy_rows(&mut dst, w, &ht, ct, n, ct)?;
+        }
+        Ok(())
+    }
+
+    /// From `grad` to each pair's gradient with respect to the student's state (returned, by
+    /// point), accumulating the projections' gradients into `grads`.
+    fn scatter(
+        &mut self,
+        dev: &CudaKernels,
+        params: &DeviceSpan<f32>,
+        grads: &DeviceSpan<f32>,
+        s_acts: &DeviceActivations,
+    ) -> Result<Vec<(HiddenPoint, DeviceSpan<f32>)>> {
+        let (n, w, cs, ct) = (self.rows, self.width(), self.cs, self.ct);
+        let grad = DeviceSpan::over(&self.grad);
+        let dstates = DeviceSpan::over_mut(&mut self.dstates);
+        let mut out = Vec::with_capacity(self.pairs.len());
+        for (k, p) in self.pairs.iter().enumerate() {
+            let src = grad.sub(k * ct, n * w - k * ct)?;
+            let mut dst = dstates.sub(k * n * cs, n * cs)?;
+            match p.proj {
+                Some(at) => {
+                    dev.copy_rows(&mut self.projected, ct, &src, w, n, ct)?;
+                    dev.stream()
+                        .memset_zeros(&mut dst)
+                        .map_err(|e| Error::Loss(dev.cuda_error("memset", e)))?;
+                    let hs = state(s_acts, p.student, "student")?;
+                    dev.matmul_backward(
+                        &mut dst,
+                        &mut grads.sub(at, ct * cs)?,
+                        &self.projected,
+                        &hs,
+                        &params.sub(at, ct * cs)?,
+                        cs,
+                        ct,
+                    )?;
+                }
+                None => dev.copy_rows(&mut dst, cs, &src, w, n, ct)?,
+            }
+            out.push((p.student, dst));
+        }
+        Ok(out)
+    }
+}
+
+/// The hidden state at `point` of the last forward on `acts`.
+fn state<'a>(
+    acts: &'a DeviceActivations,
+    point: HiddenPoint,
+    model: &str,
+) -> Result<cudarc::driver::CudaView<'a, f32>> {
+    acts.hidden(point).ok_or_else(|| Error::InvalidOption {
+        name: "hidden-layers",
+        value: format!("{model} {point:?}"),
+        reason: "the model has no such hidden state",
+    })
 }

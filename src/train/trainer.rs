@@ -31,11 +31,11 @@ pub struct Teacher {
 /// One hidden-state pair: where to read in each model, and the FitNets projection from the
 /// student's width to the teacher's (`None` when the widths agree).
 #[derive(Debug, Clone, Copy)]
-struct HiddenPair {
-    student: HiddenPoint,
-    teacher: HiddenPoint,
+pub(crate) struct HiddenPair {
+    pub(crate) student: HiddenPoint,
+    pub(crate) teacher: HiddenPoint,
     /// Offset of the `[C_teacher, C_student]` projection in the trainer's parameter buffer.
-    proj: Option<usize>,
+    pub(crate) proj: Option<usize>,
 }
 
 /// What one optimizer step measured.
@@ -358,16 +358,9 @@ impl Trainer {
     /// Moves the run's steps onto `dev` (a GPU or the emulated one): parameters, optimizer state
     /// and the teacher are uploaded, every buffer of a step allocated once after the plan was
     /// checked against the device's free memory. Returns the plan (allocation, bytes) for the
-    /// start-up report. Hidden-state distillation is not on the device yet: refused.
+    /// start-up report.
     #[cfg(feature = "cuda")]
     pub fn use_device(&mut self, dev: crate::cuda::CudaKernels) -> Result<Vec<(String, usize)>> {
-        if !self.pairs.is_empty() {
-            return Err(Error::InvalidOption {
-                name: "hidden-layers",
-                value: format!("{} pairs", self.pairs.len()),
-                reason: "hidden-state distillation runs on the cpu device only (for now)",
-            });
-        }
         let teacher = self
             .teacher
             .as_ref()
@@ -378,6 +371,7 @@ impl Trainer {
             &self.params,
             &self.adam,
             teacher,
+            &self.pairs,
             self.cfg.batch,
             self.cfg.seq,
         )?;
