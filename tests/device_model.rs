@@ -215,3 +215,41 @@ fn a_pass_on_mismatched_buffers_is_an_error() {
         .unwrap_err();
     assert!(e.to_string().contains("no such layer"), "{e}");
 }
+
+#[test]
+fn inference_buffers_give_the_training_forward_bit_for_bit() {
+    let dev = emulated();
+    let model = Llama::new(config(false, 2, None)).unwrap();
+    let (b, t) = (2, 5);
+    let s = dev.stream();
+    let params = s.clone_htod(&model.init_params::<f32>(2)).unwrap();
+    let tokens: Vec<u32> = (0..b * t).map(|i| (i * 5 % 37) as u32).collect();
+    let mut train = DeviceActivations::new(dev, &model, b, t).unwrap();
+    let mut infer = DeviceActivations::inference(dev, &model, b, t).unwrap();
+    train.forward(dev, &model, &params, &tokens).unwrap();
+    infer.forward(dev, &model, &params, &tokens).unwrap();
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(
+        bits(s.clone_dtoh(&infer.logits()).unwrap()),
+        bits(s.clone_dtoh(&train.logits()).unwrap()),
+        "logits"
+    );
+    for p in [
+        HiddenPoint::Embeddings,
+        HiddenPoint::LayerOutput(0),
+        HiddenPoint::Final,
+    ] {
+        assert_eq!(
+            bits(s.clone_dtoh(&infer.hidden(p).unwrap()).unwrap()),
+            bits(s.clone_dtoh(&train.hidden(p).unwrap()).unwrap()),
+            "hidden state {p:?}"
+        );
+    }
+    assert!(infer.bytes() < train.bytes());
+    let dl = s.alloc_zeros::<f32>(b * t * 37).unwrap();
+    let mut g = s.alloc_zeros::<f32>(model.num_params()).unwrap();
+    let e = infer
+        .backward(dev, &model, &params, &dl, &[], &mut g)
+        .unwrap_err();
+    assert!(e.to_string().contains("inference buffers"), "{e}");
+}

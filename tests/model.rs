@@ -12,7 +12,7 @@
 
 use distill_kernels::model::ops::{self, AttnShape};
 use distill_kernels::model::{
-    Activations, HiddenPoint, Init, Llama, LlamaConfig, ParamLayout, Real,
+    Activations, HiddenPoint, Init, Llama, LlamaConfig, ParamLayout, Pass, Real,
 };
 use distill_kernels::train::TrainError as Error;
 use rand::rngs::StdRng;
@@ -1187,4 +1187,46 @@ fn real_trait_round_trips() {
     }
     assert_eq!(half(3.0f32), 1.5);
     assert_eq!(half(3.0f64).to_f64(), 1.5);
+}
+
+#[test]
+fn inference_buffers_give_the_training_forward_bit_for_bit_in_less_memory() {
+    let model = Llama::new(tiny(false)).unwrap();
+    let params: Vec<f32> = model.init_params(3);
+    let (b, t) = (2, 5);
+    let tokens: Vec<u32> = (0..b * t).map(|i| (i * 5 % 11) as u32).collect();
+    let mut train = Activations::<f32>::new(&model, b, t).unwrap();
+    let mut infer = Activations::<f32>::inference(&model, b, t).unwrap();
+    let want = model
+        .forward(&params, &tokens, &mut train)
+        .unwrap()
+        .to_vec();
+    let got = model
+        .forward(&params, &tokens, &mut infer)
+        .unwrap()
+        .to_vec();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got), bits(&want), "logits");
+    // Every hidden state a hidden-state loss reads is kept: each layer's output stays as written
+    // while later layers reuse the shared spans.
+    for i in 0..=model.config().num_hidden_layers {
+        let p = HiddenPoint::from_hf_index(i, model.config().num_hidden_layers).unwrap();
+        assert_eq!(
+            bits(infer.hidden(p).unwrap()),
+            bits(train.hidden(p).unwrap()),
+            "hidden state {p:?}"
+        );
+    }
+    let (ta, ts) = Activations::<f32>::buffer_elements(&model, b, t, Pass::Training).unwrap();
+    let (ia, is) = Activations::<f32>::buffer_elements(&model, b, t, Pass::Inference).unwrap();
+    assert_eq!(is, 0, "no backward scratch");
+    assert!(ia < ta && ts > 0, "inference {ia} vs training {ta} + {ts}");
+    assert_eq!(infer.len(), ia);
+    // A backward on inference buffers is refused, naming why.
+    let dl = vec![0.0f32; want.len()];
+    let mut g = vec![0.0f32; params.len()];
+    let e = model
+        .backward(&params, &mut infer, &dl, &mut g)
+        .unwrap_err();
+    assert!(e.to_string().contains("inference buffers"), "{e}");
 }

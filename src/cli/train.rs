@@ -462,7 +462,7 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
     let device: distill_kernels::DeviceKind = a.device.parse().map_err(CliError::new)?;
     let loss = match device {
         distill_kernels::DeviceKind::Cpu => {
-            let mut acts = Activations::new(&model, batch, seq)?;
+            let mut acts = Activations::inference(&model, batch, seq)?;
             eval_loss(&model, &params, &picked, &mut acts)?
         }
         distill_kernels::DeviceKind::Reference => {
@@ -542,7 +542,7 @@ fn generate(
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let window = &ids[ids.len().saturating_sub(ctx)..];
-        let mut acts = Activations::new(model, 1, window.len())?;
+        let mut acts = Activations::inference(model, 1, window.len())?;
         let logits = model.forward(params, window, &mut acts)?;
         let last = &logits[(window.len() - 1) * v..];
         let token = pick_token(last, temperature, &mut rng);

@@ -7,7 +7,7 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use super::config::LlamaConfig;
 use super::exec::{AttentionState, Executor, Slot, Store};
-use super::llama::{layouts, ActLayout, GradLayout, HiddenPoint, Llama, Span};
+use super::llama::{layouts, no_backward, ActLayout, GradLayout, HiddenPoint, Llama, Pass, Span};
 use super::ops;
 use crate::cuda::{CudaKernels, DeviceSpan};
 use crate::shapes::AttnShape;
@@ -259,12 +259,29 @@ pub struct DeviceActivations {
 }
 
 impl DeviceActivations {
-    /// Device buffers for `batch` sequences of `seq` tokens of `model`, with the RoPE tables
-    /// uploaded; an error (nothing kept) when the device cannot hold them.
+    /// Device buffers for a forward and backward of `batch` sequences of `seq` tokens of
+    /// `model`, with the RoPE tables uploaded; an error (nothing kept) when the device cannot
+    /// hold them.
     pub fn new(dev: &CudaKernels, model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_pass(dev, model, batch, seq, Pass::Training)
+    }
+
+    /// Device buffers for forwards only (see [`Pass::Inference`]: a frozen teacher, an
+    /// evaluation); a backward on them is an error.
+    pub fn inference(dev: &CudaKernels, model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_pass(dev, model, batch, seq, Pass::Inference)
+    }
+
+    fn with_pass(
+        dev: &CudaKernels,
+        model: &Llama,
+        batch: usize,
+        seq: usize,
+        pass: Pass,
+    ) -> Result<Self> {
         let shape = model.attention_shape(batch, seq);
         let state = DeviceExec::attention_state(&shape);
-        let (layout, grad_layout, total) = layouts(model, batch, seq, state)?;
+        let (layout, grad_layout, total) = layouts(model, batch, seq, state, pass)?;
         let cfg = model.config();
         let s = dev.stream();
         let alloc = |n: usize, what: &str| {
@@ -272,6 +289,8 @@ impl DeviceActivations {
                 .map_err(|e| dev.cuda_error(what, e))
         };
         let mut buf = alloc(total, "the activation buffer")?;
+        // `max(1)` in `alloc`: an inference layout has no scratch, and the driver allocates no
+        // empty buffers.
         let grad_buf = alloc(grad_layout.total, "the backward scratch buffer")?;
         let tokens = s
             .alloc_zeros::<u32>(batch * seq)
@@ -296,10 +315,11 @@ impl DeviceActivations {
         })
     }
 
-    /// Device bytes [`DeviceActivations::new`] allocates for `model` at `batch` x `seq`.
-    pub fn bytes_for(model: &Llama, batch: usize, seq: usize) -> Result<usize> {
+    /// Device bytes [`DeviceActivations::new`] (`Pass::Training`) or
+    /// [`DeviceActivations::inference`] allocates for `model` at `batch` x `seq`.
+    pub fn bytes_for(model: &Llama, batch: usize, seq: usize, pass: Pass) -> Result<usize> {
         let state = DeviceExec::attention_state(&model.attention_shape(batch, seq));
-        let (_, grad_layout, total) = layouts(model, batch, seq, state)?;
+        let (_, grad_layout, total) = layouts(model, batch, seq, state, pass)?;
         Ok(4 * (total.max(1) + grad_layout.total.max(1)) + 4 * batch * seq)
     }
 
@@ -370,6 +390,9 @@ impl DeviceActivations {
     ) -> Result<()> {
         self.check(model, params.len(), "params")?;
         self.check(model, grads.len(), "grads")?;
+        if self.layout.pass == Pass::Inference {
+            return Err(no_backward());
+        }
         if !self.ready {
             return Err(Error::InvalidOption {
                 name: "activations",

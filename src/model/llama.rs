@@ -248,6 +248,8 @@ struct LayerActs {
 
 #[derive(Debug, Clone)]
 pub(crate) struct ActLayout {
+    /// What the buffers are for (an inference layout has no backward).
+    pub(crate) pass: Pass,
     pub(crate) rope_cos: Span, // [T, D/2]
     pub(crate) rope_sin: Span, // [T, D/2]
     encoded: Span,             // [N, C] embeddings
@@ -285,6 +287,27 @@ pub(crate) struct GradLayout {
     pub(crate) total: usize,
 }
 
+/// The error of a backward on buffers made for inference.
+pub(crate) fn no_backward() -> Error {
+    Error::InvalidOption {
+        name: "activations",
+        value: "inference buffers".into(),
+        reason: "buffers made for forwards only hold no backward state: make them for training",
+    }
+}
+
+/// What a pass's buffers hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Everything the backward reads: every layer's intermediate tensors, and a backward
+    /// scratch.
+    Training,
+    /// A forward only (evaluation, sampling, a frozen teacher): the layers' intermediate tensors
+    /// share one set of spans, overwritten layer by layer; every layer's output (the hidden
+    /// states a hidden-state loss reads), the final norm and the logits are kept. No backward.
+    Inference,
+}
+
 /// Lays spans end to end; `None` when a size overflows.
 struct Bump(Option<usize>);
 
@@ -311,6 +334,7 @@ pub(crate) fn layouts(
     batch: usize,
     seq: usize,
     state: AttentionState,
+    pass: Pass,
 ) -> Result<(ActLayout, GradLayout, usize)> {
     let cfg = model.config();
     let invalid = |name, value: usize, reason| Error::InvalidOption {
@@ -336,22 +360,32 @@ pub(crate) fn layouts(
     let rope_cos = a.take(&[seq, hd / 2]);
     let rope_sin = a.take(&[seq, hd / 2]);
     let encoded = a.take(&[n, c]);
+    let layer = |a: &mut Bump| LayerActs {
+        ln1: a.take(&[n, c]),
+        ln1_rstd: a.take(&[n]),
+        q: a.take(&[n, qd]),
+        k: a.take(&[n, kvd]),
+        v: a.take(&[n, kvd]),
+        att: a.take(&[state.saved]),
+        atty: a.take(&[n, qd]),
+        res2: a.take(&[n, c]),
+        ln2: a.take(&[n, c]),
+        ln2_rstd: a.take(&[n]),
+        gate: a.take(&[n, i]),
+        up: a.take(&[n, i]),
+        swiglu: a.take(&[n, i]),
+        out: a.take(&[n, c]),
+    };
+    let shared = (pass == Pass::Inference).then(|| layer(&mut a));
     let layers = (0..cfg.num_hidden_layers)
-        .map(|_| LayerActs {
-            ln1: a.take(&[n, c]),
-            ln1_rstd: a.take(&[n]),
-            q: a.take(&[n, qd]),
-            k: a.take(&[n, kvd]),
-            v: a.take(&[n, kvd]),
-            att: a.take(&[state.saved]),
-            atty: a.take(&[n, qd]),
-            res2: a.take(&[n, c]),
-            ln2: a.take(&[n, c]),
-            ln2_rstd: a.take(&[n]),
-            gate: a.take(&[n, i]),
-            up: a.take(&[n, i]),
-            swiglu: a.take(&[n, i]),
-            out: a.take(&[n, c]),
+        .map(|l| match shared {
+            // Layer 0 owns the shared spans (and its own output); the others add an output.
+            Some(s) if l > 0 => LayerActs {
+                out: a.take(&[n, c]),
+                ..s
+            },
+            Some(s) => s,
+            None => layer(&mut a),
         })
         .collect();
     let branch = a.take(&[n, c]);
@@ -377,7 +411,15 @@ pub(crate) fn layouts(
     let (Some(total), Some(_)) = (total, g.0) else {
         return Err(invalid("batch", batch, "activation size overflows usize"));
     };
+    let grad_layout = match pass {
+        Pass::Training => grad_layout,
+        Pass::Inference => GradLayout {
+            total: 0,
+            ..grad_layout
+        },
+    };
     let layout = ActLayout {
+        pass,
         rope_cos,
         rope_sin,
         encoded,
@@ -412,27 +454,47 @@ pub struct Activations<F> {
 
 impl<F: Real> Activations<F> {
     /// Elements of the forward buffer and of the backward's scratch for `batch` sequences of
-    /// `seq` tokens (what [`Activations::new`] and the first backward allocate), checked for
-    /// overflow; nothing is allocated.
-    pub fn buffer_elements(model: &Llama, batch: usize, seq: usize) -> Result<(usize, usize)> {
-        let (_, grad_layout, total) = layouts(model, batch, seq, cpu_attention(model, batch, seq))?;
+    /// `seq` tokens for `pass` (what [`Activations::new`] or [`Activations::inference`] and the
+    /// first backward allocate), checked for overflow; nothing is allocated.
+    pub fn buffer_elements(
+        model: &Llama,
+        batch: usize,
+        seq: usize,
+        pass: Pass,
+    ) -> Result<(usize, usize)> {
+        let state = cpu_attention(model, batch, seq);
+        let (_, grad_layout, total) = layouts(model, batch, seq, state, pass)?;
         Ok((total, grad_layout.total))
     }
 
-    /// Buffers for `batch` sequences of `seq` tokens (`seq <= max_position_embeddings`); an error
-    /// when they do not fit the available memory (backward scratch included).
+    /// Buffers for a forward and backward of `batch` sequences of `seq` tokens
+    /// (`seq <= max_position_embeddings`); an error when they do not fit the available memory
+    /// (backward scratch included).
     pub fn new(model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_pass(model, batch, seq, Pass::Training)
+    }
+
+    /// Buffers for forwards only (see [`Pass::Inference`]): about `2 + layers` hidden-state
+    /// tensors and the logits instead of every layer's intermediate tensors; a backward on them
+    /// is an error.
+    pub fn inference(model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_pass(model, batch, seq, Pass::Inference)
+    }
+
+    fn with_pass(model: &Llama, batch: usize, seq: usize, pass: Pass) -> Result<Self> {
         let (layout, grad_layout, total) =
-            layouts(model, batch, seq, cpu_attention(model, batch, seq))?;
+            layouts(model, batch, seq, cpu_attention(model, batch, seq), pass)?;
         let cfg = model.config();
         let hd = cfg.head_dim();
         let mut plan = MemoryPlan::new();
         let width = std::mem::size_of::<F>();
         plan.add("activations", Some(total), width);
         plan.add("backward scratch", Some(grad_layout.total), width);
-        plan.check(&format!(
-            "a forward and backward pass at batch {batch} x seq {seq}"
-        ))?;
+        let what = match pass {
+            Pass::Training => "a forward and backward pass",
+            Pass::Inference => "a forward pass",
+        };
+        plan.check(&format!("{what} at batch {batch} x seq {seq}"))?;
         let mut buf = memory::filled(total, F::ZERO, "the activation buffer")?;
         let (cos, sin) = ops::rope_tables::<F>(seq, hd, cfg.rope_theta);
         layout.rope_cos.of_mut(&mut buf).copy_from_slice(&cos);
@@ -727,6 +789,9 @@ impl Llama {
         self.check_params("params", params.len())?;
         self.check_params("grads", grads.len())?;
         self.check_acts(acts)?;
+        if acts.layout.pass == Pass::Inference {
+            return Err(no_backward());
+        }
         if !acts.ready {
             return Err(Error::InvalidOption {
                 name: "activations",

@@ -34,6 +34,7 @@ pub mod ops;
 
 pub use config::LlamaConfig;
 pub use llama::{
-    normal_fill, Activations, HiddenPoint, Init, LayerParams, Llama, ParamLayout, Span, TensorInfo,
+    normal_fill, Activations, HiddenPoint, Init, LayerParams, Llama, ParamLayout, Pass, Span,
+    TensorInfo,
 };
 pub use ops::Real;

@@ -11,7 +11,7 @@ use crate::cuda::{
     CudaKernels, DeviceHidden, DeviceInputs, DeviceSpan, LossWorkspace, RowStrides, Student,
 };
 use crate::model::exec_cuda::DeviceActivations;
-use crate::model::llama::{HiddenPoint, Llama};
+use crate::model::llama::{HiddenPoint, Llama, Pass};
 use crate::semantics::LossConfig;
 use crate::train::device_optim::{DeviceAdamW, GradClip};
 use crate::train::error::{Result, TrainError as Error};
@@ -55,7 +55,7 @@ pub(crate) fn plan(
         ("optimizer state (AdamW m, v)".to_string(), 8 * n),
         (
             "activations and backward scratch".to_string(),
-            DeviceActivations::bytes_for(model, b, t)?,
+            DeviceActivations::bytes_for(model, b, t, Pass::Training)?,
         ),
         ("logit gradients".to_string(), 4 * rows * v),
         ("labels and loss workspace".to_string(), 8 * rows + 8 * rows),
@@ -64,7 +64,7 @@ pub(crate) fn plan(
         plan.push(("teacher parameters".to_string(), 4 * tm.num_params()));
         plan.push((
             "teacher activations".to_string(),
-            DeviceActivations::bytes_for(tm, b, t)?,
+            DeviceActivations::bytes_for(tm, b, t, Pass::Inference)?,
         ));
         if !pairs.is_empty() {
             let (cs, ct) = (model.config().hidden_size, tm.config().hidden_size);
@@ -132,7 +132,7 @@ impl DeviceStep {
         let teacher = match teacher {
             Some((tm, tp)) => {
                 let p = s.clone_htod(tp).map_err(map("uploading the teacher"))?;
-                Some((p, DeviceActivations::new(&dev, tm, batch, seq)?))
+                Some((p, DeviceActivations::inference(&dev, tm, batch, seq)?))
             }
             None => None,
         };
@@ -360,7 +360,7 @@ fn eval_on_device(
         let (inputs, labels) = crate::train::trainer::window_batch(group, seq)?;
         // Buffers for this group's size (the last group may be smaller).
         if acts.as_ref().is_none_or(|a| a.rows() != inputs.len()) {
-            acts = Some(DeviceActivations::new(dev, model, group.len(), seq)?);
+            acts = Some(DeviceActivations::inference(dev, model, group.len(), seq)?);
         }
         let a = acts.as_mut().expect("made above");
         a.forward(dev, model, d_params, &inputs)?;

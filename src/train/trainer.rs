@@ -12,7 +12,7 @@ use crate::cpu::Cpu;
 use crate::data::batches::{train_batch, TokenStream};
 use crate::device::DistillDevice;
 use crate::dtype::HostSliceMut;
-use crate::model::{normal_fill, ops, Activations, HiddenPoint, Llama, LlamaConfig};
+use crate::model::{normal_fill, ops, Activations, HiddenPoint, Llama, LlamaConfig, Pass};
 use crate::semantics::{DistillInputs, GradOutputs, HiddenInputs, LossConfig, Reduction};
 use crate::train::checkpoint::{self, Checkpoint, ConfigExtras, TrainerState};
 use crate::train::config::TrainConfig;
@@ -164,7 +164,7 @@ impl Trainer {
         let acts = Activations::new(&model, cfg.batch, cfg.seq)?;
         let teacher = match teacher {
             Some(t) => {
-                let acts = Activations::new(&t.model, cfg.batch, cfg.seq)?;
+                let acts = Activations::inference(&t.model, cfg.batch, cfg.seq)?;
                 Some((t, acts))
             }
             None => None,
@@ -201,14 +201,16 @@ impl Trainer {
         trained: Option<usize>,
     ) -> Result<()> {
         let (batch, seq) = (cfg.batch, cfg.seq);
-        let (acts, scratch) = Activations::<f32>::buffer_elements(model, batch, seq)?;
+        let (acts, scratch) =
+            Activations::<f32>::buffer_elements(model, batch, seq, Pass::Training)?;
         let mut plan = MemoryPlan::new();
         plan.add("parameters", trained, 4);
         plan.add("gradients", trained, 4);
         plan.add("AdamW moments", trained.and_then(|t| t.checked_mul(2)), 4);
         plan.add("activations", acts.checked_add(scratch), 4);
         if let Some(t) = teacher {
-            let (ta, ts) = Activations::<f32>::buffer_elements(&t.model, batch, seq)?;
+            let (ta, ts) =
+                Activations::<f32>::buffer_elements(&t.model, batch, seq, Pass::Inference)?;
             plan.add("teacher activations", ta.checked_add(ts), 4);
         }
         let n = batch.checked_mul(seq);
@@ -740,7 +742,7 @@ pub fn eval_loss(
         let acts = if group.len() == batch {
             &mut *acts
         } else {
-            small = Activations::new(model, group.len(), seq)?;
+            small = Activations::inference(model, group.len(), seq)?;
             &mut small
         };
         let logits = model.forward(params, &inputs, acts)?;
