@@ -85,15 +85,15 @@ pub fn open(kind: DeviceKind) -> Result<Box<dyn DistillDevice>> {
     match kind {
         DeviceKind::Reference => Ok(Box::new(crate::reference::Reference)),
         DeviceKind::Cpu => Ok(Box::new(crate::cpu::Cpu::new())),
-        #[cfg(feature = "emulator")]
-        DeviceKind::Emulated => Ok(Box::new(crate::cuda::CudaKernels::emulated()?)),
-        #[cfg(not(feature = "emulator"))]
+        #[cfg(feature = "cuda")]
+        DeviceKind::Emulated | DeviceKind::Cuda => {
+            Ok(Box::new(crate::cuda::CudaKernels::open_kind(kind)?))
+        }
+        #[cfg(not(feature = "cuda"))]
         DeviceKind::Emulated => Err(Error::DeviceUnavailable(
             "this build of distill-kernels has no emulated device (enable the `emulator` feature)"
                 .into(),
         )),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => Ok(Box::new(crate::cuda::CudaKernels::new(0)?)),
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => Err(Error::DeviceUnavailable(
             "this build of distill-kernels has no CUDA device (enable the `cuda` feature)".into(),

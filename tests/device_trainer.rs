@@ -264,6 +264,61 @@ fn a_checkpoint_resumes_on_the_other_device() {
         (cpu - emu).abs() <= 1e-6 * cpu,
         "eval: emulated {emu} vs cpu {cpu}"
     );
+
+    // `distill sample` picks the same tokens on both devices, greedy and sampled (the same
+    // seed), with the same log-probabilities up to f32 summation order. 40 tokens from a
+    // 2-token prompt run past the model's 32-token context, so the window slides too.
+    let sample = |device: &str, temperature: &str| {
+        let model = s.s("cpu");
+        let args = [
+            "sample",
+            "--model",
+            &model,
+            "--prompt",
+            "the",
+            "--tokens",
+            "40",
+            "--temperature",
+            temperature,
+            "--seed",
+            "7",
+            "--json",
+            "--device",
+            device,
+        ];
+        let out = distill(&args);
+        assert!(
+            out.status.success(),
+            "distill {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ids: Vec<u64> = line["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        let lp: Vec<f64> = line["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        (ids, lp)
+    };
+    for temperature in ["0", "1"] {
+        let (cpu_ids, cpu_lp) = sample("cpu", temperature);
+        let (emu_ids, emu_lp) = sample("emulated", temperature);
+        assert_eq!(emu_ids, cpu_ids, "temperature {temperature}: tokens");
+        assert_eq!(emu_ids.len(), 40);
+        for (k, (e, c)) in emu_lp.iter().zip(&cpu_lp).enumerate() {
+            assert!(
+                (e - c).abs() <= 1e-5 * (1.0 + c.abs()),
+                "temperature {temperature}, token {k}: log-probability emulated {e} vs cpu {c}"
+            );
+        }
+    }
 }
 
 #[test]

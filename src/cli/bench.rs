@@ -282,8 +282,9 @@ impl Runner {
             DeviceKind::Reference | DeviceKind::Cpu => {
                 Runner::Host(distill_kernels::open(kind).map_err(unavailable)?)
             }
-            DeviceKind::Emulated => Runner::Device(CudaKernels::emulated().map_err(unavailable)?),
-            DeviceKind::Cuda => Runner::Device(CudaKernels::new(0).map_err(unavailable)?),
+            DeviceKind::Emulated | DeviceKind::Cuda => {
+                Runner::Device(CudaKernels::open_kind(kind).map_err(unavailable)?)
+            }
         })
     }
 

@@ -69,8 +69,7 @@ fn open_device(trainer: &mut Trainer, spelled: &str) -> CliResult<Option<OnDevic
                 "--device reference: the f64 reference trains nothing (cpu, emulated or cuda)",
             ))
         }
-        DeviceKind::Emulated => CudaKernels::emulated(),
-        DeviceKind::Cuda => CudaKernels::new(0),
+        DeviceKind::Emulated | DeviceKind::Cuda => CudaKernels::open_kind(kind),
     }
     .map_err(|e| match e {
         Error::DeviceUnavailable(_) => CliError::new(format!("--device {spelled}: {e}")),

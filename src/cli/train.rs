@@ -12,6 +12,7 @@ use distill_kernels::data::tokenizer::Tokenizer;
 use distill_kernels::model::{Activations, Llama, LlamaConfig};
 use distill_kernels::train::checkpoint::{load_config, load_model_dir};
 use distill_kernels::train::config::{parse_hidden_layers, preset, DistillConfig, TrainConfig};
+use distill_kernels::train::device_step::LastLogits;
 use distill_kernels::train::rundir;
 use distill_kernels::train::session::{self, RunSpec, RunSummary};
 use distill_kernels::train::trainer::{eval_loss, Teacher};
@@ -168,6 +169,9 @@ pub struct SampleArgs {
     /// log-probabilities under the model (at temperature 1) and the text
     #[arg(long)]
     pub json: bool,
+    /// Where the forward passes run: cpu, emulated or cuda
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// The training options: defaults, overridden by what the command line gives.
@@ -471,13 +475,8 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
             ))
         }
         kind => {
-            let dev = match kind {
-                distill_kernels::DeviceKind::Emulated => {
-                    distill_kernels::cuda::CudaKernels::emulated()
-                }
-                _ => distill_kernels::cuda::CudaKernels::new(0),
-            }
-            .map_err(|e| CliError::new(format!("--device {}: {e}", a.device)))?;
+            let dev = distill_kernels::cuda::CudaKernels::open_kind(kind)
+                .map_err(|e| CliError::new(format!("--device {}: {e}", a.device)))?;
             distill_kernels::train::device_step::eval_loss_device(
                 &dev, &model, &params, &picked, batch, seq,
             )?
@@ -509,7 +508,32 @@ pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
         ids.push(tok.eos_id());
     }
     let prompt_ids = ids.clone();
-    let generated = generate(&model, &params, &mut ids, a.tokens, a.temperature, a.seed)?;
+    let device: distill_kernels::DeviceKind = a.device.parse().map_err(CliError::new)?;
+    let generated = match device {
+        distill_kernels::DeviceKind::Cpu => {
+            let next = |window: &[u32]| -> CliResult<Vec<f32>> {
+                let mut acts = Activations::inference(&model, 1, window.len())?;
+                let logits = model.forward(&params, window, &mut acts)?;
+                let v = model.config().vocab_size;
+                Ok(logits[(window.len() - 1) * v..].to_vec())
+            };
+            generate(&model, next, &mut ids, a.tokens, a.temperature, a.seed)?
+        }
+        distill_kernels::DeviceKind::Reference => {
+            return Err(CliError::new(
+                "--device reference: sampling runs on cpu, emulated or cuda",
+            ))
+        }
+        kind => {
+            let dev = distill_kernels::cuda::CudaKernels::open_kind(kind)
+                .map_err(|e| CliError::new(format!("--device {}: {e}", a.device)))?;
+            let ctx = model.config().max_position_embeddings;
+            let len = (ids.len() + a.tokens).min(ctx);
+            let mut fwd = LastLogits::new(&dev, &model, &params, len)?;
+            let next = |window: &[u32]| Ok(fwd.after(&dev, &model, window)?);
+            generate(&model, next, &mut ids, a.tokens, a.temperature, a.seed)?
+        }
+    };
     let new_ids: Vec<u32> = generated.iter().map(|g| g.0).collect();
     let text = format!("{}{}", a.prompt, tok.decode(&new_ids)?);
     match a.json {
@@ -526,28 +550,26 @@ pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
     }
 }
 
-/// Appends `count` sampled tokens to `ids` (recomputing the window each time: no KV cache, the
-/// models here are small) and returns them with their log-probabilities at temperature 1.
+/// Appends `count` sampled tokens to `ids` and returns them with their log-probabilities at
+/// temperature 1; `next_logits` gives the model's logits after the last token of a window (the
+/// last `max_position_embeddings` tokens, recomputed for each token: no KV cache yet).
 fn generate(
     model: &Llama,
-    params: &[f32],
+    mut next_logits: impl FnMut(&[u32]) -> CliResult<Vec<f32>>,
     ids: &mut Vec<u32>,
     count: usize,
     temperature: f32,
     seed: u64,
 ) -> CliResult<Vec<(u32, f64)>> {
     let ctx = model.config().max_position_embeddings;
-    let v = model.config().vocab_size;
     let mut rng = SplitMix64::new(seed);
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let window = &ids[ids.len().saturating_sub(ctx)..];
-        let mut acts = Activations::inference(model, 1, window.len())?;
-        let logits = model.forward(params, window, &mut acts)?;
-        let last = &logits[(window.len() - 1) * v..];
-        let token = pick_token(last, temperature, &mut rng);
+        let last = next_logits(window)?;
+        let token = pick_token(&last, temperature, &mut rng);
         ids.push(token);
-        out.push((token, log_softmax_at(last, token as usize)));
+        out.push((token, log_softmax_at(&last, token as usize)));
     }
     Ok(out)
 }

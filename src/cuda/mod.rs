@@ -152,6 +152,28 @@ impl CudaKernels {
         Self::open(ordinal, FATBIN.to_vec(), false)
     }
 
+    /// The CUDA device `kind` names: `cuda` is GPU 0, `emulated` the emulated GPU (an error
+    /// naming the missing feature when this build has none). `cpu` and `reference` run on the
+    /// host, not through CUDA: an error naming them. The one place a device kind becomes a
+    /// `CudaKernels`, for every command that takes `--device`.
+    pub fn open_kind(kind: crate::device::DeviceKind) -> Result<Self> {
+        use crate::device::DeviceKind;
+        match kind {
+            DeviceKind::Cuda => Self::new(0),
+            #[cfg(feature = "emulator")]
+            DeviceKind::Emulated => Self::emulated(),
+            #[cfg(not(feature = "emulator"))]
+            DeviceKind::Emulated => Err(Error::DeviceUnavailable(
+                "this build of distill-kernels has no emulated device (enable the `emulator` \
+                 feature)"
+                    .into(),
+            )),
+            DeviceKind::Cpu | DeviceKind::Reference => Err(Error::DeviceUnavailable(format!(
+                "{kind:?} runs on the host, not on a CUDA device"
+            ))),
+        }
+    }
+
     /// The emulated GPU: the kernels compiled for the host, behind a fake CUDA driver, driven by
     /// exactly the same cudarc calls as a real device.
     #[cfg(feature = "emulator")]

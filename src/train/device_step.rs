@@ -390,6 +390,51 @@ fn eval_on_device(
     Ok(total / count as f64)
 }
 
+/// The model's logits after the last token of a window, on the device, for sampling: inference
+/// buffers for one sequence of `len` tokens allocated once; each window is padded at the end to
+/// `len` (attention is causal, so the padding changes no earlier row) and only the window's last
+/// row of logits is copied back.
+pub struct LastLogits {
+    params: CudaSlice<f32>,
+    acts: DeviceActivations,
+    padded: Vec<u32>,
+}
+
+impl LastLogits {
+    /// Uploads `params` and allocates the buffers for windows of up to `len` tokens.
+    pub fn new(dev: &CudaKernels, model: &Llama, params: &[f32], len: usize) -> Result<Self> {
+        let params = dev
+            .stream()
+            .clone_htod(params)
+            .map_err(|e| Error::Loss(dev.cuda_error("uploading the parameters", e)))?;
+        Ok(LastLogits {
+            params,
+            acts: DeviceActivations::inference(dev, model, 1, len)?,
+            padded: vec![0; len],
+        })
+    }
+
+    /// `[V]`: the logits after the last token of `window` (1 to `len` tokens).
+    pub fn after(&mut self, dev: &CudaKernels, model: &Llama, window: &[u32]) -> Result<Vec<f32>> {
+        let n = window.len();
+        if n == 0 || n > self.padded.len() {
+            return Err(Error::InvalidOption {
+                name: "window",
+                value: format!("{n} tokens"),
+                reason: "must be 1 to the length the buffers were made for",
+            });
+        }
+        self.padded[..n].copy_from_slice(window);
+        self.padded[n..].fill(0);
+        self.acts.forward(dev, model, &self.params, &self.padded)?;
+        let v = model.config().vocab_size;
+        let logits = self.acts.logits();
+        dev.stream()
+            .clone_dtoh(&logits.slice((n - 1) * v..n * v))
+            .map_err(|e| Error::Loss(dev.cuda_error("reading the logits", e)))
+    }
+}
+
 /// Hidden-state distillation on the device, laid out as on the CPU: every pair's (projected)
 /// student state and its teacher state side by side in rows of `[N, pairs * C_teacher]`, so one
 /// fused loss call averages the pairs' MSEs over the valid rows; the FitNets projections live in

@@ -326,7 +326,7 @@ fn reference_refused() -> Error {
     }
 }
 
-#[cfg(not(all(feature = "cuda", feature = "emulator")))]
+#[cfg(not(feature = "cuda"))]
 fn device_missing(kind: crate::device::DeviceKind) -> Error {
     Error::Loss(crate::Error::DeviceUnavailable(format!(
         "this build has no {kind:?} device (enable the `cuda`/`emulator` features)"
@@ -346,11 +346,7 @@ fn open_device(
     let dev = match kind {
         DeviceKind::Cpu => return Ok(()),
         DeviceKind::Reference => return Err(reference_refused()),
-        #[cfg(feature = "emulator")]
-        DeviceKind::Emulated => crate::cuda::CudaKernels::emulated()?,
-        #[cfg(not(feature = "emulator"))]
-        DeviceKind::Emulated => return Err(device_missing(kind)),
-        DeviceKind::Cuda => crate::cuda::CudaKernels::new(0)?,
+        DeviceKind::Emulated | DeviceKind::Cuda => crate::cuda::CudaKernels::open_kind(kind)?,
     };
     let name = dev.name().unwrap_or_default();
     let plan = trainer.use_device(dev)?;
