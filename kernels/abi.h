@@ -167,8 +167,10 @@ typedef struct DkAdamWParams {
     float shrink;    /* 1 - lr * weight_decay, or 1 where the parameter does not decay */
 } DkAdamWParams;
 
-/* ---- The model's element-wise and row ops, f32 (kernels/model_ops.cu). Each mirrors the function
- * of the same name in src/model/ops.rs; backward kernels accumulate (+=) into their outputs. */
+/* ---- The model's element-wise and row ops (kernels/model_ops.cu). Each mirrors the function of
+ * the same name in src/model/ops.rs; backward kernels accumulate (+=) into their outputs. Every
+ * kernel comes as dk_<op>_f32 and dk_<op>_bf16: the `void*` tensors are of that storage type,
+ * the `float*` ones f32 in both (parameter gradients, rstd, RoPE tables). */
 
 /* dk_embedding_fwd: one block per position, out[n, :] = wte[tokens[n], :].
  * dk_embedding_bwd: one thread per channel, dwte[tokens[n], j] += dout[n, j] for n in order (no
@@ -176,9 +178,9 @@ typedef struct DkAdamWParams {
  * checks tokens before they are uploaded. */
 typedef struct DkEmbeddingParams {
     const uint32_t* tokens; /* [n] */
-    const float* wte;       /* forward: [vocab, c] */
-    float* out;             /* forward: [n, c] */
-    const float* dout;      /* backward: [n, c] */
+    const void* wte;        /* forward: [vocab, c] */
+    void* out;              /* forward: [n, c] */
+    const void* dout;       /* backward: [n, c] */
     float* dwte;            /* backward: [vocab, c] */
     int64_t n;
     int64_t c;
@@ -189,13 +191,13 @@ typedef struct DkEmbeddingParams {
  * dk_rmsnorm_bwd_dx: one block per row; dinp += rstd * (dy*w - x*rstd * mean(dy*w*x*rstd)).
  * dk_rmsnorm_bwd_dw: one thread per channel; dweight += dy * x * rstd over the rows in order. */
 typedef struct DkRmsNormParams {
-    const float* inp;    /* [rows, c] */
-    const float* weight; /* [c] */
-    float* out;          /* forward: [rows, c] */
-    float* rstd;         /* forward: written; backward: read. [rows] */
-    const float* dout;   /* backward: [rows, c] */
-    float* dinp;         /* backward: [rows, c] */
-    float* dweight;      /* backward: [c] */
+    const void* inp;    /* [rows, c] */
+    const void* weight; /* [c] */
+    void* out;          /* forward: [rows, c] */
+    float* rstd;        /* forward: written; backward: read. [rows] */
+    const void* dout;   /* backward: [rows, c] */
+    void* dinp;         /* backward: [rows, c] */
+    float* dweight;     /* backward: [c] */
     int64_t rows;
     int64_t c;
     float eps;
@@ -205,12 +207,12 @@ typedef struct DkRmsNormParams {
  * dup += dout * silu(gate). dk_residual_fwd: out = a + b (a = gate, b = up). dk_residual_bwd:
  * dgate += dout, dup += dout. Grid-stride over n elements. */
 typedef struct DkElementwiseParams {
-    const float* gate;
-    const float* up;
-    const float* dout;
-    float* out;
-    float* dgate;
-    float* dup;
+    const void* gate;
+    const void* up;
+    const void* dout;
+    void* out;
+    void* dgate;
+    void* dup;
     int64_t n;
 } DkElementwiseParams;
 
@@ -219,8 +221,8 @@ typedef struct DkElementwiseParams {
  * pairs side by side in one loss row, and back). dst and src do not overlap. Grid-stride over
  * rows * width. */
 typedef struct DkCopyRowsParams {
-    float* dst;
-    const float* src;
+    void* dst;
+    const void* src;
     int64_t rows;
     int64_t width;
     int64_t dst_stride;
@@ -232,7 +234,7 @@ typedef struct DkCopyRowsParams {
  * y[i+half] = x[i+half] cos + x[i] sin, with cos/sin [seq, half]. inverse != 0: the transposed
  * rotation (sin negated), which turns dL/dy into dL/dx. Grid-stride over vectors * half pairs. */
 typedef struct DkRopeParams {
-    float* x;
+    void* x;
     const float* cos;
     const float* sin;
     int64_t vectors;
@@ -247,19 +249,20 @@ typedef struct DkRopeParams {
  * dout, dq [batch, seq, n_heads, head_dim]; k, v, dk, dv [batch, seq, n_kv_heads, head_dim];
  * lse, delta [batch, seq, n_heads]. Forward: out_w and lse (the row's log-sum-exp of the scaled
  * scores) written. bwd_dq: delta = rowsum(dout * out) written, dq accumulated. bwd_dkv (after
- * bwd_dq): dk, dv accumulated. head_dim <= 128. */
+ * bwd_dq): dk, dv accumulated. head_dim <= 128. Suffix _f32 or _bf16: the `void*` tensors' storage
+ * type; lse and delta f32 in both. */
 typedef struct DkAttentionParams {
-    const float* q;
-    const float* k;
-    const float* v;
-    const float* out;
-    const float* dout;
-    float* out_w;
+    const void* q;
+    const void* k;
+    const void* v;
+    const void* out;
+    const void* dout;
+    void* out_w;
     float* lse;
     float* delta;
-    float* dq;
-    float* dk;
-    float* dv;
+    void* dq;
+    void* dk;
+    void* dv;
     int64_t batch;
     int64_t seq;
     int64_t n_heads;

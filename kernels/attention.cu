@@ -1,4 +1,4 @@
-// Causal softmax attention with grouped-query heads, f32, the device twin of
+// Causal softmax attention with grouped-query heads, the device twin of
 // attention_forward/attention_backward in src/model/ops.rs, in the flash style: the T x T
 // probabilities are never stored. The forward keeps one log-sum-exp per query row; the backward
 // recomputes each probability from it.
@@ -16,6 +16,9 @@
 // would be 151 MB per sequence per layer for the 135M student at T = 2048, and GQA's head
 // mapping does not fit one strided batch. This version uses no tensor cores and no K/V reuse
 // across query rows (see BENCHMARKS.md for what that costs and the tiled successor).
+//
+// Storage type S (suffix _f32, _bf16) for q, k, v, the output and every gradient; f32 arithmetic,
+// rows staged in shared memory as f32, and the log-sum-exps and deltas f32 in both.
 #include "common.cuh"
 
 #define DK_ATT_CHUNKS 4  // head_dim <= 128
@@ -28,18 +31,28 @@ struct DkAttMax {
 
 // a . b over D elements in order, one fused multiply-add per term (the same bits wherever both
 // sides of a score are computed).
-__device__ __forceinline__ float dk_att_dot(const float* a, const float* b, int64_t D) {
+template <typename A, typename B>
+__device__ __forceinline__ float dk_att_dot(const A* a, const B* b, int64_t D) {
     float s = 0.0f;
-    for (int64_t d = 0; d < D; ++d) s = fmaf(a[d], b[d], s);
+    for (int64_t d = 0; d < D; ++d) s = fmaf(dk_load(a + d), dk_load(b + d), s);
     return s;
 }
 
 // Copies a row into the warp's shared slot; the caller syncs the warp before reading it.
-__device__ __forceinline__ void dk_att_stage(float* dst, const float* row, int lane, int64_t D) {
-    for (int64_t d = lane; d < D; d += 32) dst[d] = row[d];
+template <typename S>
+__device__ __forceinline__ void dk_att_stage(float* dst, const S* row, int lane, int64_t D) {
+    for (int64_t d = lane; d < D; d += 32) dst[d] = dk_load(row + d);
 }
 
-extern "C" __global__ void __launch_bounds__(256) dk_attention_fwd(DkAttentionParams p) {
+// dst += x, in the storage type.
+template <typename S>
+__device__ __forceinline__ void dk_att_add(S* dst, float x) { dk_store(dst, dk_load(dst) + x); }
+
+template <typename S>
+__device__ __forceinline__ void attention_fwd(const DkAttentionParams& p) {
+    const S* pq = static_cast<const S*>(p.q);
+    const S* pk = static_cast<const S*>(p.k);
+    const S* pv = static_cast<const S*>(p.v);
     __shared__ float qs[DK_ATT_WARPS][DK_ATT_MAX_D];
     __shared__ float ws[DK_ATT_WARPS][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -48,7 +61,7 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_fwd(DkAttentionPa
     if (r >= p.batch * T * NH) return;  // whole warps leave together
     const int64_t h = r % NH, t = (r / NH) % T, b = r / NH / T, g = h / (NH / NKV);
     float* q = qs[warp];
-    dk_att_stage(q, p.q + r * D, lane, D);
+    dk_att_stage(q, pq + r * D, lane, D);
     __syncwarp();
     float o[DK_ATT_CHUNKS];
 #pragma unroll
@@ -57,7 +70,7 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_fwd(DkAttentionPa
     for (int64_t j0 = 0; j0 <= t; j0 += 32) {
         const int64_t j = j0 + lane;
         const bool live = j <= t;
-        const float s = live ? dk_att_dot(q, p.k + ((b * T + j) * NKV + g) * D, D) * p.scale : -INFINITY;
+        const float s = live ? dk_att_dot(q, pk + ((b * T + j) * NKV + g) * D, D) * p.scale : -INFINITY;
         const float m_new = fmaxf(m, dk_warp_reduce(s, DkAttMax{}));
         const float corr = expf(m - m_new);  // 0 at the first chunk (m = -inf)
         const float e = live ? expf(s - m_new) : 0.0f;
@@ -70,11 +83,11 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_fwd(DkAttentionPa
         __syncwarp();
         for (int jj = 0; jj < n; ++jj) {
             const float pj = w[jj];
-            const float* v = p.v + ((b * T + j0 + jj) * NKV + g) * D;
+            const S* v = pv + ((b * T + j0 + jj) * NKV + g) * D;
 #pragma unroll
             for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
                 const int64_t d = lane + 32 * c;
-                if (d < D) o[c] = fmaf(pj, v[d], o[c]);
+                if (d < D) o[c] = fmaf(pj, dk_load(v + d), o[c]);
             }
         }
         m = m_new;
@@ -84,15 +97,19 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_fwd(DkAttentionPa
 #pragma unroll
     for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
         const int64_t d = lane + 32 * c;
-        if (d < D) p.out_w[r * D + d] = o[c] * inv;
+        if (d < D) dk_store(static_cast<S*>(p.out_w) + r * D + d, o[c] * inv);
     }
     if (lane == 0) p.lse[r] = m + logf(l);
 }
-DK_REGISTER_KERNEL(dk_attention_fwd, DkAttentionParams)
 
 // dQ += scale sum_j dS_ij K_j with dS_ij = P_ij (dO_i . V_j - delta_i), delta_i = dO_i . O_i
 // (written for the dK/dV pass).
-extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dq(DkAttentionParams p) {
+template <typename S>
+__device__ __forceinline__ void attention_bwd_dq(const DkAttentionParams& p) {
+    const S* pq = static_cast<const S*>(p.q);
+    const S* pk = static_cast<const S*>(p.k);
+    const S* pv = static_cast<const S*>(p.v);
+    const S* pdout = static_cast<const S*>(p.dout);
     __shared__ float rows[DK_ATT_WARPS][2][DK_ATT_MAX_D];
     __shared__ float ws[DK_ATT_WARPS][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -102,12 +119,12 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dq(DkAttentio
     const int64_t h = r % NH, t = (r / NH) % T, b = r / NH / T, g = h / (NH / NKV);
     float* q = rows[warp][0];
     float* dout = rows[warp][1];
-    dk_att_stage(q, p.q + r * D, lane, D);
-    dk_att_stage(dout, p.dout + r * D, lane, D);
+    dk_att_stage(q, pq + r * D, lane, D);
+    dk_att_stage(dout, pdout + r * D, lane, D);
     __syncwarp();
     // Summed like dO . V below, so that a row whose output is one value row (a single key) gets
     // dS = 0 exactly, as in exact arithmetic.
-    const float delta = dk_att_dot(dout, p.out + r * D, D);
+    const float delta = dk_att_dot(dout, static_cast<const S*>(p.out) + r * D, D);
     if (lane == 0) p.delta[r] = delta;
     const float lse = p.lse[r];
     float acc[DK_ATT_CHUNKS];
@@ -118,8 +135,8 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dq(DkAttentio
         float ds = 0.0f;
         if (j <= t) {
             const int64_t kv = ((b * T + j) * NKV + g) * D;
-            const float pr = expf(dk_att_dot(q, p.k + kv, D) * p.scale - lse);
-            ds = pr * (dk_att_dot(dout, p.v + kv, D) - delta);
+            const float pr = expf(dk_att_dot(q, pk + kv, D) * p.scale - lse);
+            ds = pr * (dk_att_dot(dout, pv + kv, D) - delta);
         }
         const int n = (int)min((int64_t)32, t + 1 - j0);
         float* w = ws[warp];
@@ -127,11 +144,11 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dq(DkAttentio
         __syncwarp();
         for (int jj = 0; jj < n; ++jj) {
             const float dsj = w[jj];
-            const float* k = p.k + ((b * T + j0 + jj) * NKV + g) * D;
+            const S* k = pk + ((b * T + j0 + jj) * NKV + g) * D;
 #pragma unroll
             for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
                 const int64_t d = lane + 32 * c;
-                if (d < D) acc[c] = fmaf(dsj, k[d], acc[c]);
+                if (d < D) acc[c] = fmaf(dsj, dk_load(k + d), acc[c]);
             }
         }
         __syncwarp();
@@ -139,15 +156,19 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dq(DkAttentio
 #pragma unroll
     for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
         const int64_t d = lane + 32 * c;
-        if (d < D) p.dq[r * D + d] += p.scale * acc[c];
+        if (d < D) dk_att_add(static_cast<S*>(p.dq) + r * D + d, p.scale * acc[c]);
     }
 }
-DK_REGISTER_KERNEL(dk_attention_bwd_dq, DkAttentionParams)
 
 // One warp per key/value row (b, j, g): dK_j += scale sum dS_ij Q_i and dV_j += sum P_ij dO_i
 // over the group's query heads in head order and the rows i >= j in order. Runs after
 // dk_attention_bwd_dq (it reads delta).
-extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dkv(DkAttentionParams p) {
+template <typename S>
+__device__ __forceinline__ void attention_bwd_dkv(const DkAttentionParams& p) {
+    const S* pq = static_cast<const S*>(p.q);
+    const S* pk = static_cast<const S*>(p.k);
+    const S* pv = static_cast<const S*>(p.v);
+    const S* pdout = static_cast<const S*>(p.dout);
     __shared__ float rows[DK_ATT_WARPS][2][DK_ATT_MAX_D];
     __shared__ float ws[DK_ATT_WARPS][2][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -157,8 +178,8 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dkv(DkAttenti
     const int64_t g = r % NKV, j = (r / NKV) % T, b = r / NKV / T;
     float* k = rows[warp][0];
     float* v = rows[warp][1];
-    dk_att_stage(k, p.k + r * D, lane, D);
-    dk_att_stage(v, p.v + r * D, lane, D);
+    dk_att_stage(k, pk + r * D, lane, D);
+    dk_att_stage(v, pv + r * D, lane, D);
     __syncwarp();
     float dk[DK_ATT_CHUNKS], dv[DK_ATT_CHUNKS];
 #pragma unroll
@@ -169,8 +190,8 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dkv(DkAttenti
             float ds = 0.0f, pr = 0.0f;
             if (i < T) {
                 const int64_t qr = (b * T + i) * NH + h;
-                pr = expf(dk_att_dot(p.q + qr * D, k, D) * p.scale - p.lse[qr]);
-                ds = pr * (dk_att_dot(p.dout + qr * D, v, D) - p.delta[qr]);
+                pr = expf(dk_att_dot(pq + qr * D, k, D) * p.scale - p.lse[qr]);
+                ds = pr * (dk_att_dot(pdout + qr * D, v, D) - p.delta[qr]);
             }
             const int n = (int)min((int64_t)32, T - i0);
             float* wds = ws[warp][0];
@@ -182,14 +203,14 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dkv(DkAttenti
                 const float dsi = wds[ii];
                 const float pi = wp[ii];
                 const int64_t qr = (b * T + i0 + ii) * NH + h;
-                const float* q = p.q + qr * D;
-                const float* dout = p.dout + qr * D;
+                const S* q = pq + qr * D;
+                const S* dout = pdout + qr * D;
 #pragma unroll
                 for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
                     const int64_t d = lane + 32 * c;
                     if (d < D) {
-                        dk[c] = fmaf(dsi, q[d], dk[c]);
-                        dv[c] = fmaf(pi, dout[d], dv[c]);
+                        dk[c] = fmaf(dsi, dk_load(q + d), dk[c]);
+                        dv[c] = fmaf(pi, dk_load(dout + d), dv[c]);
                     }
                 }
             }
@@ -200,9 +221,19 @@ extern "C" __global__ void __launch_bounds__(256) dk_attention_bwd_dkv(DkAttenti
     for (int c = 0; c < DK_ATT_CHUNKS; ++c) {
         const int64_t d = lane + 32 * c;
         if (d < D) {
-            p.dk[r * D + d] += p.scale * dk[c];
-            p.dv[r * D + d] += dv[c];
+            dk_att_add(static_cast<S*>(p.dk) + r * D + d, p.scale * dk[c]);
+            dk_att_add(static_cast<S*>(p.dv) + r * D + d, dv[c]);
         }
     }
 }
-DK_REGISTER_KERNEL(dk_attention_bwd_dkv, DkAttentionParams)
+
+#define DK_ATTENTION(name, dt, S)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) dk_##name##_##dt(DkAttentionParams p) { name<S>(p); } \
+    DK_REGISTER_KERNEL(dk_##name##_##dt, DkAttentionParams)
+#define DK_ATTENTION_ALL(dt, S)            \
+    DK_ATTENTION(attention_fwd, dt, S)     \
+    DK_ATTENTION(attention_bwd_dq, dt, S)  \
+    DK_ATTENTION(attention_bwd_dkv, dt, S)
+
+DK_ATTENTION_ALL(f32, float)
+DK_ATTENTION_ALL(bf16, __nv_bfloat16)

@@ -435,9 +435,9 @@ impl Default for DkAdamWParams {
 #[derive(Debug, Copy, Clone)]
 pub struct DkEmbeddingParams {
     pub tokens: *const u32,
-    pub wte: *const f32,
-    pub out: *mut f32,
-    pub dout: *const f32,
+    pub wte: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub dout: *const ::std::os::raw::c_void,
     pub dwte: *mut f32,
     pub n: i64,
     pub c: i64,
@@ -476,12 +476,12 @@ impl Default for DkEmbeddingParams {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DkRmsNormParams {
-    pub inp: *const f32,
-    pub weight: *const f32,
-    pub out: *mut f32,
+    pub inp: *const ::std::os::raw::c_void,
+    pub weight: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
     pub rstd: *mut f32,
-    pub dout: *const f32,
-    pub dinp: *mut f32,
+    pub dout: *const ::std::os::raw::c_void,
+    pub dinp: *mut ::std::os::raw::c_void,
     pub dweight: *mut f32,
     pub rows: i64,
     pub c: i64,
@@ -523,12 +523,12 @@ impl Default for DkRmsNormParams {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DkElementwiseParams {
-    pub gate: *const f32,
-    pub up: *const f32,
-    pub dout: *const f32,
-    pub out: *mut f32,
-    pub dgate: *mut f32,
-    pub dup: *mut f32,
+    pub gate: *const ::std::os::raw::c_void,
+    pub up: *const ::std::os::raw::c_void,
+    pub dout: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub dgate: *mut ::std::os::raw::c_void,
+    pub dup: *mut ::std::os::raw::c_void,
     pub n: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -562,8 +562,8 @@ impl Default for DkElementwiseParams {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DkCopyRowsParams {
-    pub dst: *mut f32,
-    pub src: *const f32,
+    pub dst: *mut ::std::os::raw::c_void,
+    pub src: *const ::std::os::raw::c_void,
     pub rows: i64,
     pub width: i64,
     pub dst_stride: i64,
@@ -598,7 +598,7 @@ impl Default for DkCopyRowsParams {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DkRopeParams {
-    pub x: *mut f32,
+    pub x: *mut ::std::os::raw::c_void,
     pub cos: *const f32,
     pub sin: *const f32,
     pub vectors: i64,
@@ -634,17 +634,17 @@ impl Default for DkRopeParams {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct DkAttentionParams {
-    pub q: *const f32,
-    pub k: *const f32,
-    pub v: *const f32,
-    pub out: *const f32,
-    pub dout: *const f32,
-    pub out_w: *mut f32,
+    pub q: *const ::std::os::raw::c_void,
+    pub k: *const ::std::os::raw::c_void,
+    pub v: *const ::std::os::raw::c_void,
+    pub out: *const ::std::os::raw::c_void,
+    pub dout: *const ::std::os::raw::c_void,
+    pub out_w: *mut ::std::os::raw::c_void,
     pub lse: *mut f32,
     pub delta: *mut f32,
-    pub dq: *mut f32,
-    pub dk: *mut f32,
-    pub dv: *mut f32,
+    pub dq: *mut ::std::os::raw::c_void,
+    pub dk: *mut ::std::os::raw::c_void,
+    pub dv: *mut ::std::os::raw::c_void,
     pub batch: i64,
     pub seq: i64,
     pub n_heads: i64,

@@ -23,7 +23,7 @@ ROOT=$PWD
 FILTER=${1:-}
 
 # ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
-SUITES=(kernels device_api device_views device_optim device_nn device_blas device_attention device_model)
+SUITES=(kernels device_api device_views device_optim device_nn device_blas device_attention device_bf16 device_model)
 json=$(cargo test --release "${SUITES[@]/#/--test=}" --no-run --message-format=json 2>/dev/null)
 OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
@@ -100,6 +100,10 @@ mutant copy-rows-one-past model_ops.cu \
     'DK_GRID_STRIDE(k, p.rows * p.width)' \
     'DK_GRID_STRIDE(k, p.rows * p.width + 1)' \
     "the strided row copy runs one element past its block: reads past the source and writes past the destination"
+mutant bf16-rounded-intermediate model_ops.cu \
+    'dk_store(out + i, __fmul_rn(__fmul_rn(g, dk_sigmoid(g)), dk_load(up + i)));' \
+    '{ T silu; dk_store(&silu, __fmul_rn(g, dk_sigmoid(g))); dk_store(out + i, __fmul_rn(dk_load(&silu), dk_load(up + i))); }' \
+    "SwiGLU rounds silu(gate) to the storage type before the product: invisible in f32, a second rounding in bf16"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do

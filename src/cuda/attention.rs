@@ -1,13 +1,16 @@
-//! Causal grouped-query attention on device buffers (`kernels/attention.cu`), f32: the device twin
+//! Causal grouped-query attention on device buffers (`kernels/attention.cu`), in the [`Storage`]
+//! type `T` (f32 or bf16; `lse` and `delta` are f32 in both): the device twin
 //! of `model::ops::attention_{forward,backward}` with the flash-style saved state. Where the CPU
 //! keeps the `[B, T, NH, T]` probabilities for the backward, the device keeps one log-sum-exp per
 //! query row (`lse`, `[B, T, NH]`) and recomputes the probabilities from it; the gradients
 //! accumulate (`+=`) as on the CPU.
 
+use std::ffi::c_void;
+
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::ops::{check_len as check, row_grid};
-use super::CudaKernels;
+use super::{CudaKernels, Storage};
 use crate::abi::DkAttentionParams;
 use crate::error::{Error, Result};
 use crate::shapes::AttnShape;
@@ -72,13 +75,13 @@ impl CudaKernels {
     /// log-sum-exp of its scaled scores, for the backward) written from q `[B, T, NH, D]`, k and v
     /// `[B, T, NKV, D]`. Scale `1 / sqrt(D)` rounded to f32 as the CPU does.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_forward(
+    pub fn attention_forward<T: Storage>(
         &self,
-        out: &mut impl DevicePtrMut<f32>,
+        out: &mut impl DevicePtrMut<T>,
         lse: &mut impl DevicePtrMut<f32>,
-        q: &impl DevicePtr<f32>,
-        k: &impl DevicePtr<f32>,
-        v: &impl DevicePtr<f32>,
+        q: &impl DevicePtr<T>,
+        k: &impl DevicePtr<T>,
+        v: &impl DevicePtr<T>,
         s: AttnShape,
     ) -> Result<()> {
         let (nq, nkv, nrows) = lengths(&s)?;
@@ -94,29 +97,33 @@ impl CudaKernels {
         let (op, _o) = out.device_ptr_mut(st);
         let (lp, _l) = lse.device_ptr_mut(st);
         let mut p = params(&s);
-        p.q = qp as *const f32;
-        p.k = kp as *const f32;
-        p.v = vp as *const f32;
-        p.out_w = op as *mut f32;
+        p.q = qp as *const c_void;
+        p.k = kp as *const c_void;
+        p.v = vp as *const c_void;
+        p.out_w = op as *mut c_void;
         p.lse = lp as *mut f32;
-        self.launch("dk_attention_fwd", warps_grid(nrows)?, &p)
+        self.launch(
+            &format!("dk_attention_fwd_{}", T::DTYPE),
+            warps_grid(nrows)?,
+            &p,
+        )
     }
 
     /// Backward of [`CudaKernels::attention_forward`]: `dq`, `dk`, `dv` accumulate; `delta`
     /// `[B, T, NH]` is scratch (overwritten with each row's `dout . out`). `out` and `lse` are
     /// the forward's.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_backward(
+    pub fn attention_backward<T: Storage>(
         &self,
-        dq: &mut impl DevicePtrMut<f32>,
-        dk: &mut impl DevicePtrMut<f32>,
-        dv: &mut impl DevicePtrMut<f32>,
+        dq: &mut impl DevicePtrMut<T>,
+        dk: &mut impl DevicePtrMut<T>,
+        dv: &mut impl DevicePtrMut<T>,
         delta: &mut impl DevicePtrMut<f32>,
-        dout: &impl DevicePtr<f32>,
-        q: &impl DevicePtr<f32>,
-        k: &impl DevicePtr<f32>,
-        v: &impl DevicePtr<f32>,
-        out: &impl DevicePtr<f32>,
+        dout: &impl DevicePtr<T>,
+        q: &impl DevicePtr<T>,
+        k: &impl DevicePtr<T>,
+        v: &impl DevicePtr<T>,
+        out: &impl DevicePtr<T>,
         lse: &impl DevicePtr<f32>,
         s: AttnShape,
     ) -> Result<()> {
@@ -144,19 +151,23 @@ impl CudaKernels {
         let (dkp, _dk) = dk.device_ptr_mut(st);
         let (dvp, _dv) = dv.device_ptr_mut(st);
         let mut p = params(&s);
-        p.q = qp as *const f32;
-        p.k = kp as *const f32;
-        p.v = vp as *const f32;
-        p.out = op as *const f32;
-        p.dout = gp as *const f32;
+        p.q = qp as *const c_void;
+        p.k = kp as *const c_void;
+        p.v = vp as *const c_void;
+        p.out = op as *const c_void;
+        p.dout = gp as *const c_void;
         p.lse = lp as *mut f32; // read only by the backward kernels
         p.delta = dp as *mut f32;
-        p.dq = dqp as *mut f32;
-        p.dk = dkp as *mut f32;
-        p.dv = dvp as *mut f32;
-        self.launch("dk_attention_bwd_dq", warps_grid(nrows)?, &p)?;
+        p.dq = dqp as *mut c_void;
+        p.dk = dkp as *mut c_void;
+        p.dv = dvp as *mut c_void;
         self.launch(
-            "dk_attention_bwd_dkv",
+            &format!("dk_attention_bwd_dq_{}", T::DTYPE),
+            warps_grid(nrows)?,
+            &p,
+        )?;
+        self.launch(
+            &format!("dk_attention_bwd_dkv_{}", T::DTYPE),
             warps_grid(s.batch * s.seq * s.n_kv_heads)?,
             &p,
         )

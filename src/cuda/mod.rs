@@ -21,6 +21,31 @@ use crate::error::{Error, Result};
 pub use attention::MAX_HEAD_DIM as MAX_ATTENTION_HEAD_DIM;
 pub use ops::{DeviceHidden, DeviceInputs, LossWorkspace, RowStrides, Student};
 pub use span::DeviceSpan;
+
+/// The storage types of the model's device tensors (activations, their gradients, the working
+/// copy of the weights): f32 or bf16, named by the suffix of the kernels that take them. Sealed:
+/// the kernels exist for these two only.
+pub trait Storage:
+    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Unpin + storage::Sealed
+{
+    /// The dtype's kernel suffix (`f32`, `bf16`).
+    const DTYPE: &'static str;
+}
+
+impl Storage for f32 {
+    const DTYPE: &'static str = "f32";
+}
+
+impl Storage for half::bf16 {
+    const DTYPE: &'static str = "bf16";
+}
+
+mod storage {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
 pub use tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut, DeviceVec};
 
 /// The kernels compiled by nvcc at build time (empty when nvcc was not found).

@@ -1,12 +1,18 @@
-//! The model's element-wise and row ops on device buffers (`kernels/model_ops.cu`), f32: each the
+//! The model's element-wise and row ops on device buffers (`kernels/model_ops.cu`): each the
 //! device twin of the function of the same name in `crate::model::ops` (the CPU executor's), with
 //! the same shapes and the same accumulate-into-the-gradient convention. They know no model; an
 //! executor decides the order. Every call only enqueues work on the device's stream.
+//!
+//! Each op is generic over the [`Storage`] type `T` of the tensors the model passes between ops
+//! (f32 or bf16; the kernel `dk_<op>_<T>`); parameter gradients, RMSNorm's `rstd` and the RoPE
+//! tables are f32 whatever `T` is.
+
+use std::ffi::c_void;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::ops::{check_len as check, row_grid as grid};
-use super::CudaKernels;
+use super::{CudaKernels, Storage};
 use crate::abi::{
     DkCopyRowsParams, DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams, DkRopeParams,
 };
@@ -39,12 +45,12 @@ fn per_channel_grid(c: usize) -> Result<LaunchConfig> {
 impl CudaKernels {
     /// `out[n, :] = wte[tokens[n], :]`: out `[N, C]`, wte `[V, C]`. Every token must be below V
     /// (checked on the host: `tokens_host` is the same ids as `tokens`).
-    pub fn embedding_forward(
+    pub fn embedding_forward<T: Storage>(
         &self,
-        out: &mut impl DevicePtrMut<f32>,
+        out: &mut impl DevicePtrMut<T>,
         tokens: &CudaSlice<u32>,
         tokens_host: &[u32],
-        wte: &impl DevicePtr<f32>,
+        wte: &impl DevicePtr<T>,
         c: usize,
     ) -> Result<()> {
         let (n, vocab) = self.check_embedding(tokens, tokens_host, wte.len(), c)?;
@@ -55,24 +61,28 @@ impl CudaKernels {
         let (o, _o) = out.device_ptr_mut(s);
         let p = DkEmbeddingParams {
             tokens: t as *const u32,
-            wte: w as *const f32,
-            out: o as *mut f32,
+            wte: w as *const c_void,
+            out: o as *mut c_void,
             dout: std::ptr::null(),
             dwte: std::ptr::null_mut(),
             n: n as i64,
             c: c as i64,
             vocab: vocab as i64,
         };
-        self.launch("dk_embedding_fwd", grid(n, row_threads(c))?, &p)
+        self.launch(
+            &format!("dk_embedding_fwd_{}", T::DTYPE),
+            grid(n, row_threads(c))?,
+            &p,
+        )
     }
 
     /// `dwte[tokens[n], :] += dout[n, :]` in position order (bit-identical to the CPU's sum).
-    pub fn embedding_backward(
+    pub fn embedding_backward<T: Storage>(
         &self,
         dwte: &mut impl DevicePtrMut<f32>,
         tokens: &CudaSlice<u32>,
         tokens_host: &[u32],
-        dout: &impl DevicePtr<f32>,
+        dout: &impl DevicePtr<T>,
         c: usize,
     ) -> Result<()> {
         let (n, vocab) = self.check_embedding(tokens, tokens_host, dwte.len(), c)?;
@@ -85,13 +95,17 @@ impl CudaKernels {
             tokens: t as *const u32,
             wte: std::ptr::null(),
             out: std::ptr::null_mut(),
-            dout: d as *const f32,
+            dout: d as *const c_void,
             dwte: g as *mut f32,
             n: n as i64,
             c: c as i64,
             vocab: vocab as i64,
         };
-        self.launch("dk_embedding_bwd", per_channel_grid(c)?, &p)
+        self.launch(
+            &format!("dk_embedding_bwd_{}", T::DTYPE),
+            per_channel_grid(c)?,
+            &p,
+        )
     }
 
     fn check_embedding(
@@ -145,12 +159,12 @@ impl CudaKernels {
 
     /// `out = x * rsqrt(mean(x^2) + eps) * weight` per row, keeping `rstd[n]`: x, out `[N, C]`,
     /// weight `[C]`, rstd `[N]` (N = `rstd.len()`).
-    pub fn rmsnorm_forward(
+    pub fn rmsnorm_forward<T: Storage>(
         &self,
-        out: &mut impl DevicePtrMut<f32>,
+        out: &mut impl DevicePtrMut<T>,
         rstd: &mut impl DevicePtrMut<f32>,
-        inp: &impl DevicePtr<f32>,
-        weight: &impl DevicePtr<f32>,
+        inp: &impl DevicePtr<T>,
+        weight: &impl DevicePtr<T>,
         eps: f64,
     ) -> Result<()> {
         let (rows, c) = (rstd.len(), weight.len());
@@ -162,9 +176,9 @@ impl CudaKernels {
         let (o, _o) = out.device_ptr_mut(s);
         let (r, _r) = rstd.device_ptr_mut(s);
         let p = DkRmsNormParams {
-            inp: x as *const f32,
-            weight: w as *const f32,
-            out: o as *mut f32,
+            inp: x as *const c_void,
+            weight: w as *const c_void,
+            out: o as *mut c_void,
             rstd: r as *mut f32,
             dout: std::ptr::null(),
             dinp: std::ptr::null_mut(),
@@ -173,18 +187,22 @@ impl CudaKernels {
             c: c as i64,
             eps: eps as f32,
         };
-        self.launch("dk_rmsnorm_fwd", grid(rows, row_threads(c))?, &p)
+        self.launch(
+            &format!("dk_rmsnorm_fwd_{}", T::DTYPE),
+            grid(rows, row_threads(c))?,
+            &p,
+        )
     }
 
     /// With `xh = x * rstd`: `dinp += rstd * (dy*w - xh * mean(dy*w*xh))`,
     /// `dweight += sum_n dy * xh` (rows in order, bit-identical to the CPU's sum).
-    pub fn rmsnorm_backward(
+    pub fn rmsnorm_backward<T: Storage>(
         &self,
-        dinp: &mut impl DevicePtrMut<f32>,
+        dinp: &mut impl DevicePtrMut<T>,
         dweight: &mut impl DevicePtrMut<f32>,
-        dout: &impl DevicePtr<f32>,
-        inp: &impl DevicePtr<f32>,
-        weight: &impl DevicePtr<f32>,
+        dout: &impl DevicePtr<T>,
+        inp: &impl DevicePtr<T>,
+        weight: &impl DevicePtr<T>,
         rstd: &impl DevicePtr<f32>,
     ) -> Result<()> {
         let (rows, c) = (rstd.len(), weight.len());
@@ -200,27 +218,35 @@ impl CudaKernels {
         let (dx, _dx) = dinp.device_ptr_mut(s);
         let (dw, _dw) = dweight.device_ptr_mut(s);
         let p = DkRmsNormParams {
-            inp: x as *const f32,
-            weight: w as *const f32,
+            inp: x as *const c_void,
+            weight: w as *const c_void,
             out: std::ptr::null_mut(),
             rstd: r as *mut f32,
-            dout: d as *const f32,
-            dinp: dx as *mut f32,
+            dout: d as *const c_void,
+            dinp: dx as *mut c_void,
             dweight: dw as *mut f32,
             rows: rows as i64,
             c: c as i64,
             eps: 0.0,
         };
-        self.launch("dk_rmsnorm_bwd_dx", grid(rows, row_threads(c))?, &p)?;
-        self.launch("dk_rmsnorm_bwd_dw", per_channel_grid(c)?, &p)
+        self.launch(
+            &format!("dk_rmsnorm_bwd_dx_{}", T::DTYPE),
+            grid(rows, row_threads(c))?,
+            &p,
+        )?;
+        self.launch(
+            &format!("dk_rmsnorm_bwd_dw_{}", T::DTYPE),
+            per_channel_grid(c)?,
+            &p,
+        )
     }
 
     /// Rotate-half RoPE in place: x `[N, heads, head_dim]`, row n at position `n % seq`, tables
     /// `cos`, `sin` `[seq, head_dim / 2]` (from `model::ops::rope_tables`). Bit-identical to
     /// `model::ops::rope_forward`.
-    pub fn rope_forward(
+    pub fn rope_forward<T: Storage>(
         &self,
-        x: &mut impl DevicePtrMut<f32>,
+        x: &mut impl DevicePtrMut<T>,
         cos: &impl DevicePtr<f32>,
         sin: &impl DevicePtr<f32>,
         seq: usize,
@@ -232,9 +258,9 @@ impl CudaKernels {
 
     /// The transposed rotation in place: turns `dL/dy` into `dL/dx` (not accumulating), like
     /// `model::ops::rope_backward`.
-    pub fn rope_backward(
+    pub fn rope_backward<T: Storage>(
         &self,
-        d: &mut impl DevicePtrMut<f32>,
+        d: &mut impl DevicePtrMut<T>,
         cos: &impl DevicePtr<f32>,
         sin: &impl DevicePtr<f32>,
         seq: usize,
@@ -245,9 +271,9 @@ impl CudaKernels {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn rope(
+    fn rope<T: Storage>(
         &self,
-        x: &mut impl DevicePtrMut<f32>,
+        x: &mut impl DevicePtrMut<T>,
         cos: &impl DevicePtr<f32>,
         sin: &impl DevicePtr<f32>,
         seq: usize,
@@ -291,7 +317,7 @@ impl CudaKernels {
         let (sn, _s) = sin.device_ptr(s);
         let (xp, _x) = x.device_ptr_mut(s);
         let p = DkRopeParams {
-            x: xp as *mut f32,
+            x: xp as *mut c_void,
             cos: c as *const f32,
             sin: sn as *const f32,
             vectors: vectors as i64,
@@ -300,17 +326,21 @@ impl CudaKernels {
             half: half as i64,
             inverse: inverse as i32,
         };
-        self.launch("dk_rope", elementwise_grid(vectors * half)?, &p)
+        self.launch(
+            &format!("dk_rope_{}", T::DTYPE),
+            elementwise_grid(vectors * half)?,
+            &p,
+        )
     }
 
     /// `dst[r * dst_stride + j] = src[r * src_stride + j]` for `r < rows`, `j < width`: moves a
     /// `[rows, width]` block between row-major buffers with different row strides (each
     /// buffer starts at the block's first element; `dst` and `src` must not overlap).
-    pub fn copy_rows(
+    pub fn copy_rows<T: Storage>(
         &self,
-        dst: &mut impl DevicePtrMut<f32>,
+        dst: &mut impl DevicePtrMut<T>,
         dst_stride: usize,
-        src: &impl DevicePtr<f32>,
+        src: &impl DevicePtr<T>,
         src_stride: usize,
         rows: usize,
         width: usize,
@@ -349,25 +379,29 @@ impl CudaKernels {
         let (sp, _s) = src.device_ptr(s);
         let (dp, _d) = dst.device_ptr_mut(s);
         let p = DkCopyRowsParams {
-            dst: dp as *mut f32,
-            src: sp as *const f32,
+            dst: dp as *mut c_void,
+            src: sp as *const c_void,
             rows: rows as i64,
             width: width as i64,
             dst_stride: dst_stride as i64,
             src_stride: src_stride as i64,
         };
-        self.launch("dk_copy_rows", elementwise_grid(rows * width)?, &p)
+        self.launch(
+            &format!("dk_copy_rows_{}", T::DTYPE),
+            elementwise_grid(rows * width)?,
+            &p,
+        )
     }
 
     /// One element-wise kernel: the three inputs (gate, up, dout slots) and three outputs (out,
     /// dgate, dup slots) of [`DkElementwiseParams`], each with the name the caller's signature
     /// gives it, for errors.
-    fn elementwise(
+    fn elementwise<T: Storage>(
         &self,
         kernel: &str,
         n: usize,
-        inputs: [(&'static str, Option<&dyn DevicePtr<f32>>); 3],
-        outputs: [(&'static str, Option<&mut dyn DevicePtrMut<f32>>); 3],
+        inputs: [(&'static str, Option<&dyn DevicePtr<T>>); 3],
+        outputs: [(&'static str, Option<&mut dyn DevicePtrMut<T>>); 3],
     ) -> Result<()> {
         nonzero("n = 0", n)?;
         for (name, t) in &inputs {
@@ -389,8 +423,8 @@ impl CudaKernels {
             .iter_mut()
             .map(|t| t.as_mut().map(|t| t.device_ptr_mut(s)))
             .collect();
-        let inp = |k: usize| ins[k].as_ref().map_or(0, |(p, _)| *p) as *const f32;
-        let out = |k: usize| outs[k].as_ref().map_or(0, |(p, _)| *p) as *mut f32;
+        let inp = |k: usize| ins[k].as_ref().map_or(0, |(p, _)| *p) as *const c_void;
+        let out = |k: usize| outs[k].as_ref().map_or(0, |(p, _)| *p) as *mut c_void;
         let p = DkElementwiseParams {
             gate: inp(0),
             up: inp(1),
@@ -400,15 +434,15 @@ impl CudaKernels {
             dup: out(2),
             n: n as i64,
         };
-        self.launch(kernel, elementwise_grid(n)?, &p)
+        self.launch(&format!("{kernel}_{}", T::DTYPE), elementwise_grid(n)?, &p)
     }
 
     /// `out = silu(gate) * up`, all `[N]`.
-    pub fn swiglu_forward(
+    pub fn swiglu_forward<T: Storage>(
         &self,
-        out: &mut impl DevicePtrMut<f32>,
-        gate: &impl DevicePtr<f32>,
-        up: &impl DevicePtr<f32>,
+        out: &mut impl DevicePtrMut<T>,
+        gate: &impl DevicePtr<T>,
+        up: &impl DevicePtr<T>,
     ) -> Result<()> {
         let n = out.len();
         self.elementwise(
@@ -420,13 +454,13 @@ impl CudaKernels {
     }
 
     /// `dgate += dout * up * silu'(gate)`, `dup += dout * silu(gate)`.
-    pub fn swiglu_backward(
+    pub fn swiglu_backward<T: Storage>(
         &self,
-        dgate: &mut impl DevicePtrMut<f32>,
-        dup: &mut impl DevicePtrMut<f32>,
-        dout: &impl DevicePtr<f32>,
-        gate: &impl DevicePtr<f32>,
-        up: &impl DevicePtr<f32>,
+        dgate: &mut impl DevicePtrMut<T>,
+        dup: &mut impl DevicePtrMut<T>,
+        dout: &impl DevicePtr<T>,
+        gate: &impl DevicePtr<T>,
+        up: &impl DevicePtr<T>,
     ) -> Result<()> {
         let n = dout.len();
         self.elementwise(
@@ -438,11 +472,11 @@ impl CudaKernels {
     }
 
     /// `out = a + b`.
-    pub fn residual_forward(
+    pub fn residual_forward<T: Storage>(
         &self,
-        out: &mut impl DevicePtrMut<f32>,
-        a: &impl DevicePtr<f32>,
-        b: &impl DevicePtr<f32>,
+        out: &mut impl DevicePtrMut<T>,
+        a: &impl DevicePtr<T>,
+        b: &impl DevicePtr<T>,
     ) -> Result<()> {
         let n = out.len();
         self.elementwise(
@@ -454,11 +488,11 @@ impl CudaKernels {
     }
 
     /// `da += dout`, `db += dout`.
-    pub fn residual_backward(
+    pub fn residual_backward<T: Storage>(
         &self,
-        da: &mut impl DevicePtrMut<f32>,
-        db: &mut impl DevicePtrMut<f32>,
-        dout: &impl DevicePtr<f32>,
+        da: &mut impl DevicePtrMut<T>,
+        db: &mut impl DevicePtrMut<T>,
+        dout: &impl DevicePtr<T>,
     ) -> Result<()> {
         let n = dout.len();
         self.elementwise(
