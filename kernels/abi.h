@@ -155,6 +155,8 @@ typedef struct DkAdamWParams {
     float* m;
     float* v;
     const DkClipResult* clip; /* NULL: gradients as they are */
+    void* bf16_copy;          /* NULL, or [n] bf16: the updated parameters rounded to nearest-even,
+                                 the model's working copy in mixed precision */
     int64_t begin;
     int64_t end;
     float beta1;

@@ -55,7 +55,9 @@ extern "C" __global__ void __launch_bounds__(256) dk_adamw_f32(DkAdamWParams p) 
         const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), p.bc2_sqrt), p.eps);
         p.m[i] = m;
         p.v[i] = v;
-        p.params[i] = __fsub_rn(__fmul_rn(p.params[i], p.shrink), __fmul_rn(p.step_size, __fdiv_rn(m, denom)));
+        const float param = __fsub_rn(__fmul_rn(p.params[i], p.shrink), __fmul_rn(p.step_size, __fdiv_rn(m, denom)));
+        p.params[i] = param;
+        if (p.bf16_copy) dk_store(static_cast<__nv_bfloat16*>(p.bf16_copy) + i, param);
     }
 }
 DK_REGISTER_KERNEL(dk_adamw_f32, DkAdamWParams)

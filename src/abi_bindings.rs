@@ -381,6 +381,7 @@ pub struct DkAdamWParams {
     pub m: *mut f32,
     pub v: *mut f32,
     pub clip: *const DkClipResult,
+    pub bf16_copy: *mut ::std::os::raw::c_void,
     pub begin: i64,
     pub end: i64,
     pub beta1: f32,
@@ -394,7 +395,7 @@ pub struct DkAdamWParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DkAdamWParams"][::std::mem::size_of::<DkAdamWParams>() - 88usize];
+    ["Size of DkAdamWParams"][::std::mem::size_of::<DkAdamWParams>() - 96usize];
     ["Alignment of DkAdamWParams"][::std::mem::align_of::<DkAdamWParams>() - 8usize];
     ["Offset of field: DkAdamWParams::params"]
         [::std::mem::offset_of!(DkAdamWParams, params) - 0usize];
@@ -403,24 +404,26 @@ const _: () = {
     ["Offset of field: DkAdamWParams::m"][::std::mem::offset_of!(DkAdamWParams, m) - 16usize];
     ["Offset of field: DkAdamWParams::v"][::std::mem::offset_of!(DkAdamWParams, v) - 24usize];
     ["Offset of field: DkAdamWParams::clip"][::std::mem::offset_of!(DkAdamWParams, clip) - 32usize];
+    ["Offset of field: DkAdamWParams::bf16_copy"]
+        [::std::mem::offset_of!(DkAdamWParams, bf16_copy) - 40usize];
     ["Offset of field: DkAdamWParams::begin"]
-        [::std::mem::offset_of!(DkAdamWParams, begin) - 40usize];
-    ["Offset of field: DkAdamWParams::end"][::std::mem::offset_of!(DkAdamWParams, end) - 48usize];
+        [::std::mem::offset_of!(DkAdamWParams, begin) - 48usize];
+    ["Offset of field: DkAdamWParams::end"][::std::mem::offset_of!(DkAdamWParams, end) - 56usize];
     ["Offset of field: DkAdamWParams::beta1"]
-        [::std::mem::offset_of!(DkAdamWParams, beta1) - 56usize];
+        [::std::mem::offset_of!(DkAdamWParams, beta1) - 64usize];
     ["Offset of field: DkAdamWParams::beta2"]
-        [::std::mem::offset_of!(DkAdamWParams, beta2) - 60usize];
+        [::std::mem::offset_of!(DkAdamWParams, beta2) - 68usize];
     ["Offset of field: DkAdamWParams::one_minus_beta1"]
-        [::std::mem::offset_of!(DkAdamWParams, one_minus_beta1) - 64usize];
+        [::std::mem::offset_of!(DkAdamWParams, one_minus_beta1) - 72usize];
     ["Offset of field: DkAdamWParams::one_minus_beta2"]
-        [::std::mem::offset_of!(DkAdamWParams, one_minus_beta2) - 68usize];
-    ["Offset of field: DkAdamWParams::eps"][::std::mem::offset_of!(DkAdamWParams, eps) - 72usize];
+        [::std::mem::offset_of!(DkAdamWParams, one_minus_beta2) - 76usize];
+    ["Offset of field: DkAdamWParams::eps"][::std::mem::offset_of!(DkAdamWParams, eps) - 80usize];
     ["Offset of field: DkAdamWParams::step_size"]
-        [::std::mem::offset_of!(DkAdamWParams, step_size) - 76usize];
+        [::std::mem::offset_of!(DkAdamWParams, step_size) - 84usize];
     ["Offset of field: DkAdamWParams::bc2_sqrt"]
-        [::std::mem::offset_of!(DkAdamWParams, bc2_sqrt) - 80usize];
+        [::std::mem::offset_of!(DkAdamWParams, bc2_sqrt) - 88usize];
     ["Offset of field: DkAdamWParams::shrink"]
-        [::std::mem::offset_of!(DkAdamWParams, shrink) - 84usize];
+        [::std::mem::offset_of!(DkAdamWParams, shrink) - 92usize];
 };
 impl Default for DkAdamWParams {
     fn default() -> Self {

@@ -16,31 +16,14 @@ use cudarc::driver::CudaSlice;
 use distill_kernels::cuda::Storage;
 use distill_kernels::model::ops;
 use distill_kernels::shapes::AttnShape;
+use distill_kernels::Element;
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// A storage type with its host conversions.
-trait Elem: Storage + std::fmt::Debug {
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-impl Elem for f32 {
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-impl Elem for bf16 {
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
+/// A storage type (its host conversions come with `Element`).
+trait Elem: Storage + std::fmt::Debug {}
+impl<T: Storage + std::fmt::Debug> Elem for T {}
 
 /// Values that bf16 holds exactly (so both variants see the same inputs).
 fn bf16_values(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -53,7 +36,7 @@ fn bf16_values(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 }
 
 fn up<T: Elem>(v: &[f32]) -> CudaSlice<T> {
-    let host: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    let host: Vec<T> = v.iter().map(|&x| Element::from_f32(x)).collect();
     emulated().stream().clone_htod(&host).unwrap()
 }
 
@@ -63,7 +46,7 @@ fn up_f32(v: &[f32]) -> CudaSlice<f32> {
 
 fn down<T: Elem>(s: &CudaSlice<T>) -> Vec<f32> {
     let host = emulated().stream().clone_dtoh(s).unwrap();
-    host.into_iter().map(T::to_f32).collect()
+    host.into_iter().map(Element::to_f32).collect()
 }
 
 /// `got` (a bf16 variant's output) is `want` (the f32 variant's) rounded to bf16, bit for bit.

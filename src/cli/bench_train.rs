@@ -47,6 +47,9 @@ pub struct BenchTrainArgs {
     /// Where the steps run: cpu, emulated or cuda (timed with CUDA events on the device's stream)
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Storage type of the weights and activations on emulated/cuda: f32 or bf16
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 /// The device a benchmark runs on: its context and stream (for events and memory), and the
@@ -58,12 +61,17 @@ struct OnDevice {
     plan_bytes: usize,
 }
 
-fn open_device(trainer: &mut Trainer, spelled: &str) -> CliResult<Option<OnDevice>> {
+fn open_device(trainer: &mut Trainer, spelled: &str, dtype: &str) -> CliResult<Option<OnDevice>> {
     use distill_kernels::cuda::CudaKernels;
+    use distill_kernels::train::config::DeviceDtype;
     use distill_kernels::{DeviceKind, Error};
     let kind: DeviceKind = spelled.parse().map_err(CliError::new)?;
+    let dtype: DeviceDtype = dtype.parse().map_err(CliError::new)?;
     let dev = match kind {
-        DeviceKind::Cpu => return Ok(None),
+        DeviceKind::Cpu if dtype == DeviceDtype::F32 => return Ok(None),
+        DeviceKind::Cpu => return Err(CliError::new(
+            "--dtype bf16: the cpu device trains in f32; bf16 runs on --device emulated or cuda",
+        )),
         DeviceKind::Reference => {
             return Err(CliError::new(
                 "--device reference: the f64 reference trains nothing (cpu, emulated or cuda)",
@@ -80,7 +88,7 @@ fn open_device(trainer: &mut Trainer, spelled: &str) -> CliResult<Option<OnDevic
         .mem_get_info()
         .map_err(|e| CliError::new(format!("cuMemGetInfo: {e}")))?
         .0;
-    let plan = trainer.use_device(dev)?;
+    let plan = trainer.use_device(dev, dtype)?;
     Ok(Some(OnDevice {
         ctx,
         stream,
@@ -164,7 +172,7 @@ fn measure(a: &BenchTrainArgs) -> CliResult<()> {
         .collect();
     let stream = TokenStream { tokens, docs: 1 };
     let mut trainer = Trainer::new(cfg, student, teacher)?;
-    let on = open_device(&mut trainer, &a.device)?;
+    let on = open_device(&mut trainer, &a.device, &a.dtype)?;
     let mut times = Vec::new();
     for i in 0..total {
         let ms = timed_step(&mut trainer, &stream, on.as_ref())?;
@@ -204,6 +212,7 @@ fn measure(a: &BenchTrainArgs) -> CliResult<()> {
             "params": trainer.model().num_params(),
             "peak_rss_mb": super::bench::memory_status().hwm_kb.map(|kb| kb as f64 / 1024.0),
             "device": a.device,
+            "dtype": a.dtype,
             "peak_device_mb": device_mb,
             "planned_device_mb": on.as_ref().map(|d| d.plan_bytes as f64 / (1024.0 * 1024.0)),
         })

@@ -44,6 +44,9 @@ pub struct DemoArgs {
     /// Where the training steps run: cpu, emulated or cuda
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Storage type of the weights and activations on emulated/cuda: f32 or bf16
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 // The demo's scale: chosen so that the whole demo finishes in under 10 minutes on 2 cores.
@@ -68,6 +71,8 @@ fn demo_distill() -> DistillConfig {
 pub fn run(a: &DemoArgs) -> CliResult<()> {
     let started = Instant::now();
     let device: distill_kernels::DeviceKind = a.device.parse().map_err(super::CliError::new)?;
+    let dtype: distill_kernels::train::config::DeviceDtype =
+        a.dtype.parse().map_err(super::CliError::new)?;
     let lang = SyntheticLanguage::new(a.seed);
     let corpus = Corpus::synthetic(a.seed, a.train_docs, a.val_docs);
     let tok = Tokenizer::train(&corpus.train, DEMO_VOCAB)?;
@@ -113,6 +118,7 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
             data_fingerprint: None,
             allow_data_change: false,
             device,
+            dtype,
         };
         CliResult::Ok(session::run(spec, &mut Display::new())?)
     };

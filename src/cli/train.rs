@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// (GPU 0); evaluation and checkpoints stay on the host
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Storage type of the weights and activations on emulated/cuda: f32, or bf16 (mixed
+    /// precision: f32 master weights, gradients and optimizer state)
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Debug, Args)]
@@ -305,6 +309,7 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
             data_fingerprint: Some(corpus.fingerprint()),
             allow_data_change: r.allow_data_change,
             device: r.device.parse().map_err(CliError::new)?,
+            dtype: r.dtype.parse().map_err(CliError::new)?,
         },
         &mut Display::new(),
     )?;
@@ -440,6 +445,7 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
             data_fingerprint: Some(corpus.fingerprint()),
             allow_data_change: r.allow_data_change,
             device: r.device.parse().map_err(CliError::new)?,
+            dtype: r.dtype.parse().map_err(CliError::new)?,
         },
         &mut Display::new(),
     )?;

@@ -103,7 +103,7 @@ impl CudaKernels {
         p.out_w = op as *mut c_void;
         p.lse = lp as *mut f32;
         self.launch(
-            &format!("dk_attention_fwd_{}", T::DTYPE),
+            &format!("dk_attention_fwd_{}", T::SUFFIX),
             warps_grid(nrows)?,
             &p,
         )
@@ -162,12 +162,12 @@ impl CudaKernels {
         p.dk = dkp as *mut c_void;
         p.dv = dvp as *mut c_void;
         self.launch(
-            &format!("dk_attention_bwd_dq_{}", T::DTYPE),
+            &format!("dk_attention_bwd_dq_{}", T::SUFFIX),
             warps_grid(nrows)?,
             &p,
         )?;
         self.launch(
-            &format!("dk_attention_bwd_dkv_{}", T::DTYPE),
+            &format!("dk_attention_bwd_dkv_{}", T::SUFFIX),
             warps_grid(s.batch * s.seq * s.n_kv_heads)?,
             &p,
         )

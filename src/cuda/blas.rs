@@ -9,10 +9,12 @@
 
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{result as cublas, sys, CudaBlas};
+use std::ffi::c_void;
+
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::ops::check_len as check;
-use super::CudaKernels;
+use super::{CudaKernels, Storage};
 use crate::error::{Error, Result};
 
 /// One column-major GEMM `C = alpha op(A) op(B) + beta C` on raw device pointers.
@@ -30,6 +32,18 @@ struct Sgemm {
     beta: f32,
     c: u64,
     ldc: usize,
+    /// The dtype of A and B, and of C (f32 throughout: SGEMM; otherwise GemmEx with f32
+    /// accumulation).
+    ab_type: sys::cudaDataType,
+    c_type: sys::cudaDataType,
+}
+
+/// cuBLAS's name of the storage type `T`.
+fn cuda_type<T: Storage>() -> sys::cudaDataType {
+    match T::SUFFIX {
+        "bf16" => sys::cudaDataType::CUDA_R_16BF,
+        _ => sys::cudaDataType::CUDA_R_32F,
+    }
 }
 
 fn int(what: &'static str, v: usize) -> Result<i32> {
@@ -86,26 +100,53 @@ impl CudaKernels {
         let blas = self.blas()?;
         let (alpha, beta) = (1.0f32, g.beta);
         let shape = || format!("{} m={} n={} k={}", g.during, g.m, g.n, g.k);
+        let f32_only =
+            g.ab_type == sys::cudaDataType::CUDA_R_32F && g.c_type == sys::cudaDataType::CUDA_R_32F;
         // SAFETY: the callers checked every buffer's length against the shape, so each operand's
-        // column-major extent (ld * (cols - 1) + rows) lies inside its buffer; the pointers stay
-        // valid while their guards live in the caller, and the handle is on this device's stream.
+        // column-major extent (ld * (cols - 1) + rows) lies inside its buffer, in the element
+        // type named beside it; the pointers stay valid while their guards live in the caller,
+        // and the handle is on this device's stream.
         unsafe {
-            cublas::sgemm(
-                *blas.handle(),
-                g.ta,
-                g.tb,
-                int("m", g.m)?,
-                int("n", g.n)?,
-                int("k", g.k)?,
-                &alpha,
-                g.a as *const f32,
-                int("lda", g.lda)?,
-                g.b as *const f32,
-                int("ldb", g.ldb)?,
-                &beta,
-                g.c as *mut f32,
-                int("ldc", g.ldc)?,
-            )
+            if f32_only {
+                cublas::sgemm(
+                    *blas.handle(),
+                    g.ta,
+                    g.tb,
+                    int("m", g.m)?,
+                    int("n", g.n)?,
+                    int("k", g.k)?,
+                    &alpha,
+                    g.a as *const f32,
+                    int("lda", g.lda)?,
+                    g.b as *const f32,
+                    int("ldb", g.ldb)?,
+                    &beta,
+                    g.c as *mut f32,
+                    int("ldc", g.ldc)?,
+                )
+            } else {
+                cublas::gemm_ex(
+                    *blas.handle(),
+                    g.ta,
+                    g.tb,
+                    int("m", g.m)?,
+                    int("n", g.n)?,
+                    int("k", g.k)?,
+                    &alpha as *const f32 as *const c_void,
+                    g.a as *const c_void,
+                    g.ab_type,
+                    int("lda", g.lda)?,
+                    g.b as *const c_void,
+                    g.ab_type,
+                    int("ldb", g.ldb)?,
+                    &beta as *const f32 as *const c_void,
+                    g.c as *mut c_void,
+                    g.c_type,
+                    int("ldc", g.ldc)?,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
         }
         .map_err(|source| Error::Cublas {
             during: shape(),
@@ -113,12 +154,13 @@ impl CudaKernels {
         })
     }
 
-    /// `out = inp W^T`: inp `[N, IC]`, weight `[OC, IC]`, out `[N, OC]` (overwritten).
-    pub fn matmul_forward(
+    /// `out = inp W^T`: inp `[N, IC]`, weight `[OC, IC]`, out `[N, OC]` (overwritten), all in
+    /// the storage type `T` (bf16: GemmEx with f32 accumulation, the result rounded once).
+    pub fn matmul_forward<T: Storage>(
         &self,
-        out: &mut impl DevicePtrMut<f32>,
-        inp: &impl DevicePtr<f32>,
-        weight: &impl DevicePtr<f32>,
+        out: &mut impl DevicePtrMut<T>,
+        inp: &impl DevicePtr<T>,
+        weight: &impl DevicePtr<T>,
         ic: usize,
         oc: usize,
     ) -> Result<()> {
@@ -143,18 +185,21 @@ impl CudaKernels {
             beta: 0.0,
             c: o,
             ldc: oc,
+            ab_type: cuda_type::<T>(),
+            c_type: cuda_type::<T>(),
         })
     }
 
-    /// `dinp += dout W` and `dweight += dout^T inp`.
+    /// `dinp += dout W` and `dweight += dout^T inp`: `dweight` f32 whatever the storage type
+    /// `T` of the others (a parameter gradient; bf16 operands accumulate into it in f32).
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_backward(
+    pub fn matmul_backward<T: Storage>(
         &self,
-        dinp: &mut impl DevicePtrMut<f32>,
+        dinp: &mut impl DevicePtrMut<T>,
         dweight: &mut impl DevicePtrMut<f32>,
-        dout: &impl DevicePtr<f32>,
-        inp: &impl DevicePtr<f32>,
-        weight: &impl DevicePtr<f32>,
+        dout: &impl DevicePtr<T>,
+        inp: &impl DevicePtr<T>,
+        weight: &impl DevicePtr<T>,
         ic: usize,
         oc: usize,
     ) -> Result<()> {
@@ -183,6 +228,8 @@ impl CudaKernels {
             beta: 1.0,
             c: dx,
             ldc: ic,
+            ab_type: cuda_type::<T>(),
+            c_type: cuda_type::<T>(),
         })?;
         // dweight^T (IC x OC) += inp^T (IC x N, stored so: op N) . dout (N x OC, stored OC x N:
         // op T).
@@ -200,6 +247,8 @@ impl CudaKernels {
             beta: 1.0,
             c: dw,
             ldc: ic,
+            ab_type: cuda_type::<T>(),
+            c_type: sys::cudaDataType::CUDA_R_32F,
         })
     }
 

@@ -26,18 +26,22 @@ pub use span::DeviceSpan;
 /// copy of the weights): f32 or bf16, named by the suffix of the kernels that take them. Sealed:
 /// the kernels exist for these two only.
 pub trait Storage:
-    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Unpin + storage::Sealed
+    cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + crate::dtype::Element
+    + Unpin
+    + storage::Sealed
 {
     /// The dtype's kernel suffix (`f32`, `bf16`).
-    const DTYPE: &'static str;
+    const SUFFIX: &'static str;
 }
 
 impl Storage for f32 {
-    const DTYPE: &'static str = "f32";
+    const SUFFIX: &'static str = "f32";
 }
 
 impl Storage for half::bf16 {
-    const DTYPE: &'static str = "bf16";
+    const SUFFIX: &'static str = "bf16";
 }
 
 mod storage {

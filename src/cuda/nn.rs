@@ -70,7 +70,7 @@ impl CudaKernels {
             vocab: vocab as i64,
         };
         self.launch(
-            &format!("dk_embedding_fwd_{}", T::DTYPE),
+            &format!("dk_embedding_fwd_{}", T::SUFFIX),
             grid(n, row_threads(c))?,
             &p,
         )
@@ -102,7 +102,7 @@ impl CudaKernels {
             vocab: vocab as i64,
         };
         self.launch(
-            &format!("dk_embedding_bwd_{}", T::DTYPE),
+            &format!("dk_embedding_bwd_{}", T::SUFFIX),
             per_channel_grid(c)?,
             &p,
         )
@@ -188,7 +188,7 @@ impl CudaKernels {
             eps: eps as f32,
         };
         self.launch(
-            &format!("dk_rmsnorm_fwd_{}", T::DTYPE),
+            &format!("dk_rmsnorm_fwd_{}", T::SUFFIX),
             grid(rows, row_threads(c))?,
             &p,
         )
@@ -230,12 +230,12 @@ impl CudaKernels {
             eps: 0.0,
         };
         self.launch(
-            &format!("dk_rmsnorm_bwd_dx_{}", T::DTYPE),
+            &format!("dk_rmsnorm_bwd_dx_{}", T::SUFFIX),
             grid(rows, row_threads(c))?,
             &p,
         )?;
         self.launch(
-            &format!("dk_rmsnorm_bwd_dw_{}", T::DTYPE),
+            &format!("dk_rmsnorm_bwd_dw_{}", T::SUFFIX),
             per_channel_grid(c)?,
             &p,
         )
@@ -327,7 +327,7 @@ impl CudaKernels {
             inverse: inverse as i32,
         };
         self.launch(
-            &format!("dk_rope_{}", T::DTYPE),
+            &format!("dk_rope_{}", T::SUFFIX),
             elementwise_grid(vectors * half)?,
             &p,
         )
@@ -387,7 +387,7 @@ impl CudaKernels {
             src_stride: src_stride as i64,
         };
         self.launch(
-            &format!("dk_copy_rows_{}", T::DTYPE),
+            &format!("dk_copy_rows_{}", T::SUFFIX),
             elementwise_grid(rows * width)?,
             &p,
         )
@@ -434,7 +434,7 @@ impl CudaKernels {
             dup: out(2),
             n: n as i64,
         };
-        self.launch(&format!("{kernel}_{}", T::DTYPE), elementwise_grid(n)?, &p)
+        self.launch(&format!("{kernel}_{}", T::SUFFIX), elementwise_grid(n)?, &p)
     }
 
     /// `out = silu(gate) * up`, all `[N]`.

@@ -72,6 +72,19 @@ impl<T> DeviceSpan<T> {
         }
     }
 
+    /// The same memory seen as `len` elements of `U` (at most what the span's bytes hold): f32
+    /// statistics laid out inside a narrower buffer.
+    #[cfg_attr(not(feature = "trainer"), allow(dead_code))]
+    pub(crate) fn cast<U>(&self, len: usize) -> DeviceSpan<U> {
+        let bytes = self.len * std::mem::size_of::<T>();
+        DeviceSpan {
+            ptr: self.ptr,
+            len: len.min(bytes / std::mem::size_of::<U>().max(1)),
+            stream: self.stream.clone(),
+            _t: std::marker::PhantomData,
+        }
+    }
+
     /// Elements `offset .. offset + len` of this span; an error when they are not inside it.
     pub fn sub(&self, offset: usize, len: usize) -> Result<Self> {
         let end = offset.checked_add(len).filter(|&e| e <= self.len);

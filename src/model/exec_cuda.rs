@@ -1,7 +1,12 @@
 //! The device executor: the model's passes (`Llama::forward_ops`, `Llama::backward_ops`) on
 //! device buffers, through the crate's kernels and cuBLAS, on a real GPU or the emulated one.
-//! f32. The forward's activations and the backward's scratch are one allocation each, sized up
-//! front from the configuration, batch and sequence length; a pass allocates nothing.
+//! The forward's activations and the backward's scratch are one allocation each, sized up front
+//! from the configuration, batch and sequence length; a pass allocates nothing.
+//!
+//! Generic over the [`Storage`] type `T` of the weights the pass reads, the activations and
+//! their gradients (f32, or bf16 for mixed precision); the parameter gradients are f32 either
+//! way, and so are the statistics inside the activation buffers (RoPE tables, RMSNorm's rstd,
+//! the attention's log-sum-exps and deltas), laid out at `4 / size_of::<T>()` elements each.
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceSlice};
 
@@ -9,41 +14,77 @@ use super::config::LlamaConfig;
 use super::exec::{AttentionState, Executor, Slot, Store};
 use super::llama::{layouts, no_backward, ActLayout, GradLayout, HiddenPoint, Llama, Pass, Span};
 use super::ops;
-use crate::cuda::{CudaKernels, DeviceSpan};
+use crate::cuda::{CudaKernels, DeviceSpan, Storage};
 use crate::shapes::AttnShape;
 use crate::train::error::{Result, TrainError as Error};
 
 /// The executor over one pass's device stores.
-pub struct DeviceExec<'a> {
+pub struct DeviceExec<'a, T> {
     dev: &'a CudaKernels,
-    params: DeviceSpan<f32>,
+    params: DeviceSpan<T>,
     grads: Option<DeviceSpan<f32>>,
-    acts: DeviceSpan<f32>,
-    scratch: Option<DeviceSpan<f32>>,
-    inputs: Vec<DeviceSpan<f32>>,
+    acts: DeviceSpan<T>,
+    scratch: Option<DeviceSpan<T>>,
+    inputs: Vec<DeviceSpan<T>>,
     tokens: &'a CudaSlice<u32>,
     tokens_host: &'a [u32],
 }
 
-impl DeviceExec<'_> {
-    fn span(&self, s: Slot) -> Result<DeviceSpan<f32>> {
-        let missing = |what: &'static str| Error::InvalidOption {
-            name: "executor",
-            value: what.into(),
-            reason: "this pass was given no such buffer",
-        };
-        let store = match s.store {
-            Store::Params => &self.params,
-            Store::Grads => self.grads.as_ref().ok_or_else(|| missing("grads"))?,
-            Store::Acts => &self.acts,
-            Store::Scratch => self.scratch.as_ref().ok_or_else(|| missing("scratch"))?,
-            Store::Input(k) => self.inputs.get(k).ok_or_else(|| missing("input"))?,
-        };
-        Ok(store.sub(s.span.offset, s.span.len)?)
+/// Buffer elements per f32 statistic in a buffer of `T`.
+fn stat_width<T>() -> usize {
+    (4 / std::mem::size_of::<T>()).max(1)
+}
+
+fn missing(what: &'static str) -> Error {
+    Error::InvalidOption {
+        name: "executor",
+        value: what.into(),
+        reason: "this pass was given no such buffer",
     }
 }
 
-impl Executor for DeviceExec<'_> {
+impl<T: Storage> DeviceExec<'_, T> {
+    /// A tensor of the storage type: weights, activations, their gradients, the call's inputs.
+    fn span(&self, s: Slot) -> Result<DeviceSpan<T>> {
+        let store = match s.store {
+            Store::Params => &self.params,
+            Store::Acts => &self.acts,
+            Store::Scratch => self.scratch.as_ref().ok_or_else(|| missing("scratch"))?,
+            Store::Input(k) => self.inputs.get(k).ok_or_else(|| missing("input"))?,
+            Store::Grads => {
+                return Err(Error::InvalidOption {
+                    name: "executor",
+                    value: "grads".into(),
+                    reason: "parameter gradients are f32, not a storage-type tensor",
+                })
+            }
+        };
+        Ok(store.sub(s.span.offset, s.span.len)?)
+    }
+
+    /// A parameter gradient (f32).
+    fn grad(&self, s: Slot) -> Result<DeviceSpan<f32>> {
+        match s.store {
+            Store::Grads => {
+                let g = self.grads.as_ref().ok_or_else(|| missing("grads"))?;
+                Ok(g.sub(s.span.offset, s.span.len)?)
+            }
+            _ => Err(Error::InvalidOption {
+                name: "executor",
+                value: format!("{:?}", s.store),
+                reason: "a parameter gradient must be in the gradient store",
+            }),
+        }
+    }
+
+    /// f32 statistics inside a storage-type buffer (laid out `stat_width` elements each).
+    fn stat(&self, s: Slot) -> Result<DeviceSpan<f32>> {
+        let w = stat_width::<T>();
+        Ok(self.span(s)?.cast::<f32>(s.span.len / w))
+    }
+}
+
+impl<T: Storage> Executor for DeviceExec<'_, T> {
     fn attention_state(s: &AttnShape) -> AttentionState {
         let rows = s.batch * s.seq * s.n_heads;
         AttentionState {
@@ -58,7 +99,7 @@ impl Executor for DeviceExec<'_> {
             .embedding_forward(&mut o, self.tokens, self.tokens_host, &w, c)?)
     }
     fn embedding_backward(&mut self, dwte: Slot, dout: Slot, c: usize) -> Result<()> {
-        let (mut g, d) = (self.span(dwte)?, self.span(dout)?);
+        let (mut g, d) = (self.grad(dwte)?, self.span(dout)?);
         Ok(self
             .dev
             .embedding_backward(&mut g, self.tokens, self.tokens_host, &d, c)?)
@@ -71,7 +112,7 @@ impl Executor for DeviceExec<'_> {
         w: Slot,
         eps: f64,
     ) -> Result<()> {
-        let (mut o, mut r) = (self.span(out)?, self.span(rstd)?);
+        let (mut o, mut r) = (self.span(out)?, self.stat(rstd)?);
         Ok(self
             .dev
             .rmsnorm_forward(&mut o, &mut r, &self.span(inp)?, &self.span(w)?, eps)?)
@@ -85,14 +126,14 @@ impl Executor for DeviceExec<'_> {
         weight: Slot,
         rstd: Slot,
     ) -> Result<()> {
-        let (mut dx, mut dw) = (self.span(dinp)?, self.span(dweight)?);
+        let (mut dx, mut dw) = (self.span(dinp)?, self.grad(dweight)?);
         Ok(self.dev.rmsnorm_backward(
             &mut dx,
             &mut dw,
             &self.span(dout)?,
             &self.span(inp)?,
             &self.span(weight)?,
-            &self.span(rstd)?,
+            &self.stat(rstd)?,
         )?)
     }
     fn matmul_forward(
@@ -118,7 +159,7 @@ impl Executor for DeviceExec<'_> {
         ic: usize,
         oc: usize,
     ) -> Result<()> {
-        let (mut dx, mut dw) = (self.span(dinp)?, self.span(dweight)?);
+        let (mut dx, mut dw) = (self.span(dinp)?, self.grad(dweight)?);
         Ok(self.dev.matmul_backward(
             &mut dx,
             &mut dw,
@@ -140,7 +181,7 @@ impl Executor for DeviceExec<'_> {
         inverse: bool,
     ) -> Result<()> {
         let mut x = self.span(x)?;
-        let (c, s) = (self.span(cos)?, self.span(sin)?);
+        let (c, s) = (self.stat(cos)?, self.stat(sin)?);
         if inverse {
             self.dev
                 .rope_backward(&mut x, &c, &s, seq, heads, head_dim)?;
@@ -159,7 +200,7 @@ impl Executor for DeviceExec<'_> {
         v: Slot,
         shape: AttnShape,
     ) -> Result<()> {
-        let (mut o, mut lse) = (self.span(out)?, self.span(saved)?);
+        let (mut o, mut lse) = (self.span(out)?, self.stat(saved)?);
         Ok(self.dev.attention_forward(
             &mut o,
             &mut lse,
@@ -184,7 +225,7 @@ impl Executor for DeviceExec<'_> {
         shape: AttnShape,
     ) -> Result<()> {
         let (mut dq, mut dk, mut dv) = (self.span(dq)?, self.span(dk)?, self.span(dv)?);
-        let mut delta = self.span(scratch)?;
+        let mut delta = self.stat(scratch)?;
         Ok(self.dev.attention_backward(
             &mut dq,
             &mut dk,
@@ -195,7 +236,7 @@ impl Executor for DeviceExec<'_> {
             &self.span(k)?,
             &self.span(v)?,
             &self.span(out)?,
-            &self.span(saved)?,
+            &self.stat(saved)?,
             shape,
         )?)
     }
@@ -245,20 +286,20 @@ impl Executor for DeviceExec<'_> {
 
 /// Everything a device forward keeps for the backward, the backward's scratch and the tokens,
 /// each one allocation sized for (batch, seq) when made.
-pub struct DeviceActivations {
+pub struct DeviceActivations<T = f32> {
     config: LlamaConfig,
     batch: usize,
     seq: usize,
     layout: ActLayout,
     grad_layout: GradLayout,
-    buf: CudaSlice<f32>,
-    grad_buf: CudaSlice<f32>,
+    buf: CudaSlice<T>,
+    grad_buf: CudaSlice<T>,
     tokens: CudaSlice<u32>,
     tokens_host: Vec<u32>,
     ready: bool,
 }
 
-impl DeviceActivations {
+impl<T: Storage> DeviceActivations<T> {
     /// Device buffers for a forward and backward of `batch` sequences of `seq` tokens of
     /// `model`, with the RoPE tables uploaded; an error (nothing kept) when the device cannot
     /// hold them.
@@ -280,12 +321,13 @@ impl DeviceActivations {
         pass: Pass,
     ) -> Result<Self> {
         let shape = model.attention_shape(batch, seq);
-        let state = DeviceExec::attention_state(&shape);
-        let (layout, grad_layout, total) = layouts(model, batch, seq, state, pass)?;
+        let state = DeviceExec::<T>::attention_state(&shape);
+        let (layout, grad_layout, total) =
+            layouts(model, batch, seq, state, pass, stat_width::<T>())?;
         let cfg = model.config();
         let s = dev.stream();
         let alloc = |n: usize, what: &str| {
-            s.alloc_zeros::<f32>(n.max(1))
+            s.alloc_zeros::<T>(n.max(1))
                 .map_err(|e| dev.cuda_error(what, e))
         };
         let mut buf = alloc(total, "the activation buffer")?;
@@ -296,8 +338,9 @@ impl DeviceActivations {
             .alloc_zeros::<u32>(batch * seq)
             .map_err(|e| dev.cuda_error("the token buffer", e))?;
         let (cos, sin) = ops::rope_tables::<f32>(seq, cfg.head_dim(), cfg.rope_theta);
+        let whole = DeviceSpan::over_mut(&mut buf);
         for (span, table) in [(layout.rope_cos, &cos), (layout.rope_sin, &sin)] {
-            let mut dst = buf.slice_mut(span.range());
+            let mut dst = whole.sub(span.offset, span.len)?.cast::<f32>(table.len());
             s.memcpy_htod(table.as_slice(), &mut dst)
                 .map_err(|e| dev.cuda_error("the RoPE tables", e))?;
         }
@@ -318,13 +361,14 @@ impl DeviceActivations {
     /// Device bytes [`DeviceActivations::new`] (`Pass::Training`) or
     /// [`DeviceActivations::inference`] allocates for `model` at `batch` x `seq`.
     pub fn bytes_for(model: &Llama, batch: usize, seq: usize, pass: Pass) -> Result<usize> {
-        let state = DeviceExec::attention_state(&model.attention_shape(batch, seq));
-        let (_, grad_layout, total) = layouts(model, batch, seq, state, pass)?;
-        Ok(4 * (total.max(1) + grad_layout.total.max(1)) + 4 * batch * seq)
+        let state = DeviceExec::<T>::attention_state(&model.attention_shape(batch, seq));
+        let (_, grad_layout, total) = layouts(model, batch, seq, state, pass, stat_width::<T>())?;
+        let width = std::mem::size_of::<T>();
+        Ok(width * (total.max(1) + grad_layout.total.max(1)) + 4 * batch * seq)
     }
 
     /// `[B*T, V]`: the last forward's logits (a view of the activation buffer).
-    pub fn logits(&self) -> cudarc::driver::CudaView<'_, f32> {
+    pub fn logits(&self) -> cudarc::driver::CudaView<'_, T> {
         self.buf.slice(self.layout.logits.range())
     }
 
@@ -335,12 +379,12 @@ impl DeviceActivations {
 
     /// Bytes held on the device.
     pub fn bytes(&self) -> usize {
-        4 * (self.buf.len() + self.grad_buf.len()) + 4 * self.tokens.len()
+        std::mem::size_of::<T>() * (self.buf.len() + self.grad_buf.len()) + 4 * self.tokens.len()
     }
 
     /// `[B*T, C]`: the last forward's hidden state at `point` (a view of the activation buffer);
     /// `None` for a layer the model does not have.
-    pub fn hidden(&self, point: HiddenPoint) -> Option<CudaView<'_, f32>> {
+    pub fn hidden(&self, point: HiddenPoint) -> Option<CudaView<'_, T>> {
         Some(self.buf.slice(self.layout.hidden(point)?.range()))
     }
 
@@ -351,7 +395,7 @@ impl DeviceActivations {
         &mut self,
         dev: &CudaKernels,
         model: &Llama,
-        params: &impl DevicePtr<f32>,
+        params: &impl DevicePtr<T>,
         tokens: &[u32],
     ) -> Result<()> {
         self.check(model, params.len(), "params")?;
@@ -383,9 +427,9 @@ impl DeviceActivations {
         &mut self,
         dev: &CudaKernels,
         model: &Llama,
-        params: &impl DevicePtr<f32>,
-        dlogits: &impl DevicePtr<f32>,
-        dhidden: &[(HiddenPoint, DeviceSpan<f32>)],
+        params: &impl DevicePtr<T>,
+        dlogits: &impl DevicePtr<T>,
+        dhidden: &[(HiddenPoint, DeviceSpan<T>)],
         grads: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         self.check(model, params.len(), "params")?;

@@ -324,17 +324,30 @@ impl Bump {
             len: len.unwrap_or(0),
         }
     }
+
+    /// A span of f32 statistics (RMSNorm's rstd, the attention state, the RoPE tables) in a
+    /// buffer whose elements may be narrower: `width` elements per value (2 in a bf16 buffer),
+    /// starting at a multiple of `width` so the values are aligned.
+    fn take_stat(&mut self, dims: &[usize], width: usize) -> Span {
+        self.0 = self.0.and_then(|at| at.checked_next_multiple_of(width));
+        let mut wide = dims.to_vec();
+        wide.push(width);
+        self.take(&wide)
+    }
 }
 
 /// The layouts of the forward's buffer and the backward's scratch for `batch` x `seq`, with the
 /// attention's state sized by the executor (`state`, from [`Executor::attention_state`]), and the
-/// forward buffer's total; checked for overflow.
+/// forward buffer's total; checked for overflow. The f32 statistics (RoPE tables, RMSNorm's rstd,
+/// the attention state) take `stat_width` buffer elements per value: 1 in an f32 or f64 buffer,
+/// 2 in a bf16 one.
 pub(crate) fn layouts(
     model: &Llama,
     batch: usize,
     seq: usize,
     state: AttentionState,
     pass: Pass,
+    stat_width: usize,
 ) -> Result<(ActLayout, GradLayout, usize)> {
     let cfg = model.config();
     let invalid = |name, value: usize, reason| Error::InvalidOption {
@@ -357,20 +370,21 @@ pub(crate) fn layouts(
     let (qd, kvd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim());
 
     let mut a = Bump(Some(0));
-    let rope_cos = a.take(&[seq, hd / 2]);
-    let rope_sin = a.take(&[seq, hd / 2]);
+    let w = stat_width;
+    let rope_cos = a.take_stat(&[seq, hd / 2], w);
+    let rope_sin = a.take_stat(&[seq, hd / 2], w);
     let encoded = a.take(&[n, c]);
     let layer = |a: &mut Bump| LayerActs {
         ln1: a.take(&[n, c]),
-        ln1_rstd: a.take(&[n]),
+        ln1_rstd: a.take_stat(&[n], w),
         q: a.take(&[n, qd]),
         k: a.take(&[n, kvd]),
         v: a.take(&[n, kvd]),
-        att: a.take(&[state.saved]),
+        att: a.take_stat(&[state.saved], w),
         atty: a.take(&[n, qd]),
         res2: a.take(&[n, c]),
         ln2: a.take(&[n, c]),
-        ln2_rstd: a.take(&[n]),
+        ln2_rstd: a.take_stat(&[n], w),
         gate: a.take(&[n, i]),
         up: a.take(&[n, i]),
         swiglu: a.take(&[n, i]),
@@ -390,7 +404,7 @@ pub(crate) fn layouts(
         .collect();
     let branch = a.take(&[n, c]);
     let lnf = a.take(&[n, c]);
-    let lnf_rstd = a.take(&[n]);
+    let lnf_rstd = a.take_stat(&[n], w);
     let logits = a.take(&[n, v]);
     let total = a.0;
 
@@ -402,7 +416,7 @@ pub(crate) fn layouts(
         dk: g.take(&[n, kvd]),
         dv: g.take(&[n, kvd]),
         datty: g.take(&[n, qd]),
-        dpreatt: g.take(&[state.scratch]),
+        dpreatt: g.take_stat(&[state.scratch], w),
         dswiglu: g.take(&[n, i]),
         dgate: g.take(&[n, i]),
         dup: g.take(&[n, i]),
@@ -463,7 +477,7 @@ impl<F: Real> Activations<F> {
         pass: Pass,
     ) -> Result<(usize, usize)> {
         let state = cpu_attention(model, batch, seq);
-        let (_, grad_layout, total) = layouts(model, batch, seq, state, pass)?;
+        let (_, grad_layout, total) = layouts(model, batch, seq, state, pass, 1)?;
         Ok((total, grad_layout.total))
     }
 
@@ -483,7 +497,7 @@ impl<F: Real> Activations<F> {
 
     fn with_pass(model: &Llama, batch: usize, seq: usize, pass: Pass) -> Result<Self> {
         let (layout, grad_layout, total) =
-            layouts(model, batch, seq, cpu_attention(model, batch, seq), pass)?;
+            layouts(model, batch, seq, cpu_attention(model, batch, seq), pass, 1)?;
         let cfg = model.config();
         let hd = cfg.head_dim();
         let mut plan = MemoryPlan::new();

@@ -286,6 +286,37 @@ pub fn preset(name: &str, vocab_size: usize, max_positions: usize) -> Result<Lla
     Ok(cfg)
 }
 
+/// The dtype of a device run's weights and activations (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceDtype {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// bf16 weights and activations with f32 master weights, parameter gradients and optimizer
+    /// state.
+    Bf16,
+}
+
+impl std::str::FromStr for DeviceDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(DeviceDtype::F32),
+            "bf16" => Ok(DeviceDtype::Bf16),
+            other => Err(format!("unknown dtype `{other}` (expected f32 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceDtype::F32 => "f32",
+            DeviceDtype::Bf16 => "bf16",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -171,7 +171,34 @@ impl DeviceAdamW {
         lr: f32,
         clip: Option<&GradClip>,
     ) -> Result<()> {
+        self.update_with_copy(dev, params, None, grads, decay, lr, clip)
+    }
+
+    /// [`DeviceAdamW::update`] that also writes the updated parameters rounded to bf16 into
+    /// `bf16_copy` (the working copy a mixed-precision model reads), in the same pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_with_copy(
+        &mut self,
+        dev: &CudaKernels,
+        params: &mut CudaSlice<f32>,
+        bf16_copy: Option<&mut CudaSlice<half::bf16>>,
+        grads: &CudaSlice<f32>,
+        decay: &DecayMask,
+        lr: f32,
+        clip: Option<&GradClip>,
+    ) -> Result<()> {
         let n = self.m.len();
+        if let Some(c) = &bf16_copy {
+            if c.len() != n {
+                return Err(crate::Error::ShapeMismatch {
+                    tensor: "bf16_copy",
+                    expected: n,
+                    actual: c.len(),
+                    shape: format!("[{n}]"),
+                }
+                .into());
+            }
+        }
         let lengths = [
             ("params", params.len()),
             ("grads", grads.len()),
@@ -195,6 +222,8 @@ impl DeviceAdamW {
         let (m, _m) = self.m.device_ptr_mut(stream);
         let (v, _v) = self.v.device_ptr_mut(stream);
         let clip_ptr = clip.map(|c| c.result.device_ptr(stream));
+        let mut bf16_copy = bf16_copy;
+        let copy_ptr = bf16_copy.as_mut().map(|c| c.device_ptr_mut(stream));
         let c = self.config.clone();
         for (range, decays) in decay.runs() {
             let params = DkAdamWParams {
@@ -205,6 +234,9 @@ impl DeviceAdamW {
                 clip: clip_ptr
                     .as_ref()
                     .map_or(std::ptr::null(), |(r, _)| *r as *const DkClipResult),
+                bf16_copy: copy_ptr
+                    .as_ref()
+                    .map_or(std::ptr::null_mut(), |(c, _)| *c as *mut std::ffi::c_void),
                 begin: range.start as i64,
                 end: range.end as i64,
                 beta1: c.beta1,

@@ -4,31 +4,100 @@
 //! nothing and synchronizes twice, to read the loss and the gradient norm (the CPU trainer's
 //! checks of both). The host `Trainer` keeps the run (schedule, history, checkpoints) and
 //! mirrors parameters and optimizer state to and from the device around checkpoints.
+//!
+//! Mixed precision (`DeviceDtype::Bf16`): the model's weights, activations and their gradients
+//! are bf16 (GEMMs accumulate in f32), the parameter gradients, the f32 master weights and the
+//! AdamW moments f32; the optimizer writes the master weights and their bf16 working copy in
+//! one pass. bf16 has f32's exponent range, so no loss scaling is needed. The teacher's weights
+//! and activations are bf16 too, and its bf16 logits go straight into the fused loss.
 
 use cudarc::driver::CudaSlice;
+use half::bf16;
 
 use crate::cuda::{
-    CudaKernels, DeviceHidden, DeviceInputs, DeviceSpan, LossWorkspace, RowStrides, Student,
+    CudaKernels, DeviceHidden, DeviceInputs, DeviceSpan, LossWorkspace, RowStrides, Storage,
+    Student,
 };
 use crate::model::exec_cuda::DeviceActivations;
 use crate::model::llama::{HiddenPoint, Llama, Pass};
 use crate::semantics::LossConfig;
+pub use crate::train::config::DeviceDtype;
 use crate::train::device_optim::{DeviceAdamW, GradClip};
 use crate::train::error::{Result, TrainError as Error};
 use crate::train::memory::MemoryPlan;
 use crate::train::optim::{AdamW, DecayMask};
 use crate::train::trainer::HiddenPair;
 
-/// What a step on the device needs besides the host's schedule and history.
-pub struct DeviceStep {
+/// The step on the device as the trainer drives it, whatever its dtype.
+pub trait StepOnDevice {
+    /// Whether this is the emulated device.
+    fn is_emulated(&self) -> bool;
+    /// The device memory plan, one line per allocation, for the start-up report.
+    fn plan(&self) -> &[(String, usize)];
+    /// See [`DeviceStep::forward_backward`].
+    #[allow(clippy::too_many_arguments)]
+    fn forward_backward(
+        &mut self,
+        model: &Llama,
+        teacher: Option<&Llama>,
+        cfg: &LossConfig,
+        inputs: &[u32],
+        labels: &[i64],
+        distilling: bool,
+    ) -> Result<f32>;
+    /// See [`DeviceStep::update`].
+    fn update(&mut self, decay: &DecayMask, lr: f32, max_norm: f32) -> Result<f32>;
+    /// See [`DeviceStep::evaluate`].
+    fn evaluate(
+        &self,
+        model: &Llama,
+        windows: &[&(Vec<u32>, Vec<u32>)],
+        batch: usize,
+        seq: usize,
+    ) -> Result<f64>;
+    /// See [`DeviceStep::download`].
+    fn download(&self) -> Result<(Vec<f32>, AdamW)>;
+    /// See [`DeviceStep::upload`].
+    fn upload(&mut self, params: &[f32], adam: &AdamW) -> Result<()>;
+}
+
+/// [`DeviceStep::new`] in `dtype`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn open_step(
+    dtype: DeviceDtype,
     dev: CudaKernels,
+    model: &Llama,
+    params: &[f32],
+    adam: &AdamW,
+    teacher: Option<(&Llama, &[f32])>,
+    pairs: &[HiddenPair],
+    batch: usize,
+    seq: usize,
+) -> Result<Box<dyn StepOnDevice>> {
+    Ok(match dtype {
+        DeviceDtype::F32 => Box::new(DeviceStep::<f32>::new(
+            dev, model, params, adam, teacher, pairs, batch, seq,
+        )?),
+        DeviceDtype::Bf16 => Box::new(DeviceStep::<bf16>::new(
+            dev, model, params, adam, teacher, pairs, batch, seq,
+        )?),
+    })
+}
+
+/// What a step on the device needs besides the host's schedule and history; `T` is the
+/// storage type of the model's weights and activations.
+pub struct DeviceStep<T: Storage> {
+    dev: CudaKernels,
+    /// The f32 master weights (what AdamW updates and checkpoints hold).
     params: CudaSlice<f32>,
+    /// Their bf16 working copy, when `T` is bf16 (for f32 the master weights are read).
+    work: Option<CudaSlice<bf16>>,
     grads: CudaSlice<f32>,
-    dlogits: CudaSlice<f32>,
+    dlogits: CudaSlice<T>,
     labels: CudaSlice<i64>,
-    acts: DeviceActivations,
-    teacher: Option<(CudaSlice<f32>, DeviceActivations)>,
-    hidden: Option<HiddenStates>,
+    acts: DeviceActivations<T>,
+    teacher: Option<(CudaSlice<T>, DeviceActivations<T>)>,
+    hidden: Option<HiddenStates<T>>,
     ws: LossWorkspace,
     clip: GradClip,
     adam: DeviceAdamW,
@@ -36,8 +105,9 @@ pub struct DeviceStep {
     pub plan: Vec<(String, usize)>,
 }
 
-/// Device bytes of a step for `model` (and `teacher`) at `batch` x `seq`, by allocation.
-pub(crate) fn plan(
+/// Device bytes of a step for `model` (and `teacher`) at `batch` x `seq` in the storage type
+/// `T`, by allocation.
+pub(crate) fn plan<T: Storage>(
     model: &Llama,
     teacher: Option<&Llama>,
     pairs: &[HiddenPair],
@@ -49,35 +119,44 @@ pub(crate) fn plan(
     let (b, t) = (batch, seq);
     let rows = b * t;
     let v = model.config().vocab_size;
-    let mut plan = vec![
-        ("parameters".to_string(), 4 * n),
+    let w = std::mem::size_of::<T>();
+    let mut plan = vec![("parameters".to_string(), 4 * n)];
+    if w != 4 {
+        plan.push((format!("{} working copy", T::SUFFIX), w * n));
+    }
+    plan.extend([
         ("gradients".to_string(), 4 * n),
         ("optimizer state (AdamW m, v)".to_string(), 8 * n),
         (
             "activations and backward scratch".to_string(),
-            DeviceActivations::bytes_for(model, b, t, Pass::Training)?,
+            DeviceActivations::<T>::bytes_for(model, b, t, Pass::Training)?,
         ),
-        ("logit gradients".to_string(), 4 * rows * v),
+        ("logit gradients".to_string(), w * rows * v),
         ("labels and loss workspace".to_string(), 8 * rows + 8 * rows),
-    ];
+    ]);
     if let Some(tm) = teacher {
-        plan.push(("teacher parameters".to_string(), 4 * tm.num_params()));
+        plan.push(("teacher parameters".to_string(), w * tm.num_params()));
         plan.push((
             "teacher activations".to_string(),
-            DeviceActivations::bytes_for(tm, b, t, Pass::Inference)?,
+            DeviceActivations::<T>::bytes_for(tm, b, t, Pass::Inference)?,
         ));
         if !pairs.is_empty() {
             let (cs, ct) = (model.config().hidden_size, tm.config().hidden_size);
             plan.push((
                 format!("hidden-state pairs ({})", pairs.len()),
-                HiddenStates::bytes(pairs.len(), rows, cs, ct),
+                HiddenStates::<T>::bytes(pairs.len(), rows, cs, ct),
             ));
         }
     }
     Ok(plan)
 }
 
-impl DeviceStep {
+/// `host` rounded to `T` (the identity for f32).
+fn to_storage<T: Storage>(host: &[f32]) -> Vec<T> {
+    host.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+impl<T: Storage> DeviceStep<T> {
     /// Uploads the student's parameters (the model's, then the hidden-state projections of
     /// `pairs`) and optimizer state (and the teacher's parameters) and allocates every buffer of
     /// a step, after checking the plan against the device's free memory: a run that does not
@@ -93,7 +172,7 @@ impl DeviceStep {
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        let plan = plan(model, teacher.map(|t| t.0), pairs, params.len(), batch, seq)?;
+        let plan = plan::<T>(model, teacher.map(|t| t.0), pairs, params.len(), batch, seq)?;
         let (free, _total) = dev
             .context()
             .mem_get_info()
@@ -114,11 +193,18 @@ impl DeviceStep {
         let params_d = s
             .clone_htod(params)
             .map_err(map("uploading the parameters"))?;
+        let work = match std::mem::size_of::<T>() {
+            4 => None,
+            _ => Some(
+                s.clone_htod(&to_storage::<bf16>(params))
+                    .map_err(map("uploading the bf16 working copy"))?,
+            ),
+        };
         let grads = s
             .alloc_zeros::<f32>(params.len())
             .map_err(map("the gradients"))?;
         let dlogits = s
-            .alloc_zeros::<f32>(rows * v)
+            .alloc_zeros::<T>(rows * v)
             .map_err(map("the logit gradients"))?;
         let labels = s.alloc_zeros::<i64>(rows).map_err(map("the labels"))?;
         let acts = DeviceActivations::new(&dev, model, batch, seq)?;
@@ -131,7 +217,9 @@ impl DeviceStep {
         };
         let teacher = match teacher {
             Some((tm, tp)) => {
-                let p = s.clone_htod(tp).map_err(map("uploading the teacher"))?;
+                let p = s
+                    .clone_htod(&to_storage::<T>(tp))
+                    .map_err(map("uploading the teacher"))?;
                 Some((p, DeviceActivations::inference(&dev, tm, batch, seq)?))
             }
             None => None,
@@ -142,6 +230,7 @@ impl DeviceStep {
         Ok(DeviceStep {
             dev,
             params: params_d,
+            work,
             grads,
             dlogits,
             labels,
@@ -158,6 +247,14 @@ impl DeviceStep {
     /// Whether this is the emulated device.
     pub fn is_emulated(&self) -> bool {
         self.dev.is_emulated()
+    }
+
+    /// The weights the model reads: the bf16 working copy, or the f32 master weights.
+    fn working(&self) -> DeviceSpan<T> {
+        match &self.work {
+            Some(w) => DeviceSpan::over(w).cast::<T>(w.len()),
+            None => DeviceSpan::over(&self.params).cast::<T>(self.params.len()),
+        }
     }
 
     /// Gradients of the loss `cfg` on `inputs` (labels `labels`) into the device gradient buffer
@@ -180,7 +277,7 @@ impl DeviceStep {
         s.memset_zeros(&mut self.grads)
             .map_err(map("zeroing the gradients"))?;
         let n_model = model.num_params();
-        let all_params = DeviceSpan::over(&self.params);
+        let all_params = self.working();
         let params = all_params.sub(0, n_model)?;
         if let (Some((tp, tacts)), Some(tm), true) = (&mut self.teacher, teacher, distilling) {
             tacts.forward(dev, tm, tp, inputs)?;
@@ -257,9 +354,10 @@ impl DeviceStep {
         if !norm.is_finite() {
             return Ok(norm);
         }
-        self.adam.update(
+        self.adam.update_with_copy(
             &self.dev,
             &mut self.params,
+            self.work.as_mut(),
             &self.grads,
             decay,
             lr,
@@ -277,7 +375,7 @@ impl DeviceStep {
         batch: usize,
         seq: usize,
     ) -> Result<f64> {
-        let params = DeviceSpan::over(&self.params).sub(0, model.num_params())?;
+        let params = self.working().sub(0, model.num_params())?;
         eval_on_device(&self.dev, model, &params, windows, batch, seq)
     }
 
@@ -298,6 +396,12 @@ impl DeviceStep {
             .stream()
             .memcpy_htod(params, &mut self.params)
             .map_err(|e| Error::Loss(self.dev.cuda_error("uploading the parameters", e)))?;
+        if let Some(w) = &mut self.work {
+            self.dev
+                .stream()
+                .memcpy_htod(&to_storage::<bf16>(params), w)
+                .map_err(|e| Error::Loss(self.dev.cuda_error("uploading the parameters", e)))?;
+        }
         self.adam = DeviceAdamW::upload(&self.dev, adam)?;
         Ok(())
     }
@@ -329,10 +433,10 @@ pub fn eval_loss_device(
 }
 
 /// [`eval_loss_device`] with the parameters already on the device.
-fn eval_on_device(
+fn eval_on_device<T: Storage>(
     dev: &CudaKernels,
     model: &Llama,
-    d_params: &DeviceSpan<f32>,
+    d_params: &DeviceSpan<T>,
     windows: &[&(Vec<u32>, Vec<u32>)],
     batch: usize,
     seq: usize,
@@ -350,7 +454,7 @@ fn eval_on_device(
         reduction: crate::semantics::Reduction::Sum,
         ..LossConfig::default()
     };
-    let mut acts: Option<DeviceActivations> = None;
+    let mut acts: Option<DeviceActivations<T>> = None;
     let mut ws = dev.workspace(batch * seq)?;
     let mut labels_d = s
         .alloc_zeros::<i64>(batch * seq)
@@ -439,26 +543,26 @@ impl LastLogits {
 /// student state and its teacher state side by side in rows of `[N, pairs * C_teacher]`, so one
 /// fused loss call averages the pairs' MSEs over the valid rows; the FitNets projections live in
 /// the step's parameter buffer after the model's parameters (their gradients likewise).
-struct HiddenStates {
+struct HiddenStates<T> {
     pairs: Vec<HiddenPair>,
     rows: usize,
     cs: usize,
     ct: usize,
     /// `[N, pairs * C_teacher]`: the students' states, projected where the widths differ.
-    student: CudaSlice<f32>,
+    student: CudaSlice<T>,
     /// `[N, pairs * C_teacher]`: the teacher's states.
-    teacher: CudaSlice<f32>,
+    teacher: CudaSlice<T>,
     /// `[N, pairs * C_teacher]`: the loss's gradient with respect to `student`.
-    grad: CudaSlice<f32>,
+    grad: CudaSlice<T>,
     /// `[N, C_teacher]`: one pair's projected state or its gradient, in turn.
-    projected: CudaSlice<f32>,
+    projected: CudaSlice<T>,
     /// `[pairs, N, C_student]`: each pair's gradient with respect to the student's state.
-    dstates: CudaSlice<f32>,
+    dstates: CudaSlice<T>,
 }
 
-impl HiddenStates {
+impl<T: Storage> HiddenStates<T> {
     fn bytes(pairs: usize, rows: usize, cs: usize, ct: usize) -> usize {
-        4 * (3 * rows * pairs * ct + rows * ct + pairs * rows * cs)
+        std::mem::size_of::<T>() * (3 * rows * pairs * ct + rows * ct + pairs * rows * cs)
     }
 
     fn new(
@@ -470,7 +574,7 @@ impl HiddenStates {
     ) -> Result<Self> {
         let s = dev.stream();
         let alloc = |n: usize, what: &'static str| {
-            s.alloc_zeros::<f32>(n)
+            s.alloc_zeros::<T>(n)
                 .map_err(|e| Error::Loss(dev.cuda_error(what, e)))
         };
         let w = pairs.len() * ct;
@@ -499,9 +603,9 @@ impl HiddenStates {
     fn gather(
         &mut self,
         dev: &CudaKernels,
-        params: &DeviceSpan<f32>,
-        s_acts: &DeviceActivations,
-        t_acts: &DeviceActivations,
+        params: &DeviceSpan<T>,
+        s_acts: &DeviceActivations<T>,
+        t_acts: &DeviceActivations<T>,
     ) -> Result<()> {
         let (n, w, cs, ct) = (self.rows, self.width(), self.cs, self.ct);
         let student = DeviceSpan::over_mut(&mut self.student);
@@ -530,10 +634,10 @@ impl HiddenStates {
     fn scatter(
         &mut self,
         dev: &CudaKernels,
-        params: &DeviceSpan<f32>,
+        params: &DeviceSpan<T>,
         grads: &DeviceSpan<f32>,
-        s_acts: &DeviceActivations,
-    ) -> Result<Vec<(HiddenPoint, DeviceSpan<f32>)>> {
+        s_acts: &DeviceActivations<T>,
+    ) -> Result<Vec<(HiddenPoint, DeviceSpan<T>)>> {
         let (n, w, cs, ct) = (self.rows, self.width(), self.cs, self.ct);
         let grad = DeviceSpan::over(&self.grad);
         let dstates = DeviceSpan::over_mut(&mut self.dstates);
@@ -567,14 +671,52 @@ impl HiddenStates {
 }
 
 /// The hidden state at `point` of the last forward on `acts`.
-fn state<'a>(
-    acts: &'a DeviceActivations,
+fn state<'a, T: Storage>(
+    acts: &'a DeviceActivations<T>,
     point: HiddenPoint,
     model: &str,
-) -> Result<cudarc::driver::CudaView<'a, f32>> {
+) -> Result<cudarc::driver::CudaView<'a, T>> {
     acts.hidden(point).ok_or_else(|| Error::InvalidOption {
         name: "hidden-layers",
         value: format!("{model} {point:?}"),
         reason: "the model has no such hidden state",
     })
+}
+
+impl<T: Storage> StepOnDevice for DeviceStep<T> {
+    fn is_emulated(&self) -> bool {
+        DeviceStep::is_emulated(self)
+    }
+    fn plan(&self) -> &[(String, usize)] {
+        &self.plan
+    }
+    fn forward_backward(
+        &mut self,
+        model: &Llama,
+        teacher: Option<&Llama>,
+        cfg: &LossConfig,
+        inputs: &[u32],
+        labels: &[i64],
+        distilling: bool,
+    ) -> Result<f32> {
+        DeviceStep::forward_backward(self, model, teacher, cfg, inputs, labels, distilling)
+    }
+    fn update(&mut self, decay: &DecayMask, lr: f32, max_norm: f32) -> Result<f32> {
+        DeviceStep::update(self, decay, lr, max_norm)
+    }
+    fn evaluate(
+        &self,
+        model: &Llama,
+        windows: &[&(Vec<u32>, Vec<u32>)],
+        batch: usize,
+        seq: usize,
+    ) -> Result<f64> {
+        DeviceStep::evaluate(self, model, windows, batch, seq)
+    }
+    fn download(&self) -> Result<(Vec<f32>, AdamW)> {
+        DeviceStep::download(self)
+    }
+    fn upload(&mut self, params: &[f32], adam: &AdamW) -> Result<()> {
+        DeviceStep::upload(self, params, adam)
+    }
 }

@@ -82,6 +82,9 @@ pub struct RunSpec<'a> {
     /// Where the steps run: `cpu`, or `emulated` / `cuda` (the device step; evaluation and
     /// checkpoints stay on the host). `reference` is refused.
     pub device: crate::device::DeviceKind,
+    /// The storage type of the weights and activations on `emulated` / `cuda` (bf16: mixed
+    /// precision with f32 master weights); `cpu` trains in f32 and refuses bf16.
+    pub dtype: crate::train::config::DeviceDtype,
 }
 
 /// The default of [`RunSpec::keep_checkpoints`]: the newest and the one before it.
@@ -298,7 +301,7 @@ pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary>
     validate(&spec)?;
     let teacher = spec.teacher.take();
     let mut trainer = Trainer::new(spec.train.clone(), spec.model.clone(), teacher)?;
-    open_device(&mut trainer, spec.device, progress)?;
+    open_device(&mut trainer, spec.device, spec.dtype, progress)?;
     let mut dir = RunDir::open(spec.out, &mut |line| progress.note(&line))?;
     // The same checks under the lock: another run may have finished in between.
     check_contents(spec.out, spec.resume, spec.force)?;
@@ -318,6 +321,18 @@ pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary>
 }
 
 /// `--device reference`: the f64 oracle trains nothing.
+/// The CPU executor trains in f32 only.
+fn cpu_dtype(dtype: crate::train::config::DeviceDtype) -> Result<()> {
+    match dtype {
+        crate::train::config::DeviceDtype::F32 => Ok(()),
+        other => Err(Error::InvalidOption {
+            name: "dtype",
+            value: other.to_string(),
+            reason: "the cpu device trains in f32; bf16 runs on --device emulated or cuda",
+        }),
+    }
+}
+
 fn reference_refused() -> Error {
     Error::InvalidOption {
         name: "device",
@@ -340,23 +355,24 @@ fn device_missing(kind: crate::device::DeviceKind) -> Error {
 fn open_device(
     trainer: &mut Trainer,
     kind: crate::device::DeviceKind,
+    dtype: crate::train::config::DeviceDtype,
     progress: &mut dyn Progress,
 ) -> Result<()> {
     use crate::device::DeviceKind;
     let dev = match kind {
-        DeviceKind::Cpu => return Ok(()),
+        DeviceKind::Cpu => return cpu_dtype(dtype),
         DeviceKind::Reference => return Err(reference_refused()),
         DeviceKind::Emulated | DeviceKind::Cuda => crate::cuda::CudaKernels::open_kind(kind)?,
     };
     let name = dev.name().unwrap_or_default();
-    let plan = trainer.use_device(dev)?;
+    let plan = trainer.use_device(dev, dtype)?;
     let total: usize = plan.iter().map(|(_, b)| b).sum();
     let parts: Vec<String> = plan
         .iter()
         .map(|(what, b)| format!("{what} {}", crate::train::memory::human_bytes(*b as u128)))
         .collect();
     progress.note(&format!(
-        "device {name}: {} allocated up front ({})",
+        "device {name}, {dtype}: {} allocated up front ({})",
         crate::train::memory::human_bytes(total as u128),
         parts.join(", ")
     ));
@@ -368,11 +384,12 @@ fn open_device(
 fn open_device(
     _trainer: &mut Trainer,
     kind: crate::device::DeviceKind,
+    dtype: crate::train::config::DeviceDtype,
     _progress: &mut dyn Progress,
 ) -> Result<()> {
     use crate::device::DeviceKind;
     match kind {
-        DeviceKind::Cpu => Ok(()),
+        DeviceKind::Cpu => cpu_dtype(dtype),
         DeviceKind::Reference => Err(reference_refused()),
         other => Err(device_missing(other)),
     }

@@ -114,7 +114,7 @@ pub struct Trainer {
     /// The step on a CUDA device, once [`Trainer::use_device`] moved the run there; the host's
     /// parameters and optimizer state then lag until [`Trainer::sync_host`].
     #[cfg(feature = "cuda")]
-    device: Option<crate::train::device_step::DeviceStep>,
+    device: Option<Box<dyn crate::train::device_step::StepOnDevice>>,
 }
 
 fn hidden_point(
@@ -359,15 +359,21 @@ impl Trainer {
 
     /// Moves the run's steps onto `dev` (a GPU or the emulated one): parameters, optimizer state
     /// and the teacher are uploaded, every buffer of a step allocated once after the plan was
-    /// checked against the device's free memory. Returns the plan (allocation, bytes) for the
-    /// start-up report.
+    /// checked against the device's free memory. `dtype` is the storage type of the weights and
+    /// activations on the device (bf16: mixed precision with f32 master weights). Returns the
+    /// plan (allocation, bytes) for the start-up report.
     #[cfg(feature = "cuda")]
-    pub fn use_device(&mut self, dev: crate::cuda::CudaKernels) -> Result<Vec<(String, usize)>> {
+    pub fn use_device(
+        &mut self,
+        dev: crate::cuda::CudaKernels,
+        dtype: crate::train::device_step::DeviceDtype,
+    ) -> Result<Vec<(String, usize)>> {
         let teacher = self
             .teacher
             .as_ref()
             .map(|(t, _)| (&t.model, t.params.as_slice()));
-        let step = crate::train::device_step::DeviceStep::new(
+        let step = crate::train::device_step::open_step(
+            dtype,
             dev,
             &self.model,
             &self.params,
@@ -377,7 +383,7 @@ impl Trainer {
             self.cfg.batch,
             self.cfg.seq,
         )?;
-        let plan = step.plan.clone();
+        let plan = step.plan().to_vec();
         self.device = Some(step);
         Ok(plan)
     }
