@@ -6,9 +6,8 @@
 # turn (found, not listed, so new barriers are covered without editing this file), plus the
 # hand-written mutants below. For each one the kernel units that include the changed file are
 # recompiled with exactly the recipe build.rs used (OUT_DIR/emulator_build.sh), linked with the
-# unchanged objects into a fast and a check library, and the prebuilt kernel tests (kernels,
-# device_api, device_views, device_optim, device_nn) run against
-# them (DISTILL_EMU_LIBRARY):
+# unchanged objects into a fast and a check library, and the prebuilt kernel tests (SUITES below;
+# the suites of the mutated file first) run against them (DISTILL_EMU_LIBRARY):
 #   check    the check build, all three checks; a mutant it misses fails this script;
 #   default  the fast build as `cargo test` runs it;
 #   seed k   the fast build under schedule seed k = 1..3 (run only while the fast build misses).
@@ -29,12 +28,34 @@ OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-ker
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
 exe_of() { grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\"" |
     sed -E 's/.*"executable":"([^"]*)".*/\1/' | tail -1; }
-TESTS=()
+declare -A EXE
 for suite in "${SUITES[@]}"; do
     exe=$(exe_of "$suite")
     [[ -x $exe ]] || { echo "mutants.sh: cannot find the test binary $suite" >&2; exit 2; }
-    TESTS+=("$exe")
+    EXE[$suite]=$exe
 done
+
+# The suites that exercise a kernel file run first for its mutants: run_tests stops at the first
+# failing suite, so a caught mutant costs the suites up to the one that catches it rather than
+# all of them. A mutant that no suite catches still runs every suite.
+first_suites() {
+    case $1 in
+        attention.cu) echo device_attention device_bf16 device_model ;;
+        model_ops.cu) echo device_nn device_bf16 device_model ;;
+        optim.cu) echo device_optim ;;
+        *) echo kernels device_api ;;
+    esac
+}
+order_tests() { # file: sets TESTS, every suite once, the file's own first
+    local s
+    local -A seen=()
+    TESTS=()
+    for s in $(first_suites "$1") "${SUITES[@]}"; do
+        [[ -n ${seen[$s]:-} ]] && continue
+        seen[$s]=1
+        TESTS+=("${EXE[$s]}")
+    done
+}
 [[ -f $OUT_DIR/emulator_build.sh ]] ||
     { echo "mutants.sh: cannot find the build (OUT_DIR=$OUT_DIR)" >&2; exit 2; }
 # shellcheck source=/dev/null
@@ -211,6 +232,7 @@ for i in -1 "${!NAMES[@]}"; do
     cp -r "$ROOT/kernels" "$dir/kernels"
     [[ -n $file ]] && apply_mutation "$dir/kernels" "$file" "${FROM[$i]}" "${TO[$i]}"
     build_libs "$dir" "$file"
+    order_tests "$file"
     rc=0
     run_tests "$dir/check.log" "$dir/check/libcuda.so.1" DISTILL_EMU_CHECK=all || rc=$?
     check=$([[ $rc -eq 0 ]] && echo missed || verdict "$dir/check.log" "$rc")
