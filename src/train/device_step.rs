@@ -297,27 +297,7 @@ impl<T: Storage> DeviceStep<T> {
             _ => self.acts.logits(),
         };
         let (rows, vocab) = (labels.len(), model.config().vocab_size);
-        let width = hidden.as_ref().map_or(0, |h| h.width());
-        let (hidden, dhidden) = match hidden {
-            Some(h) => {
-                let HiddenStates {
-                    student,
-                    teacher,
-                    grad,
-                    ..
-                } = h;
-                (
-                    Some(DeviceHidden {
-                        size: width,
-                        student: &*student,
-                        teacher: &*teacher,
-                        grad: Some(grad),
-                    }),
-                    true,
-                )
-            }
-            None => (None, false),
-        };
+        let with_hidden = hidden.is_some();
         dev.distill_loss_enqueue(
             cfg,
             DeviceInputs {
@@ -329,14 +309,14 @@ impl<T: Storage> DeviceStep<T> {
                 },
                 teacher: &teacher_logits,
                 labels: Some(&self.labels),
-                hidden,
+                hidden: hidden.map(HiddenStates::loss_inputs),
                 strides: RowStrides::default(),
             },
             &mut self.ws,
         )?;
         let loss = dev.read_loss(&self.ws)?.total();
         let all_grads = DeviceSpan::over_mut(&mut self.grads);
-        let dstates = match (&mut self.hidden, dhidden) {
+        let dstates = match (&mut self.hidden, with_hidden) {
             (Some(h), true) => h.scatter(dev, &all_params, &all_grads, &self.acts)?,
             _ => Vec::new(),
         };
@@ -596,6 +576,16 @@ impl<T: Storage> HiddenStates<T> {
 
     fn width(&self) -> usize {
         self.pairs.len() * self.ct
+    }
+
+    /// The gathered states as the fused loss's hidden inputs, the gradient into `grad`.
+    fn loss_inputs(&mut self) -> DeviceHidden<'_> {
+        DeviceHidden {
+            size: self.width(),
+            student: &self.student,
+            teacher: &self.teacher,
+            grad: Some(&mut self.grad),
+        }
     }
 
     /// Fills `student` and `teacher` from the last forwards (projecting with the weights in
