@@ -21,10 +21,6 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// A storage type (its host conversions come with `Element`).
-trait Elem: Storage + std::fmt::Debug {}
-impl<T: Storage + std::fmt::Debug> Elem for T {}
-
 /// Values that bf16 holds exactly (so both variants see the same inputs).
 fn bf16_values(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n)
@@ -35,16 +31,12 @@ fn bf16_values(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn up<T: Elem>(v: &[f32]) -> CudaSlice<T> {
+fn up<T: Storage>(v: &[f32]) -> CudaSlice<T> {
     let host: Vec<T> = v.iter().map(|&x| Element::from_f32(x)).collect();
     emulated().stream().clone_htod(&host).unwrap()
 }
 
-fn up_f32(v: &[f32]) -> CudaSlice<f32> {
-    emulated().stream().clone_htod(v).unwrap()
-}
-
-fn down<T: Elem>(s: &CudaSlice<T>) -> Vec<f32> {
+fn down<T: Storage>(s: &CudaSlice<T>) -> Vec<f32> {
     let host = emulated().stream().clone_dtoh(s).unwrap();
     host.into_iter().map(Element::to_f32).collect()
 }
@@ -68,7 +60,7 @@ fn assert_same(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-fn embedding<T: Elem>(tokens: &[u32], wte: &[f32], dout: &[f32], c: usize) -> [Vec<f32>; 2] {
+fn embedding<T: Storage>(tokens: &[u32], wte: &[f32], dout: &[f32], c: usize) -> [Vec<f32>; 2] {
     let dev = emulated();
     let n = tokens.len();
     let t = dev.stream().clone_htod(tokens).unwrap();
@@ -76,7 +68,7 @@ fn embedding<T: Elem>(tokens: &[u32], wte: &[f32], dout: &[f32], c: usize) -> [V
     dev.embedding_forward(&mut out, &t, tokens, &up::<T>(wte), c)
         .unwrap();
     // Gradients accumulate: start from a non-zero f32 gradient.
-    let mut dwte = up_f32(&vec![0.25; wte.len()]);
+    let mut dwte = up::<f32>(&vec![0.25; wte.len()]);
     dev.embedding_backward(&mut dwte, &t, tokens, &up::<T>(dout), c)
         .unwrap();
     [down(&out), down(&dwte)]
@@ -95,16 +87,16 @@ fn embedding_forward_and_backward() {
     assert_same("embedding dwte (f32)", &dwte16, &dwte32);
 }
 
-fn rmsnorm<T: Elem>(x: &[f32], w: &[f32], dy: &[f32], dx0: &[f32]) -> [Vec<f32>; 4] {
+fn rmsnorm<T: Storage>(x: &[f32], w: &[f32], dy: &[f32], dx0: &[f32]) -> [Vec<f32>; 4] {
     let dev = emulated();
     let (rows, c) = (x.len() / w.len(), w.len());
     let (xd, wd) = (up::<T>(x), up::<T>(w));
     let mut out = up::<T>(&vec![0.0; rows * c]);
-    let mut rstd = up_f32(&vec![0.0; rows]);
+    let mut rstd = up::<f32>(&vec![0.0; rows]);
     dev.rmsnorm_forward(&mut out, &mut rstd, &xd, &wd, 1e-5)
         .unwrap();
     let mut dx = up::<T>(dx0);
-    let mut dw = up_f32(&vec![0.5; c]);
+    let mut dw = up::<f32>(&vec![0.5; c]);
     dev.rmsnorm_backward(&mut dx, &mut dw, &up::<T>(dy), &xd, &wd, &rstd)
         .unwrap();
     [down(&out), down(&rstd), down(&dx), down(&dw)]
@@ -126,7 +118,7 @@ fn rmsnorm_forward_and_backward() {
     assert_same("rmsnorm dweight (f32)", &dw16, &dw32);
 }
 
-fn elementwise<T: Elem>(g: &[f32], u: &[f32], d: &[f32], acc: &[f32]) -> [Vec<f32>; 6] {
+fn elementwise<T: Storage>(g: &[f32], u: &[f32], d: &[f32], acc: &[f32]) -> [Vec<f32>; 6] {
     let dev = emulated();
     let n = g.len();
     let (gd, ud, dd) = (up::<T>(g), up::<T>(u), up::<T>(d));
@@ -172,10 +164,10 @@ fn swiglu_and_residual() {
     }
 }
 
-fn rope<T: Elem>(x: &[f32], seq: usize, heads: usize, hd: usize) -> [Vec<f32>; 2] {
+fn rope<T: Storage>(x: &[f32], seq: usize, heads: usize, hd: usize) -> [Vec<f32>; 2] {
     let dev = emulated();
     let (cos, sin) = ops::rope_tables::<f32>(seq, hd, 10000.0);
-    let (cd, sd) = (up_f32(&cos), up_f32(&sin));
+    let (cd, sd) = (up::<f32>(&cos), up::<f32>(&sin));
     let mut y = up::<T>(x);
     dev.rope_forward(&mut y, &cd, &sd, seq, heads, hd).unwrap();
     let mut back = up::<T>(x);
@@ -210,7 +202,7 @@ fn rope_and_copy_rows() {
 }
 
 /// Forward then backward; returns out, lse, delta, dq, dk, dv (widened).
-fn attention<T: Elem>(
+fn attention<T: Storage>(
     s: AttnShape,
     q: &[f32],
     k: &[f32],
@@ -222,13 +214,13 @@ fn attention<T: Elem>(
     let (nq, nkv, rows) = (q.len(), k.len(), s.batch * s.seq * s.n_heads);
     let (qd, kd, vd) = (up::<T>(q), up::<T>(k), up::<T>(v));
     let mut out = up::<T>(&vec![0.0; nq]);
-    let mut lse = up_f32(&vec![0.0; rows]);
+    let mut lse = up::<f32>(&vec![0.0; rows]);
     dev.attention_forward(&mut out, &mut lse, &qd, &kd, &vd, s)
         .unwrap();
     let fwd = down(&out);
     // The backward reads the forward's output: give both variants the same (bf16) values.
     let out_b = up::<T>(out_for_backward.unwrap_or(&fwd));
-    let mut delta = up_f32(&vec![0.0; rows]);
+    let mut delta = up::<f32>(&vec![0.0; rows]);
     let (mut dq, mut dk, mut dv) = (
         up::<T>(&vec![0.0; nq]),
         up::<T>(&vec![0.0; nkv]),

@@ -11,7 +11,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::ops::{check_len as check, row_grid as grid};
+use super::ops::{check_len as check, check_rows, row_grid as grid};
 use super::{CudaKernels, Storage};
 use crate::abi::{
     DkCopyRowsParams, DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams, DkRopeParams,
@@ -358,22 +358,7 @@ impl CudaKernels {
                     reason: "a row stride below the block's width would overlap its rows",
                 });
             }
-            let need = (rows - 1)
-                .checked_mul(stride)
-                .and_then(|x| x.checked_add(width))
-                .ok_or_else(|| Error::InvalidOption {
-                    name: "rows",
-                    value: rows.to_string(),
-                    reason: "rows * stride overflows",
-                })?;
-            if len < need {
-                return Err(Error::ShapeMismatch {
-                    tensor: name,
-                    expected: need,
-                    actual: len,
-                    shape: format!("[{rows}, {width}] with row stride {stride}"),
-                });
-            }
+            check_rows(name, len, rows, width, Some(stride))?;
         }
         let s = self.stream();
         let (sp, _s) = src.device_ptr(s);

@@ -170,7 +170,7 @@ pub(crate) fn check_len(
 }
 
 /// A `[rows, vocab]` tensor with row stride `stride` (`None`: contiguous, exact length).
-fn check_rows(
+pub(crate) fn check_rows(
     tensor: &'static str,
     len: usize,
     rows: usize,

@@ -450,7 +450,7 @@ impl<T: Storage> DeviceActivations<T> {
         let mut inputs = vec![DeviceSpan::over(dlogits)];
         let mut dh = Vec::with_capacity(dhidden.len());
         for (point, g) in dhidden {
-            if self.hidden(*point).is_none() {
+            if self.layout.hidden(*point).is_none() {
                 return Err(Error::InvalidOption {
                     name: "dhidden",
                     value: format!("{point:?}"),

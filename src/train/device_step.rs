@@ -34,7 +34,9 @@ pub trait StepOnDevice {
     fn is_emulated(&self) -> bool;
     /// The device memory plan, one line per allocation, for the start-up report.
     fn plan(&self) -> &[(String, usize)];
-    /// See [`DeviceStep::forward_backward`].
+    /// Gradients of the loss `cfg` on `inputs` (labels `labels`) into the device gradient buffer
+    /// (zeroed first); returns the loss. The teacher runs only when `distilling`; the
+    /// hidden-state pairs take part when `cfg.hidden_weight` is not 0.
     #[allow(clippy::too_many_arguments)]
     fn forward_backward(
         &mut self,
@@ -45,9 +47,11 @@ pub trait StepOnDevice {
         labels: &[i64],
         distilling: bool,
     ) -> Result<f32>;
-    /// See [`DeviceStep::update`].
+    /// Clips the gradient to `max_norm` and applies one AdamW update at `lr`; returns the norm
+    /// before clipping. A non-finite norm is returned without updating.
     fn update(&mut self, decay: &DecayMask, lr: f32, max_norm: f32) -> Result<f32>;
-    /// See [`DeviceStep::evaluate`].
+    /// Mean cross-entropy of the current parameters on validation windows, on the device (see
+    /// [`eval_loss_device`]), in batches of at most `batch` windows of `seq` tokens.
     fn evaluate(
         &self,
         model: &Llama,
@@ -55,13 +59,14 @@ pub trait StepOnDevice {
         batch: usize,
         seq: usize,
     ) -> Result<f64>;
-    /// See [`DeviceStep::download`].
+    /// The parameters and the optimizer state, copied to the host (for checkpoints and
+    /// evaluation).
     fn download(&self) -> Result<(Vec<f32>, AdamW)>;
-    /// See [`DeviceStep::upload`].
+    /// Replaces the device's parameters and optimizer state (after a resume).
     fn upload(&mut self, params: &[f32], adam: &AdamW) -> Result<()>;
 }
 
-/// [`DeviceStep::new`] in `dtype`.
+/// A [`DeviceStep`] of `dtype` (see `DeviceStep::new`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn open_step(
     dtype: DeviceDtype,
@@ -102,7 +107,7 @@ pub struct DeviceStep<T: Storage> {
     clip: GradClip,
     adam: DeviceAdamW,
     /// The device memory plan, one line per allocation, for the start-up report.
-    pub plan: Vec<(String, usize)>,
+    plan: Vec<(String, usize)>,
 }
 
 /// Device bytes of a step for `model` (and `teacher`) at `batch` x `seq` in the storage type
@@ -244,146 +249,12 @@ impl<T: Storage> DeviceStep<T> {
         })
     }
 
-    /// Whether this is the emulated device.
-    pub fn is_emulated(&self) -> bool {
-        self.dev.is_emulated()
-    }
-
     /// The weights the model reads: the bf16 working copy, or the f32 master weights.
     fn working(&self) -> DeviceSpan<T> {
         match &self.work {
             Some(w) => DeviceSpan::over(w).cast::<T>(w.len()),
             None => DeviceSpan::over(&self.params).cast::<T>(self.params.len()),
         }
-    }
-
-    /// Gradients of the loss `cfg` on `inputs` (labels `labels`) into the device gradient buffer
-    /// (zeroed first); returns the loss. The teacher runs only when `distilling`; the
-    /// hidden-state pairs take part when `cfg.hidden_weight` is not 0.
-    pub fn forward_backward(
-        &mut self,
-        model: &Llama,
-        teacher: Option<&Llama>,
-        cfg: &LossConfig,
-        inputs: &[u32],
-        labels: &[i64],
-        distilling: bool,
-    ) -> Result<f32> {
-        let dev = &self.dev;
-        let s = dev.stream();
-        let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
-        s.memcpy_htod(labels, &mut self.labels)
-            .map_err(map("the labels"))?;
-        s.memset_zeros(&mut self.grads)
-            .map_err(map("zeroing the gradients"))?;
-        let n_model = model.num_params();
-        let all_params = self.working();
-        let params = all_params.sub(0, n_model)?;
-        if let (Some((tp, tacts)), Some(tm), true) = (&mut self.teacher, teacher, distilling) {
-            tacts.forward(dev, tm, tp, inputs)?;
-        }
-        self.acts.forward(dev, model, &params, inputs)?;
-        let use_hidden = distilling && cfg.hidden_weight != 0.0;
-        let hidden = match (&mut self.hidden, &self.teacher, use_hidden) {
-            (Some(h), Some((_, tacts)), true) => {
-                h.gather(dev, &all_params, &self.acts, tacts)?;
-                Some(h)
-            }
-            _ => None,
-        };
-        let logits = self.acts.logits();
-        let teacher_logits = match (&self.teacher, distilling) {
-            (Some((_, tacts)), true) => tacts.logits(),
-            _ => self.acts.logits(),
-        };
-        let (rows, vocab) = (labels.len(), model.config().vocab_size);
-        let with_hidden = hidden.is_some();
-        dev.distill_loss_enqueue(
-            cfg,
-            DeviceInputs {
-                rows,
-                vocab,
-                student: Student::Logits {
-                    logits: &logits,
-                    grad: Some(&mut self.dlogits),
-                },
-                teacher: &teacher_logits,
-                labels: Some(&self.labels),
-                hidden: hidden.map(HiddenStates::loss_inputs),
-                strides: RowStrides::default(),
-            },
-            &mut self.ws,
-        )?;
-        let loss = dev.read_loss(&self.ws)?.total();
-        let all_grads = DeviceSpan::over_mut(&mut self.grads);
-        let dstates = match (&mut self.hidden, with_hidden) {
-            (Some(h), true) => h.scatter(dev, &all_params, &all_grads, &self.acts)?,
-            _ => Vec::new(),
-        };
-        let mut grads = all_grads.sub(0, n_model)?;
-        self.acts
-            .backward(dev, model, &params, &self.dlogits, &dstates, &mut grads)?;
-        Ok(loss)
-    }
-
-    /// Clips the gradient to `max_norm` and applies one AdamW update at `lr`; returns the norm
-    /// before clipping. A non-finite norm is returned without updating.
-    pub fn update(&mut self, decay: &DecayMask, lr: f32, max_norm: f32) -> Result<f32> {
-        self.clip.enqueue(&self.dev, &self.grads, max_norm)?;
-        let norm = self.clip.norm(&self.dev)?;
-        if !norm.is_finite() {
-            return Ok(norm);
-        }
-        self.adam.update_with_copy(
-            &self.dev,
-            &mut self.params,
-            self.work.as_mut(),
-            &self.grads,
-            decay,
-            lr,
-            Some(&self.clip),
-        )?;
-        Ok(norm)
-    }
-
-    /// Mean cross-entropy of the current parameters on validation windows, on the device (see
-    /// [`eval_loss_device`]), in batches of at most `batch` windows of `seq` tokens.
-    pub fn evaluate(
-        &self,
-        model: &Llama,
-        windows: &[&(Vec<u32>, Vec<u32>)],
-        batch: usize,
-        seq: usize,
-    ) -> Result<f64> {
-        let params = self.working().sub(0, model.num_params())?;
-        eval_on_device(&self.dev, model, &params, windows, batch, seq)
-    }
-
-    /// The parameters and the optimizer state, copied to the host (for checkpoints and
-    /// evaluation).
-    pub fn download(&self) -> Result<(Vec<f32>, AdamW)> {
-        let params = self
-            .dev
-            .stream()
-            .clone_dtoh(&self.params)
-            .map_err(|e| Error::Loss(self.dev.cuda_error("reading the parameters", e)))?;
-        Ok((params, self.adam.download(&self.dev)?))
-    }
-
-    /// Replaces the device's parameters and optimizer state (after a resume).
-    pub fn upload(&mut self, params: &[f32], adam: &AdamW) -> Result<()> {
-        self.dev
-            .stream()
-            .memcpy_htod(params, &mut self.params)
-            .map_err(|e| Error::Loss(self.dev.cuda_error("uploading the parameters", e)))?;
-        if let Some(w) = &mut self.work {
-            self.dev
-                .stream()
-                .memcpy_htod(&to_storage::<bf16>(params), w)
-                .map_err(|e| Error::Loss(self.dev.cuda_error("uploading the parameters", e)))?;
-        }
-        self.adam = DeviceAdamW::upload(&self.dev, adam)?;
-        Ok(())
     }
 }
 
@@ -675,11 +546,12 @@ fn state<'a, T: Storage>(
 
 impl<T: Storage> StepOnDevice for DeviceStep<T> {
     fn is_emulated(&self) -> bool {
-        DeviceStep::is_emulated(self)
+        self.dev.is_emulated()
     }
     fn plan(&self) -> &[(String, usize)] {
         &self.plan
     }
+
     fn forward_backward(
         &mut self,
         model: &Llama,
@@ -689,11 +561,81 @@ impl<T: Storage> StepOnDevice for DeviceStep<T> {
         labels: &[i64],
         distilling: bool,
     ) -> Result<f32> {
-        DeviceStep::forward_backward(self, model, teacher, cfg, inputs, labels, distilling)
+        let dev = &self.dev;
+        let s = dev.stream();
+        let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
+        s.memcpy_htod(labels, &mut self.labels)
+            .map_err(map("the labels"))?;
+        s.memset_zeros(&mut self.grads)
+            .map_err(map("zeroing the gradients"))?;
+        let n_model = model.num_params();
+        let all_params = self.working();
+        let params = all_params.sub(0, n_model)?;
+        if let (Some((tp, tacts)), Some(tm), true) = (&mut self.teacher, teacher, distilling) {
+            tacts.forward(dev, tm, tp, inputs)?;
+        }
+        self.acts.forward(dev, model, &params, inputs)?;
+        let use_hidden = distilling && cfg.hidden_weight != 0.0;
+        let hidden = match (&mut self.hidden, &self.teacher, use_hidden) {
+            (Some(h), Some((_, tacts)), true) => {
+                h.gather(dev, &all_params, &self.acts, tacts)?;
+                Some(h)
+            }
+            _ => None,
+        };
+        let logits = self.acts.logits();
+        let teacher_logits = match (&self.teacher, distilling) {
+            (Some((_, tacts)), true) => tacts.logits(),
+            _ => self.acts.logits(),
+        };
+        let (rows, vocab) = (labels.len(), model.config().vocab_size);
+        let with_hidden = hidden.is_some();
+        dev.distill_loss_enqueue(
+            cfg,
+            DeviceInputs {
+                rows,
+                vocab,
+                student: Student::Logits {
+                    logits: &logits,
+                    grad: Some(&mut self.dlogits),
+                },
+                teacher: &teacher_logits,
+                labels: Some(&self.labels),
+                hidden: hidden.map(HiddenStates::loss_inputs),
+                strides: RowStrides::default(),
+            },
+            &mut self.ws,
+        )?;
+        let loss = dev.read_loss(&self.ws)?.total();
+        let all_grads = DeviceSpan::over_mut(&mut self.grads);
+        let dstates = match (&mut self.hidden, with_hidden) {
+            (Some(h), true) => h.scatter(dev, &all_params, &all_grads, &self.acts)?,
+            _ => Vec::new(),
+        };
+        let mut grads = all_grads.sub(0, n_model)?;
+        self.acts
+            .backward(dev, model, &params, &self.dlogits, &dstates, &mut grads)?;
+        Ok(loss)
     }
+
     fn update(&mut self, decay: &DecayMask, lr: f32, max_norm: f32) -> Result<f32> {
-        DeviceStep::update(self, decay, lr, max_norm)
+        self.clip.enqueue(&self.dev, &self.grads, max_norm)?;
+        let norm = self.clip.norm(&self.dev)?;
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        self.adam.update_with_copy(
+            &self.dev,
+            &mut self.params,
+            self.work.as_mut(),
+            &self.grads,
+            decay,
+            lr,
+            Some(&self.clip),
+        )?;
+        Ok(norm)
     }
+
     fn evaluate(
         &self,
         model: &Llama,
@@ -701,12 +643,31 @@ impl<T: Storage> StepOnDevice for DeviceStep<T> {
         batch: usize,
         seq: usize,
     ) -> Result<f64> {
-        DeviceStep::evaluate(self, model, windows, batch, seq)
+        let params = self.working().sub(0, model.num_params())?;
+        eval_on_device(&self.dev, model, &params, windows, batch, seq)
     }
+
     fn download(&self) -> Result<(Vec<f32>, AdamW)> {
-        DeviceStep::download(self)
+        let params = self
+            .dev
+            .stream()
+            .clone_dtoh(&self.params)
+            .map_err(|e| Error::Loss(self.dev.cuda_error("reading the parameters", e)))?;
+        Ok((params, self.adam.download(&self.dev)?))
     }
+
     fn upload(&mut self, params: &[f32], adam: &AdamW) -> Result<()> {
-        DeviceStep::upload(self, params, adam)
+        self.dev
+            .stream()
+            .memcpy_htod(params, &mut self.params)
+            .map_err(|e| Error::Loss(self.dev.cuda_error("uploading the parameters", e)))?;
+        if let Some(w) = &mut self.work {
+            self.dev
+                .stream()
+                .memcpy_htod(&to_storage::<bf16>(params), w)
+                .map_err(|e| Error::Loss(self.dev.cuda_error("uploading the parameters", e)))?;
+        }
+        self.adam = DeviceAdamW::upload(&self.dev, adam)?;
+        Ok(())
     }
 }
