@@ -30,6 +30,7 @@ typedef struct DkScalars {
     float valid_rows;      /* number of rows whose label is not ignore_index (all rows without labels) */
     int32_t bad_label_row; /* first row whose label is outside [0, V) and not ignore_index, or -1 */
     int64_t bad_label;     /* that label */
+    int64_t bad_topk;      /* row << 32 | id of the first bad top-k id (dk_topk_check), INT64_MAX: none */
 } DkScalars;
 
 /* dk_prepare: one block. Validates labels, counts valid rows, fills *scalars, and widens int32
@@ -70,6 +71,49 @@ typedef struct DkKdParams {
     float beta;        /* JSD only */
     int32_t kind;      /* DK_KIND_* */
 } DkKdParams;
+
+/* Dtype codes of buffers whose element type is chosen at run time (not by the instantiation). */
+#define DK_DTYPE_F32 0
+#define DK_DTYPE_F16 1
+#define DK_DTYPE_BF16 2
+
+/* The most ids per row of a top-k teacher (semantics::MAX_TOP_K). */
+#define DK_MAX_TOP_K 1024
+
+/* dk_topk_check: one block per row. Every id of the row in [0, vocab) and distinct, else
+ * atomicMin(&scalars->bad_topk, row << 32 | id) with the row's smallest offending id (out of range,
+ * or repeated); dk_prepare sets it to INT64_MAX first. */
+typedef struct DkTopKCheckParams {
+    const uint32_t* ids; /* [rows, k] */
+    DkScalars* scalars;
+    int64_t rows;
+    int64_t vocab;
+    int32_t k;
+} DkTopKCheckParams;
+
+/* dk_topk_<kind>_<student>_<grad>: one block per row, the loss against a top-k teacher
+ * (semantics::TopKTeacher). row_loss[r] = soft_weight * soft(r) + hard_weight * hard(r) for valid
+ * rows, 0 otherwise; grad (may alias student) = scalars->grad_scale * d row_loss / d student. */
+typedef struct DkTopKParams {
+    const void* student;   /* [rows, student_stride] */
+    const uint32_t* ids;   /* [rows, k] */
+    const void* values;    /* [rows, k], dtype values_dtype: bucket logits at T = 1 */
+    const float* tail;     /* [rows]: the tail bucket's logit at T = 1 */
+    const int64_t* labels; /* [rows] or NULL */
+    void* grad;            /* [rows, grad_stride] or NULL: loss only */
+    float* row_loss;       /* [rows] */
+    const DkScalars* scalars;
+    int64_t rows;
+    int64_t vocab;
+    int64_t student_stride;
+    int64_t grad_stride;
+    int64_t ignore_index;
+    int32_t k;
+    int32_t values_dtype; /* DK_DTYPE_* */
+    float inv_temperature;
+    float soft_weight; /* alpha, times T^2 when scaling is on */
+    float hard_weight; /* 1 - alpha */
+} DkTopKParams;
 
 /* dk_hidden_mse_<student>_<teacher>_<grad>: one block per row.
  * row_loss[r] += weight * mean_h (s - t)^2 for valid rows; grad = grad_scale * d/ds of that. */

@@ -37,6 +37,7 @@ extern "C" __global__ void __launch_bounds__(1024) dk_prepare(DkPrepareParams p)
         out.grad_scale = d == 0.0f ? 0.0f : p.upstream_scale / d;
         out.valid_rows = valid;
         out.bad_label_row = first_bad < p.rows ? (int32_t)first_bad : -1;
+        out.bad_topk = INT64_MAX;  // lowered by dk_topk_check when a top-k call has a bad id
         out.bad_label = first_bad >= p.rows ? 0 : p.labels_i32 ? (int64_t)labels32[first_bad] : labels64[first_bad];
         *p.scalars = out;
     }
@@ -45,8 +46,8 @@ DK_REGISTER_KERNEL(dk_prepare, DkPrepareParams)
 
 extern "C" __global__ void __launch_bounds__(1024) dk_reduce(DkReduceParams p) {
     __shared__ float red_f[DK_MAX_WARPS];
-    // A bad label fails the call and the row kernels wrote nothing: there is nothing to sum.
-    if (p.scalars->bad_label_row >= 0) {
+    // A bad label or top-k id fails the call and the row kernels wrote nothing: nothing to sum.
+    if (p.scalars->bad_label_row >= 0 || p.scalars->bad_topk != INT64_MAX) {
         if (threadIdx.x == 0) *p.loss = 0.0f;
         return;
     }

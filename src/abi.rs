@@ -34,7 +34,9 @@ device_repr!(
     DkElementwiseParams,
     DkRopeParams,
     DkCopyRowsParams,
-    DkAttentionParams
+    DkAttentionParams,
+    DkTopKCheckParams,
+    DkTopKParams
 );
 
 // SAFETY: DkScalars is plain data (floats and integers); all-zero bits are a valid value.

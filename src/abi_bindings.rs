@@ -6,6 +6,10 @@ pub const DK_KIND_JSD: u32 = 2;
 pub const DK_REDUCTION_NONE: u32 = 0;
 pub const DK_REDUCTION_SUM: u32 = 1;
 pub const DK_REDUCTION_MEAN: u32 = 2;
+pub const DK_DTYPE_F32: u32 = 0;
+pub const DK_DTYPE_F16: u32 = 1;
+pub const DK_DTYPE_BF16: u32 = 2;
+pub const DK_MAX_TOP_K: u32 = 1024;
 pub const DK_NORM_CHUNK: u32 = 32768;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -15,10 +19,11 @@ pub struct DkScalars {
     pub valid_rows: f32,
     pub bad_label_row: i32,
     pub bad_label: i64,
+    pub bad_topk: i64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DkScalars"][::std::mem::size_of::<DkScalars>() - 24usize];
+    ["Size of DkScalars"][::std::mem::size_of::<DkScalars>() - 32usize];
     ["Alignment of DkScalars"][::std::mem::align_of::<DkScalars>() - 8usize];
     ["Offset of field: DkScalars::grad_scale"]
         [::std::mem::offset_of!(DkScalars, grad_scale) - 0usize];
@@ -30,6 +35,7 @@ const _: () = {
         [::std::mem::offset_of!(DkScalars, bad_label_row) - 12usize];
     ["Offset of field: DkScalars::bad_label"]
         [::std::mem::offset_of!(DkScalars, bad_label) - 16usize];
+    ["Offset of field: DkScalars::bad_topk"][::std::mem::offset_of!(DkScalars, bad_topk) - 24usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -134,6 +140,105 @@ const _: () = {
     ["Offset of field: DkKdParams::kind"][::std::mem::offset_of!(DkKdParams, kind) - 116usize];
 };
 impl Default for DkKdParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkTopKCheckParams {
+    pub ids: *const u32,
+    pub scalars: *mut DkScalars,
+    pub rows: i64,
+    pub vocab: i64,
+    pub k: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkTopKCheckParams"][::std::mem::size_of::<DkTopKCheckParams>() - 40usize];
+    ["Alignment of DkTopKCheckParams"][::std::mem::align_of::<DkTopKCheckParams>() - 8usize];
+    ["Offset of field: DkTopKCheckParams::ids"]
+        [::std::mem::offset_of!(DkTopKCheckParams, ids) - 0usize];
+    ["Offset of field: DkTopKCheckParams::scalars"]
+        [::std::mem::offset_of!(DkTopKCheckParams, scalars) - 8usize];
+    ["Offset of field: DkTopKCheckParams::rows"]
+        [::std::mem::offset_of!(DkTopKCheckParams, rows) - 16usize];
+    ["Offset of field: DkTopKCheckParams::vocab"]
+        [::std::mem::offset_of!(DkTopKCheckParams, vocab) - 24usize];
+    ["Offset of field: DkTopKCheckParams::k"]
+        [::std::mem::offset_of!(DkTopKCheckParams, k) - 32usize];
+};
+impl Default for DkTopKCheckParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct DkTopKParams {
+    pub student: *const ::std::os::raw::c_void,
+    pub ids: *const u32,
+    pub values: *const ::std::os::raw::c_void,
+    pub tail: *const f32,
+    pub labels: *const i64,
+    pub grad: *mut ::std::os::raw::c_void,
+    pub row_loss: *mut f32,
+    pub scalars: *const DkScalars,
+    pub rows: i64,
+    pub vocab: i64,
+    pub student_stride: i64,
+    pub grad_stride: i64,
+    pub ignore_index: i64,
+    pub k: i32,
+    pub values_dtype: i32,
+    pub inv_temperature: f32,
+    pub soft_weight: f32,
+    pub hard_weight: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkTopKParams"][::std::mem::size_of::<DkTopKParams>() - 128usize];
+    ["Alignment of DkTopKParams"][::std::mem::align_of::<DkTopKParams>() - 8usize];
+    ["Offset of field: DkTopKParams::student"]
+        [::std::mem::offset_of!(DkTopKParams, student) - 0usize];
+    ["Offset of field: DkTopKParams::ids"][::std::mem::offset_of!(DkTopKParams, ids) - 8usize];
+    ["Offset of field: DkTopKParams::values"]
+        [::std::mem::offset_of!(DkTopKParams, values) - 16usize];
+    ["Offset of field: DkTopKParams::tail"][::std::mem::offset_of!(DkTopKParams, tail) - 24usize];
+    ["Offset of field: DkTopKParams::labels"]
+        [::std::mem::offset_of!(DkTopKParams, labels) - 32usize];
+    ["Offset of field: DkTopKParams::grad"][::std::mem::offset_of!(DkTopKParams, grad) - 40usize];
+    ["Offset of field: DkTopKParams::row_loss"]
+        [::std::mem::offset_of!(DkTopKParams, row_loss) - 48usize];
+    ["Offset of field: DkTopKParams::scalars"]
+        [::std::mem::offset_of!(DkTopKParams, scalars) - 56usize];
+    ["Offset of field: DkTopKParams::rows"][::std::mem::offset_of!(DkTopKParams, rows) - 64usize];
+    ["Offset of field: DkTopKParams::vocab"][::std::mem::offset_of!(DkTopKParams, vocab) - 72usize];
+    ["Offset of field: DkTopKParams::student_stride"]
+        [::std::mem::offset_of!(DkTopKParams, student_stride) - 80usize];
+    ["Offset of field: DkTopKParams::grad_stride"]
+        [::std::mem::offset_of!(DkTopKParams, grad_stride) - 88usize];
+    ["Offset of field: DkTopKParams::ignore_index"]
+        [::std::mem::offset_of!(DkTopKParams, ignore_index) - 96usize];
+    ["Offset of field: DkTopKParams::k"][::std::mem::offset_of!(DkTopKParams, k) - 104usize];
+    ["Offset of field: DkTopKParams::values_dtype"]
+        [::std::mem::offset_of!(DkTopKParams, values_dtype) - 108usize];
+    ["Offset of field: DkTopKParams::inv_temperature"]
+        [::std::mem::offset_of!(DkTopKParams, inv_temperature) - 112usize];
+    ["Offset of field: DkTopKParams::soft_weight"]
+        [::std::mem::offset_of!(DkTopKParams, soft_weight) - 116usize];
+    ["Offset of field: DkTopKParams::hard_weight"]
+        [::std::mem::offset_of!(DkTopKParams, hard_weight) - 120usize];
+};
+impl Default for DkTopKParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -4,7 +4,7 @@
 
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::{Error, Result};
-use crate::semantics::{DistillInputs, GradOutputs, LossConfig, LossValue};
+use crate::semantics::{DistillInputs, GradOutputs, LossConfig, LossValue, TopKInputs};
 
 /// A device that runs the crate's losses and softmax on host buffers:
 /// [`crate::reference::Reference`], [`crate::cpu::Cpu`], or `crate::cuda::CudaKernels` (real or
@@ -21,6 +21,17 @@ pub trait DistillDevice: Send + Sync {
         cfg: &LossConfig,
         inputs: &DistillInputs,
         grads: GradOutputs,
+    ) -> Result<LossValue>;
+
+    /// The fused loss against a top-k teacher ([`crate::TopKTeacher`] states the semantics):
+    /// forward or reverse KL over the teacher's k + 1 buckets plus the hard-label
+    /// cross-entropy; writes the gradient of the student logits into `grad` (f32 or the
+    /// student's dtype) when given.
+    fn distill_loss_topk(
+        &self,
+        cfg: &LossConfig,
+        inputs: &TopKInputs,
+        grad: Option<HostSliceMut>,
     ) -> Result<LossValue>;
 
     /// `output = softmax(input / T)` row by row, or `log_softmax` when `log`; output has the

@@ -52,6 +52,18 @@ pub enum Error {
         /// The configured `ignore_index`.
         ignore_index: i64,
     },
+    /// A top-k teacher's id is outside the vocabulary or repeated within its row.
+    #[error("top-k teacher id {id} at row {row} {reason} (vocab {vocab})")]
+    TopKId {
+        /// The first row at fault.
+        row: usize,
+        /// The id.
+        id: u32,
+        /// The vocabulary size V.
+        vocab: usize,
+        /// `is outside the vocabulary` or `appears twice in the row`.
+        reason: &'static str,
+    },
     /// `alpha < 1` asks for the hard-label cross-entropy but no labels were given.
     #[error("the hard-label loss is requested (alpha = {alpha} < 1) but no labels were given")]
     MissingLabels {

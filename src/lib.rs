@@ -73,6 +73,7 @@ pub mod reference;
 pub mod rng;
 pub mod semantics;
 pub mod shapes;
+pub mod topk;
 #[cfg(feature = "trainer")]
 pub mod train;
 
@@ -84,5 +85,5 @@ pub use dtype::{Dtype, Element, HostSlice, HostSliceMut, HostVec};
 pub use error::{Error, Result};
 pub use semantics::{
     DistillInputs, GradOutputs, HiddenInputs, LossConfig, LossConfigBuilder, LossKind, LossValue,
-    Reduction,
+    Reduction, TopKInputs, TopKTeacher, MAX_TOP_K,
 };

@@ -26,8 +26,9 @@ use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::{Error, Result};
 use crate::semantics::{
-    check_inputs, check_labels, check_softmax, DistillInputs, GradOutputs, LossConfig, LossKind,
-    LossValue, Reduction,
+    check_inputs, check_labels, check_softmax, check_top_k, check_topk_config, check_topk_ids,
+    check_topk_inputs, DistillInputs, GradOutputs, LossConfig, LossKind, LossValue, Reduction,
+    TopKInputs,
 };
 
 /// The f64 reference backend (`reference`).
@@ -369,6 +370,209 @@ fn compute(cfg: &LossConfig, inputs: &F64Inputs) -> RefOutput {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The top-k teacher (semantics::TopKTeacher).
+
+/// The inputs of [`distill_loss_topk_f64_slices`]: like [`TopKInputs`], in f64.
+#[derive(Debug, Clone, Copy)]
+pub struct F64TopKInputs<'a> {
+    /// Rows (token positions).
+    pub rows: usize,
+    /// Vocabulary size V.
+    pub vocab: usize,
+    /// Entries per row of the teacher.
+    pub k: usize,
+    /// `[rows, vocab]` student logits.
+    pub student: &'a [f64],
+    /// `[rows, k]` the teacher's ids.
+    pub ids: &'a [u32],
+    /// `[rows, k]` the teacher's bucket logits at T = 1.
+    pub values: &'a [f64],
+    /// `[rows]` the tail bucket's logit at T = 1.
+    pub tail: &'a [f64],
+    /// `[rows]` labels; required when `alpha < 1`.
+    pub labels: Option<&'a [i64]>,
+}
+
+/// The top-k loss, per-row losses and the student-logit gradient in f64 (`grad_hidden` is
+/// `None`). Inputs are validated with the crate's checks and widened exactly to f64.
+pub fn distill_loss_topk_f64(cfg: &LossConfig, inputs: &TopKInputs) -> Result<RefOutput> {
+    check_topk_inputs(cfg, inputs, None)?;
+    let student = widen(inputs.student);
+    let values = widen(inputs.teacher.values);
+    let tail: Vec<f64> = inputs.teacher.tail.iter().map(|&x| x as f64).collect();
+    Ok(compute_topk(
+        cfg,
+        &F64TopKInputs {
+            rows: inputs.rows,
+            vocab: inputs.vocab,
+            k: inputs.teacher.k,
+            student: &student,
+            ids: inputs.teacher.ids,
+            values: &values,
+            tail: &tail,
+            labels: inputs.labels,
+        },
+    ))
+}
+
+/// [`distill_loss_topk_f64`] on f64 inputs (for finite differences), with the same checks.
+pub fn distill_loss_topk_f64_slices(cfg: &LossConfig, inputs: &F64TopKInputs) -> Result<RefOutput> {
+    check_topk_config(cfg)?;
+    let F64TopKInputs { rows, vocab, k, .. } = *inputs;
+    if rows == 0 {
+        return Err(Error::Empty("rows = 0"));
+    }
+    if vocab == 0 {
+        return Err(Error::Empty("vocab = 0"));
+    }
+    check_top_k(k, vocab)?;
+    let shape = format!("[{rows}, {vocab}]");
+    check_len("student_logits", inputs.student.len(), rows * vocab, &shape)?;
+    let kshape = format!("[{rows}, {k}]");
+    check_len("teacher_topk_ids", inputs.ids.len(), rows * k, &kshape)?;
+    check_len(
+        "teacher_topk_values",
+        inputs.values.len(),
+        rows * k,
+        &kshape,
+    )?;
+    check_len(
+        "teacher_tail",
+        inputs.tail.len(),
+        rows,
+        &format!("[{rows}]"),
+    )?;
+    check_topk_ids(inputs.ids, k, vocab)?;
+    match inputs.labels {
+        Some(labels) => {
+            check_len("labels", labels.len(), rows, &format!("[{rows}]"))?;
+            check_labels(cfg, labels, vocab)?;
+        }
+        None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
+        None => {}
+    }
+    Ok(compute_topk(cfg, inputs))
+}
+
+/// `log sum exp(x)` about the maximum; `-inf` for an empty or all `-inf` list, NaN with a NaN.
+fn log_sum_exp(x: impl Iterator<Item = f64> + Clone) -> f64 {
+    if x.clone().any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
+    let max = x.clone().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return max;
+    }
+    max + x.map(|v| (v - max).exp()).sum::<f64>().ln()
+}
+
+/// The soft loss of one row against a top-k teacher and its gradient with respect to `a = s / T`.
+/// `lq`: the student's log-softmax at T over the vocabulary; `ids`: the row's top ids;
+/// `lp`: the teacher's bucket log-probabilities at T, the tail last.
+fn soft_row_topk(kind: LossKind, lq: &[f64], ids: &[u32], lp: &[f64]) -> (f64, Vec<f64>) {
+    let k = ids.len();
+    let mut bucket = vec![k; lq.len()]; // each id's bucket: its index among the ids, k = tail
+    for (i, &id) in ids.iter().enumerate() {
+        bucket[id as usize] = i;
+    }
+    // The student's bucket log-masses: its own entries, and the tail summed over the tail.
+    let mut lqb: Vec<f64> = ids.iter().map(|&id| lq[id as usize]).collect();
+    lqb.push(log_sum_exp(
+        (0..lq.len()).filter(|&v| bucket[v] == k).map(|v| lq[v]),
+    ));
+    match kind {
+        LossKind::ForwardKl => {
+            let loss = (0..=k).map(|b| kl_term(lp[b], lqb[b])).sum();
+            let p_tail = lp[k].exp();
+            let grad = (0..lq.len())
+                .map(|v| {
+                    let target = match bucket[v] {
+                        b if b < k => lp[b].exp(),
+                        _ if p_tail == 0.0 => 0.0, // an empty teacher tail pulls nothing
+                        _ => p_tail * (lq[v] - lqb[k]).exp(),
+                    };
+                    lq[v].exp() - target
+                })
+                .collect();
+            (loss, grad)
+        }
+        LossKind::ReverseKl => {
+            let loss: f64 = (0..=k).map(|b| kl_term(lqb[b], lp[b])).sum();
+            let grad = (0..lq.len())
+                .map(|v| {
+                    if lq[v] == f64::NEG_INFINITY {
+                        0.0
+                    } else {
+                        let b = bucket[v];
+                        lq[v].exp() * (lqb[b] - lp[b] - loss)
+                    }
+                })
+                .collect();
+            (loss, grad)
+        }
+        LossKind::Jsd { .. } => unreachable!("check_topk_config refuses JSD"),
+    }
+}
+
+/// The whole top-k computation on validated f64 inputs.
+fn compute_topk(cfg: &LossConfig, inputs: &F64TopKInputs) -> RefOutput {
+    let F64TopKInputs { rows, vocab, k, .. } = *inputs;
+    let temperature = cfg.temperature as f64;
+    let soft_weight = cfg.soft_weight() as f64;
+    let hard_weight = cfg.hard_weight() as f64;
+    let label_of = |r: usize| inputs.labels.map(|l| l[r]);
+    let valid_rows = (0..rows).filter(|&r| cfg.row_is_valid(label_of(r))).count();
+    let (loss_scale, grad_scale) = cfg.scales(valid_rows);
+    let mut row_loss = vec![0.0; rows];
+    let mut grad_logits = vec![0.0; rows * vocab];
+
+    for r in 0..rows {
+        let label = label_of(r);
+        if !cfg.row_is_valid(label) {
+            continue;
+        }
+        let s = &inputs.student[r * vocab..(r + 1) * vocab];
+        let grad = &mut grad_logits[r * vocab..(r + 1) * vocab];
+        let mut loss = 0.0;
+        if soft_weight != 0.0 {
+            let a: Vec<f64> = s.iter().map(|&x| x / temperature).collect();
+            let mut c: Vec<f64> = inputs.values[r * k..(r + 1) * k]
+                .iter()
+                .map(|&x| x / temperature)
+                .collect();
+            c.push(inputs.tail[r] / temperature);
+            let ids = &inputs.ids[r * k..(r + 1) * k];
+            let (soft, ga) = soft_row_topk(cfg.kind, &log_softmax(&a), ids, &log_softmax(&c));
+            loss += soft_weight * soft;
+            for (g, ga) in grad.iter_mut().zip(&ga) {
+                *g += grad_scale * soft_weight * ga / temperature;
+            }
+        }
+        if hard_weight != 0.0 {
+            let y = label.expect("labels are present when the hard loss is on") as usize;
+            let logp = log_softmax(s);
+            loss += hard_weight * -logp[y];
+            for (j, g) in grad.iter_mut().enumerate() {
+                let onehot = if j == y { 1.0 } else { 0.0 };
+                *g += grad_scale * hard_weight * (logp[j].exp() - onehot);
+            }
+        }
+        row_loss[r] = loss;
+    }
+    let loss = match cfg.reduction {
+        Reduction::None => row_loss.iter().map(|&l| l * loss_scale).collect(),
+        Reduction::Sum | Reduction::Mean => vec![row_loss.iter().sum::<f64>() * loss_scale],
+    };
+    RefOutput {
+        row_loss,
+        loss,
+        grad_logits,
+        grad_hidden: None,
+        valid_rows,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Validation of f64 inputs (the same rules as `semantics::check_inputs`).
 
 fn check_f64_inputs(cfg: &LossConfig, inputs: &F64Inputs) -> Result<()> {
@@ -471,6 +675,23 @@ impl DistillDevice for Reference {
         }
         if let (Some(g), Some(gh)) = (grads.hidden, out.grad_hidden.as_ref()) {
             narrow_into(gh, g);
+        }
+        Ok(LossValue {
+            values: out.loss.iter().map(|&v| v as f32).collect(),
+            valid_rows: out.valid_rows,
+        })
+    }
+
+    fn distill_loss_topk(
+        &self,
+        cfg: &LossConfig,
+        inputs: &TopKInputs,
+        grad: Option<HostSliceMut>,
+    ) -> Result<LossValue> {
+        check_topk_inputs(cfg, inputs, grad.as_ref())?;
+        let out = distill_loss_topk_f64(cfg, inputs)?;
+        if let Some(g) = grad {
+            narrow_into(&out.grad_logits, g);
         }
         Ok(LossValue {
             values: out.loss.iter().map(|&v| v as f32).collect(),

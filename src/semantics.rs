@@ -464,6 +464,210 @@ fn check_len(tensor: &'static str, actual: usize, expected: usize, shape: &str) 
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// The sparse (top-k) teacher.
+
+/// The most entries per row a top-k teacher may keep (the kernels hold a row's ids in shared
+/// memory).
+pub const MAX_TOP_K: usize = 1024;
+
+/// A teacher known only through its top-k entries per row, as an offline teacher cache stores
+/// it: the distribution over k + 1 *buckets*, the k ids and one tail bucket holding the rest of
+/// the vocabulary.
+///
+/// # Semantics
+/// The teacher's bucket logits at T = 1 are `c = (values[r, 0..k], tail[r])`: normally the
+/// teacher's log-probabilities `log_softmax(t)[ids]` and the log of its probability mass on all
+/// other ids (any constant added to all k + 1 of a row cancels). At temperature T the teacher's
+/// bucket distribution is `p = softmax(c / T)` over the k + 1 buckets.
+///
+/// - At T = 1 this is exact: `p_i` is the teacher's probability of `ids[i]` and `p_tail` its mass
+///   on the rest.
+/// - At T != 1 the top-k probabilities keep their exact ratios, but the tail's tempered weight
+///   `sum_{u in tail} p_u^(1/T)` (which the cache does not know) is replaced by
+///   `(sum_{u in tail} p_u)^(1/T)`. For T > 1 that is smaller (a power below 1 of a sum is at most
+///   the sum of the powers), so the tail bucket gets less of the tempered mass than the dense
+///   teacher gives those ids, and the top ids more. BENCHMARKS.md measures the difference.
+///
+/// The student keeps its full softmax at T, `q = softmax(s / T)` over the vocabulary, summed into
+/// the same buckets: `Q_i = q[ids[i]]` and `Q_tail = sum_{v not in ids} q_v` (summed over the
+/// tail itself, not taken as `1 - sum Q_i`, so a tiny tail keeps its precision). The soft loss is
+/// the divergence between the bucket distributions, with the dense loss's conventions
+/// (a zero-weight term is 0, a positive weight against a zero probability is `+inf`):
+///
+/// - forward KL `sum_b p_b (log p_b - log Q_b)`, gradient
+///   `d/ds_v = (q_v - [v in ids] p_(i of v) - [v not in ids] p_tail q_v / Q_tail) / T`;
+/// - reverse KL `R = sum_b Q_b (log Q_b - log p_b)`, gradient
+///   `d/ds_v = q_v (log Q_(b of v) - log p_(b of v) - R) / T` where `b of v` is v's own bucket
+///   when v is a top id and the tail otherwise.
+///
+/// JSD is not defined for a top-k teacher. The hard-label cross-entropy, the weights (alpha,
+/// T^2), `ignore_index`, the reductions and the gradient scale are those of the dense loss.
+/// With k = V - 1 the tail is a single id, the buckets are the whole distribution, and the loss
+/// equals the dense loss at every T. k >= V is rejected: with every id kept, use the dense loss.
+#[derive(Debug, Clone, Copy)]
+pub struct TopKTeacher<'a> {
+    /// Entries per row, `1..=MAX_TOP_K` and below the vocabulary size.
+    pub k: usize,
+    /// `[rows, k]` token ids, each in `[0, vocab)`, distinct within a row (in any order).
+    pub ids: &'a [u32],
+    /// `[rows, k]` the teacher's bucket logits at T = 1 for those ids (f32, f16 or bf16).
+    pub values: HostSlice<'a>,
+    /// `[rows]` the tail bucket's logit at T = 1: the log of the teacher's mass outside `ids`
+    /// (`-inf`: none).
+    pub tail: &'a [f32],
+}
+
+/// The inputs of one top-k loss evaluation on the host: `[rows, vocab]` student logits against
+/// a [`TopKTeacher`].
+#[derive(Debug, Clone, Copy)]
+pub struct TopKInputs<'a> {
+    /// Rows (token positions).
+    pub rows: usize,
+    /// Vocabulary size V: entries per student row.
+    pub vocab: usize,
+    /// `[rows, vocab]` student logits.
+    pub student: HostSlice<'a>,
+    /// The teacher's top-k entries and tail per row.
+    pub teacher: TopKTeacher<'a>,
+    /// `[rows]` labels, as in [`DistillInputs::labels`]; required when `alpha < 1`.
+    pub labels: Option<&'a [i64]>,
+}
+
+/// The options a top-k teacher accepts: JSD is refused, everything else is the dense loss's.
+pub(crate) fn check_topk_config(cfg: &LossConfig) -> Result<()> {
+    cfg.validate()?;
+    if matches!(cfg.kind, LossKind::Jsd { .. }) {
+        return Err(invalid(
+            "kind",
+            "jsd",
+            "is not defined for a top-k teacher (use forward-kl or reverse-kl)",
+        ));
+    }
+    Ok(())
+}
+
+/// The shape checks of a top-k call, k's range, and every row's ids (in range, distinct); the
+/// labels as in the dense loss. Returns the number of valid rows.
+pub(crate) fn check_topk_inputs(
+    cfg: &LossConfig,
+    inputs: &TopKInputs,
+    grad: Option<&HostSliceMut>,
+) -> Result<usize> {
+    check_topk_config(cfg)?;
+    let TopKInputs {
+        rows,
+        vocab,
+        teacher,
+        ..
+    } = *inputs;
+    if rows == 0 {
+        return Err(Error::Empty("rows = 0"));
+    }
+    if vocab == 0 {
+        return Err(Error::Empty("vocab = 0"));
+    }
+    check_top_k(teacher.k, vocab)?;
+    let n = rows.checked_mul(vocab).ok_or_else(|| {
+        invalid(
+            "rows * vocab",
+            format!("{rows} * {vocab}"),
+            "overflows usize",
+        )
+    })?;
+    let shape = format!("[{rows}, {vocab}]");
+    check_len("student_logits", inputs.student.len(), n, &shape)?;
+    let kshape = format!("[{rows}, {}]", teacher.k);
+    check_len(
+        "teacher_topk_ids",
+        teacher.ids.len(),
+        rows * teacher.k,
+        &kshape,
+    )?;
+    check_len(
+        "teacher_topk_values",
+        teacher.values.len(),
+        rows * teacher.k,
+        &kshape,
+    )?;
+    check_len(
+        "teacher_tail",
+        teacher.tail.len(),
+        rows,
+        &format!("[{rows}]"),
+    )?;
+    check_topk_ids(teacher.ids, teacher.k, vocab)?;
+    if let Some(g) = grad {
+        check_len("grad_student_logits", g.len(), n, &shape)?;
+        if g.dtype() != crate::dtype::Dtype::F32 && g.dtype() != inputs.student.dtype() {
+            return Err(Error::Gradient(format!(
+                "dtype {} must be f32 or the student's dtype {}",
+                g.dtype(),
+                inputs.student.dtype()
+            )));
+        }
+    }
+    match inputs.labels {
+        Some(labels) => {
+            check_len("labels", labels.len(), rows, &format!("[{rows}]"))?;
+            check_labels(cfg, labels, vocab)?;
+        }
+        None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
+        None => {}
+    }
+    Ok(valid_rows(cfg, inputs.labels, rows))
+}
+
+/// `k` in `1..=MAX_TOP_K` and below the vocabulary size.
+pub fn check_top_k(k: usize, vocab: usize) -> Result<()> {
+    if !(1..=MAX_TOP_K).contains(&k) {
+        return Err(invalid("top_k", k, "must be in 1..=1024"));
+    }
+    if vocab > u32::MAX as usize {
+        return Err(invalid(
+            "vocab",
+            vocab,
+            "must be below 2^32 - 1 with a top-k teacher (its ids are u32)",
+        ));
+    }
+    if k >= vocab {
+        return Err(Error::InvalidOption {
+            name: "top_k",
+            value: format!("{k} (vocab {vocab})"),
+            reason: "must be below the vocabulary size: with every id kept, use the dense loss",
+        });
+    }
+    Ok(())
+}
+
+/// Every row of `[rows, k]` ids is in `[0, vocab)` and free of duplicates; the first offending
+/// row is reported (rows labelled `ignore_index` are checked too: the ids are data).
+pub fn check_topk_ids(ids: &[u32], k: usize, vocab: usize) -> Result<()> {
+    let mut sorted = Vec::with_capacity(k);
+    for (row, ids) in ids.chunks_exact(k).enumerate() {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TopKId {
+                row,
+                id,
+                vocab,
+                reason: "is outside the vocabulary",
+            });
+        }
+        sorted.clear();
+        sorted.extend_from_slice(ids);
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::TopKId {
+                row,
+                id: w[0],
+                vocab,
+                reason: "appears twice in the row",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks for the standalone softmax kernels.
 pub(crate) fn check_softmax(
     rows: usize,

@@ -1300,3 +1300,159 @@ fn readme_api_example_runs() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("loss "));
 }
+
+// ---------------------------------------------------------------------------------------------
+// A top-k teacher instead of teacher logits
+// ---------------------------------------------------------------------------------------------
+
+fn t_u32(name: &str, shape: &[usize], v: &[u32]) -> T {
+    T {
+        name: name.into(),
+        dtype: Dtype::U32,
+        shape: shape.to_vec(),
+        bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// The standard batch with its teacher replaced by the teacher's top `k` (ids as U32 or I64).
+fn topk_input(s: &Scratch, k: usize, ids_i64: bool) -> (PathBuf, distill_kernels::topk::TopKRows) {
+    let b = batch(6);
+    let top = distill_kernels::topk::TopKRows::from_logits(b.teacher[..].into(), N, V, k).unwrap();
+    let ids = if ids_i64 {
+        let wide: Vec<i64> = top.ids.iter().map(|&i| i as i64).collect();
+        t_i64("teacher_topk_ids", &[N, k], &wide)
+    } else {
+        t_u32("teacher_topk_ids", &[N, k], &top.ids)
+    };
+    let path = s.path("topk.safetensors");
+    write_st(
+        &path,
+        &[
+            t_f32("student_logits", &[N, V], &b.student),
+            ids,
+            t_f16("teacher_topk_values", &[N, k], &top.values),
+            t_f32("teacher_topk_tail", &[N], &top.tail),
+            t_i64("labels", &[N], &LABELS),
+        ],
+    );
+    (path, top)
+}
+
+#[test]
+fn top_k_teacher_runs_on_every_device_and_matches_the_library() {
+    let s = Scratch::new("topk");
+    let k = 7;
+    for ids_i64 in [false, true] {
+        let (input, top) = topk_input(&s, k, ids_i64);
+        let b = batch(6);
+        let values: Vec<f16> = top.values.iter().map(|&v| f16::from_f32(v)).collect();
+        let cfg = distill_kernels::LossConfig::builder()
+            .kind(distill_kernels::LossKind::ReverseKl)
+            .temperature(2.0)
+            .alpha(0.6)
+            .build()
+            .unwrap();
+        let want = distill_kernels::reference::distill_loss_topk_f64(
+            &cfg,
+            &distill_kernels::TopKInputs {
+                rows: N,
+                vocab: V,
+                student: b.student[..].into(),
+                teacher: distill_kernels::TopKTeacher {
+                    k,
+                    ids: &top.ids,
+                    values: values[..].into(),
+                    tail: &top.tail,
+                },
+                labels: Some(&LABELS),
+            },
+        )
+        .unwrap();
+        let want_grad: Vec<f32> = want.grad_logits.iter().map(|&g| g as f32).collect();
+        for device in ["reference", "cpu", "emulated"] {
+            let out = s.path(&format!("topk-{device}-{ids_i64}.safetensors"));
+            let args = [
+                "--device",
+                device,
+                "--kind",
+                "reverse-kl",
+                "--temperature",
+                "2",
+                "--alpha",
+                "0.6",
+            ];
+            let line = loss_ok(&input, &out, &args);
+            let loss = json_number(&line, "loss");
+            assert!(
+                (loss - want.loss[0]).abs() < 1e-5 * want.loss[0].abs(),
+                "{device}: {line}"
+            );
+            let (_, grad) = read_f32(&out, "grad_student_logits");
+            assert_close(&format!("{device} grad"), &grad, &want_grad);
+        }
+    }
+}
+
+#[test]
+fn top_k_teacher_inputs_are_checked_by_name() {
+    let s = Scratch::new("topk-bad");
+    let (input, top) = topk_input(&s, 5, false);
+    let out = s.path("o.safetensors");
+    let st = std::fs::read(&input).unwrap();
+    let parsed = SafeTensors::deserialize(&st).unwrap();
+    let keep = |drop: &str, extra: Vec<T>| {
+        let mut tensors: Vec<T> = parsed
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| n != drop)
+            .map(|(n, v)| T {
+                name: n,
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                bytes: v.data().to_vec(),
+            })
+            .collect();
+        tensors.extend(extra);
+        let p = s.path(&format!("in-{drop}.safetensors"));
+        write_st(&p, &tensors);
+        p
+    };
+    let b = batch(6);
+    let both = keep("", vec![t_f32("teacher_logits", &[N, V], &b.teacher)]);
+    loss_err(
+        &both,
+        &out,
+        &[],
+        &["either `teacher_logits` or the top-k teacher"],
+    );
+    let no_tail = keep("teacher_topk_tail", vec![]);
+    loss_err(&no_tail, &out, &[], &["missing tensor `teacher_topk_tail`"]);
+    let mut ids = top.ids.clone();
+    ids[6] = ids[5];
+    let dup = keep(
+        "teacher_topk_ids",
+        vec![t_u32("teacher_topk_ids", &[N, 5], &ids)],
+    );
+    for device in ["cpu", "emulated"] {
+        loss_err(
+            &dup,
+            &out,
+            &["--device", device],
+            &["teacher_topk_ids", "row 1", "appears twice"],
+        );
+    }
+    loss_err(&input, &out, &["--kind", "jsd"], &["top-k"]);
+    let hidden = keep(
+        "",
+        vec![
+            t_f32("student_hidden", &[N, H], &b.hs),
+            t_f32("teacher_hidden", &[N, H], &b.ht),
+        ],
+    );
+    loss_err(
+        &hidden,
+        &out,
+        &[],
+        &["hidden states cannot go with a top-k teacher"],
+    );
+}

@@ -155,7 +155,7 @@ fn kernel_attributes_are_ptxas_numbers() {
         );
         kernels += 1;
     }
-    assert_eq!(kernels, 99);
+    assert_eq!(kernels, 110);
 }
 
 /// cudarc allocates `len * size_of::<T>()` bytes as asked, also zero; the CUDA driver refuses

@@ -22,7 +22,7 @@ ROOT=$PWD
 FILTER=${1:-}
 
 # ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
-SUITES=(kernels device_api device_views device_optim device_nn device_blas device_attention device_bf16 device_model)
+SUITES=(kernels device_api device_views device_optim device_nn device_blas device_attention device_bf16 device_model topk)
 json=$(cargo test --release "${SUITES[@]/#/--test=}" --no-run --message-format=json 2>/dev/null)
 OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
@@ -43,6 +43,7 @@ first_suites() {
         attention.cu) echo device_attention device_bf16 device_model ;;
         model_ops.cu) echo device_nn device_bf16 device_model ;;
         optim.cu) echo device_optim ;;
+        kd_topk.cu) echo topk ;;
         *) echo kernels device_api ;;
     esac
 }
@@ -125,6 +126,14 @@ mutant bf16-rounded-intermediate model_ops.cu \
     'dk_store(out + i, __fmul_rn(__fmul_rn(g, dk_sigmoid(g)), dk_load(up + i)));' \
     '{ T silu; dk_store(&silu, __fmul_rn(g, dk_sigmoid(g))); dk_store(out + i, __fmul_rn(dk_load(&silu), dk_load(up + i))); }' \
     "SwiGLU rounds silu(gate) to the storage type before the product: invisible in f32, a second rounding in bf16"
+mutant topk-tail-counts-top-ids kd_topk.cu \
+    'dk_maxsum_add_tail(st, sv, inv_t, dk_topk_find(table, (unsigned)j, mask) >= 0);' \
+    'dk_maxsum_add_tail(st, sv, inv_t, dk_topk_find(table, (unsigned)j, mask) > k);' \
+    "the top-k loss sums the top ids into the student's tail bucket too"
+mutant topk-hash-insert-not-atomic kd_topk.cu \
+    'const unsigned old = atomicCAS(&t.key[h], DK_TOPK_EMPTY, id);' \
+    'const unsigned old = t.key[h]; if (old == DK_TOPK_EMPTY) t.key[h] = id;' \
+    "the shared hash table of top ids is filled by a plain read and write: two threads may claim one slot"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do

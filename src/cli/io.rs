@@ -136,6 +136,46 @@ pub fn label_tensor(
     )))
 }
 
+/// Reads the integer id tensor `name` of rank `rank` (U32, I32 or I64; every value must fit
+/// u32), or `None` if absent.
+pub fn id_tensor(
+    file: &InputFile,
+    st: &SafeTensors<'_>,
+    name: &str,
+    rank: usize,
+    dims: &str,
+) -> CliResult<Option<(Vec<usize>, Vec<u32>)>> {
+    let Some(v) = view(st, name) else {
+        return Ok(None);
+    };
+    let shape = v.shape().to_vec();
+    let wide: Vec<i64> = match v.dtype() {
+        StDtype::U32 => decode::<4, i64>(v.data(), |b| u32::from_le_bytes(b) as i64),
+        StDtype::I32 => decode::<4, i64>(v.data(), |b| i32::from_le_bytes(b) as i64),
+        StDtype::I64 => decode::<8, i64>(v.data(), i64::from_le_bytes),
+        other => {
+            return Err(CliError::new(format!(
+                "input {}: tensor `{name}` has dtype {other:?}, expected U32, I32 or I64",
+                file.path()
+            )))
+        }
+    };
+    check_rank(file, name, &shape, rank, dims)?;
+    let ids = wide
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            u32::try_from(x).map_err(|_| {
+                CliError::new(format!(
+                    "input {}: tensor `{name}` holds {x} at element {i}: ids must be in [0, 2^32)",
+                    file.path()
+                ))
+            })
+        })
+        .collect::<CliResult<Vec<u32>>>()?;
+    Ok(Some((shape, ids)))
+}
+
 fn check_rank(
     file: &InputFile,
     name: &str,

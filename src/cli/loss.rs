@@ -5,11 +5,12 @@ use std::time::Instant;
 
 use distill_kernels::{
     DeviceKind, DistillInputs, Error, GradOutputs, HiddenInputs, HostSliceMut, LossConfig,
-    LossKind, Reduction,
+    LossKind, Reduction, TopKInputs, TopKTeacher,
 };
 
 use super::io::{
-    float_tensor, label_tensor, shape_str, FloatTensor, InputFile, OutTensor, PendingOutput,
+    float_tensor, id_tensor, label_tensor, shape_str, FloatTensor, InputFile, OutTensor,
+    PendingOutput,
 };
 use super::json::JsonLine;
 use super::{print_line, CliError, CliResult, KindArg, LossArgs, NonFiniteArg, ReductionArg};
@@ -59,31 +60,59 @@ pub fn run(args: &LossArgs) -> CliResult<()> {
         Some((s, _)) => Some(zeros(rows * s.shape[1], "grad_student_hidden")?),
         None => None,
     };
-    let inputs = DistillInputs {
-        rows,
-        vocab,
-        student: input.student.data.as_slice(),
-        teacher: input.teacher.data.as_slice(),
-        labels: input.labels.as_deref(),
-        hidden: input.hidden.as_ref().map(|(s, t)| HiddenInputs {
-            size: s.shape[1],
-            student: s.data.as_slice(),
-            teacher: t.data.as_slice(),
-        }),
-    };
-    let grads = GradOutputs {
-        logits: Some(HostSliceMut::F32(&mut grad_logits)),
-        hidden: grad_hidden.as_deref_mut().map(HostSliceMut::F32),
-    };
     let t0 = Instant::now();
-    let loss = backend
-        .distill_loss(&cfg, &inputs, grads)
-        .map_err(|e| match e {
-            Error::LabelOutOfRange { .. } => {
-                CliError::new(format!("input {}: tensor `labels`: {e}", file.path()))
-            }
-            other => CliError::new(format!("loss on device {}: {other}", backend.name())),
-        })?;
+    let result = match &input.teacher {
+        Teacher::Dense(teacher) => {
+            let inputs = DistillInputs {
+                rows,
+                vocab,
+                student: input.student.data.as_slice(),
+                teacher: teacher.data.as_slice(),
+                labels: input.labels.as_deref(),
+                hidden: input.hidden.as_ref().map(|(s, t)| HiddenInputs {
+                    size: s.shape[1],
+                    student: s.data.as_slice(),
+                    teacher: t.data.as_slice(),
+                }),
+            };
+            let grads = GradOutputs {
+                logits: Some(HostSliceMut::F32(&mut grad_logits)),
+                hidden: grad_hidden.as_deref_mut().map(HostSliceMut::F32),
+            };
+            backend.distill_loss(&cfg, &inputs, grads)
+        }
+        Teacher::TopK {
+            k,
+            ids,
+            values,
+            tail,
+        } => {
+            let inputs = TopKInputs {
+                rows,
+                vocab,
+                student: input.student.data.as_slice(),
+                teacher: TopKTeacher {
+                    k: *k,
+                    ids,
+                    values: values.data.as_slice(),
+                    tail,
+                },
+                labels: input.labels.as_deref(),
+            };
+            let grad = Some(HostSliceMut::F32(&mut grad_logits));
+            backend.distill_loss_topk(&cfg, &inputs, grad)
+        }
+    };
+    let loss = result.map_err(|e| match e {
+        Error::LabelOutOfRange { .. } => {
+            CliError::new(format!("input {}: tensor `labels`: {e}", file.path()))
+        }
+        Error::TopKId { .. } => CliError::new(format!(
+            "input {}: tensor `teacher_topk_ids`: {e}",
+            file.path()
+        )),
+        other => CliError::new(format!("loss on device {}: {other}", backend.name())),
+    })?;
     let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     // 6. A non-finite loss is refused unless asked for: exit 0 with "loss": null is easy to miss.
@@ -266,10 +295,11 @@ fn zeros(len: usize, what: &str) -> CliResult<Vec<f32>> {
 /// The tensors of one input file, with every shape agreeing.
 /// The first non-finite input element, or else the first row whose loss is not finite.
 fn nonfinite_cause(input: &Input, losses: &[f32]) -> String {
-    let mut tensors = vec![
-        ("student_logits", &input.student),
-        ("teacher_logits", &input.teacher),
-    ];
+    let mut tensors = vec![("student_logits", &input.student)];
+    match &input.teacher {
+        Teacher::Dense(t) => tensors.push(("teacher_logits", t)),
+        Teacher::TopK { values, .. } => tensors.push(("teacher_topk_values", values)),
+    }
     if let Some((s, t)) = &input.hidden {
         tensors.push(("student_hidden", s));
         tensors.push(("teacher_hidden", t));
@@ -298,11 +328,22 @@ fn nonfinite_cause(input: &Input, losses: &[f32]) -> String {
     }
 }
 
+/// The teacher of an input file: dense logits, or its top-k entries per row.
+enum Teacher {
+    Dense(FloatTensor),
+    TopK {
+        k: usize,
+        ids: Vec<u32>,
+        values: FloatTensor,
+        tail: Vec<f32>,
+    },
+}
+
 struct Input {
     rows: usize,
     vocab: usize,
     student: FloatTensor,
-    teacher: FloatTensor,
+    teacher: Teacher,
     labels: Option<Vec<i64>>,
     hidden: Option<(FloatTensor, FloatTensor)>,
 }
@@ -319,7 +360,6 @@ impl Input {
             })
         };
         let student = required("student_logits")?;
-        let teacher = required("teacher_logits")?;
         let (rows, vocab) = (student.shape[0], student.shape[1]);
         if rows == 0 || vocab == 0 {
             return Err(CliError::new(format!(
@@ -327,14 +367,35 @@ impl Input {
                 shape_str(&student.shape)
             )));
         }
-        if teacher.shape != student.shape {
-            return Err(CliError::new(format!(
-                "input {path}: tensor `teacher_logits` has shape {}, expected {} to match \
-                 `student_logits`",
-                shape_str(&teacher.shape),
-                shape_str(&student.shape)
-            )));
-        }
+        let dense = float_tensor(file, &st, "teacher_logits", 2, "[N, V]")?;
+        let ids = id_tensor(file, &st, "teacher_topk_ids", 2, "[N, K]")?;
+        let teacher = match (dense, ids) {
+            (Some(_), Some(_)) => {
+                return Err(CliError::new(format!(
+                    "input {path}: give either `teacher_logits` or the top-k teacher \
+                     (`teacher_topk_ids`, `teacher_topk_values`, `teacher_topk_tail`), not both"
+                )))
+            }
+            (None, None) => {
+                return Err(CliError::new(format!(
+                    "input {path}: missing tensor `teacher_logits` ([N, V] logits, F32/F16/BF16) \
+                     or `teacher_topk_ids` ([N, K] ids with `teacher_topk_values` and \
+                     `teacher_topk_tail`)"
+                )))
+            }
+            (Some(teacher), None) => {
+                if teacher.shape != student.shape {
+                    return Err(CliError::new(format!(
+                        "input {path}: tensor `teacher_logits` has shape {}, expected {} to \
+                         match `student_logits`",
+                        shape_str(&teacher.shape),
+                        shape_str(&student.shape)
+                    )));
+                }
+                Teacher::Dense(teacher)
+            }
+            (None, Some((shape, ids))) => load_topk(file, &st, rows, shape, ids)?,
+        };
 
         let labels = match label_tensor(file, &st, "labels")? {
             Some((shape, values)) => {
@@ -351,6 +412,12 @@ impl Input {
         };
 
         let hs = float_tensor(file, &st, "student_hidden", 2, "[N, H]")?;
+        if hs.is_some() && matches!(teacher, Teacher::TopK { .. }) {
+            return Err(CliError::new(format!(
+                "input {path}: hidden states cannot go with a top-k teacher (its loss has no \
+                 hidden-state term); drop `student_hidden`/`teacher_hidden`"
+            )));
+        }
         let ht = float_tensor(file, &st, "teacher_hidden", 2, "[N, H]")?;
         let hidden = match (hs, ht) {
             (None, None) => None,
@@ -394,4 +461,54 @@ impl Input {
             hidden,
         })
     }
+}
+
+/// The top-k teacher's three tensors, their shapes checked against `[rows, K]` ids.
+fn load_topk(
+    file: &InputFile,
+    st: &safetensors::SafeTensors<'_>,
+    rows: usize,
+    shape: Vec<usize>,
+    ids: Vec<u32>,
+) -> CliResult<Teacher> {
+    let path = file.path();
+    if shape[0] != rows || shape[1] == 0 {
+        return Err(CliError::new(format!(
+            "input {path}: tensor `teacher_topk_ids` has shape {}, expected [{rows}, K] with \
+             K > 0 (one row per row of `student_logits`)",
+            shape_str(&shape)
+        )));
+    }
+    let values = float_tensor(file, st, "teacher_topk_values", 2, "[N, K]")?.ok_or_else(|| {
+        CliError::new(format!(
+            "input {path}: missing tensor `teacher_topk_values` ([N, K] teacher \
+             log-probabilities at T = 1 of the ids in `teacher_topk_ids`)"
+        ))
+    })?;
+    if values.shape != shape {
+        return Err(CliError::new(format!(
+            "input {path}: tensor `teacher_topk_values` has shape {}, expected {} to match \
+             `teacher_topk_ids`",
+            shape_str(&values.shape),
+            shape_str(&shape)
+        )));
+    }
+    let tail = float_tensor(file, st, "teacher_topk_tail", 1, "[N]")?.ok_or_else(|| {
+        CliError::new(format!(
+            "input {path}: missing tensor `teacher_topk_tail` ([N]: the log of the teacher's \
+             probability mass outside its top k, -inf when none)"
+        ))
+    })?;
+    if tail.shape != [rows] {
+        return Err(CliError::new(format!(
+            "input {path}: tensor `teacher_topk_tail` has shape {}, expected [{rows}]",
+            shape_str(&tail.shape)
+        )));
+    }
+    Ok(Teacher::TopK {
+        k: shape[1],
+        ids,
+        values,
+        tail: tail.data.to_f32_vec(),
+    })
 }

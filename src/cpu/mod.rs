@@ -36,6 +36,7 @@ mod hidden;
 mod kd;
 mod simd;
 mod softmax;
+mod topk;
 
 use std::ops::Range;
 
@@ -46,8 +47,8 @@ use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::Result;
 use crate::semantics::{
-    check_inputs, check_softmax, DistillInputs, GradOutputs, HiddenInputs, LossConfig, LossKind,
-    LossValue, Reduction,
+    check_inputs, check_softmax, check_topk_inputs, DistillInputs, GradOutputs, HiddenInputs,
+    LossConfig, LossKind, LossValue, Reduction, TopKInputs,
 };
 
 pub use floor::memory_floor;
@@ -167,6 +168,28 @@ pub fn distill_loss_with(
             grads.hidden,
             &mut row_loss,
         );
+    }
+    let values = reduce(cfg.reduction, &row_loss, loss_scale);
+    Ok(LossValue { values, valid_rows })
+}
+
+/// [`DistillDevice::distill_loss_topk`] of [`Cpu`] with its hot loops compiled for `level`.
+pub fn distill_loss_topk_with(
+    level: SimdLevel,
+    cfg: &LossConfig,
+    inputs: &TopKInputs,
+    grad: Option<HostSliceMut>,
+) -> Result<LossValue> {
+    let valid_rows = check_topk_inputs(cfg, inputs, grad.as_ref())?;
+    let (loss_scale, grad_scale) = cfg.scales(valid_rows);
+    let p = topk::TopKParams::new(cfg, grad_scale as f32);
+    let mut row_loss = vec![0.0f32; inputs.rows];
+    let level = level.supported();
+    match grad {
+        None => topk::rows::<f32>(level, &p, cfg, inputs, None, &mut row_loss),
+        Some(HostSliceMut::F32(g)) => topk::rows(level, &p, cfg, inputs, Some(g), &mut row_loss),
+        Some(HostSliceMut::F16(g)) => topk::rows(level, &p, cfg, inputs, Some(g), &mut row_loss),
+        Some(HostSliceMut::Bf16(g)) => topk::rows(level, &p, cfg, inputs, Some(g), &mut row_loss),
     }
     let values = reduce(cfg.reduction, &row_loss, loss_scale);
     Ok(LossValue { values, valid_rows })
@@ -456,6 +479,15 @@ impl DistillDevice for Cpu {
         grads: GradOutputs,
     ) -> Result<LossValue> {
         distill_loss_with(SimdLevel::detect(), cfg, inputs, grads)
+    }
+
+    fn distill_loss_topk(
+        &self,
+        cfg: &LossConfig,
+        inputs: &TopKInputs,
+        grad: Option<HostSliceMut>,
+    ) -> Result<LossValue> {
+        distill_loss_topk_with(SimdLevel::detect(), cfg, inputs, grad)
     }
 
     fn softmax(

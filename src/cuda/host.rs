@@ -4,11 +4,14 @@
 
 use super::ops::{DeviceHidden, DeviceInputs, Student};
 use super::tensor::{DeviceLabels, DeviceTensor, DeviceVec};
+use super::topk::{DeviceTopK, DeviceTopKInputs};
 use super::CudaKernels;
 use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{Dtype, HostSlice, HostSliceMut};
 use crate::error::Result;
-use crate::semantics::{check_inputs, DistillInputs, GradOutputs, LossConfig, LossValue};
+use crate::semantics::{
+    check_inputs, check_topk_inputs, DistillInputs, GradOutputs, LossConfig, LossValue, TopKInputs,
+};
 
 impl CudaKernels {
     fn upload(&self, data: HostSlice) -> Result<DeviceVec> {
@@ -102,6 +105,53 @@ impl DistillDevice for CudaKernels {
             self.download(src, dst)?;
         }
         if let (Some(src), Some(dst)) = (&hg, g_hidden) {
+            self.download(src, dst)?;
+        }
+        Ok(value)
+    }
+
+    fn distill_loss_topk(
+        &self,
+        cfg: &LossConfig,
+        inputs: &TopKInputs,
+        grad: Option<HostSliceMut>,
+    ) -> Result<LossValue> {
+        // Checked on the host (ids included), so the device sees only valid calls.
+        check_topk_inputs(cfg, inputs, grad.as_ref())?;
+        let s = self.upload(inputs.student)?;
+        let t = &inputs.teacher;
+        let map = |e| self.cuda_error("upload", e);
+        let ids = self.stream.clone_htod(t.ids).map_err(map)?;
+        let values = self.upload(t.values)?;
+        let tail = self.stream.clone_htod(t.tail).map_err(map)?;
+        let labels = match inputs.labels {
+            Some(l) => Some(self.stream.clone_htod(l).map_err(map)?),
+            None => None,
+        };
+        let mut g = match &grad {
+            Some(g) => Some(self.output(g.dtype(), g.len())?),
+            None => None,
+        };
+        let value = self.distill_loss_topk_device(
+            cfg,
+            DeviceTopKInputs {
+                rows: inputs.rows,
+                vocab: inputs.vocab,
+                student: Student::Logits {
+                    logits: &s,
+                    grad: g.as_mut().map(|g| g as _),
+                },
+                teacher: DeviceTopK {
+                    k: t.k,
+                    ids: ids.as_view(),
+                    values: &values,
+                    tail: tail.as_view(),
+                },
+                labels: labels.as_ref().map(|l| l as &dyn DeviceLabels),
+                strides: Default::default(),
+            },
+        )?;
+        if let (Some(src), Some(dst)) = (&g, grad) {
             self.download(src, dst)?;
         }
         Ok(value)

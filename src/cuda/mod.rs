@@ -10,6 +10,7 @@ mod nn;
 mod ops;
 mod span;
 mod tensor;
+mod topk;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use crate::error::{Error, Result};
 pub use attention::MAX_HEAD_DIM as MAX_ATTENTION_HEAD_DIM;
 pub use ops::{DeviceHidden, DeviceInputs, LossWorkspace, RowStrides, Student};
 pub use span::DeviceSpan;
+pub use topk::{DeviceTopK, DeviceTopKInputs};
 
 /// The storage types of the model's device tensors (activations, their gradients, the working
 /// copy of the weights): f32 or bf16, named by the suffix of the kernels that take them. Sealed:

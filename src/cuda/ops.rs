@@ -80,20 +80,20 @@ pub struct DeviceInputs<'a> {
 /// [`CudaKernels::read_loss`] copies it to the host with the label check.
 pub struct LossWorkspace {
     capacity: usize,
-    scalars: CudaSlice<DkScalars>,
-    row_loss: CudaSlice<f32>,
-    loss: CudaSlice<f32>,
-    labels: CudaSlice<i64>,
-    last: Option<Enqueued>,
+    pub(super) scalars: CudaSlice<DkScalars>,
+    pub(super) row_loss: CudaSlice<f32>,
+    pub(super) loss: CudaSlice<f32>,
+    pub(super) labels: CudaSlice<i64>,
+    pub(super) last: Option<Enqueued>,
 }
 
 /// What the last call into a workspace was, for reading its result.
 #[derive(Clone, Copy)]
-struct Enqueued {
-    rows: usize,
-    vocab: usize,
-    reduction: Reduction,
-    ignore_index: i64,
+pub(super) struct Enqueued {
+    pub rows: usize,
+    pub vocab: usize,
+    pub reduction: Reduction,
+    pub ignore_index: i64,
 }
 
 impl std::fmt::Debug for LossWorkspace {
@@ -144,7 +144,7 @@ pub(crate) fn row_grid(rows: usize, threads: u32) -> Result<LaunchConfig> {
     })
 }
 
-fn one_block(n: usize) -> LaunchConfig {
+pub(super) fn one_block(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: ((n.next_multiple_of(32)).clamp(32, 1024) as u32, 1, 1),
@@ -202,6 +202,50 @@ pub(crate) fn check_rows(
         });
     }
     Ok(stride)
+}
+
+/// The student's pointer, row stride and dtype, and the gradient's (the same buffer in place; a
+/// null pointer for a loss without gradient), checked against `[rows, vocab]` and `strides`.
+#[allow(clippy::type_complexity)]
+pub(super) fn student_pointers<'g, 's: 'g, 'b: 'g>(
+    stream: &'s cudarc::driver::CudaStream,
+    student: Student<'b>,
+    rows: usize,
+    vocab: usize,
+    strides: RowStrides,
+    guards: &mut Vec<SyncOnDrop<'g>>,
+) -> Result<(u64, usize, Dtype, u64, usize, Dtype)> {
+    Ok(match student {
+        Student::Logits { logits, grad } => {
+            let ss = check_rows("student_logits", logits.len(), rows, vocab, strides.student)?;
+            let (sp, sg) = logits.read_ptr(stream);
+            guards.push(sg);
+            match grad {
+                Some(g) => {
+                    let gs = check_rows("grad_student_logits", g.len(), rows, vocab, strides.grad)?;
+                    check_grad_dtype("logits", g.dtype(), logits.dtype())?;
+                    let dt = g.dtype();
+                    let (gp, gg) = g.write_ptr(stream);
+                    guards.push(gg);
+                    (sp, ss, logits.dtype(), gp, gs, dt)
+                }
+                None => (sp, ss, logits.dtype(), 0, vocab, Dtype::F32),
+            }
+        }
+        Student::InPlace(buf) => {
+            if strides.grad.is_some() && strides.grad != strides.student {
+                return Err(Error::Gradient(
+                    "an in-place gradient has the student's row stride; leave strides.grad unset"
+                        .into(),
+                ));
+            }
+            let ss = check_rows("student_logits", buf.len(), rows, vocab, strides.student)?;
+            let dt = buf.dtype();
+            let (p, g) = buf.write_ptr(stream);
+            guards.push(g);
+            (p, ss, dt, p, ss, dt)
+        }
+    })
 }
 
 fn check_grad_dtype(what: &str, grad: Dtype, input: Dtype) -> Result<()> {
@@ -311,39 +355,8 @@ impl CudaKernels {
         let mut guards: Vec<SyncOnDrop> = Vec::new();
 
         // Student pointer and stride, gradient pointer (maybe the same) and stride, dtypes.
-        let (s_ptr, s_stride, s_dtype, g_ptr, g_stride, g_dtype) = match student {
-            Student::Logits { logits, grad } => {
-                let ss = check_rows("student_logits", logits.len(), rows, vocab, strides.student)?;
-                let (sp, sg) = logits.read_ptr(stream);
-                guards.push(sg);
-                match grad {
-                    Some(g) => {
-                        let gs =
-                            check_rows("grad_student_logits", g.len(), rows, vocab, strides.grad)?;
-                        check_grad_dtype("logits", g.dtype(), logits.dtype())?;
-                        let dt = g.dtype();
-                        let (gp, gg) = g.write_ptr(stream);
-                        guards.push(gg);
-                        (sp, ss, logits.dtype(), gp, gs, dt)
-                    }
-                    None => (sp, ss, logits.dtype(), 0, vocab, Dtype::F32),
-                }
-            }
-            Student::InPlace(buf) => {
-                if strides.grad.is_some() && strides.grad != strides.student {
-                    return Err(Error::Gradient(
-                        "an in-place gradient has the student's row stride; leave strides.grad \
-                         unset"
-                            .into(),
-                    ));
-                }
-                let ss = check_rows("student_logits", buf.len(), rows, vocab, strides.student)?;
-                let dt = buf.dtype();
-                let (p, g) = buf.write_ptr(stream);
-                guards.push(g);
-                (p, ss, dt, p, ss, dt)
-            }
-        };
+        let (s_ptr, s_stride, s_dtype, g_ptr, g_stride, g_dtype) =
+            student_pointers(stream, student, rows, vocab, strides, &mut guards)?;
         let t_stride = check_rows(
             "teacher_logits",
             teacher.len(),
@@ -516,6 +529,19 @@ impl CudaKernels {
             .stream
             .clone_dtoh(&ws.scalars)
             .map_err(|err| self.cuda_error("synchronize", err))?[0];
+        if sc.bad_topk != i64::MAX {
+            let (row, id) = ((sc.bad_topk >> 32) as usize, sc.bad_topk as u32);
+            return Err(Error::TopKId {
+                row,
+                id,
+                vocab: e.vocab,
+                reason: if id as usize >= e.vocab {
+                    "is outside the vocabulary"
+                } else {
+                    "appears twice in the row"
+                },
+            });
+        }
         if sc.bad_label_row >= 0 {
             return Err(Error::LabelOutOfRange {
                 row: sc.bad_label_row as usize,
