@@ -107,6 +107,7 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
                 ..base.clone()
             },
             teacher,
+            teacher_cache: None,
             tokenizer: &tok,
             train_stream: &data.train,
             val_windows: &data.val,

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_train;
+mod cache;
 mod demo;
 mod example;
 mod io;
@@ -81,6 +82,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Distill a teacher run into a student with the fused loss (and hidden-state MSE).
     Distill(train::DistillArgs),
+    /// Run a teacher once over the data and store its top-k log-probabilities per position (a
+    /// resumable, sharded cache); `distill distill --teacher-cache` trains students from it
+    /// without the teacher.
+    CacheTeacher(cache::CacheTeacherArgs),
     /// Validation loss of a run on data, as one JSON line with val_loss and val_ppl.
     Eval(train::EvalArgs),
     /// Continue a prompt with a trained model.
@@ -334,6 +339,7 @@ pub fn run() -> CliResult<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Train(args) => train::run_train(&args),
         Command::Distill(args) => train::run_distill(&args),
+        Command::CacheTeacher(args) => cache::run(&args),
         Command::Eval(args) => train::run_eval(&args),
         Command::Sample(args) => train::run_sample(&args),
         Command::Loss(args) => loss::run(&args),

@@ -15,6 +15,7 @@ use distill_kernels::train::config::{parse_hidden_layers, preset, DistillConfig,
 use distill_kernels::train::device_step::LastLogits;
 use distill_kernels::train::rundir;
 use distill_kernels::train::session::{self, RunSpec, RunSummary};
+use distill_kernels::train::teacher_cache::{self, TeacherCache};
 use distill_kernels::train::trainer::{eval_loss, Teacher};
 use distill_kernels::LossKind;
 
@@ -103,8 +104,12 @@ pub struct TrainArgs {
 #[derive(Debug, Args)]
 pub struct DistillArgs {
     /// The teacher's run directory (config.json, model.safetensors, tokenizer.json)
-    #[arg(long, value_name = "DIR")]
-    pub teacher: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "teacher_cache")]
+    pub teacher: Option<PathBuf>,
+    /// Distill from a teacher cache made by `distill cache-teacher` instead of a live teacher
+    /// (top-k loss; the cache's tokenizer, windows and --seq)
+    #[arg(long, value_name = "DIR", conflicts_with = "teacher")]
+    pub teacher_cache: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
     /// Soft loss between teacher and student
@@ -298,6 +303,7 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
             model,
             train: cfg,
             teacher: None,
+            teacher_cache: None,
             tokenizer: &tok,
             train_stream: &data.train,
             val_windows: &data.val,
@@ -404,33 +410,75 @@ fn is_inside(out: &Path, other: &Path) -> bool {
 
 pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
     let r = &a.run;
-    let cfg = train_config(r, Some(distill_config(a)?));
+    let mut cfg = train_config(r, Some(distill_config(a)?));
+    let source = a
+        .teacher
+        .as_ref()
+        .or(a.teacher_cache.as_ref())
+        .ok_or_else(|| CliError::new("give --teacher DIR or --teacher-cache DIR"))?;
     // Replacing the teacher's directory with the student (`--out` = `--teacher`, with --force)
     // would destroy the model being distilled.
-    if same_dir(&r.out, &a.teacher) {
+    if same_dir(&r.out, source) {
         return Err(CliError::new(format!(
             "--out {} is the teacher's directory: the student would overwrite its teacher",
             r.out.display()
         )));
     }
-    if is_inside(&r.out, &a.teacher) || is_inside(&r.out, &r.data) {
+    if is_inside(&r.out, source) || is_inside(&r.out, &r.data) {
         return Err(CliError::new(format!(
             "--out {} is inside the teacher's directory or the data: a run must not write there",
             r.out.display()
         )));
     }
     check_run_args(r)?;
-    let (teacher, tok) = load_teacher(&a.teacher)?;
     let corpus = Corpus::load(&r.data, VAL_FRACTION, SPLIT_SEED)?;
+    let (teacher, cache, tok) = match (&a.teacher, &a.teacher_cache) {
+        (Some(dir), _) => {
+            let (teacher, tok) = load_teacher(dir)?;
+            (Some(teacher), None, tok)
+        }
+        (None, Some(dir)) => {
+            let (cache, tok) = open_cache(dir, &corpus)?;
+            match r.seq {
+                None => cfg.seq = cache.manifest.seq,
+                Some(seq) if seq != cache.manifest.seq => {
+                    return Err(CliError::new(format!(
+                        "--seq {seq}: the teacher cache {} holds windows of {} tokens; train \
+                         at that length or build a cache with --seq {seq}",
+                        dir.display(),
+                        cache.manifest.seq
+                    )))
+                }
+                Some(_) => {}
+            }
+            (None, Some(cache), tok)
+        }
+        (None, None) => unreachable!("one of the two is present (checked above)"),
+    };
     let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
     let data = prepare(&corpus, &tok, cfg.seq)?;
+    if let Some(c) = &cache {
+        let want = &c
+            .manifest
+            .split("train")
+            .expect("open_cache checks")
+            .tokens_hash;
+        if &teacher_cache::hash_tokens(&data.train.tokens) != want {
+            return Err(CliError::new(format!(
+                "--teacher-cache {}: the training split tokenizes to other tokens than the \
+                 cache was made from",
+                c.dir.display()
+            )));
+        }
+    }
     let summary = session::run(
         RunSpec {
             name: "distill",
             out: &r.out,
             model,
             train: cfg,
-            teacher: Some(teacher),
+            teacher,
+            teacher_cache: cache,
             tokenizer: &tok,
             train_stream: &data.train,
             val_windows: &data.val,
@@ -439,7 +487,8 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
             stop_at: r.stop_at,
             meta: json!({
                 "data": r.data.display().to_string(),
-                "teacher": a.teacher.display().to_string(),
+                "teacher": a.teacher.as_ref().map(|p| p.display().to_string()),
+                "teacher_cache": a.teacher_cache.as_ref().map(|p| p.display().to_string()),
             }),
             keep_checkpoints: r.keep_checkpoints,
             data_fingerprint: Some(corpus.fingerprint()),
@@ -450,6 +499,46 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
         &mut Display::new(),
     )?;
     print_summary("distill", &r.out, &summary)
+}
+
+/// Opens a teacher cache for `corpus`: its manifest must name this data, and its tokenizer
+/// must be the one it was made with.
+fn open_cache(dir: &Path, corpus: &Corpus) -> CliResult<(TeacherCache, Tokenizer)> {
+    let m = teacher_cache::read_manifest(dir)?;
+    let fp = corpus.fingerprint();
+    if m.data_fingerprint != fp {
+        return Err(CliError::new(format!(
+            "--teacher-cache {}: it was made from other data (fingerprint {}, --data has {fp})",
+            dir.display(),
+            m.data_fingerprint
+        )));
+    }
+    let tok_path = dir.join(teacher_cache::TOKENIZER);
+    let bytes = std::fs::read(&tok_path)
+        .map_err(|e| CliError::new(format!("cannot read {}: {e}", tok_path.display())))?;
+    if teacher_cache::hash_bytes([&bytes[..]]) != m.tokenizer_hash {
+        return Err(CliError::new(format!(
+            "--teacher-cache {}: {} is not the tokenizer the cache was made with",
+            dir.display(),
+            tok_path.display()
+        )));
+    }
+    let tok = Tokenizer::load(&tok_path)?;
+    if tok.vocab_size() != m.vocab {
+        return Err(CliError::new(format!(
+            "--teacher-cache {}: its tokenizer has {} tokens, the manifest says {}",
+            dir.display(),
+            tok.vocab_size(),
+            m.vocab
+        )));
+    }
+    if m.split("train").is_none() {
+        return Err(CliError::new(format!(
+            "--teacher-cache {}: it has no train split",
+            dir.display()
+        )));
+    }
+    Ok((TeacherCache::open(dir)?, tok))
 }
 
 pub fn run_eval(a: &EvalArgs) -> CliResult<()> {

@@ -12,15 +12,16 @@
 //! and activations are bf16 too, and its bf16 logits go straight into the fused loss.
 
 use cudarc::driver::CudaSlice;
-use half::bf16;
+use half::{bf16, f16};
 
 use crate::cuda::{
-    CudaKernels, DeviceHidden, DeviceInputs, DeviceSpan, LossWorkspace, RowStrides, Storage,
-    Student,
+    CudaKernels, DeviceHidden, DeviceInputs, DeviceSpan, DeviceTopK, DeviceTopKInputs,
+    LossWorkspace, RowStrides, Storage, Student,
 };
+use crate::dtype::HostSlice;
 use crate::model::exec_cuda::DeviceActivations;
 use crate::model::llama::{HiddenPoint, Llama, Pass};
-use crate::semantics::LossConfig;
+use crate::semantics::{LossConfig, TopKTeacher};
 pub use crate::train::config::DeviceDtype;
 use crate::train::device_optim::{DeviceAdamW, GradClip};
 use crate::train::error::{Result, TrainError as Error};
@@ -36,12 +37,14 @@ pub trait StepOnDevice {
     fn plan(&self) -> &[(String, usize)];
     /// Gradients of the loss `cfg` on `inputs` (labels `labels`) into the device gradient buffer
     /// (zeroed first); returns the loss. The teacher runs only when `distilling`; the
-    /// hidden-state pairs take part when `cfg.hidden_weight` is not 0.
+    /// hidden-state pairs take part when `cfg.hidden_weight` is not 0. With `cached` (a teacher
+    /// cache's rows for this batch) the soft loss is the top-k loss and no teacher runs.
     #[allow(clippy::too_many_arguments)]
     fn forward_backward(
         &mut self,
         model: &Llama,
         teacher: Option<&Llama>,
+        cached: Option<TopKTeacher<'_>>,
         cfg: &LossConfig,
         inputs: &[u32],
         labels: &[i64],
@@ -103,6 +106,9 @@ pub struct DeviceStep<T: Storage> {
     acts: DeviceActivations<T>,
     teacher: Option<(CudaSlice<T>, DeviceActivations<T>)>,
     hidden: Option<HiddenStates<T>>,
+    /// A teacher cache's rows of one batch (ids, f16 values, tails), allocated at the first
+    /// cached step.
+    topk: Option<(CudaSlice<u32>, CudaSlice<f16>, CudaSlice<f32>)>,
     ws: LossWorkspace,
     clip: GradClip,
     adam: DeviceAdamW,
@@ -242,11 +248,87 @@ impl<T: Storage> DeviceStep<T> {
             acts,
             teacher,
             hidden,
+            topk: None,
             ws,
             clip,
             adam,
             plan,
         })
+    }
+
+    /// [`StepOnDevice::forward_backward`] against a teacher cache's rows: the batch's ids,
+    /// values and tails are copied up, the student runs, and the top-k loss writes its logit
+    /// gradient.
+    fn forward_backward_topk(
+        &mut self,
+        model: &Llama,
+        top: TopKTeacher<'_>,
+        cfg: &LossConfig,
+        inputs: &[u32],
+        labels: &[i64],
+    ) -> Result<f32> {
+        let dev = &self.dev;
+        let s = dev.stream();
+        let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
+        let HostSlice::F16(values) = top.values else {
+            return Err(Error::Data("a teacher cache's values are f16".into()));
+        };
+        let rows = labels.len();
+        if self
+            .topk
+            .as_ref()
+            .is_none_or(|(ids, _, _)| ids.len() != top.ids.len())
+        {
+            self.topk = Some((
+                s.alloc_zeros(top.ids.len()).map_err(map("the top-k ids"))?,
+                s.alloc_zeros(values.len())
+                    .map_err(map("the top-k values"))?,
+                s.alloc_zeros(rows).map_err(map("the top-k tails"))?,
+            ));
+        }
+        // Taken out for the call (the step's other buffers are borrowed alongside), put back below.
+        let (mut d_ids, mut d_values, mut d_tail) = self.topk.take().expect("allocated above");
+        s.memcpy_htod(top.ids, &mut d_ids)
+            .map_err(map("the top-k ids"))?;
+        s.memcpy_htod(values, &mut d_values)
+            .map_err(map("the top-k values"))?;
+        s.memcpy_htod(top.tail, &mut d_tail)
+            .map_err(map("the top-k tails"))?;
+        s.memcpy_htod(labels, &mut self.labels)
+            .map_err(map("the labels"))?;
+        s.memset_zeros(&mut self.grads)
+            .map_err(map("zeroing the gradients"))?;
+        let n_model = model.num_params();
+        let all_params = self.working();
+        let params = all_params.sub(0, n_model)?;
+        self.acts.forward(dev, model, &params, inputs)?;
+        let logits = self.acts.logits();
+        dev.distill_loss_topk_enqueue(
+            cfg,
+            DeviceTopKInputs {
+                rows,
+                vocab: model.config().vocab_size,
+                student: Student::Logits {
+                    logits: &logits,
+                    grad: Some(&mut self.dlogits),
+                },
+                teacher: DeviceTopK {
+                    k: top.k,
+                    ids: d_ids.as_view(),
+                    values: &d_values,
+                    tail: d_tail.as_view(),
+                },
+                labels: Some(&self.labels),
+                strides: RowStrides::default(),
+            },
+            &mut self.ws,
+        )?;
+        let loss = dev.read_loss(&self.ws)?.total();
+        self.topk = Some((d_ids, d_values, d_tail));
+        let mut grads = DeviceSpan::over_mut(&mut self.grads).sub(0, n_model)?;
+        self.acts
+            .backward(dev, model, &params, &self.dlogits, &[], &mut grads)?;
+        Ok(loss)
     }
 
     /// The weights the model reads: the bf16 working copy, or the f32 master weights.
@@ -556,11 +638,15 @@ impl<T: Storage> StepOnDevice for DeviceStep<T> {
         &mut self,
         model: &Llama,
         teacher: Option<&Llama>,
+        cached: Option<TopKTeacher<'_>>,
         cfg: &LossConfig,
         inputs: &[u32],
         labels: &[i64],
         distilling: bool,
     ) -> Result<f32> {
+        if let (Some(top), true) = (cached, distilling) {
+            return self.forward_backward_topk(model, top, cfg, inputs, labels);
+        }
         let dev = &self.dev;
         let s = dev.stream();
         let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));

@@ -15,6 +15,7 @@ pub mod optim;
 pub mod plot;
 pub mod rundir;
 pub mod session;
+pub mod teacher_cache;
 pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -53,8 +53,11 @@ pub struct RunSpec<'a> {
     pub model: LlamaConfig,
     /// Training options: optimizer, schedule, batches, cadences and distillation.
     pub train: TrainConfig,
-    /// The frozen teacher; required when `train.distill` is set.
+    /// The frozen teacher; `train.distill` needs it or `teacher_cache`.
     pub teacher: Option<Teacher>,
+    /// An offline teacher cache to distill from instead of a live teacher (see
+    /// [`crate::train::teacher_cache`]); its training windows replace `train_stream`'s.
+    pub teacher_cache: Option<crate::train::teacher_cache::TeacherCache>,
     /// The tokenizer the streams were encoded with; copied into every checkpoint.
     pub tokenizer: &'a Tokenizer,
     /// Training tokens; each step reads random windows of it.
@@ -300,7 +303,10 @@ pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary>
     let wall = Instant::now();
     validate(&spec)?;
     let teacher = spec.teacher.take();
-    let mut trainer = Trainer::new(spec.train.clone(), spec.model.clone(), teacher)?;
+    let mut trainer = match spec.teacher_cache.take() {
+        Some(cache) => Trainer::with_cache(spec.train.clone(), spec.model.clone(), cache)?,
+        None => Trainer::new(spec.train.clone(), spec.model.clone(), teacher)?,
+    };
     open_device(&mut trainer, spec.device, spec.dtype, progress)?;
     let mut dir = RunDir::open(spec.out, &mut |line| progress.note(&line))?;
     // The same checks under the lock: another run may have finished in between.

@@ -13,7 +13,9 @@ use crate::data::batches::{train_batch, TokenStream};
 use crate::device::DistillDevice;
 use crate::dtype::HostSliceMut;
 use crate::model::{normal_fill, ops, Activations, HiddenPoint, Llama, LlamaConfig, Pass};
-use crate::semantics::{DistillInputs, GradOutputs, HiddenInputs, LossConfig, Reduction};
+use crate::semantics::{
+    DistillInputs, GradOutputs, HiddenInputs, LossConfig, Reduction, TopKInputs,
+};
 use crate::train::checkpoint::{self, Checkpoint, ConfigExtras, TrainerState};
 use crate::train::config::TrainConfig;
 use crate::train::error::{Result, TrainError as Error};
@@ -106,6 +108,8 @@ pub struct Trainer {
     schedule: LrSchedule,
     acts: Activations<f32>,
     teacher: Option<(Teacher, Activations<f32>)>,
+    /// The offline teacher when distilling from a cache (then `teacher` is `None`).
+    cache: Option<crate::train::teacher_cache::TeacherCache>,
     dlogits: Vec<f32>,
     labels: Vec<i64>,
     step: u64,
@@ -137,6 +141,64 @@ fn hidden_point(
 impl Trainer {
     /// A fresh run: parameters initialized from the seed, projections included.
     pub fn new(cfg: TrainConfig, model_cfg: LlamaConfig, teacher: Option<Teacher>) -> Result<Self> {
+        Self::build(cfg, model_cfg, teacher, None)
+    }
+
+    /// A student distilled from an offline teacher cache instead of a live teacher: each step's
+    /// batch is a set of the cache's training windows, and the soft loss is the top-k loss
+    /// ([`crate::TopKTeacher`]). Needs distillation options without hidden-state pairs (the
+    /// cache holds no hidden states), `seq` equal to the cache's window and the same vocabulary.
+    pub fn with_cache(
+        cfg: TrainConfig,
+        model_cfg: LlamaConfig,
+        cache: crate::train::teacher_cache::TeacherCache,
+    ) -> Result<Self> {
+        let m = &cache.manifest;
+        let refuse = |name, value: String, reason| Error::InvalidOption {
+            name,
+            value,
+            reason,
+        };
+        match &cfg.distill {
+            None => {
+                return Err(refuse(
+                    "teacher-cache",
+                    cache.dir.display().to_string(),
+                    "a teacher cache is for distillation; train without it",
+                ))
+            }
+            Some(d) if d.hidden_weight != 0.0 && !d.hidden_layers.is_empty() => {
+                return Err(refuse(
+                    "hidden-layers",
+                    format!("{:?}", d.hidden_layers),
+                    "a teacher cache holds no hidden states; distill them from a live --teacher",
+                ))
+            }
+            Some(_) => {}
+        }
+        if cfg.seq != m.seq {
+            return Err(refuse(
+                "seq",
+                cfg.seq.to_string(),
+                "differs from the teacher cache's window length (pass its seq, or build a cache for this one)",
+            ));
+        }
+        if model_cfg.vocab_size != m.vocab {
+            return Err(refuse(
+                "vocab_size",
+                model_cfg.vocab_size.to_string(),
+                "differs from the teacher cache's vocabulary",
+            ));
+        }
+        Self::build(cfg, model_cfg, None, Some(cache))
+    }
+
+    fn build(
+        cfg: TrainConfig,
+        model_cfg: LlamaConfig,
+        teacher: Option<Teacher>,
+        cache: Option<crate::train::teacher_cache::TeacherCache>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let model = Llama::new(model_cfg)?;
         if cfg.seq > model.config().max_position_embeddings {
@@ -147,7 +209,10 @@ impl Trainer {
             });
         }
         let n_model = model.num_params();
-        let (pairs, n_proj) = Self::plan_hidden(&cfg, &model, teacher.as_ref())?;
+        let (pairs, n_proj) = match &cache {
+            Some(_) => (Vec::new(), 0),
+            None => Self::plan_hidden(&cfg, &model, teacher.as_ref())?,
+        };
         Self::plan_memory(&cfg, &model, teacher.as_ref(), n_model.checked_add(n_proj))?;
         let mut params = model.init_params::<f32>(cfg.seed);
         params.extend(init_projections(&model, teacher.as_ref(), n_proj, cfg.seed));
@@ -185,6 +250,7 @@ impl Trainer {
             schedule,
             acts,
             teacher,
+            cache,
             step: 0,
             history: History::default(),
             #[cfg(feature = "cuda")]
@@ -327,8 +393,14 @@ impl Trainer {
     pub fn step(&mut self, train: &TokenStream) -> Result<StepStats> {
         let started = Instant::now();
         let step = self.step;
-        let (inputs, targets) =
-            train_batch(train, self.cfg.seed, step, self.cfg.batch, self.cfg.seq)?;
+        let cached = match &self.cache {
+            Some(c) => Some(c.train_batch(self.cfg.seed, step, self.cfg.batch)?),
+            None => None,
+        };
+        let (inputs, targets) = match &cached {
+            Some(b) => (b.inputs.clone(), b.targets.clone()),
+            None => train_batch(train, self.cfg.seed, step, self.cfg.batch, self.cfg.seq)?,
+        };
         for (l, &t) in self.labels.iter_mut().zip(&targets) {
             *l = t as i64;
         }
@@ -336,10 +408,10 @@ impl Trainer {
         let temperature = self.temperature();
         #[cfg(feature = "cuda")]
         if self.device.is_some() {
-            return self.device_step(step, &inputs, lr, temperature, started);
+            return self.device_step(step, &inputs, cached.as_ref(), lr, temperature, started);
         }
         self.grads.fill(0.0);
-        let loss = self.forward_backward(&inputs)?;
+        let loss = self.forward_backward(&inputs, cached.as_ref())?;
         check_finite(step, "loss", loss)?;
         let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
         check_finite(step, "gradient norm", grad_norm)?;
@@ -406,6 +478,7 @@ impl Trainer {
         &mut self,
         step: u64,
         inputs: &[u32],
+        cached: Option<&crate::train::teacher_cache::CachedBatch>,
         lr: f32,
         temperature: f32,
         started: Instant,
@@ -417,6 +490,7 @@ impl Trainer {
         let loss = d.forward_backward(
             &self.model,
             teacher,
+            cached.map(|b| b.teacher()),
             &loss_cfg,
             inputs,
             &self.labels,
@@ -439,7 +513,11 @@ impl Trainer {
 
     /// Teacher forward (no gradient), student forward, fused loss, student backward into
     /// `self.grads`. Returns the loss.
-    fn forward_backward(&mut self, inputs: &[u32]) -> Result<f32> {
+    fn forward_backward(
+        &mut self,
+        inputs: &[u32],
+        cached: Option<&crate::train::teacher_cache::CachedBatch>,
+    ) -> Result<f32> {
         let distilling = self.cfg.distill.is_some();
         let loss_cfg = self.loss_config();
         let (n, v) = (self.labels.len(), self.model.config().vocab_size);
@@ -471,25 +549,38 @@ impl Trainer {
             _ => None,
         };
         let mut dhidden_cat = hidden.as_ref().map(|h| vec![0.0f32; h.student.len()]);
-        let loss = Cpu.distill_loss(
-            &loss_cfg,
-            &DistillInputs {
-                rows: n,
-                vocab: v,
-                student: logits.into(),
-                teacher: teacher_logits.unwrap_or(logits).into(),
-                labels: Some(&self.labels),
-                hidden: hidden.as_ref().map(|h| HiddenInputs {
-                    size: h.width,
-                    student: h.student[..].into(),
-                    teacher: h.teacher[..].into(),
-                }),
-            },
-            GradOutputs {
-                logits: Some(HostSliceMut::F32(&mut self.dlogits)),
-                hidden: dhidden_cat.as_mut().map(|g| HostSliceMut::F32(g)),
-            },
-        )?;
+        let loss = match (cached, distilling) {
+            (Some(b), true) => Cpu.distill_loss_topk(
+                &loss_cfg,
+                &TopKInputs {
+                    rows: n,
+                    vocab: v,
+                    student: logits.into(),
+                    teacher: b.teacher(),
+                    labels: Some(&self.labels),
+                },
+                Some(HostSliceMut::F32(&mut self.dlogits)),
+            )?,
+            _ => Cpu.distill_loss(
+                &loss_cfg,
+                &DistillInputs {
+                    rows: n,
+                    vocab: v,
+                    student: logits.into(),
+                    teacher: teacher_logits.unwrap_or(logits).into(),
+                    labels: Some(&self.labels),
+                    hidden: hidden.as_ref().map(|h| HiddenInputs {
+                        size: h.width,
+                        student: h.student[..].into(),
+                        teacher: h.teacher[..].into(),
+                    }),
+                },
+                GradOutputs {
+                    logits: Some(HostSliceMut::F32(&mut self.dlogits)),
+                    hidden: dhidden_cat.as_mut().map(|g| HostSliceMut::F32(g)),
+                },
+            )?,
+        };
 
         let dstates = match (&hidden, &dhidden_cat) {
             (Some(h), Some(dcat)) => h.scatter_grad(
@@ -925,7 +1016,7 @@ mod tests {
             *l = t as i64;
         }
         tr.grads.fill(0.0);
-        tr.forward_backward(inputs).unwrap() as f64
+        tr.forward_backward(inputs, None).unwrap() as f64
     }
 
     /// Central differences of the whole distillation loss (soft + hard + hidden MSE through the
