@@ -70,6 +70,7 @@ typedef struct DkKdParams {
     float hard_weight; /* 1 - alpha */
     float beta;        /* JSD only */
     int32_t kind;      /* DK_KIND_* */
+    int32_t accumulate; /* 1: grad += the gradient (valid rows only; never in place) */
 } DkKdParams;
 
 /* Dtype codes of buffers whose element type is chosen at run time (not by the instantiation). */
@@ -113,6 +114,7 @@ typedef struct DkTopKParams {
     float inv_temperature;
     float soft_weight; /* alpha, times T^2 when scaling is on */
     float hard_weight; /* 1 - alpha */
+    int32_t accumulate; /* 1: grad += the gradient (valid rows only; never in place) */
 } DkTopKParams;
 
 /* dk_hidden_mse_<student>_<teacher>_<grad>: one block per row.

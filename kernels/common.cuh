@@ -24,6 +24,13 @@ __device__ __forceinline__ void dk_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void dk_store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void dk_store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// A gradient element: written, or added to what the buffer holds (accumulate mode: several
+// losses into one gradient), rounded once to the buffer's dtype.
+template <typename G>
+__device__ __forceinline__ void dk_put(G* p, float v, bool accumulate) {
+    dk_store(p, accumulate ? dk_load(p) + v : v);
+}
+
 // ---- reductions. Every block size used is a multiple of 32, so warps are always full.
 
 struct DkSum {

@@ -92,8 +92,9 @@ __device__ void kd_row(const DkKdParams& p) {
         // Out-of-range labels are reported by dk_prepare; here they only must not be read.
         valid = y != p.ignore_index && y >= 0 && y < V;
     }
+    const bool acc = p.accumulate != 0;
     if (!valid) {  // uniform across the block: no thread reaches a barrier below
-        if (g)
+        if (g && !acc)
             for (int64_t j = tid; j < V; j += nt) dk_store(g + j, 0.0f);
         if (tid == 0) p.row_loss[row] = 0.0f;
         return;
@@ -164,7 +165,7 @@ __device__ void kd_row(const DkKdParams& p) {
             }
             if (write_in_pass2) {
                 if (hard) grad += w_hard * (expf((sv - s1.m) - log_z1) - (j == y ? 1.0f : 0.0f));
-                dk_store(g + j, grad);
+                dk_put(g + j, grad, acc);
             }
         });
     }
@@ -184,7 +185,7 @@ __device__ void kd_row(const DkKdParams& p) {
                 grad = ps == 0.0f ? 0.0f : w_soft * (1.0f - beta) * ps * ((ls - lm) - k);
             }
             if (hard) grad += w_hard * (expf((sv - s1.m) - log_z1) - (j == y ? 1.0f : 0.0f));
-            dk_store(g + j, grad);
+            dk_put(g + j, grad, acc);
         });
     }
 

@@ -126,8 +126,9 @@ __device__ void topk_row(const DkTopKParams& p) {
         y = p.labels[row];
         valid = y != p.ignore_index && y >= 0 && y < V;
     }
+    const bool acc = p.accumulate != 0;
     if (!valid) {  // uniform across the block
-        if (g)
+        if (g && !acc)
             for (int64_t j = tid; j < V; j += nt) dk_store(g + j, 0.0f);
         if (tid == 0) p.row_loss[row] = 0.0f;
         return;
@@ -219,22 +220,26 @@ __device__ void topk_row(const DkTopKParams& p) {
 
     // ---- pass 2: every element with the tail's formula, then the top ids and the label. The
     // tail's soft gradient is linear in e = exp((s - m) / T): one exponential per element.
+    // Overwriting, pass 2 writes the top ids too and a barrier orders their overwrites after it;
+    // accumulating, an element must be added to once, so pass 2 skips the top ids (one probe of
+    // the table each) and applies the label's -1 itself.
     if (g) {
         const float inv_z = expf(-log_z);
         const float c_tail = KIND == DK_KIND_FORWARD_KL ? w_soft * (inv_z - fkl_coef) : w_soft * inv_z * rkl_tail;
         dk_row_pass(V, s, (const float*)nullptr, [&](int64_t j, float sv, float) {
+            if (acc && soft && dk_topk_find(table, (unsigned)j, mask) >= 0) return;
             float grad = 0.0f;
             if (soft) {
                 const float e = expf((sv - st.m) * inv_t);
                 grad = e == 0.0f ? 0.0f : c_tail * e;
             }
-            if (hard) grad += w_hard * expf((sv - s1.m) - log_z1);
-            dk_store(g + j, grad);
+            if (hard) grad += w_hard * (expf((sv - s1.m) - log_z1) - (acc && j == y ? 1.0f : 0.0f));
+            dk_put(g + j, grad, acc);
         });
         __syncthreads();  // the overwrites below come after every pass-2 store of the block
         if (soft)
-            for (int i = tid; i < k; i += nt) dk_store(g + ids[i], entry(s_top[i], i, (int64_t)ids[i] == y));
-        if (tid == 0 && hard && !(soft && dk_topk_find(table, (unsigned)y, mask) >= 0))
+            for (int i = tid; i < k; i += nt) dk_put(g + ids[i], entry(s_top[i], i, (int64_t)ids[i] == y), acc);
+        if (!acc && tid == 0 && hard && !(soft && dk_topk_find(table, (unsigned)y, mask) >= 0))
             dk_store(g + y, entry(s_y, -1, true));
     }
 

@@ -106,10 +106,11 @@ pub struct DkKdParams {
     pub hard_weight: f32,
     pub beta: f32,
     pub kind: i32,
+    pub accumulate: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DkKdParams"][::std::mem::size_of::<DkKdParams>() - 120usize];
+    ["Size of DkKdParams"][::std::mem::size_of::<DkKdParams>() - 128usize];
     ["Alignment of DkKdParams"][::std::mem::align_of::<DkKdParams>() - 8usize];
     ["Offset of field: DkKdParams::student"][::std::mem::offset_of!(DkKdParams, student) - 0usize];
     ["Offset of field: DkKdParams::teacher"][::std::mem::offset_of!(DkKdParams, teacher) - 8usize];
@@ -138,6 +139,8 @@ const _: () = {
         [::std::mem::offset_of!(DkKdParams, hard_weight) - 108usize];
     ["Offset of field: DkKdParams::beta"][::std::mem::offset_of!(DkKdParams, beta) - 112usize];
     ["Offset of field: DkKdParams::kind"][::std::mem::offset_of!(DkKdParams, kind) - 116usize];
+    ["Offset of field: DkKdParams::accumulate"]
+        [::std::mem::offset_of!(DkKdParams, accumulate) - 120usize];
 };
 impl Default for DkKdParams {
     fn default() -> Self {
@@ -202,6 +205,7 @@ pub struct DkTopKParams {
     pub inv_temperature: f32,
     pub soft_weight: f32,
     pub hard_weight: f32,
+    pub accumulate: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -237,6 +241,8 @@ const _: () = {
         [::std::mem::offset_of!(DkTopKParams, soft_weight) - 116usize];
     ["Offset of field: DkTopKParams::hard_weight"]
         [::std::mem::offset_of!(DkTopKParams, hard_weight) - 120usize];
+    ["Offset of field: DkTopKParams::accumulate"]
+        [::std::mem::offset_of!(DkTopKParams, accumulate) - 124usize];
 };
 impl Default for DkTopKParams {
     fn default() -> Self {

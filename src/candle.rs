@@ -98,6 +98,11 @@ impl LossOp {
         cfg: &LossConfig,
     ) -> candle_core::Result<Self> {
         cfg.validate().map_err(err)?;
+        if cfg.accumulate {
+            return Err(msg(
+                "accumulate = true: candle sums gradients itself; leave accumulate off".into(),
+            ));
+        }
         if cfg.grad_scale != 1.0 {
             return Err(msg(format!(
                 "grad_scale = {} : under candle the upstream gradient scales the loss's \

@@ -636,6 +636,20 @@ fn widen(x: HostSlice) -> Vec<f64> {
     (0..x.len()).map(|i| x.get_f32(i) as f64).collect()
 }
 
+/// Adds f64 values into `out` (rows of `vocab` whose `keep` is false are left alone): the sum
+/// in f64 of the value held and the new one, rounded once to `out`'s dtype.
+fn accumulate_into(values: &[f64], out: HostSliceMut, vocab: usize, keep: impl Fn(usize) -> bool) {
+    let mut sum: Vec<f64> = (0..values.len())
+        .map(|i| out.as_slice().get_f32(i) as f64)
+        .collect();
+    for (i, s) in sum.iter_mut().enumerate() {
+        if keep(i / vocab) {
+            *s += values[i];
+        }
+    }
+    narrow_into(&sum, out);
+}
+
 /// Writes f64 values into `out`: rounded to f32, then (for f16/bf16) to nearest even.
 fn narrow_into(values: &[f64], out: HostSliceMut) {
     match out {
@@ -657,6 +671,22 @@ fn narrow_into(values: &[f64], out: HostSliceMut) {
     }
 }
 
+/// The logit gradient into `g`: written, or added into it with `cfg.accumulate` (valid rows
+/// only).
+fn write_grad(
+    cfg: &LossConfig,
+    grad: &[f64],
+    g: HostSliceMut,
+    vocab: usize,
+    labels: Option<&[i64]>,
+) {
+    if cfg.accumulate {
+        accumulate_into(grad, g, vocab, |r| cfg.row_is_valid(labels.map(|l| l[r])));
+    } else {
+        narrow_into(grad, g);
+    }
+}
+
 impl DistillDevice for Reference {
     fn name(&self) -> &'static str {
         "reference"
@@ -671,7 +701,7 @@ impl DistillDevice for Reference {
         check_inputs(cfg, inputs, &grads)?;
         let out = distill_loss_f64(cfg, inputs)?;
         if let Some(g) = grads.logits {
-            narrow_into(&out.grad_logits, g);
+            write_grad(cfg, &out.grad_logits, g, inputs.vocab, inputs.labels);
         }
         if let (Some(g), Some(gh)) = (grads.hidden, out.grad_hidden.as_ref()) {
             narrow_into(gh, g);
@@ -691,7 +721,7 @@ impl DistillDevice for Reference {
         check_topk_inputs(cfg, inputs, grad.as_ref())?;
         let out = distill_loss_topk_f64(cfg, inputs)?;
         if let Some(g) = grad {
-            narrow_into(&out.grad_logits, g);
+            write_grad(cfg, &out.grad_logits, g, inputs.vocab, inputs.labels);
         }
         Ok(LossValue {
             values: out.loss.iter().map(|&v| v as f32).collect(),

@@ -105,6 +105,12 @@ pub struct LossConfig {
     pub grad_scale: f32,
     /// Weight of the hidden-state MSE; used when hidden states are given.
     pub hidden_weight: f32,
+    /// Add the student-logit gradient into the gradient buffer instead of overwriting it, so
+    /// that several teachers accumulate into one buffer: one call per teacher, `grad_scale`
+    /// its weight (multi-teacher distillation). Rows labelled `ignore_index` are left as they
+    /// are; a hidden-state gradient is still overwritten. Refused with an in-place gradient
+    /// (which would add to the logits).
+    pub accumulate: bool,
 }
 
 impl Default for LossConfig {
@@ -119,6 +125,7 @@ impl Default for LossConfig {
             normalizer: None,
             grad_scale: 1.0,
             hidden_weight: 0.0,
+            accumulate: false,
         }
     }
 }
@@ -170,6 +177,8 @@ impl LossConfigBuilder {
         grad_scale: f32,
         /// See [`LossConfig::hidden_weight`].
         hidden_weight: f32,
+        /// See [`LossConfig::accumulate`].
+        accumulate: bool,
     }
 
     /// The configuration, or [`Error::InvalidOption`] naming the first option out of range.

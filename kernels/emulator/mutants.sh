@@ -79,10 +79,10 @@ mutant shared-index-off-by-one common.cuh \
     'if (lane == 0) smem[warp] = v;' 'if (lane == 0) smem[warp + 1] = v;' \
     "warp w's partial stored in slot w + 1: slot 0 never written, the last warp's past the used slots"
 mutant missing-store kd_loss.cu \
-    'dk_store(g + j, grad);
+    'dk_put(g + j, grad, acc);
             }
         });' \
-    'if (j != V - 1) dk_store(g + j, grad);
+    'if (j != V - 1) dk_put(g + j, grad, acc);
             }
         });' \
     "forward/reverse KL never store the gradient's last element"

@@ -12,11 +12,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use distill_kernels::data::batches::TokenStream;
-use distill_kernels::data::corpus::Corpus;
 use distill_kernels::train::config::TrainConfig;
 use distill_kernels::train::teacher_cache::{self, CacheManifest};
 
-use super::train::{load_teacher, SPLIT_SEED, VAL_FRACTION};
+use super::train::{load_corpus, load_teacher};
 use super::{print_line, CliError, CliResult};
 
 #[derive(Debug, Args)]
@@ -77,7 +76,7 @@ pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
         )));
     }
     let tokenizer_json = tok.to_json()?.into_bytes();
-    let corpus = Corpus::load(&a.data, VAL_FRACTION, SPLIT_SEED)?;
+    let corpus = load_corpus(&a.data)?;
     let train = TokenStream::encode(&corpus.train, &tok)?;
     let val = TokenStream::encode(&corpus.val, &tok)?;
     let wps = match a.windows_per_shard {

@@ -52,8 +52,8 @@ pub struct DemoArgs {
 // The demo's scale: chosen so that the whole demo finishes in under 10 minutes on 2 cores.
 const DEMO_TEACHER_STEPS: u64 = 800;
 const DEMO_STUDENT_STEPS: u64 = 400;
-const DEMO_TRAIN_DOCS: usize = 4000;
-const DEMO_VAL_DOCS: usize = 200;
+pub(crate) const DEMO_TRAIN_DOCS: usize = 4000;
+pub(crate) const DEMO_VAL_DOCS: usize = 200;
 const DEMO_VOCAB: usize = 512;
 const DEMO_EVAL_EVERY: u64 = 25;
 const TEACHER_SIZE: &str = "small";

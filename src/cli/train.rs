@@ -32,7 +32,7 @@ pub const SPLIT_SEED: u64 = 0;
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Text data: a UTF-8 file or a directory of them (split into train and validation by file
-    /// or document)
+    /// or document), or `synthetic[:SEED]` for the demo's embedded language
     #[arg(long, value_name = "PATH")]
     pub data: PathBuf,
     /// Run directory (checkpoint, metrics.json, loss.png)
@@ -216,6 +216,32 @@ fn model_config(name: &str, vocab: usize, seq: usize) -> CliResult<LlamaConfig> 
     Ok(preset(name, vocab, seq)?)
 }
 
+/// The corpus `--data` names: a text file or directory, or (when no such path exists)
+/// `synthetic` / `synthetic:SEED` for the demo's embedded language with the demo's split (seed
+/// 1 by default: the corpus `distill demo` trains on).
+pub fn load_corpus(path: &Path) -> CliResult<Corpus> {
+    let text = path.to_string_lossy();
+    if !path.exists() {
+        if let Some(rest) = text.strip_prefix("synthetic") {
+            let seed = match rest.strip_prefix(':') {
+                Some(n) => n.parse::<u64>().map_err(|_| {
+                    CliError::new(format!(
+                        "--data {text}: expected synthetic:SEED with an integer seed"
+                    ))
+                })?,
+                None if rest.is_empty() => 1,
+                None => return Ok(Corpus::load(path, VAL_FRACTION, SPLIT_SEED)?),
+            };
+            return Ok(Corpus::synthetic(
+                seed,
+                super::demo::DEMO_TRAIN_DOCS,
+                super::demo::DEMO_VAL_DOCS,
+            ));
+        }
+    }
+    Ok(Corpus::load(path, VAL_FRACTION, SPLIT_SEED)?)
+}
+
 /// The data's two splits, tokenized.
 pub struct Prepared {
     pub train: TokenStream,
@@ -287,7 +313,7 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
         )));
     }
     check_run_args(r)?;
-    let corpus = Corpus::load(&r.data, VAL_FRACTION, SPLIT_SEED)?;
+    let corpus = load_corpus(&r.data)?;
     // A resumed run keeps its tokenizer (training it again would give the same, but loading is
     // the check that the directory is what it claims).
     let tok = match r.resume {
@@ -431,7 +457,7 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
         )));
     }
     check_run_args(r)?;
-    let corpus = Corpus::load(&r.data, VAL_FRACTION, SPLIT_SEED)?;
+    let corpus = load_corpus(&r.data)?;
     let (teacher, cache, tok) = match (&a.teacher, &a.teacher_cache) {
         (Some(dir), _) => {
             let (teacher, tok) = load_teacher(dir)?;
@@ -547,7 +573,7 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
     let seq = a
         .seq
         .unwrap_or(model.config().max_position_embeddings.min(512));
-    let corpus = Corpus::load(&a.data, VAL_FRACTION, SPLIT_SEED)?;
+    let corpus = load_corpus(&a.data)?;
     let docs: Vec<_> = match a.all {
         true => corpus.train.into_iter().chain(corpus.val).collect(),
         false => corpus.val,

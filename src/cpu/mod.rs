@@ -122,6 +122,34 @@ thread_local! {
     static ROW_COPY: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Accumulate mode ([`LossConfig::accumulate`]): `f` writes the row's gradient into an f32 row of
+/// this thread's, which is then added into `g` (each element rounded once to `G`); returns what
+/// `f` returns. `keep = false` (an ignored row) leaves `g` as it is.
+fn accumulate_row<G: Lanes, R>(g: &mut [G], keep: bool, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static ACC_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    ACC_ROW.with(|cell| {
+        let mut fresh = Vec::new();
+        let mut held = cell.try_borrow_mut();
+        let buf = match held.as_mut() {
+            Ok(v) => v,
+            Err(_) => &mut fresh,
+        };
+        if buf.len() < g.len() {
+            buf.resize(g.len(), 0.0);
+        }
+        let row = &mut buf[..g.len()];
+        let out = f(row);
+        if keep {
+            for (g, &d) in g.iter_mut().zip(row.iter()) {
+                *g = G::from_f32(g.to_f32() + d);
+            }
+        }
+        out
+    })
+}
+
 /// Runs `f` with `len` floats of this thread's scratch (a fresh buffer if it is in use).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
@@ -277,6 +305,12 @@ impl Cpu {
             hidden: inputs.hidden,
         };
         let valid_rows = check_inputs(cfg, &view, &grads)?;
+        if cfg.accumulate {
+            return Err(crate::Error::Gradient(
+                "accumulate = true cannot go with an in-place gradient (it would add to the logits)"
+                    .into(),
+            ));
+        }
         let (loss_scale, grad_scale) = cfg.scales(valid_rows);
         let params = kd_params(cfg, grad_scale as f32);
         let level = SimdLevel::detect().supported();
@@ -371,7 +405,15 @@ fn kd_rows<G: Lanes>(
     row_loss: &mut [f32],
 ) {
     let v = inputs.vocab;
-    let run = |r: usize, grad: Option<&mut [G]>| -> f32 {
+    fn run<G: Lanes>(
+        level: SimdLevel,
+        p: &KdParams,
+        cfg: &LossConfig,
+        inputs: &DistillInputs,
+        r: usize,
+        grad: Option<&mut [G]>,
+    ) -> f32 {
+        let v = inputs.vocab;
         let label = inputs.labels.map(|l| l[r]);
         kd_row(
             level,
@@ -382,13 +424,22 @@ fn kd_rows<G: Lanes>(
             label,
             grad,
         )
+    }
+    let run_g = |r: usize, g: &mut [G]| -> f32 {
+        if cfg.accumulate {
+            let keep = cfg.row_is_valid(inputs.labels.map(|l| l[r]));
+            accumulate_row(g, keep, |buf| run(level, p, cfg, inputs, r, Some(buf)))
+        } else {
+            run(level, p, cfg, inputs, r, Some(g))
+        }
     };
+    let run = |r: usize, grad: Option<&mut [G]>| run(level, p, cfg, inputs, r, grad);
     match grad {
         Some(g) => g
             .par_chunks_mut(v)
             .zip(row_loss.par_iter_mut())
             .enumerate()
-            .for_each(|(r, (g, l))| *l = run(r, Some(g))),
+            .for_each(|(r, (g, l))| *l = run_g(r, g)),
         None => row_loss
             .par_iter_mut()
             .enumerate()

@@ -67,8 +67,17 @@ pub(super) fn rows<G: Lanes>(
     grad: Option<&mut [G]>,
     row_loss: &mut [f32],
 ) {
-    let (vocab, k) = (inputs.vocab, inputs.teacher.k);
-    let run = |r: usize, loss: &mut f32, g: Option<&mut [G]>| {
+    let vocab = inputs.vocab;
+    fn run<G: Lanes>(
+        level: SimdLevel,
+        p: &TopKParams,
+        cfg: &LossConfig,
+        inputs: &TopKInputs,
+        r: usize,
+        loss: &mut f32,
+        g: Option<&mut [G]>,
+    ) {
+        let (vocab, k) = (inputs.vocab, inputs.teacher.k);
         let label = inputs.labels.map(|l| l[r]);
         if !cfg.row_is_valid(label) {
             *loss = 0.0;
@@ -95,17 +104,26 @@ pub(super) fn rows<G: Lanes>(
             };
             *loss = simd::run(level, row);
         });
-    };
+    }
     match grad {
         Some(g) => g
             .par_chunks_mut(vocab)
             .zip(row_loss.par_iter_mut())
             .enumerate()
-            .for_each(|(r, (g, loss))| run(r, loss, Some(g))),
+            .for_each(|(r, (g, loss))| {
+                if cfg.accumulate {
+                    let keep = cfg.row_is_valid(inputs.labels.map(|l| l[r]));
+                    super::accumulate_row(g, keep, |buf| {
+                        run(level, p, cfg, inputs, r, loss, Some(buf))
+                    })
+                } else {
+                    run(level, p, cfg, inputs, r, loss, Some(g))
+                }
+            }),
         None => row_loss
             .par_iter_mut()
             .enumerate()
-            .for_each(|(r, loss)| run(r, loss, None)),
+            .for_each(|(r, loss)| run::<G>(level, p, cfg, inputs, r, loss, None)),
     }
 }
 

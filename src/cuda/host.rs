@@ -69,7 +69,9 @@ impl DistillDevice for CudaKernels {
             logits: g_logits,
             hidden: g_hidden,
         } = grads;
+        // Accumulating adds to the caller's gradient, so the device starts from its values.
         let mut g = match &g_logits {
+            Some(g) if cfg.accumulate => Some(self.upload(g.as_slice())?),
             Some(g) => Some(self.output(g.dtype(), g.len())?),
             None => None,
         };
@@ -129,6 +131,7 @@ impl DistillDevice for CudaKernels {
             None => None,
         };
         let mut g = match &grad {
+            Some(g) if cfg.accumulate => Some(self.upload(g.as_slice())?),
             Some(g) => Some(self.output(g.dtype(), g.len())?),
             None => None,
         };

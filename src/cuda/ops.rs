@@ -213,8 +213,15 @@ pub(super) fn student_pointers<'g, 's: 'g, 'b: 'g>(
     rows: usize,
     vocab: usize,
     strides: RowStrides,
+    accumulate: bool,
     guards: &mut Vec<SyncOnDrop<'g>>,
 ) -> Result<(u64, usize, Dtype, u64, usize, Dtype)> {
+    if accumulate && matches!(student, Student::InPlace(_)) {
+        return Err(Error::Gradient(
+            "accumulate = true cannot go with an in-place gradient (it would add to the logits)"
+                .into(),
+        ));
+    }
     Ok(match student {
         Student::Logits { logits, grad } => {
             let ss = check_rows("student_logits", logits.len(), rows, vocab, strides.student)?;
@@ -355,8 +362,15 @@ impl CudaKernels {
         let mut guards: Vec<SyncOnDrop> = Vec::new();
 
         // Student pointer and stride, gradient pointer (maybe the same) and stride, dtypes.
-        let (s_ptr, s_stride, s_dtype, g_ptr, g_stride, g_dtype) =
-            student_pointers(stream, student, rows, vocab, strides, &mut guards)?;
+        let (s_ptr, s_stride, s_dtype, g_ptr, g_stride, g_dtype) = student_pointers(
+            stream,
+            student,
+            rows,
+            vocab,
+            strides,
+            cfg.accumulate,
+            &mut guards,
+        )?;
         let t_stride = check_rows(
             "teacher_logits",
             teacher.len(),
@@ -460,6 +474,7 @@ impl CudaKernels {
                 hard_weight: cfg.hard_weight(),
                 beta: cfg.kind.beta(),
                 kind: cfg.kind.code(),
+                accumulate: cfg.accumulate as i32,
             },
         )?;
 

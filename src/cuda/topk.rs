@@ -117,8 +117,15 @@ impl CudaKernels {
         )?;
         let stream = &*self.stream;
         let mut guards: Vec<SyncOnDrop> = Vec::new();
-        let (s_ptr, s_stride, s_dtype, g_ptr, g_stride, g_dtype) =
-            student_pointers(stream, student, rows, vocab, strides, &mut guards)?;
+        let (s_ptr, s_stride, s_dtype, g_ptr, g_stride, g_dtype) = student_pointers(
+            stream,
+            student,
+            rows,
+            vocab,
+            strides,
+            cfg.accumulate,
+            &mut guards,
+        )?;
         let (l_ptr, l_i32) = match labels {
             Some(l) => {
                 check_len("labels", l.len(), rows, format!("[{rows}]"))?;
@@ -199,6 +206,7 @@ impl CudaKernels {
                 inv_temperature: 1.0 / cfg.temperature,
                 soft_weight: cfg.soft_weight(),
                 hard_weight: cfg.hard_weight(),
+                accumulate: cfg.accumulate as i32,
             },
         )?;
         if cfg.reduction != Reduction::None {
