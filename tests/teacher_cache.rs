@@ -273,3 +273,107 @@ fn a_cache_that_does_not_fit_is_refused() {
     let e = fails(&["distill", "--data", &data, "--out", &student]);
     assert!(e.contains("--teacher"), "{e}");
 }
+
+/// The train-loss curve of a finished run.
+fn curve(out: &str) -> Vec<f64> {
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(out).join("metrics.json")).unwrap())
+            .unwrap();
+    metrics["metrics"]["train_curve"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn an_ensemble_of_two_teachers_live_or_cached_trains_alike_on_every_device() {
+    let s = Scratch::new("ensemble");
+    let data = s.s("data.txt");
+    write_corpus(&data, 7, 40);
+    let a = teacher(&s, &data);
+    let b = s.s("teacher_b");
+    ok(&[
+        "train",
+        "--data",
+        &data,
+        "--out",
+        &b,
+        "--steps",
+        "3",
+        "--batch",
+        "4",
+        "--seq",
+        "32",
+        "--vocab-size",
+        "300",
+        "--seed",
+        "9",
+    ]);
+    let (ca, cb) = (s.s("cache_a"), s.s("cache_b"));
+    ok(&cache_args(&a, &data, &ca));
+    ok(&cache_args(&b, &data, &cb));
+    let common = [
+        "--data",
+        &data,
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--seq",
+        "32",
+        "--eval-every",
+        "4",
+        "--temperature",
+        "2",
+        "--alpha",
+        "0.7",
+        "--teacher-weights",
+        "0.7,0.3",
+    ];
+    for (name, teachers) in [
+        ("live", ["--teacher", a.as_str(), "--teacher", b.as_str()]),
+        (
+            "cached",
+            [
+                "--teacher-cache",
+                ca.as_str(),
+                "--teacher-cache",
+                cb.as_str(),
+            ],
+        ),
+    ] {
+        let mut curves = Vec::new();
+        for device in ["cpu", "emulated"] {
+            let out = s.s(&format!("{name}-{device}"));
+            let mut args = vec!["distill", "--out", &out, "--device", device];
+            args.extend(teachers);
+            args.extend(common);
+            ok(&args);
+            curves.push(curve(&out));
+        }
+        assert_eq!(curves[0].len(), 4);
+        for (x, y) in curves[0].iter().zip(&curves[1]) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs(),
+                "{name}: cpu {x} vs emulated {y}"
+            );
+        }
+    }
+    // One weight per teacher.
+    let e = fails(&[
+        "distill",
+        "--teacher",
+        &a,
+        "--teacher",
+        &b,
+        "--teacher-weights",
+        "1",
+        "--data",
+        &data,
+        "--out",
+        &s.s("bad"),
+    ]);
+    assert!(e.contains("2 teachers"), "{e}");
+}

@@ -106,8 +106,8 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
                 distill,
                 ..base.clone()
             },
-            teacher,
-            teacher_cache: None,
+            teachers: teacher.into_iter().collect(),
+            teacher_caches: Vec::new(),
             tokenizer: &tok,
             train_stream: &data.train,
             val_windows: &data.val,

@@ -103,13 +103,18 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct DistillArgs {
-    /// The teacher's run directory (config.json, model.safetensors, tokenizer.json)
+    /// The teacher's run directory (config.json, model.safetensors, tokenizer.json); repeat for
+    /// an ensemble of teachers sharing one tokenizer
     #[arg(long, value_name = "DIR", required_unless_present = "teacher_cache")]
-    pub teacher: Option<PathBuf>,
+    pub teacher: Vec<PathBuf>,
     /// Distill from a teacher cache made by `distill cache-teacher` instead of a live teacher
-    /// (top-k loss; the cache's tokenizer, windows and --seq)
+    /// (top-k loss; the cache's tokenizer, windows and --seq); repeat for an ensemble
     #[arg(long, value_name = "DIR", conflicts_with = "teacher")]
-    pub teacher_cache: Option<PathBuf>,
+    pub teacher_cache: Vec<PathBuf>,
+    /// Weights of the teachers' soft losses, in the order given (normalized to sum to 1)
+    /// [default: equal]
+    #[arg(long, value_delimiter = ',')]
+    pub teacher_weights: Vec<f32>,
     #[command(flatten)]
     pub run: RunArgs,
     /// Soft loss between teacher and student
@@ -328,8 +333,8 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
             out: &r.out,
             model,
             train: cfg,
-            teacher: None,
-            teacher_cache: None,
+            teachers: Vec::new(),
+            teacher_caches: Vec::new(),
             tokenizer: &tok,
             train_stream: &data.train,
             val_windows: &data.val,
@@ -396,6 +401,7 @@ pub fn distill_config(a: &DistillArgs) -> CliResult<DistillConfig> {
         t2_scale: !a.no_t2_scale,
         hidden_weight: a.hidden_weight,
         hidden_layers,
+        teacher_weights: a.teacher_weights.clone(),
     })
 }
 
@@ -437,53 +443,66 @@ fn is_inside(out: &Path, other: &Path) -> bool {
 pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
     let r = &a.run;
     let mut cfg = train_config(r, Some(distill_config(a)?));
-    let source = a
-        .teacher
-        .as_ref()
-        .or(a.teacher_cache.as_ref())
-        .ok_or_else(|| CliError::new("give --teacher DIR or --teacher-cache DIR"))?;
-    // Replacing the teacher's directory with the student (`--out` = `--teacher`, with --force)
-    // would destroy the model being distilled.
-    if same_dir(&r.out, source) {
+    let sources: Vec<&PathBuf> = a.teacher.iter().chain(&a.teacher_cache).collect();
+    if sources.is_empty() {
+        return Err(CliError::new("give --teacher DIR or --teacher-cache DIR"));
+    }
+    if !a.teacher_weights.is_empty() && a.teacher_weights.len() != sources.len() {
         return Err(CliError::new(format!(
-            "--out {} is the teacher's directory: the student would overwrite its teacher",
-            r.out.display()
+            "--teacher-weights has {} weights for {} teachers",
+            a.teacher_weights.len(),
+            sources.len()
         )));
     }
-    if is_inside(&r.out, source) || is_inside(&r.out, &r.data) {
-        return Err(CliError::new(format!(
-            "--out {} is inside the teacher's directory or the data: a run must not write there",
-            r.out.display()
-        )));
+    for source in &sources {
+        // Replacing a teacher's directory with the student (`--out` = `--teacher`, with
+        // --force) would destroy the model being distilled.
+        if same_dir(&r.out, source) {
+            return Err(CliError::new(format!(
+                "--out {} is the teacher's directory: the student would overwrite its teacher",
+                r.out.display()
+            )));
+        }
+        if is_inside(&r.out, source) || is_inside(&r.out, &r.data) {
+            return Err(CliError::new(format!(
+                "--out {} is inside the teacher's directory or the data: a run must not write \
+                 there",
+                r.out.display()
+            )));
+        }
     }
     check_run_args(r)?;
     let corpus = load_corpus(&r.data)?;
-    let (teacher, cache, tok) = match (&a.teacher, &a.teacher_cache) {
-        (Some(dir), _) => {
-            let (teacher, tok) = load_teacher(dir)?;
-            (Some(teacher), None, tok)
-        }
-        (None, Some(dir)) => {
-            let (cache, tok) = open_cache(dir, &corpus)?;
-            match r.seq {
-                None => cfg.seq = cache.manifest.seq,
-                Some(seq) if seq != cache.manifest.seq => {
-                    return Err(CliError::new(format!(
-                        "--seq {seq}: the teacher cache {} holds windows of {} tokens; train \
-                         at that length or build a cache with --seq {seq}",
-                        dir.display(),
-                        cache.manifest.seq
-                    )))
-                }
-                Some(_) => {}
+    let mut teachers = Vec::new();
+    let mut caches = Vec::new();
+    let mut tok: Option<(Tokenizer, &PathBuf)> = None;
+    // Every teacher of an ensemble must speak the same tokenizer, byte for byte.
+    for dir in &a.teacher {
+        let (teacher, t) = load_teacher(dir)?;
+        teachers.push(teacher);
+        check_same_tokenizer(&mut tok, t, dir)?;
+    }
+    for dir in &a.teacher_cache {
+        let (cache, t) = open_cache(dir, &corpus)?;
+        match r.seq {
+            None => cfg.seq = cache.manifest.seq,
+            Some(seq) if seq != cache.manifest.seq => {
+                return Err(CliError::new(format!(
+                    "--seq {seq}: the teacher cache {} holds windows of {} tokens; train at \
+                     that length or build a cache with --seq {seq}",
+                    dir.display(),
+                    cache.manifest.seq
+                )))
             }
-            (None, Some(cache), tok)
+            Some(_) => {}
         }
-        (None, None) => unreachable!("one of the two is present (checked above)"),
-    };
+        caches.push(cache);
+        check_same_tokenizer(&mut tok, t, dir)?;
+    }
+    let tok = tok.expect("one teacher at least (checked above)").0;
     let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
     let data = prepare(&corpus, &tok, cfg.seq)?;
-    if let Some(c) = &cache {
+    for c in &caches {
         let want = &c
             .manifest
             .split("train")
@@ -503,8 +522,8 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
             out: &r.out,
             model,
             train: cfg,
-            teacher,
-            teacher_cache: cache,
+            teachers,
+            teacher_caches: caches,
             tokenizer: &tok,
             train_stream: &data.train,
             val_windows: &data.val,
@@ -513,8 +532,8 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
             stop_at: r.stop_at,
             meta: json!({
                 "data": r.data.display().to_string(),
-                "teacher": a.teacher.as_ref().map(|p| p.display().to_string()),
-                "teacher_cache": a.teacher_cache.as_ref().map(|p| p.display().to_string()),
+                "teacher": a.teacher.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                "teacher_cache": a.teacher_cache.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             }),
             keep_checkpoints: r.keep_checkpoints,
             data_fingerprint: Some(corpus.fingerprint()),
@@ -525,6 +544,27 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
         &mut Display::new(),
     )?;
     print_summary("distill", &r.out, &summary)
+}
+
+/// Keeps the first teacher's tokenizer; a later teacher must have the same one.
+fn check_same_tokenizer<'a>(
+    first: &mut Option<(Tokenizer, &'a PathBuf)>,
+    tok: Tokenizer,
+    dir: &'a PathBuf,
+) -> CliResult<()> {
+    match first {
+        None => *first = Some((tok, dir)),
+        Some((t, first_dir)) => {
+            if t.to_json()? != tok.to_json()? {
+                return Err(CliError::new(format!(
+                    "teachers {} and {} have different tokenizers: an ensemble needs one",
+                    first_dir.display(),
+                    dir.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opens a teacher cache for `corpus`: its manifest must name this data, and its tokenizer

@@ -87,6 +87,8 @@ pub struct DistillConfig {
     /// (student, teacher) hidden-state indices as in HF `output_hidden_states` (0 = embeddings,
     /// `num_hidden_layers` = the final normed state).
     pub hidden_layers: Vec<(usize, usize)>,
+    /// Weights of several teachers' soft losses (normalized to sum to 1); empty: equal weights.
+    pub teacher_weights: Vec<f32>,
 }
 
 impl Default for DistillConfig {
@@ -99,6 +101,7 @@ impl Default for DistillConfig {
             t2_scale: true,
             hidden_weight: 0.0,
             hidden_layers: Vec::new(),
+            teacher_weights: Vec::new(),
         }
     }
 }
@@ -184,6 +187,16 @@ impl TrainConfig {
                     "a hidden weight > 0 needs at least one student:teacher layer pair",
                 ));
             }
+            if d.teacher_weights
+                .iter()
+                .any(|w| !(w.is_finite() && *w > 0.0))
+            {
+                return Err(invalid(
+                    "teacher_weights",
+                    format!("{:?}", d.teacher_weights),
+                    "must all be finite and > 0",
+                ));
+            }
             if let LossKind::Jsd { beta } = d.kind {
                 if !(beta > 0.0 && beta < 1.0) {
                     return Err(invalid("jsd beta", beta, "must be in (0, 1)"));
@@ -196,7 +209,7 @@ impl TrainConfig {
     /// The options as JSON, for metrics and for checking that `--resume` continues the same run.
     pub fn to_json(&self) -> Value {
         let distill = self.distill.as_ref().map(|d| {
-            json!({
+            let mut v = json!({
                 "kind": d.kind.name(),
                 "jsd_beta": d.kind.beta(),
                 "temperature": d.temperature,
@@ -205,7 +218,12 @@ impl TrainConfig {
                 "t2_scale": d.t2_scale,
                 "hidden_weight": d.hidden_weight,
                 "hidden_layers": d.hidden_layers,
-            })
+            });
+            // Only for ensembles, so that a one-teacher run's options read as before.
+            if !d.teacher_weights.is_empty() {
+                v["teacher_weights"] = json!(d.teacher_weights);
+            }
+            v
         });
         json!({
             "steps": self.steps,

@@ -36,15 +36,18 @@ pub trait StepOnDevice {
     /// The device memory plan, one line per allocation, for the start-up report.
     fn plan(&self) -> &[(String, usize)];
     /// Gradients of the loss `cfg` on `inputs` (labels `labels`) into the device gradient buffer
-    /// (zeroed first); returns the loss. The teacher runs only when `distilling`; the
-    /// hidden-state pairs take part when `cfg.hidden_weight` is not 0. With `cached` (a teacher
-    /// cache's rows for this batch) the soft loss is the top-k loss and no teacher runs.
+    /// (zeroed first); returns the loss. The teachers run only when `distilling`; the
+    /// hidden-state pairs (single teacher) take part when `cfg.hidden_weight` is not 0. With
+    /// `cached` (teacher caches' rows for this batch) the soft loss is the top-k loss and no
+    /// teacher runs. One loss call per teacher, weighted by `weights` and accumulated into one
+    /// logit gradient.
     #[allow(clippy::too_many_arguments)]
     fn forward_backward(
         &mut self,
         model: &Llama,
-        teacher: Option<&Llama>,
-        cached: Option<TopKTeacher<'_>>,
+        teachers: &[&Llama],
+        cached: &[TopKTeacher<'_>],
+        weights: &[f32],
         cfg: &LossConfig,
         inputs: &[u32],
         labels: &[i64],
@@ -77,17 +80,17 @@ pub(crate) fn open_step(
     model: &Llama,
     params: &[f32],
     adam: &AdamW,
-    teacher: Option<(&Llama, &[f32])>,
+    teachers: &[(&Llama, &[f32])],
     pairs: &[HiddenPair],
     batch: usize,
     seq: usize,
 ) -> Result<Box<dyn StepOnDevice>> {
     Ok(match dtype {
         DeviceDtype::F32 => Box::new(DeviceStep::<f32>::new(
-            dev, model, params, adam, teacher, pairs, batch, seq,
+            dev, model, params, adam, teachers, pairs, batch, seq,
         )?),
         DeviceDtype::Bf16 => Box::new(DeviceStep::<bf16>::new(
-            dev, model, params, adam, teacher, pairs, batch, seq,
+            dev, model, params, adam, teachers, pairs, batch, seq,
         )?),
     })
 }
@@ -104,7 +107,8 @@ pub struct DeviceStep<T: Storage> {
     dlogits: CudaSlice<T>,
     labels: CudaSlice<i64>,
     acts: DeviceActivations<T>,
-    teacher: Option<(CudaSlice<T>, DeviceActivations<T>)>,
+    /// Each teacher's weights and inference buffers.
+    teachers: Vec<(CudaSlice<T>, DeviceActivations<T>)>,
     hidden: Option<HiddenStates<T>>,
     /// A teacher cache's rows of one batch (ids, f16 values, tails), allocated at the first
     /// cached step.
@@ -120,7 +124,7 @@ pub struct DeviceStep<T: Storage> {
 /// `T`, by allocation.
 pub(crate) fn plan<T: Storage>(
     model: &Llama,
-    teacher: Option<&Llama>,
+    teachers: &[&Llama],
     pairs: &[HiddenPair],
     n_params: usize,
     batch: usize,
@@ -145,13 +149,17 @@ pub(crate) fn plan<T: Storage>(
         ("logit gradients".to_string(), w * rows * v),
         ("labels and loss workspace".to_string(), 8 * rows + 8 * rows),
     ]);
-    if let Some(tm) = teacher {
-        plan.push(("teacher parameters".to_string(), w * tm.num_params()));
+    for (i, tm) in teachers.iter().enumerate() {
+        let name = |what: &str| match teachers.len() {
+            1 => format!("teacher {what}"),
+            _ => format!("teacher {} {what}", i + 1),
+        };
+        plan.push((name("parameters"), w * tm.num_params()));
         plan.push((
-            "teacher activations".to_string(),
+            name("activations"),
             DeviceActivations::<T>::bytes_for(tm, b, t, Pass::Inference)?,
         ));
-        if !pairs.is_empty() {
+        if i == 0 && !pairs.is_empty() {
             let (cs, ct) = (model.config().hidden_size, tm.config().hidden_size);
             plan.push((
                 format!("hidden-state pairs ({})", pairs.len()),
@@ -178,12 +186,13 @@ impl<T: Storage> DeviceStep<T> {
         model: &Llama,
         params: &[f32],
         adam: &AdamW,
-        teacher: Option<(&Llama, &[f32])>,
+        teachers: &[(&Llama, &[f32])],
         pairs: &[HiddenPair],
         batch: usize,
         seq: usize,
     ) -> Result<Self> {
-        let plan = plan::<T>(model, teacher.map(|t| t.0), pairs, params.len(), batch, seq)?;
+        let models: Vec<&Llama> = teachers.iter().map(|t| t.0).collect();
+        let plan = plan::<T>(model, &models, pairs, params.len(), batch, seq)?;
         let (free, _total) = dev
             .context()
             .mem_get_info()
@@ -219,22 +228,22 @@ impl<T: Storage> DeviceStep<T> {
             .map_err(map("the logit gradients"))?;
         let labels = s.alloc_zeros::<i64>(rows).map_err(map("the labels"))?;
         let acts = DeviceActivations::new(&dev, model, batch, seq)?;
-        let hidden = match (teacher, pairs.is_empty()) {
+        let hidden = match (teachers.first(), pairs.is_empty()) {
             (Some((tm, _)), false) => {
                 let (cs, ct) = (model.config().hidden_size, tm.config().hidden_size);
                 Some(HiddenStates::new(&dev, pairs, rows, cs, ct)?)
             }
             _ => None,
         };
-        let teacher = match teacher {
-            Some((tm, tp)) => {
+        let teachers = teachers
+            .iter()
+            .map(|(tm, tp)| {
                 let p = s
                     .clone_htod(&to_storage::<T>(tp))
                     .map_err(map("uploading the teacher"))?;
-                Some((p, DeviceActivations::inference(&dev, tm, batch, seq)?))
-            }
-            None => None,
-        };
+                Ok((p, DeviceActivations::inference(&dev, tm, batch, seq)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let ws = dev.workspace(rows)?;
         let clip = GradClip::new(&dev, params.len())?;
         let adam = DeviceAdamW::upload(&dev, adam)?;
@@ -246,7 +255,7 @@ impl<T: Storage> DeviceStep<T> {
             dlogits,
             labels,
             acts,
-            teacher,
+            teachers,
             hidden,
             topk: None,
             ws,
@@ -256,13 +265,14 @@ impl<T: Storage> DeviceStep<T> {
         })
     }
 
-    /// [`StepOnDevice::forward_backward`] against a teacher cache's rows: the batch's ids,
-    /// values and tails are copied up, the student runs, and the top-k loss writes its logit
-    /// gradient.
+    /// [`StepOnDevice::forward_backward`] against teacher caches' rows: the student runs once,
+    /// then for each cache its batch's ids, values and tails are copied up and the top-k loss
+    /// writes (first) or adds (the others) its weighted logit gradient.
     fn forward_backward_topk(
         &mut self,
         model: &Llama,
-        top: TopKTeacher<'_>,
+        cached: &[TopKTeacher<'_>],
+        weights: &[f32],
         cfg: &LossConfig,
         inputs: &[u32],
         labels: &[i64],
@@ -270,30 +280,7 @@ impl<T: Storage> DeviceStep<T> {
         let dev = &self.dev;
         let s = dev.stream();
         let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
-        let HostSlice::F16(values) = top.values else {
-            return Err(Error::Data("a teacher cache's values are f16".into()));
-        };
         let rows = labels.len();
-        if self
-            .topk
-            .as_ref()
-            .is_none_or(|(ids, _, _)| ids.len() != top.ids.len())
-        {
-            self.topk = Some((
-                s.alloc_zeros(top.ids.len()).map_err(map("the top-k ids"))?,
-                s.alloc_zeros(values.len())
-                    .map_err(map("the top-k values"))?,
-                s.alloc_zeros(rows).map_err(map("the top-k tails"))?,
-            ));
-        }
-        // Taken out for the call (the step's other buffers are borrowed alongside), put back below.
-        let (mut d_ids, mut d_values, mut d_tail) = self.topk.take().expect("allocated above");
-        s.memcpy_htod(top.ids, &mut d_ids)
-            .map_err(map("the top-k ids"))?;
-        s.memcpy_htod(values, &mut d_values)
-            .map_err(map("the top-k values"))?;
-        s.memcpy_htod(top.tail, &mut d_tail)
-            .map_err(map("the top-k tails"))?;
         s.memcpy_htod(labels, &mut self.labels)
             .map_err(map("the labels"))?;
         s.memset_zeros(&mut self.grads)
@@ -303,28 +290,57 @@ impl<T: Storage> DeviceStep<T> {
         let params = all_params.sub(0, n_model)?;
         self.acts.forward(dev, model, &params, inputs)?;
         let logits = self.acts.logits();
-        dev.distill_loss_topk_enqueue(
-            cfg,
-            DeviceTopKInputs {
-                rows,
-                vocab: model.config().vocab_size,
-                student: Student::Logits {
-                    logits: &logits,
-                    grad: Some(&mut self.dlogits),
+        let mut loss = 0.0f32;
+        for (i, top) in cached.iter().enumerate() {
+            let HostSlice::F16(values) = top.values else {
+                return Err(Error::Data("a teacher cache's values are f16".into()));
+            };
+            if self
+                .topk
+                .as_ref()
+                .is_none_or(|(ids, _, _)| ids.len() != top.ids.len())
+            {
+                self.topk = Some((
+                    s.alloc_zeros(top.ids.len()).map_err(map("the top-k ids"))?,
+                    s.alloc_zeros(values.len())
+                        .map_err(map("the top-k values"))?,
+                    s.alloc_zeros(rows).map_err(map("the top-k tails"))?,
+                ));
+            }
+            let (d_ids, d_values, d_tail) = self.topk.as_mut().expect("allocated above");
+            s.memcpy_htod(top.ids, d_ids)
+                .map_err(map("the top-k ids"))?;
+            s.memcpy_htod(values, d_values)
+                .map_err(map("the top-k values"))?;
+            s.memcpy_htod(top.tail, d_tail)
+                .map_err(map("the top-k tails"))?;
+            let cfg = LossConfig {
+                grad_scale: weights[i],
+                accumulate: i > 0,
+                ..*cfg
+            };
+            dev.distill_loss_topk_enqueue(
+                &cfg,
+                DeviceTopKInputs {
+                    rows,
+                    vocab: model.config().vocab_size,
+                    student: Student::Logits {
+                        logits: &logits,
+                        grad: Some(&mut self.dlogits),
+                    },
+                    teacher: DeviceTopK {
+                        k: top.k,
+                        ids: d_ids.as_view(),
+                        values: &*d_values,
+                        tail: d_tail.as_view(),
+                    },
+                    labels: Some(&self.labels),
+                    strides: RowStrides::default(),
                 },
-                teacher: DeviceTopK {
-                    k: top.k,
-                    ids: d_ids.as_view(),
-                    values: &d_values,
-                    tail: d_tail.as_view(),
-                },
-                labels: Some(&self.labels),
-                strides: RowStrides::default(),
-            },
-            &mut self.ws,
-        )?;
-        let loss = dev.read_loss(&self.ws)?.total();
-        self.topk = Some((d_ids, d_values, d_tail));
+                &mut self.ws,
+            )?;
+            loss += weights[i] * dev.read_loss(&self.ws)?.total();
+        }
         let mut grads = DeviceSpan::over_mut(&mut self.grads).sub(0, n_model)?;
         self.acts
             .backward(dev, model, &params, &self.dlogits, &[], &mut grads)?;
@@ -637,15 +653,16 @@ impl<T: Storage> StepOnDevice for DeviceStep<T> {
     fn forward_backward(
         &mut self,
         model: &Llama,
-        teacher: Option<&Llama>,
-        cached: Option<TopKTeacher<'_>>,
+        teachers: &[&Llama],
+        cached: &[TopKTeacher<'_>],
+        weights: &[f32],
         cfg: &LossConfig,
         inputs: &[u32],
         labels: &[i64],
         distilling: bool,
     ) -> Result<f32> {
-        if let (Some(top), true) = (cached, distilling) {
-            return self.forward_backward_topk(model, top, cfg, inputs, labels);
+        if distilling && !cached.is_empty() {
+            return self.forward_backward_topk(model, cached, weights, cfg, inputs, labels);
         }
         let dev = &self.dev;
         let s = dev.stream();
@@ -657,12 +674,14 @@ impl<T: Storage> StepOnDevice for DeviceStep<T> {
         let n_model = model.num_params();
         let all_params = self.working();
         let params = all_params.sub(0, n_model)?;
-        if let (Some((tp, tacts)), Some(tm), true) = (&mut self.teacher, teacher, distilling) {
-            tacts.forward(dev, tm, tp, inputs)?;
+        if distilling {
+            for ((tp, tacts), tm) in self.teachers.iter_mut().zip(teachers) {
+                tacts.forward(dev, tm, tp, inputs)?;
+            }
         }
         self.acts.forward(dev, model, &params, inputs)?;
         let use_hidden = distilling && cfg.hidden_weight != 0.0;
-        let hidden = match (&mut self.hidden, &self.teacher, use_hidden) {
+        let hidden = match (&mut self.hidden, self.teachers.first(), use_hidden) {
             (Some(h), Some((_, tacts)), true) => {
                 h.gather(dev, &all_params, &self.acts, tacts)?;
                 Some(h)
@@ -670,29 +689,49 @@ impl<T: Storage> StepOnDevice for DeviceStep<T> {
             _ => None,
         };
         let logits = self.acts.logits();
-        let teacher_logits = match (&self.teacher, distilling) {
-            (Some((_, tacts)), true) => tacts.logits(),
-            _ => self.acts.logits(),
-        };
         let (rows, vocab) = (labels.len(), model.config().vocab_size);
         let with_hidden = hidden.is_some();
-        dev.distill_loss_enqueue(
-            cfg,
-            DeviceInputs {
-                rows,
-                vocab,
-                student: Student::Logits {
-                    logits: &logits,
-                    grad: Some(&mut self.dlogits),
+        let mut hidden = hidden;
+        // One call per teacher: the first writes the logit gradient, the others add to it.
+        let calls = if distilling {
+            self.teachers.len().max(1)
+        } else {
+            1
+        };
+        let mut loss = 0.0f32;
+        for i in 0..calls {
+            let teacher_logits = match (self.teachers.get(i), distilling) {
+                (Some((_, tacts)), true) => tacts.logits(),
+                _ => self.acts.logits(), // alpha = 0: the teacher is never read
+            };
+            let w = weights.get(i).copied().unwrap_or(1.0);
+            let cfg = LossConfig {
+                grad_scale: w,
+                accumulate: i > 0,
+                hidden_weight: if i == 0 { cfg.hidden_weight } else { 0.0 },
+                ..*cfg
+            };
+            dev.distill_loss_enqueue(
+                &cfg,
+                DeviceInputs {
+                    rows,
+                    vocab,
+                    student: Student::Logits {
+                        logits: &logits,
+                        grad: Some(&mut self.dlogits),
+                    },
+                    teacher: &teacher_logits,
+                    labels: Some(&self.labels),
+                    hidden: match i {
+                        0 => hidden.as_deref_mut().map(HiddenStates::loss_inputs),
+                        _ => None,
+                    },
+                    strides: RowStrides::default(),
                 },
-                teacher: &teacher_logits,
-                labels: Some(&self.labels),
-                hidden: hidden.map(HiddenStates::loss_inputs),
-                strides: RowStrides::default(),
-            },
-            &mut self.ws,
-        )?;
-        let loss = dev.read_loss(&self.ws)?.total();
+                &mut self.ws,
+            )?;
+            loss += w * dev.read_loss(&self.ws)?.total();
+        }
         let all_grads = DeviceSpan::over_mut(&mut self.grads);
         let dstates = match (&mut self.hidden, with_hidden) {
             (Some(h), true) => h.scatter(dev, &all_params, &all_grads, &self.acts)?,

@@ -53,11 +53,12 @@ pub struct RunSpec<'a> {
     pub model: LlamaConfig,
     /// Training options: optimizer, schedule, batches, cadences and distillation.
     pub train: TrainConfig,
-    /// The frozen teacher; `train.distill` needs it or `teacher_cache`.
-    pub teacher: Option<Teacher>,
-    /// An offline teacher cache to distill from instead of a live teacher (see
-    /// [`crate::train::teacher_cache`]); its training windows replace `train_stream`'s.
-    pub teacher_cache: Option<crate::train::teacher_cache::TeacherCache>,
+    /// The frozen teachers (several: an ensemble weighted by `DistillConfig::teacher_weights`);
+    /// `train.distill` needs them or `teacher_caches`.
+    pub teachers: Vec<Teacher>,
+    /// Offline teacher caches to distill from instead of live teachers (see
+    /// [`crate::train::teacher_cache`]); their training windows replace `train_stream`'s.
+    pub teacher_caches: Vec<crate::train::teacher_cache::TeacherCache>,
     /// The tokenizer the streams were encoded with; copied into every checkpoint.
     pub tokenizer: &'a Tokenizer,
     /// Training tokens; each step reads random windows of it.
@@ -302,10 +303,11 @@ const DATA_FINGERPRINT_KEY: &str = "data_fingerprint";
 pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary> {
     let wall = Instant::now();
     validate(&spec)?;
-    let teacher = spec.teacher.take();
-    let mut trainer = match spec.teacher_cache.take() {
-        Some(cache) => Trainer::with_cache(spec.train.clone(), spec.model.clone(), cache)?,
-        None => Trainer::new(spec.train.clone(), spec.model.clone(), teacher)?,
+    let teachers = std::mem::take(&mut spec.teachers);
+    let caches = std::mem::take(&mut spec.teacher_caches);
+    let mut trainer = match caches.is_empty() {
+        false => Trainer::with_caches(spec.train.clone(), spec.model.clone(), caches)?,
+        true => Trainer::with_teachers(spec.train.clone(), spec.model.clone(), teachers)?,
     };
     open_device(&mut trainer, spec.device, spec.dtype, progress)?;
     let mut dir = RunDir::open(spec.out, &mut |line| progress.note(&line))?;

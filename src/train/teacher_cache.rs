@@ -472,18 +472,24 @@ impl TeacherCache {
         Some(&self.splits[i])
     }
 
-    /// Step `step`'s batch: `batch` training windows drawn uniformly (with replacement) from
+    /// Step `step`'s training windows: `batch` of them drawn uniformly (with replacement) from
     /// `(seed, step)` alone, so a resumed run sees the same batches.
-    pub fn train_batch(&self, seed: u64, step: u64, batch: usize) -> Result<CachedBatch> {
-        let s = self
-            .split("train")
-            .ok_or_else(|| cache_err(&self.dir, "has no train split"))?;
-        let (seq, k) = (self.manifest.seq, self.manifest.k);
-        let windows = s.tokens.len() / (seq + 1);
+    pub fn train_windows(&self, seed: u64, step: u64, batch: usize) -> Result<Vec<usize>> {
+        let windows = self.train_split()?.tokens.len() / (self.manifest.seq + 1);
         if windows == 0 {
             return Err(cache_err(&self.dir, "its train split has no window"));
         }
         let mut rng = SplitMix64::from_parts(&[CACHE_BATCH_SALT, seed, step]);
+        Ok((0..batch)
+            .map(|_| rng.below(windows as u64) as usize)
+            .collect())
+    }
+
+    /// The batch of the given training windows (from [`TeacherCache::train_windows`]).
+    pub fn train_batch(&self, windows: &[usize]) -> Result<CachedBatch> {
+        let s = self.train_split()?;
+        let (seq, k) = (self.manifest.seq, self.manifest.k);
+        let batch = windows.len();
         let mut b = CachedBatch {
             inputs: Vec::with_capacity(batch * seq),
             targets: Vec::with_capacity(batch * seq),
@@ -492,8 +498,10 @@ impl TeacherCache {
             tail: Vec::with_capacity(batch * seq),
             k,
         };
-        for _ in 0..batch {
-            let w = rng.below(windows as u64) as usize;
+        for &w in windows {
+            if (w + 1) * (seq + 1) > s.tokens.len() {
+                return Err(cache_err(&self.dir, format!("has no training window {w}")));
+            }
             let tok = &s.tokens[w * (seq + 1)..(w + 1) * (seq + 1)];
             b.inputs.extend_from_slice(&tok[..seq]);
             b.targets.extend_from_slice(&tok[1..]);
@@ -505,6 +513,11 @@ impl TeacherCache {
             b.tail.extend_from_slice(&s.tail[rows]);
         }
         Ok(b)
+    }
+
+    fn train_split(&self) -> Result<&CachedSplit> {
+        self.split("train")
+            .ok_or_else(|| cache_err(&self.dir, "has no train split"))
     }
 }
 

@@ -107,9 +107,10 @@ pub struct Trainer {
     decay: DecayMask,
     schedule: LrSchedule,
     acts: Activations<f32>,
-    teacher: Option<(Teacher, Activations<f32>)>,
-    /// The offline teacher when distilling from a cache (then `teacher` is `None`).
-    cache: Option<crate::train::teacher_cache::TeacherCache>,
+    /// The live teachers and their inference buffers (several: a weighted ensemble).
+    teachers: Vec<(Teacher, Activations<f32>)>,
+    /// The offline teachers when distilling from caches (then `teachers` is empty).
+    caches: Vec<crate::train::teacher_cache::TeacherCache>,
     dlogits: Vec<f32>,
     labels: Vec<i64>,
     step: u64,
@@ -141,7 +142,18 @@ fn hidden_point(
 impl Trainer {
     /// A fresh run: parameters initialized from the seed, projections included.
     pub fn new(cfg: TrainConfig, model_cfg: LlamaConfig, teacher: Option<Teacher>) -> Result<Self> {
-        Self::build(cfg, model_cfg, teacher, None)
+        Self::build(cfg, model_cfg, teacher.into_iter().collect(), Vec::new())
+    }
+
+    /// A student distilled from several live teachers at once (one tokenizer): the soft loss
+    /// is the sum of each teacher's, weighted by `DistillConfig::teacher_weights` (normalized to
+    /// sum to 1). Hidden-state pairs need a single teacher.
+    pub fn with_teachers(
+        cfg: TrainConfig,
+        model_cfg: LlamaConfig,
+        teachers: Vec<Teacher>,
+    ) -> Result<Self> {
+        Self::build(cfg, model_cfg, teachers, Vec::new())
     }
 
     /// A student distilled from an offline teacher cache instead of a live teacher: each step's
@@ -153,6 +165,33 @@ impl Trainer {
         model_cfg: LlamaConfig,
         cache: crate::train::teacher_cache::TeacherCache,
     ) -> Result<Self> {
+        Self::with_caches(cfg, model_cfg, vec![cache])
+    }
+
+    /// [`Trainer::with_cache`] with several caches, one per teacher of an ensemble (weighted as
+    /// in [`Trainer::with_teachers`]). They must cover the same windows of the same data.
+    pub fn with_caches(
+        cfg: TrainConfig,
+        model_cfg: LlamaConfig,
+        caches: Vec<crate::train::teacher_cache::TeacherCache>,
+    ) -> Result<Self> {
+        let Some(cache) = caches.first() else {
+            return Err(Error::InvalidOption {
+                name: "teacher-cache",
+                value: "(none)".into(),
+                reason: "at least one teacher cache is needed",
+            });
+        };
+        for other in &caches[1..] {
+            let (a, b) = (&cache.manifest, &other.manifest);
+            if a.seq != b.seq || a.vocab != b.vocab || a.split("train") != b.split("train") {
+                return Err(Error::InvalidOption {
+                    name: "teacher-cache",
+                    value: other.dir.display().to_string(),
+                    reason: "covers other windows than the first cache (every cache of an ensemble needs the same data, tokenizer and --seq)",
+                });
+            }
+        }
         let m = &cache.manifest;
         let refuse = |name, value: String, reason| Error::InvalidOption {
             name,
@@ -190,16 +229,34 @@ impl Trainer {
                 "differs from the teacher cache's vocabulary",
             ));
         }
-        Self::build(cfg, model_cfg, None, Some(cache))
+        Self::build(cfg, model_cfg, Vec::new(), caches)
     }
 
     fn build(
         cfg: TrainConfig,
         model_cfg: LlamaConfig,
-        teacher: Option<Teacher>,
-        cache: Option<crate::train::teacher_cache::TeacherCache>,
+        teachers: Vec<Teacher>,
+        caches: Vec<crate::train::teacher_cache::TeacherCache>,
     ) -> Result<Self> {
         cfg.validate()?;
+        if let Some(d) = &cfg.distill {
+            let n = teachers.len().max(caches.len());
+            if !d.teacher_weights.is_empty() && d.teacher_weights.len() != n {
+                return Err(Error::InvalidOption {
+                    name: "teacher-weights",
+                    value: format!("{:?}", d.teacher_weights),
+                    reason: "needs one weight per teacher",
+                });
+            }
+            if n > 1 && !d.hidden_layers.is_empty() && d.hidden_weight != 0.0 {
+                return Err(Error::InvalidOption {
+                    name: "hidden-layers",
+                    value: format!("{:?}", d.hidden_layers),
+                    reason: "hidden-state pairs need a single teacher",
+                });
+            }
+        }
+        let teacher = teachers.first();
         let model = Llama::new(model_cfg)?;
         if cfg.seq > model.config().max_position_embeddings {
             return Err(Error::InvalidOption {
@@ -209,13 +266,16 @@ impl Trainer {
             });
         }
         let n_model = model.num_params();
-        let (pairs, n_proj) = match &cache {
-            Some(_) => (Vec::new(), 0),
-            None => Self::plan_hidden(&cfg, &model, teacher.as_ref())?,
+        let (pairs, n_proj) = match caches.is_empty() {
+            false => (Vec::new(), 0),
+            true => Self::plan_hidden(&cfg, &model, teacher)?,
         };
-        Self::plan_memory(&cfg, &model, teacher.as_ref(), n_model.checked_add(n_proj))?;
+        for t in teachers.iter().skip(1) {
+            Self::plan_hidden(&cfg, &model, Some(t))?; // vocabulary and positions of each
+        }
+        Self::plan_memory(&cfg, &model, &teachers, n_model.checked_add(n_proj))?;
         let mut params = model.init_params::<f32>(cfg.seed);
-        params.extend(init_projections(&model, teacher.as_ref(), n_proj, cfg.seed));
+        params.extend(init_projections(&model, teacher, n_proj, cfg.seed));
         let total = params.len();
         let mut decay = DecayMask::from_layout(model.layout());
         decay.push(total - n_model, true);
@@ -227,13 +287,13 @@ impl Trainer {
             min_ratio: cfg.min_lr_ratio,
         };
         let acts = Activations::new(&model, cfg.batch, cfg.seq)?;
-        let teacher = match teacher {
-            Some(t) => {
+        let teachers = teachers
+            .into_iter()
+            .map(|t| {
                 let acts = Activations::inference(&t.model, cfg.batch, cfg.seq)?;
-                Some((t, acts))
-            }
-            None => None,
-        };
+                Ok((t, acts))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let n = cfg.batch * cfg.seq;
         let v = model.config().vocab_size;
         Ok(Trainer {
@@ -249,8 +309,8 @@ impl Trainer {
             decay,
             schedule,
             acts,
-            teacher,
-            cache,
+            teachers,
+            caches,
             step: 0,
             history: History::default(),
             #[cfg(feature = "cuda")]
@@ -263,7 +323,7 @@ impl Trainer {
     fn plan_memory(
         cfg: &TrainConfig,
         model: &Llama,
-        teacher: Option<&Teacher>,
+        teachers: &[Teacher],
         trained: Option<usize>,
     ) -> Result<()> {
         let (batch, seq) = (cfg.batch, cfg.seq);
@@ -274,7 +334,7 @@ impl Trainer {
         plan.add("gradients", trained, 4);
         plan.add("AdamW moments", trained.and_then(|t| t.checked_mul(2)), 4);
         plan.add("activations", acts.checked_add(scratch), 4);
-        if let Some(t) = teacher {
+        for t in teachers {
             let (ta, ts) =
                 Activations::<f32>::buffer_elements(&t.model, batch, seq, Pass::Inference)?;
             plan.add("teacher activations", ta.checked_add(ts), 4);
@@ -393,11 +453,18 @@ impl Trainer {
     pub fn step(&mut self, train: &TokenStream) -> Result<StepStats> {
         let started = Instant::now();
         let step = self.step;
-        let cached = match &self.cache {
-            Some(c) => Some(c.train_batch(self.cfg.seed, step, self.cfg.batch)?),
-            None => None,
+        // Every cache of an ensemble covers the same windows: the first picks them.
+        let cached = match self.caches.first() {
+            Some(c) => {
+                let windows = c.train_windows(self.cfg.seed, step, self.cfg.batch)?;
+                self.caches
+                    .iter()
+                    .map(|c| c.train_batch(&windows))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
         };
-        let (inputs, targets) = match &cached {
+        let (inputs, targets) = match cached.first() {
             Some(b) => (b.inputs.clone(), b.targets.clone()),
             None => train_batch(train, self.cfg.seed, step, self.cfg.batch, self.cfg.seq)?,
         };
@@ -408,10 +475,10 @@ impl Trainer {
         let temperature = self.temperature();
         #[cfg(feature = "cuda")]
         if self.device.is_some() {
-            return self.device_step(step, &inputs, cached.as_ref(), lr, temperature, started);
+            return self.device_step(step, &inputs, &cached, lr, temperature, started);
         }
         self.grads.fill(0.0);
-        let loss = self.forward_backward(&inputs, cached.as_ref())?;
+        let loss = self.forward_backward(&inputs, &cached)?;
         check_finite(step, "loss", loss)?;
         let grad_norm = clip_grad_norm(&mut self.grads, self.cfg.grad_clip);
         check_finite(step, "gradient norm", grad_norm)?;
@@ -440,17 +507,18 @@ impl Trainer {
         dev: crate::cuda::CudaKernels,
         dtype: crate::train::device_step::DeviceDtype,
     ) -> Result<Vec<(String, usize)>> {
-        let teacher = self
-            .teacher
-            .as_ref()
-            .map(|(t, _)| (&t.model, t.params.as_slice()));
+        let teachers: Vec<(&Llama, &[f32])> = self
+            .teachers
+            .iter()
+            .map(|(t, _)| (&t.model, t.params.as_slice()))
+            .collect();
         let step = crate::train::device_step::open_step(
             dtype,
             dev,
             &self.model,
             &self.params,
             &self.adam,
-            teacher,
+            &teachers,
             &self.pairs,
             self.cfg.batch,
             self.cfg.seq,
@@ -478,19 +546,23 @@ impl Trainer {
         &mut self,
         step: u64,
         inputs: &[u32],
-        cached: Option<&crate::train::teacher_cache::CachedBatch>,
+        cached: &[crate::train::teacher_cache::CachedBatch],
         lr: f32,
         temperature: f32,
         started: Instant,
     ) -> Result<StepStats> {
         let loss_cfg = self.loss_config();
         let distilling = self.cfg.distill.is_some();
-        let teacher = self.teacher.as_ref().map(|(t, _)| &t.model);
+        let teachers: Vec<&Llama> = self.teachers.iter().map(|(t, _)| &t.model).collect();
+        let cached: Vec<crate::semantics::TopKTeacher> =
+            cached.iter().map(|b| b.teacher()).collect();
+        let weights = self.teacher_weights();
         let d = self.device.as_mut().expect("device_step runs on a device");
         let loss = d.forward_backward(
             &self.model,
-            teacher,
-            cached.map(|b| b.teacher()),
+            &teachers,
+            &cached,
+            &weights,
             &loss_cfg,
             inputs,
             &self.labels,
@@ -511,32 +583,47 @@ impl Trainer {
         })
     }
 
-    /// Teacher forward (no gradient), student forward, fused loss, student backward into
-    /// `self.grads`. Returns the loss.
+    /// The teachers' weights in the soft loss, normalized to sum to 1 (equal when not given).
+    fn teacher_weights(&self) -> Vec<f32> {
+        let n = self.teachers.len().max(self.caches.len()).max(1);
+        let given = self.cfg.distill.as_ref().map(|d| &d.teacher_weights);
+        match given {
+            Some(w) if w.len() == n => {
+                let total: f32 = w.iter().sum();
+                w.iter().map(|x| x / total).collect()
+            }
+            _ => vec![1.0 / n as f32; n],
+        }
+    }
+
+    /// Teacher forwards (no gradient), student forward, fused loss, student backward into
+    /// `self.grads`. Returns the loss. With several teachers (live or cached) the loss is one
+    /// call per teacher: the first writes the logit gradient and the others add to it
+    /// ([`LossConfig::accumulate`]), each scaled by its weight; with weights summing to 1 the
+    /// cross-entropy that every call includes keeps its share `1 - alpha`.
     fn forward_backward(
         &mut self,
         inputs: &[u32],
-        cached: Option<&crate::train::teacher_cache::CachedBatch>,
+        cached: &[crate::train::teacher_cache::CachedBatch],
     ) -> Result<f32> {
         let distilling = self.cfg.distill.is_some();
         let loss_cfg = self.loss_config();
+        let weights = self.teacher_weights();
         let (n, v) = (self.labels.len(), self.model.config().vocab_size);
         let (params, proj_params) = self.params.split_at(self.n_model);
         let (grads, proj_grads) = self.grads.split_at_mut(self.n_model);
 
-        if let (Some((t, acts)), true) = (&mut self.teacher, distilling) {
-            t.model.forward(&t.params, inputs, acts)?;
+        if distilling {
+            for (t, acts) in &mut self.teachers {
+                t.model.forward(&t.params, inputs, acts)?;
+            }
         }
         self.model.forward(params, inputs, &mut self.acts)?;
         let logits = self.acts.logits();
-        let teacher_logits = match (&self.teacher, distilling) {
-            (Some((_, acts)), true) => Some(acts.logits()),
-            _ => None,
-        };
 
         // Hidden states: every pair's (projected) student state and teacher state side by side
         // in one row, so one fused call averages the pairs' MSEs.
-        let hidden = match (&self.teacher, self.pairs.is_empty()) {
+        let hidden = match (self.teachers.first(), self.pairs.is_empty()) {
             (Some((t, t_acts)), false) => Some(HiddenBatch::gather(
                 &self.pairs,
                 &self.acts,
@@ -549,38 +636,61 @@ impl Trainer {
             _ => None,
         };
         let mut dhidden_cat = hidden.as_ref().map(|h| vec![0.0f32; h.student.len()]);
-        let loss = match (cached, distilling) {
-            (Some(b), true) => Cpu.distill_loss_topk(
-                &loss_cfg,
-                &TopKInputs {
-                    rows: n,
-                    vocab: v,
-                    student: logits.into(),
-                    teacher: b.teacher(),
-                    labels: Some(&self.labels),
-                },
-                Some(HostSliceMut::F32(&mut self.dlogits)),
-            )?,
-            _ => Cpu.distill_loss(
-                &loss_cfg,
-                &DistillInputs {
-                    rows: n,
-                    vocab: v,
-                    student: logits.into(),
-                    teacher: teacher_logits.unwrap_or(logits).into(),
-                    labels: Some(&self.labels),
-                    hidden: hidden.as_ref().map(|h| HiddenInputs {
-                        size: h.width,
-                        student: h.student[..].into(),
-                        teacher: h.teacher[..].into(),
-                    }),
-                },
-                GradOutputs {
-                    logits: Some(HostSliceMut::F32(&mut self.dlogits)),
-                    hidden: dhidden_cat.as_mut().map(|g| HostSliceMut::F32(g)),
-                },
-            )?,
+        let calls = match distilling {
+            true => self.teachers.len().max(cached.len()).max(1),
+            false => 1,
         };
+        let mut loss = 0.0f32;
+        for (i, &w) in weights.iter().enumerate().take(calls) {
+            let cfg = LossConfig {
+                grad_scale: w,
+                accumulate: i > 0,
+                hidden_weight: if i == 0 { loss_cfg.hidden_weight } else { 0.0 },
+                ..loss_cfg
+            };
+            let value = match (cached.get(i), distilling) {
+                (Some(b), true) => Cpu.distill_loss_topk(
+                    &cfg,
+                    &TopKInputs {
+                        rows: n,
+                        vocab: v,
+                        student: logits.into(),
+                        teacher: b.teacher(),
+                        labels: Some(&self.labels),
+                    },
+                    Some(HostSliceMut::F32(&mut self.dlogits)),
+                )?,
+                _ => {
+                    let teacher_logits = match (self.teachers.get(i), distilling) {
+                        (Some((_, acts)), true) => acts.logits(),
+                        _ => logits, // alpha = 0: the teacher is never read
+                    };
+                    Cpu.distill_loss(
+                        &cfg,
+                        &DistillInputs {
+                            rows: n,
+                            vocab: v,
+                            student: logits.into(),
+                            teacher: teacher_logits.into(),
+                            labels: Some(&self.labels),
+                            hidden: hidden.as_ref().filter(|_| i == 0).map(|h| HiddenInputs {
+                                size: h.width,
+                                student: h.student[..].into(),
+                                teacher: h.teacher[..].into(),
+                            }),
+                        },
+                        GradOutputs {
+                            logits: Some(HostSliceMut::F32(&mut self.dlogits)),
+                            hidden: match i {
+                                0 => dhidden_cat.as_mut().map(|g| HostSliceMut::F32(g)),
+                                _ => None,
+                            },
+                        },
+                    )?
+                }
+            };
+            loss += w * value.total();
+        }
 
         let dstates = match (&hidden, &dhidden_cat) {
             (Some(h), Some(dcat)) => h.scatter_grad(
@@ -606,7 +716,7 @@ impl Trainer {
             &dhidden,
             grads,
         )?;
-        Ok(loss.total())
+        Ok(loss)
     }
 
     /// Mean cross-entropy (nats per token) of the model on validation windows, at most
@@ -673,8 +783,8 @@ impl Trainer {
     fn proj_shape(&self) -> (usize, usize) {
         let cs = self.model.config().hidden_size;
         let ct = self
-            .teacher
-            .as_ref()
+            .teachers
+            .first()
             .map_or(cs, |(t, _)| t.model.config().hidden_size);
         (ct, cs)
     }
@@ -1016,7 +1126,63 @@ mod tests {
             *l = t as i64;
         }
         tr.grads.fill(0.0);
-        tr.forward_backward(inputs, None).unwrap() as f64
+        tr.forward_backward(inputs, &[]).unwrap() as f64
+    }
+
+    /// A weighted ensemble is the weighted sum of its teachers' losses: two different teachers
+    /// weighted 0.7 / 0.3 give 0.7 * (loss, gradient with the first alone) + 0.3 * (with the
+    /// second alone), the cross-entropy counted once; unnormalized weights 7 / 3 mean the same.
+    #[test]
+    fn an_ensemble_is_the_weighted_sum_of_its_teachers() {
+        let cfg = |weights: Vec<f32>| TrainConfig {
+            batch: 2,
+            seq: 6,
+            distill: Some(DistillConfig {
+                kind: LossKind::ReverseKl,
+                temperature: 2.0,
+                alpha: 0.6,
+                teacher_weights: weights,
+                ..DistillConfig::default()
+            }),
+            ..TrainConfig::default()
+        };
+        let other = || {
+            let model = Llama::new(tiny(13, 8, 2, 1)).unwrap();
+            Teacher {
+                params: model.init_params(9),
+                model,
+            }
+        };
+        let inputs: Vec<u32> = (0..12).map(|i| (i * 5 % 13) as u32).collect();
+        let targets: Vec<u32> = (0..12).map(|i| (i * 7 % 13) as u32).collect();
+        let run = |teachers: Vec<Teacher>, weights: Vec<f32>| {
+            let mut tr = Trainer::with_teachers(cfg(weights), tiny(13, 8, 2, 1), teachers).unwrap();
+            let loss = loss_at(&mut tr, &inputs, &targets);
+            (loss, tr.grads.clone())
+        };
+        let (la, ga) = run(vec![teacher(13)], vec![]);
+        let (lb, gb) = run(vec![other()], vec![]);
+        for weights in [vec![0.7, 0.3], vec![7.0, 3.0]] {
+            let (l, g) = run(vec![teacher(13), other()], weights);
+            let want = 0.7 * la + 0.3 * lb;
+            assert!((l - want).abs() < 1e-5 * want, "{l} vs {want}");
+            let scale = ga.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for ((x, a), b) in g.iter().zip(&ga).zip(&gb) {
+                let want = 0.7 * a + 0.3 * b;
+                assert!((x - want).abs() < 1e-5 * scale, "{x} vs {want}");
+            }
+        }
+        // One weight per teacher, and hidden-state pairs only with one teacher.
+        let e = Trainer::with_teachers(
+            cfg(vec![1.0]),
+            tiny(13, 8, 2, 1),
+            vec![teacher(13), other()],
+        );
+        assert!(e
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("one weight per teacher"));
     }
 
     /// Central differences of the whole distillation loss (soft + hard + hidden MSE through the
