@@ -3,6 +3,7 @@
 //! binary only.
 
 mod bench;
+mod bench_topk;
 mod bench_train;
 mod cache;
 mod demo;
@@ -129,6 +130,10 @@ pub enum BenchCommand {
     /// backward, fused loss, clipping, AdamW) on random tokens. Prints one JSON line with
     /// tokens_per_s and ms_per_step.
     Train(bench_train::BenchTrainArgs),
+    /// The top-k loss next to the dense loss on a real teacher and student (validation
+    /// windows): for every k and temperature, the soft loss, its relative error and the
+    /// gradient's relative L2 error and cosine. One JSON line each.
+    Topk(bench_topk::BenchTopKArgs),
 }
 
 #[derive(Debug, Args)]
@@ -353,6 +358,7 @@ pub fn run() -> CliResult<()> {
         Command::Bench(BenchCommand::Loss(args)) => bench::run_loss(&args),
         Command::Bench(BenchCommand::Floor(args)) => bench::run_floor(&args),
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(&args),
+        Command::Bench(BenchCommand::Topk(args)) => bench_topk::run(&args),
     }
 }
 
