@@ -98,8 +98,8 @@ typedef struct DkTopKCheckParams {
 typedef struct DkTopKParams {
     const void* student;   /* [rows, student_stride] */
     const uint32_t* ids;   /* [rows, k] */
-    const void* values;    /* [rows, k], dtype values_dtype: bucket logits at T = 1 */
-    const float* tail;     /* [rows]: the tail bucket's logit at T = 1 */
+    const void* values;    /* [rows, k], dtype values_dtype: log-probabilities at T = 1 */
+    const float* tail;     /* [rows]: the tail bucket's logit at T: log sum_tail p^(1/T) */
     const int64_t* labels; /* [rows] or NULL */
     void* grad;            /* [rows, grad_stride] or NULL: loss only */
     float* row_loss;       /* [rows] */

@@ -147,7 +147,7 @@ __device__ void topk_row(const DkTopKParams& p) {
             s_top[i] = dk_load(s + ids[i]);
             c_top[i] = dk_load_dtype(p.values, row * (int64_t)k + i, p.values_dtype) * inv_t;
         }
-        if (tid == 0) c_top[k] = p.tail[row] * inv_t;
+        if (tid == 0) c_top[k] = p.tail[row];  // given at T already
         // dk_block_reduce's leading barrier orders these writes before any read of them.
     }
 

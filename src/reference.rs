@@ -385,9 +385,9 @@ pub struct F64TopKInputs<'a> {
     pub student: &'a [f64],
     /// `[rows, k]` the teacher's ids.
     pub ids: &'a [u32],
-    /// `[rows, k]` the teacher's bucket logits at T = 1.
+    /// `[rows, k]` the teacher's log-probabilities at T = 1.
     pub values: &'a [f64],
-    /// `[rows]` the tail bucket's logit at T = 1.
+    /// `[rows]` the tail bucket's logit at the call's temperature.
     pub tail: &'a [f64],
     /// `[rows]` labels; required when `alpha < 1`.
     pub labels: Option<&'a [i64]>,
@@ -540,7 +540,7 @@ fn compute_topk(cfg: &LossConfig, inputs: &F64TopKInputs) -> RefOutput {
                 .iter()
                 .map(|&x| x / temperature)
                 .collect();
-            c.push(inputs.tail[r] / temperature);
+            c.push(inputs.tail[r]); // already at T
             let ids = &inputs.ids[r * k..(r + 1) * k];
             let (soft, ga) = soft_row_topk(cfg.kind, &log_softmax(&a), ids, &log_softmax(&c));
             loss += soft_weight * soft;

@@ -485,18 +485,18 @@ pub const MAX_TOP_K: usize = 1024;
 /// the vocabulary.
 ///
 /// # Semantics
-/// The teacher's bucket logits at T = 1 are `c = (values[r, 0..k], tail[r])`: normally the
-/// teacher's log-probabilities `log_softmax(t)[ids]` and the log of its probability mass on all
-/// other ids (any constant added to all k + 1 of a row cancels). At temperature T the teacher's
-/// bucket distribution is `p = softmax(c / T)` over the k + 1 buckets.
-///
-/// - At T = 1 this is exact: `p_i` is the teacher's probability of `ids[i]` and `p_tail` its mass
-///   on the rest.
-/// - At T != 1 the top-k probabilities keep their exact ratios, but the tail's tempered weight
-///   `sum_{u in tail} p_u^(1/T)` (which the cache does not know) is replaced by
-///   `(sum_{u in tail} p_u)^(1/T)`. For T > 1 that is smaller (a power below 1 of a sum is at most
-///   the sum of the powers), so the tail bucket gets less of the tempered mass than the dense
-///   teacher gives those ids, and the top ids more. BENCHMARKS.md measures the difference.
+/// Let `l_v = log p_v` be the teacher's log-probabilities at T = 1. At temperature T the teacher's
+/// tempered distribution is `p_v^(1/T)` normalised, so its bucket logits at T are
+/// `c = (l_(ids[0]) / T, ..., l_(ids[k-1]) / T, tail)` with
+/// `tail = log sum_(u not in ids) p_u^(1/T)`, and its bucket distribution is `P = softmax(c)` over
+/// the k + 1 buckets. `values` holds the `l` of the ids (the loss divides them by T); `tail` is
+/// given *at the call's temperature*: at T = 1 it is the log of the teacher's mass outside the ids,
+/// at other temperatures it needs the tail's own probabilities, which an offline cache stores on a
+/// grid of temperatures ([`crate::train`]'s teacher cache interpolates between them). With the
+/// exact tail at T the bucket masses are exact at every temperature. (Tempering the T = 1 tail as
+/// `tail / T` instead would give `(sum p_u)^(1/T)`, less than `sum p_u^(1/T)` for T > 1 and far
+/// less for a long tail: `distill bench topk` measures both.) Any constant added to all k + 1
+/// logits of a row cancels.
 ///
 /// The student keeps its full softmax at T, `q = softmax(s / T)` over the vocabulary, summed into
 /// the same buckets: `Q_i = q[ids[i]]` and `Q_tail = sum_{v not in ids} q_v` (summed over the
@@ -504,26 +504,30 @@ pub const MAX_TOP_K: usize = 1024;
 /// the divergence between the bucket distributions, with the dense loss's conventions
 /// (a zero-weight term is 0, a positive weight against a zero probability is `+inf`):
 ///
-/// - forward KL `sum_b p_b (log p_b - log Q_b)`, gradient
-///   `d/ds_v = (q_v - [v in ids] p_(i of v) - [v not in ids] p_tail q_v / Q_tail) / T`;
-/// - reverse KL `R = sum_b Q_b (log Q_b - log p_b)`, gradient
-///   `d/ds_v = q_v (log Q_(b of v) - log p_(b of v) - R) / T` where `b of v` is v's own bucket
+/// - forward KL `sum_b P_b (log P_b - log Q_b)`, gradient
+///   `d/ds_v = (q_v - [v in ids] P_(i of v) - [v not in ids] P_tail q_v / Q_tail) / T`;
+/// - reverse KL `R = sum_b Q_b (log Q_b - log P_b)`, gradient
+///   `d/ds_v = q_v (log Q_(b of v) - log P_(b of v) - R) / T` where `b of v` is v's own bucket
 ///   when v is a top id and the tail otherwise.
 ///
-/// JSD is not defined for a top-k teacher. The hard-label cross-entropy, the weights (alpha,
-/// T^2), `ignore_index`, the reductions and the gradient scale are those of the dense loss.
-/// With k = V - 1 the tail is a single id, the buckets are the whole distribution, and the loss
-/// equals the dense loss at every T. k >= V is rejected: with every id kept, use the dense loss.
+/// What the buckets cannot see is how the tail's mass is spread inside the tail: the top-k
+/// divergence is at most the dense one (the data-processing inequality), equal when the student's
+/// tail is proportional to the teacher's. JSD is not defined for a top-k teacher. The hard-label
+/// cross-entropy, the weights (alpha, T^2), `ignore_index`, the reductions, the gradient scale and
+/// accumulation are those of the dense loss. With k = V - 1 the tail is a single id, the buckets
+/// are the whole distribution, and the loss equals the dense loss at every T (its `tail` being that
+/// id's `l / T`). k >= V is rejected: with every id kept, use the dense loss.
 #[derive(Debug, Clone, Copy)]
 pub struct TopKTeacher<'a> {
     /// Entries per row, `1..=MAX_TOP_K` and below the vocabulary size.
     pub k: usize,
     /// `[rows, k]` token ids, each in `[0, vocab)`, distinct within a row (in any order).
     pub ids: &'a [u32],
-    /// `[rows, k]` the teacher's bucket logits at T = 1 for those ids (f32, f16 or bf16).
+    /// `[rows, k]` the teacher's log-probabilities at T = 1 of those ids (f32, f16 or bf16).
     pub values: HostSlice<'a>,
-    /// `[rows]` the tail bucket's logit at T = 1: the log of the teacher's mass outside `ids`
-    /// (`-inf`: none).
+    /// `[rows]` the tail bucket's logit at the call's temperature T:
+    /// `log sum_(u not in ids) p_u^(1/T)` (at T = 1 the log of the teacher's mass outside `ids`;
+    /// `-inf`: none).
     pub tail: &'a [f32],
 }
 

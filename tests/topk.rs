@@ -148,9 +148,9 @@ fn reference_with_a_one_id_tail_is_the_dense_loss() {
     // k = V - 1: the buckets are the whole distribution, so the loss is the dense one at every T.
     let case = Case::new(4, 40, 39, Dtype::F32, Dtype::F32, 7);
     for kind in KINDS {
-        for t in [0.5, 1.0, 2.0, 3.5] {
+        // Powers of two: the one-id tail's l / T is then exact in f32, as the dense logit is.
+        for t in [0.5, 1.0, 2.0, 4.0] {
             let cfg = cfg(kind, 0.7, t, Reduction::None);
-            let sparse = distill_loss_topk_f64(&cfg, &case.inputs(true)).unwrap();
             // The dense teacher whose log-softmax the top-k rows hold (f32-rounded values).
             let mut dense = vec![0.0f32; 4 * 40];
             for r in 0..4 {
@@ -163,6 +163,11 @@ fn reference_with_a_one_id_tail_is_the_dense_loss() {
                     .unwrap();
                 dense[r * 40 + missing] = case.topk.tail[r];
             }
+            // The one-id tail's logit at T is that id's l / T.
+            let tail: Vec<f32> = case.topk.tail.iter().map(|&l| l / t).collect();
+            let mut inputs = case.inputs(true);
+            inputs.teacher.tail = &tail;
+            let sparse = distill_loss_topk_f64(&cfg, &inputs).unwrap();
             let d = distill_loss_f64(
                 &cfg,
                 &DistillInputs {
@@ -467,4 +472,53 @@ fn a_million_entry_vocabulary_with_k_1024() {
     let case = Case::new(rows, vocab, k, Dtype::Bf16, Dtype::F16, 61);
     let cfg = cfg(LossKind::ForwardKl, 0.8, 2.0, Reduction::Mean);
     check_all(&cfg, &case.inputs(true), "V 1000003 k 1024");
+}
+
+#[test]
+fn the_tail_at_t_is_exact_on_its_grid_and_bounded_between() {
+    // k = V - 1 with tails kept at T = 2 and 4: the loss at those T is the dense loss; at
+    // T = 3 the interpolated tail is an upper bound of the exact one (convex in 1 / T).
+    let b = batch(3, 30, Dtype::F32, Dtype::F32, 3.0, 71);
+    let top = TopKRows::from_logits_at(b.teacher.as_slice(), 3, 30, 29, &[4.0, 2.0]).unwrap();
+    let exact3 = TopKRows::from_logits_at(b.teacher.as_slice(), 3, 30, 29, &[3.0]).unwrap();
+    for t in [2.0, 4.0] {
+        let tail = top.tail_at(t).unwrap();
+        let cfg = cfg(LossKind::ForwardKl, 1.0, t, Reduction::Sum);
+        let inputs = TopKInputs {
+            rows: 3,
+            vocab: 30,
+            student: b.student.as_slice(),
+            teacher: top.teacher_with(&tail),
+            labels: None,
+        };
+        let sparse = distill_loss_topk_f64(&cfg, &inputs).unwrap().loss[0];
+        let dense = distill_loss_f64(
+            &cfg,
+            &DistillInputs {
+                rows: 3,
+                vocab: 30,
+                student: b.student.as_slice(),
+                teacher: b.teacher.as_slice(),
+                labels: None,
+                hidden: None,
+            },
+        )
+        .unwrap()
+        .loss[0];
+        assert!(
+            (sparse - dense).abs() < 1e-6 * dense,
+            "T {t}: {sparse} vs {dense}"
+        );
+    }
+    let (mid, want) = (top.tail_at(3.0).unwrap(), exact3.tail_at(3.0).unwrap());
+    for (m, w) in mid.iter().zip(&want) {
+        assert!(
+            *m >= *w - 1e-6 && *m < *w + 0.05,
+            "interpolated {m} vs exact {w}"
+        );
+    }
+    // Outside the grid: an error naming the temperature, not a guess.
+    let e = top.tail_at(0.5).unwrap_err().to_string();
+    assert!(e.contains("temperature") && e.contains("0.5"), "{e}");
+    assert!(top.tail_at(5.0).is_err());
 }

@@ -79,7 +79,7 @@ pub fn run(a: &BenchTopKArgs) -> CliResult<()> {
     }
     let rows = windows.len() * a.seq;
     for &k in &a.k {
-        let top = TopKRows::from_logits(t_logits[..].into(), rows, vocab, k)?;
+        let top = TopKRows::from_logits_at(t_logits[..].into(), rows, vocab, k, &a.temperature)?;
         let covered: f64 = top
             .tail
             .iter()
@@ -109,45 +109,41 @@ pub fn run(a: &BenchTopKArgs) -> CliResult<()> {
                     hidden: None,
                 },
             )?;
-            let mut g_top = vec![0.0f32; rows * vocab];
-            let sparse = Cpu.distill_loss_topk(
-                &cfg,
-                &TopKInputs {
-                    rows,
-                    vocab,
-                    student: s_logits[..].into(),
-                    teacher: top.teacher(),
-                    labels: None,
-                },
-                Some(HostSliceMut::F32(&mut g_top)),
-            )?;
-            let (d, s) = (dense.values[0] as f64, sparse.values[0] as f64);
-            let diff: f64 = g_dense
-                .iter()
-                .zip(&g_top)
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            let norm: f64 = g_dense.iter().map(|a| (*a as f64).powi(2)).sum();
-            let cos: f64 = g_dense
-                .iter()
-                .zip(&g_top)
-                .map(|(a, b)| (*a as f64) * (*b as f64))
-                .sum::<f64>()
-                / (norm.sqrt()
-                    * g_top
-                        .iter()
-                        .map(|b| (*b as f64).powi(2))
-                        .sum::<f64>()
-                        .sqrt());
-            print_line(
-                &json!({
-                    "bench": "topk", "kind": kind.name(), "k": k, "temperature": t, "rows": rows,
-                    "vocab": vocab, "teacher_mass_in_top_k": covered, "dense_loss": d,
-                    "topk_loss": s, "loss_rel_error": (s - d) / d,
-                    "grad_rel_l2_error": (diff / norm).sqrt(), "grad_cosine": cos,
-                })
-                .to_string(),
-            )?;
+            let d = dense.values[0] as f64;
+            // The tail at T as the cache keeps it (exact at its temperatures), and the T = 1
+            // tail tempered as a single bucket (tail / T), for comparison.
+            let exact = top.tail_at(t)?;
+            let naive: Vec<f32> = top.tail.iter().map(|&x| x / t).collect();
+            let mut line = json!({
+                "bench": "topk", "kind": kind.name(), "k": k, "temperature": t, "rows": rows,
+                "vocab": vocab, "teacher_mass_in_top_k": covered, "dense_loss": d,
+            });
+            for (name, tail) in [("", &exact), ("bucket_tempered_", &naive)] {
+                let mut g_top = vec![0.0f32; rows * vocab];
+                let sparse = Cpu.distill_loss_topk(
+                    &cfg,
+                    &TopKInputs {
+                        rows,
+                        vocab,
+                        student: s_logits[..].into(),
+                        teacher: top.teacher_with(tail),
+                        labels: None,
+                    },
+                    Some(HostSliceMut::F32(&mut g_top)),
+                )?;
+                let s = sparse.values[0] as f64;
+                let dot = |x: &[f32], y: &[f32]| -> f64 {
+                    x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum()
+                };
+                let diff: Vec<f32> = g_dense.iter().zip(&g_top).map(|(a, b)| a - b).collect();
+                let norm = dot(&g_dense, &g_dense);
+                line[format!("{name}topk_loss")] = json!(s);
+                line[format!("{name}loss_rel_error")] = json!((s - d) / d);
+                line[format!("{name}grad_rel_l2_error")] = json!((dot(&diff, &diff) / norm).sqrt());
+                line[format!("{name}grad_cosine")] =
+                    json!(dot(&g_dense, &g_top) / (norm * dot(&g_top, &g_top)).sqrt());
+            }
+            print_line(&line.to_string())?;
         }
     }
     Ok(())

@@ -39,6 +39,10 @@ pub struct CacheTeacherArgs {
     /// Largest shard file, in MiB (a shard holds whole windows)
     #[arg(long, default_value_t = 64)]
     pub shard_mib: usize,
+    /// Temperatures at which the tail bucket's logit is stored (1 is always added): a student
+    /// distills at temperatures in their range, exactly at these and interpolated between
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub tail_temperatures: Vec<f32>,
     /// Windows per shard, instead of what --shard-mib allows
     #[arg(long)]
     pub windows_per_shard: Option<usize>,
@@ -75,6 +79,12 @@ pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
             teacher.model.config().max_position_embeddings
         )));
     }
+    let mut temps = a.tail_temperatures.clone();
+    temps.push(1.0);
+    temps.sort_by(|x, y| x.total_cmp(y));
+    temps.dedup();
+    teacher_cache::check_tail_temperatures(&temps)
+        .map_err(|e| CliError::new(format!("--tail-temperatures: {e}")))?;
     let tokenizer_json = tok.to_json()?.into_bytes();
     let corpus = load_corpus(&a.data)?;
     let train = TokenStream::encode(&corpus.train, &tok)?;
@@ -82,7 +92,10 @@ pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
     let wps = match a.windows_per_shard {
         Some(0) => return Err(CliError::new("--windows-per-shard must be at least 1")),
         Some(w) => w,
-        None => ((a.shard_mib << 20) / (seq * CacheManifest::bytes_per_position(a.top_k))).max(1),
+        None => {
+            let per_window = seq * CacheManifest::bytes_per_position(a.top_k, temps.len());
+            ((a.shard_mib << 20) / per_window).max(1)
+        }
     };
     let manifest = CacheManifest {
         format: teacher_cache::FORMAT,
@@ -94,6 +107,7 @@ pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
         k: a.top_k,
         seq,
         values: teacher_cache::VALUES.into(),
+        tail_temperatures: temps.clone(),
         windows_per_shard: wps,
         splits: vec![
             teacher_cache::split_manifest("train", &train, seq, wps),
@@ -120,7 +134,7 @@ pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
         manifest.splits[0].windows,
         manifest.splits[1].windows,
         manifest.total_bytes() as f64 / (1u64 << 20) as f64,
-        CacheManifest::bytes_per_position(a.top_k),
+        CacheManifest::bytes_per_position(a.top_k, temps.len()),
     );
 
     let bar = std::io::stderr().is_terminal().then(|| {

@@ -216,10 +216,10 @@ impl Kernel for TopKRow<'_> {
             if hard && !hard_own {
                 st1.z = z;
             }
-            // The teacher's buckets at T: c / T, normalised (tail last).
+            // The teacher's buckets at T, normalised: l / T for the ids, the tail as given at T.
             let c: Vec<f32> = (0..k)
                 .map(|i| self.values.get_f32(i) * p.inv_t)
-                .chain([self.tail * p.inv_t])
+                .chain([self.tail])
                 .collect();
             let lp = log_softmax(&c);
             let p_tail = lp[k].exp();

@@ -10,9 +10,10 @@
 //! - `<split>-<index:05>.safetensors`, one per shard of at most `windows_per_shard` windows:
 //!   `tokens` U32 `[w, seq + 1]` (window i of a split is tokens `i*seq ..= i*seq + seq` of its
 //!   stream), `ids` U32 `[w * seq, k]` (descending probability), `values` F16 `[w * seq, k]`
-//!   (the teacher's log-probabilities at T = 1 of those ids) and `tail` F32 `[w * seq]` (the log
-//!   of its mass on every other id), row `i*seq + t` being the teacher's prediction after token
-//!   `t` of window `i`. No metadata, no timestamps: the same inputs give the same bytes.
+//!   (the teacher's log-probabilities at T = 1 of those ids) and `tail` F32 `[w * seq, n]` (the
+//!   tail bucket's logit `log sum_(u not in ids) p_u^(1/T)` at each of the manifest's
+//!   `tail_temperatures`; at T = 1 the log of its mass on every other id), row `i*seq + t` being
+//!   the teacher's prediction after token `t` of window `i`. No metadata, no timestamps: the same inputs give the same bytes.
 //!
 //! Values are f16 log-probabilities: their rounding error is at most `2^-11 |log p|`, so a
 //! probability carries a relative error of `2^-11 |log p|` and an absolute one of at most
@@ -73,6 +74,9 @@ pub struct CacheManifest {
     pub seq: usize,
     /// [`VALUES`].
     pub values: String,
+    /// Ascending temperatures (1 among them) at which the tail's logit is stored; a student's
+    /// temperatures must lie in their range (between them the logit is interpolated).
+    pub tail_temperatures: Vec<f32>,
     /// Windows per shard (the last shard of a split may hold fewer).
     pub windows_per_shard: usize,
     /// The splits, in the order they are computed.
@@ -96,10 +100,10 @@ pub struct SplitManifest {
 }
 
 impl CacheManifest {
-    /// Bytes of one cached position: k ids (4 B) and values (2 B), the tail (4 B), and the
-    /// window's tokens (4 B per position, about).
-    pub fn bytes_per_position(k: usize) -> usize {
-        6 * k + 8
+    /// Bytes of one cached position: k ids (4 B) and values (2 B), the tail at each of
+    /// `temperatures` temperatures (4 B), and the window's tokens (4 B per position, about).
+    pub fn bytes_per_position(k: usize, temperatures: usize) -> usize {
+        6 * k + 4 * temperatures + 4
     }
 
     /// Bytes of the whole cache, about (shard headers left out).
@@ -109,13 +113,26 @@ impl CacheManifest {
             .iter()
             .map(|s| (s.windows * self.seq) as u64)
             .sum();
-        positions * Self::bytes_per_position(self.k) as u64
+        positions * Self::bytes_per_position(self.k, self.tail_temperatures.len()) as u64
     }
 
     /// The split named `name`.
     pub fn split(&self, name: &str) -> Option<&SplitManifest> {
         self.splits.iter().find(|s| s.name == name)
     }
+}
+
+/// Tail temperatures must be finite, > 0, strictly ascending, and include 1.
+pub fn check_tail_temperatures(t: &[f32]) -> std::result::Result<(), String> {
+    if t.iter().any(|x| !(x.is_finite() && *x > 0.0)) || t.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "tail temperatures {t:?} must be finite, > 0 and strictly ascending"
+        ));
+    }
+    if !t.contains(&1.0) {
+        return Err(format!("tail temperatures {t:?} must include 1"));
+    }
+    Ok(())
 }
 
 /// `sha256:<first 16 hex digits>` of `parts` in order.
@@ -203,6 +220,7 @@ pub fn build(
     progress: &mut CacheProgress,
 ) -> Result<usize> {
     check_top_k(manifest.k, manifest.vocab)?;
+    check_tail_temperatures(&manifest.tail_temperatures).map_err(|e| cache_err(dir, e))?;
     if streams.len() != manifest.splits.len() {
         return Err(cache_err(dir, "one token stream per split is needed"));
     }
@@ -255,7 +273,15 @@ pub fn build(
             let count = manifest.windows_per_shard.min(split.windows - first);
             let path = dir.join(shard_name(&split.name, shard));
             if !path.exists() {
-                let bytes = compute_shard(teacher, &mut acts, stream, first, count, seq, k, bw)?;
+                let bytes = compute_shard(
+                    teacher,
+                    &mut acts,
+                    stream,
+                    (first, count),
+                    (seq, k),
+                    &manifest.tail_temperatures,
+                    bw,
+                )?;
                 write_atomic(&path, &bytes)?;
                 computed += 1;
             }
@@ -279,20 +305,17 @@ fn compute_shard(
     teacher: &Teacher,
     acts: &mut Activations<f32>,
     stream: &TokenStream,
-    first: usize,
-    count: usize,
-    seq: usize,
-    k: usize,
+    (first, count): (usize, usize),
+    (seq, k): (usize, usize),
+    temperatures: &[f32],
     bw: usize,
 ) -> Result<Vec<u8>> {
     let vocab = teacher.model.config().vocab_size;
+    let nt = temperatures.len();
     let mut tokens = Vec::with_capacity(count * (seq + 1));
-    let mut rows = TopKRows {
-        k,
-        ids: Vec::with_capacity(count * seq * k),
-        values: Vec::with_capacity(count * seq * k),
-        tail: Vec::with_capacity(count * seq),
-    };
+    let mut ids = Vec::with_capacity(count * seq * k);
+    let mut vals = Vec::with_capacity(count * seq * k);
+    let mut tails = Vec::with_capacity(count * seq * nt);
     let window = |w: usize| &stream.tokens[w * seq..w * seq + seq + 1];
     for start in (0..count).step_by(bw) {
         let n = bw.min(count - start);
@@ -303,29 +326,37 @@ fn compute_shard(
         }
         teacher.model.forward(&teacher.params, &inputs, acts)?;
         let logits = &acts.logits()[..n * seq * vocab];
-        let top = TopKRows::from_logits(HostSlice::F32(logits), n * seq, vocab, k)?;
-        rows.ids.extend_from_slice(&top.ids);
-        rows.values.extend_from_slice(&top.values);
-        rows.tail.extend_from_slice(&top.tail);
+        let top =
+            TopKRows::from_logits_at(HostSlice::F32(logits), n * seq, vocab, k, temperatures)?;
+        ids.extend_from_slice(&top.ids);
+        vals.extend_from_slice(&top.values);
+        for r in 0..n * seq {
+            for &t in temperatures {
+                tails.push(match top.tempered.iter().find(|(tt, _)| *tt == t) {
+                    Some((_, tail)) => tail[r],
+                    None => top.tail[r], // T = 1
+                });
+            }
+        }
         for i in 0..n {
             tokens.extend_from_slice(window(first + start + i));
         }
     }
-    let values: Vec<f16> = rows.values.iter().map(|&v| f16::from_f32(v)).collect();
+    let values: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
     let le = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-    let (tok_b, ids_b) = (le(&tokens), le(&rows.ids));
+    let (tok_b, ids_b) = (le(&tokens), le(&ids));
     let val_b: Vec<u8> = values
         .iter()
         .flat_map(|x| x.to_bits().to_le_bytes())
         .collect();
-    let tail_b: Vec<u8> = rows.tail.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let tail_b: Vec<u8> = tails.iter().flat_map(|x| x.to_le_bytes()).collect();
     let p = count * seq;
     fn view(dt: StDtype, shape: Vec<usize>, b: &[u8]) -> TensorView<'_> {
         TensorView::new(dt, shape, b).expect("shapes match the data")
     }
     let tensors = vec![
         ("ids", view(StDtype::U32, vec![p, k], &ids_b)),
-        ("tail", view(StDtype::F32, vec![p], &tail_b)),
+        ("tail", view(StDtype::F32, vec![p, nt], &tail_b)),
         ("tokens", view(StDtype::U32, vec![count, seq + 1], &tok_b)),
         ("values", view(StDtype::F16, vec![p, k], &val_b)),
     ];
@@ -345,6 +376,7 @@ pub fn read_manifest(dir: &Path) -> Result<CacheManifest> {
             format!("format {} (this build reads {FORMAT})", m.format),
         ));
     }
+    check_tail_temperatures(&m.tail_temperatures).map_err(|e| cache_err(dir, e))?;
     Ok(m)
 }
 
@@ -359,6 +391,10 @@ fn manifest_diff(a: &CacheManifest, b: &CacheManifest) -> String {
         (
             "windows_per_shard",
             a.windows_per_shard != b.windows_per_shard,
+        ),
+        (
+            "tail_temperatures",
+            a.tail_temperatures != b.tail_temperatures,
         ),
         ("splits", a.splits != b.splits),
     ];
@@ -379,7 +415,7 @@ pub struct CachedSplit {
     pub ids: Vec<u32>,
     /// `[windows * seq, k]` log-probabilities.
     pub values: Vec<f16>,
-    /// `[windows * seq]` tail log-masses.
+    /// `[windows * seq, tail temperatures]` the tail's logits.
     pub tail: Vec<f32>,
 }
 
@@ -394,20 +430,27 @@ pub struct CachedBatch {
     pub ids: Vec<u32>,
     /// `[batch * seq, k]` log-probabilities.
     pub values: Vec<f16>,
-    /// `[batch * seq]` tail log-masses.
-    pub tail: Vec<f32>,
+    /// `[batch * seq, temperatures]` the tail's logits at the cache's tail temperatures.
+    pub tails: Vec<f32>,
+    /// The cache's tail temperatures.
+    pub temperatures: Vec<f32>,
     /// Entries per row.
     pub k: usize,
 }
 
 impl CachedBatch {
-    /// The batch's rows as the loss's teacher input.
-    pub fn teacher(&self) -> TopKTeacher<'_> {
+    /// The tail bucket's logits at temperature `t` (see [`crate::topk::tail_at`]).
+    pub fn tail_at(&self, t: f32) -> Result<Vec<f32>> {
+        Ok(crate::topk::tail_at(&self.temperatures, &self.tails, t)?)
+    }
+
+    /// The batch's rows as the loss's teacher input, with `tail` from [`CachedBatch::tail_at`].
+    pub fn teacher<'a>(&'a self, tail: &'a [f32]) -> TopKTeacher<'a> {
         TopKTeacher {
             k: self.k,
             ids: &self.ids,
             values: HostSlice::F16(&self.values),
-            tail: &self.tail,
+            tail,
         }
     }
 }
@@ -438,7 +481,7 @@ impl TeacherCache {
                 tokens: Vec::with_capacity(s.windows * (seq + 1)),
                 ids: Vec::with_capacity(s.windows * seq * k),
                 values: Vec::with_capacity(s.windows * seq * k),
-                tail: Vec::with_capacity(s.windows * seq),
+                tail: Vec::with_capacity(s.windows * seq * manifest.tail_temperatures.len()),
             };
             for shard in 0..s.shards {
                 let path = dir.join(shard_name(&s.name, shard));
@@ -455,7 +498,8 @@ impl TeacherCache {
                 let count = manifest
                     .windows_per_shard
                     .min(s.windows - shard * manifest.windows_per_shard);
-                read_shard(&path, count, seq, k, manifest.vocab, &mut out)?;
+                let dims = (seq, k, manifest.tail_temperatures.len());
+                read_shard(&path, count, dims, manifest.vocab, &mut out)?;
             }
             splits.push(out);
         }
@@ -495,7 +539,8 @@ impl TeacherCache {
             targets: Vec::with_capacity(batch * seq),
             ids: Vec::with_capacity(batch * seq * k),
             values: Vec::with_capacity(batch * seq * k),
-            tail: Vec::with_capacity(batch * seq),
+            tails: Vec::with_capacity(batch * seq * self.manifest.tail_temperatures.len()),
+            temperatures: self.manifest.tail_temperatures.clone(),
             k,
         };
         for &w in windows {
@@ -510,7 +555,9 @@ impl TeacherCache {
                 .extend_from_slice(&s.ids[rows.start * k..rows.end * k]);
             b.values
                 .extend_from_slice(&s.values[rows.start * k..rows.end * k]);
-            b.tail.extend_from_slice(&s.tail[rows]);
+            let nt = self.manifest.tail_temperatures.len();
+            b.tails
+                .extend_from_slice(&s.tail[rows.start * nt..rows.end * nt]);
         }
         Ok(b)
     }
@@ -524,8 +571,7 @@ impl TeacherCache {
 fn read_shard(
     path: &Path,
     count: usize,
-    seq: usize,
-    k: usize,
+    (seq, k, nt): (usize, usize, usize),
     vocab: usize,
     out: &mut CachedSplit,
 ) -> Result<()> {
@@ -560,7 +606,7 @@ fn read_shard(
         )));
     }
     let values = get("values", StDtype::F16, vec![p, k])?;
-    let tail = get("tail", StDtype::F32, vec![p])?;
+    let tail = get("tail", StDtype::F32, vec![p, nt])?;
     out.tokens.extend(tokens);
     out.ids.extend(ids);
     out.values.extend(

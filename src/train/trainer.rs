@@ -193,6 +193,27 @@ impl Trainer {
             }
         }
         let m = &cache.manifest;
+        if let (Some(d), Some(lo), Some(hi)) = (
+            &cfg.distill,
+            m.tail_temperatures.first(),
+            m.tail_temperatures.last(),
+        ) {
+            for t in [Some(d.temperature), d.temperature_end]
+                .into_iter()
+                .flatten()
+            {
+                if t < *lo || t > *hi {
+                    return Err(Error::InvalidOption {
+                        name: "temperature",
+                        value: format!(
+                            "{t} (the cache holds its tail at T in {:?})",
+                            m.tail_temperatures
+                        ),
+                        reason: "is outside the teacher cache's tail temperatures; rebuild it with --tail-temperatures covering the schedule",
+                    });
+                }
+            }
+        }
         let refuse = |name, value: String, reason| Error::InvalidOption {
             name,
             value,
@@ -554,8 +575,15 @@ impl Trainer {
         let loss_cfg = self.loss_config();
         let distilling = self.cfg.distill.is_some();
         let teachers: Vec<&Llama> = self.teachers.iter().map(|(t, _)| &t.model).collect();
-        let cached: Vec<crate::semantics::TopKTeacher> =
-            cached.iter().map(|b| b.teacher()).collect();
+        let tails = cached
+            .iter()
+            .map(|b| b.tail_at(loss_cfg.temperature))
+            .collect::<Result<Vec<_>>>()?;
+        let cached: Vec<crate::semantics::TopKTeacher> = cached
+            .iter()
+            .zip(&tails)
+            .map(|(b, t)| b.teacher(t))
+            .collect();
         let weights = self.teacher_weights();
         let d = self.device.as_mut().expect("device_step runs on a device");
         let loss = d.forward_backward(
@@ -640,6 +668,11 @@ impl Trainer {
             true => self.teachers.len().max(cached.len()).max(1),
             false => 1,
         };
+        // Each cache's tail bucket at this step's temperature.
+        let tails = cached
+            .iter()
+            .map(|b| b.tail_at(loss_cfg.temperature))
+            .collect::<Result<Vec<_>>>()?;
         let mut loss = 0.0f32;
         for (i, &w) in weights.iter().enumerate().take(calls) {
             let cfg = LossConfig {
@@ -655,7 +688,7 @@ impl Trainer {
                         rows: n,
                         vocab: v,
                         student: logits.into(),
-                        teacher: b.teacher(),
+                        teacher: b.teacher(&tails[i]),
                         labels: Some(&self.labels),
                     },
                     Some(HostSliceMut::F32(&mut self.dlogits)),
