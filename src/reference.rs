@@ -26,9 +26,8 @@ use crate::device::{check_same_dtype, DistillDevice};
 use crate::dtype::{HostSlice, HostSliceMut};
 use crate::error::{Error, Result};
 use crate::semantics::{
-    check_inputs, check_labels, check_softmax, check_top_k, check_topk_config, check_topk_ids,
-    check_topk_inputs, DistillInputs, GradOutputs, LossConfig, LossKind, LossValue, Reduction,
-    TopKInputs,
+    check_inputs, check_labels, check_softmax, check_topk_inputs, check_topk_shapes, DistillInputs,
+    GradOutputs, LossConfig, LossKind, LossValue, Reduction, TopKInputs,
 };
 
 /// The f64 reference backend (`reference`).
@@ -417,40 +416,16 @@ pub fn distill_loss_topk_f64(cfg: &LossConfig, inputs: &TopKInputs) -> Result<Re
 
 /// [`distill_loss_topk_f64`] on f64 inputs (for finite differences), with the same checks.
 pub fn distill_loss_topk_f64_slices(cfg: &LossConfig, inputs: &F64TopKInputs) -> Result<RefOutput> {
-    check_topk_config(cfg)?;
     let F64TopKInputs { rows, vocab, k, .. } = *inputs;
-    if rows == 0 {
-        return Err(Error::Empty("rows = 0"));
-    }
-    if vocab == 0 {
-        return Err(Error::Empty("vocab = 0"));
-    }
-    check_top_k(k, vocab)?;
-    let shape = format!("[{rows}, {vocab}]");
-    check_len("student_logits", inputs.student.len(), rows * vocab, &shape)?;
-    let kshape = format!("[{rows}, {k}]");
-    check_len("teacher_topk_ids", inputs.ids.len(), rows * k, &kshape)?;
-    check_len(
-        "teacher_topk_values",
+    check_topk_shapes(
+        cfg,
+        (rows, vocab, k),
+        inputs.student.len(),
+        inputs.ids,
         inputs.values.len(),
-        rows * k,
-        &kshape,
-    )?;
-    check_len(
-        "teacher_tail",
         inputs.tail.len(),
-        rows,
-        &format!("[{rows}]"),
+        inputs.labels,
     )?;
-    check_topk_ids(inputs.ids, k, vocab)?;
-    match inputs.labels {
-        Some(labels) => {
-            check_len("labels", labels.len(), rows, &format!("[{rows}]"))?;
-            check_labels(cfg, labels, vocab)?;
-        }
-        None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
-        None => {}
-    }
     Ok(compute_topk(cfg, inputs))
 }
 

@@ -379,24 +379,8 @@ pub(crate) fn check_inputs(
     let shape = format!("[{rows}, {vocab}]");
     check_len("student_logits", inputs.student.len(), n, &shape)?;
     check_len("teacher_logits", inputs.teacher.len(), n, &shape)?;
-    if let Some(g) = &grads.logits {
-        check_len("grad_student_logits", g.len(), n, &shape)?;
-        if g.dtype() != crate::dtype::Dtype::F32 && g.dtype() != inputs.student.dtype() {
-            return Err(Error::Gradient(format!(
-                "dtype {} must be f32 or the student's dtype {}",
-                g.dtype(),
-                inputs.student.dtype()
-            )));
-        }
-    }
-    match inputs.labels {
-        Some(labels) => {
-            check_len("labels", labels.len(), rows, &format!("[{rows}]"))?;
-            check_labels(cfg, labels, vocab)?;
-        }
-        None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
-        None => {}
-    }
+    check_logit_grad(grads.logits.as_ref(), n, &shape, inputs.student.dtype())?;
+    check_label_input(cfg, inputs.labels, rows, vocab)?;
     match (&inputs.hidden, &grads.hidden) {
         (Some(h), g) => check_hidden(rows, h, g.as_ref())?,
         (None, Some(_)) => {
@@ -407,6 +391,42 @@ pub(crate) fn check_inputs(
         (None, None) => {}
     }
     Ok(valid_rows(cfg, inputs.labels, rows))
+}
+
+/// A logit-gradient buffer: `n` elements, f32 or the student's dtype.
+fn check_logit_grad(
+    grad: Option<&HostSliceMut>,
+    n: usize,
+    shape: &str,
+    student: crate::dtype::Dtype,
+) -> Result<()> {
+    if let Some(g) = grad {
+        check_len("grad_student_logits", g.len(), n, shape)?;
+        if g.dtype() != crate::dtype::Dtype::F32 && g.dtype() != student {
+            return Err(Error::Gradient(format!(
+                "dtype {} must be f32 or the student's dtype {student}",
+                g.dtype()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Labels: `[rows]`, each `ignore_index` or in `[0, vocab)`; required when `alpha < 1`.
+pub(crate) fn check_label_input(
+    cfg: &LossConfig,
+    labels: Option<&[i64]>,
+    rows: usize,
+    vocab: usize,
+) -> Result<()> {
+    match labels {
+        Some(labels) => {
+            check_len("labels", labels.len(), rows, &format!("[{rows}]"))?;
+            check_labels(cfg, labels, vocab)
+        }
+        None if cfg.needs_labels() => Err(Error::MissingLabels { alpha: cfg.alpha }),
+        None => Ok(()),
+    }
 }
 
 /// Shapes and gradient dtype of `[rows, size]` hidden states.
@@ -567,20 +587,49 @@ pub(crate) fn check_topk_inputs(
     inputs: &TopKInputs,
     grad: Option<&HostSliceMut>,
 ) -> Result<usize> {
-    check_topk_config(cfg)?;
     let TopKInputs {
         rows,
         vocab,
         teacher,
         ..
     } = *inputs;
+    check_topk_shapes(
+        cfg,
+        (rows, vocab, teacher.k),
+        inputs.student.len(),
+        teacher.ids,
+        teacher.values.len(),
+        teacher.tail.len(),
+        inputs.labels,
+    )?;
+    check_logit_grad(
+        grad,
+        rows * vocab,
+        &format!("[{rows}, {vocab}]"),
+        inputs.student.dtype(),
+    )?;
+    Ok(valid_rows(cfg, inputs.labels, rows))
+}
+
+/// The checks of a top-k call that do not depend on the element type (the f64 reference shares
+/// them): options, sizes, k, every tensor's length, every row's ids, the labels.
+pub(crate) fn check_topk_shapes(
+    cfg: &LossConfig,
+    (rows, vocab, k): (usize, usize, usize),
+    student_len: usize,
+    ids: &[u32],
+    values_len: usize,
+    tail_len: usize,
+    labels: Option<&[i64]>,
+) -> Result<()> {
+    check_topk_config(cfg)?;
     if rows == 0 {
         return Err(Error::Empty("rows = 0"));
     }
     if vocab == 0 {
         return Err(Error::Empty("vocab = 0"));
     }
-    check_top_k(teacher.k, vocab)?;
+    check_top_k(k, vocab)?;
     let n = rows.checked_mul(vocab).ok_or_else(|| {
         invalid(
             "rows * vocab",
@@ -588,47 +637,18 @@ pub(crate) fn check_topk_inputs(
             "overflows usize",
         )
     })?;
-    let shape = format!("[{rows}, {vocab}]");
-    check_len("student_logits", inputs.student.len(), n, &shape)?;
-    let kshape = format!("[{rows}, {}]", teacher.k);
     check_len(
-        "teacher_topk_ids",
-        teacher.ids.len(),
-        rows * teacher.k,
-        &kshape,
+        "student_logits",
+        student_len,
+        n,
+        &format!("[{rows}, {vocab}]"),
     )?;
-    check_len(
-        "teacher_topk_values",
-        teacher.values.len(),
-        rows * teacher.k,
-        &kshape,
-    )?;
-    check_len(
-        "teacher_tail",
-        teacher.tail.len(),
-        rows,
-        &format!("[{rows}]"),
-    )?;
-    check_topk_ids(teacher.ids, teacher.k, vocab)?;
-    if let Some(g) = grad {
-        check_len("grad_student_logits", g.len(), n, &shape)?;
-        if g.dtype() != crate::dtype::Dtype::F32 && g.dtype() != inputs.student.dtype() {
-            return Err(Error::Gradient(format!(
-                "dtype {} must be f32 or the student's dtype {}",
-                g.dtype(),
-                inputs.student.dtype()
-            )));
-        }
-    }
-    match inputs.labels {
-        Some(labels) => {
-            check_len("labels", labels.len(), rows, &format!("[{rows}]"))?;
-            check_labels(cfg, labels, vocab)?;
-        }
-        None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
-        None => {}
-    }
-    Ok(valid_rows(cfg, inputs.labels, rows))
+    let kshape = format!("[{rows}, {k}]");
+    check_len("teacher_topk_ids", ids.len(), rows * k, &kshape)?;
+    check_len("teacher_topk_values", values_len, rows * k, &kshape)?;
+    check_len("teacher_tail", tail_len, rows, &format!("[{rows}]"))?;
+    check_topk_ids(ids, k, vocab)?;
+    check_label_input(cfg, labels, rows, vocab)
 }
 
 /// `k` in `1..=MAX_TOP_K` and below the vocabulary size.

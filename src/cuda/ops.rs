@@ -90,10 +90,63 @@ pub struct LossWorkspace {
 /// What the last call into a workspace was, for reading its result.
 #[derive(Clone, Copy)]
 pub(super) struct Enqueued {
-    pub rows: usize,
-    pub vocab: usize,
-    pub reduction: Reduction,
-    pub ignore_index: i64,
+    rows: usize,
+    vocab: usize,
+    reduction: Reduction,
+    ignore_index: i64,
+}
+
+impl Enqueued {
+    pub(super) fn of(cfg: &LossConfig, rows: usize, vocab: usize) -> Self {
+        Enqueued {
+            rows,
+            vocab,
+            reduction: cfg.reduction,
+            ignore_index: cfg.ignore_index,
+        }
+    }
+}
+
+/// The checks every enqueued loss call starts with: rows and vocabulary nonzero, their product
+/// representable, the workspace large enough.
+pub(super) fn check_call(rows: usize, vocab: usize, ws: &LossWorkspace) -> Result<()> {
+    if rows == 0 {
+        return Err(Error::Empty("rows = 0"));
+    }
+    if vocab == 0 {
+        return Err(Error::Empty("vocab = 0"));
+    }
+    rows.checked_mul(vocab)
+        .ok_or(Error::Empty("rows * vocab overflows"))?;
+    if rows > ws.capacity {
+        return Err(Error::InvalidOption {
+            name: "workspace",
+            value: format!("{} rows", ws.capacity),
+            reason: "holds fewer rows than the call has",
+        });
+    }
+    Ok(())
+}
+
+/// The labels' pointer and whether they are int32, checked against `rows`; `(0, false)`
+/// without labels, which is an error when the hard loss needs them.
+pub(super) fn label_pointer<'g, 'l: 'g>(
+    stream: &'g cudarc::driver::CudaStream,
+    cfg: &LossConfig,
+    labels: Option<&'l dyn DeviceLabels>,
+    rows: usize,
+    guards: &mut Vec<SyncOnDrop<'g>>,
+) -> Result<(u64, bool)> {
+    Ok(match labels {
+        Some(l) => {
+            check_len("labels", l.len(), rows, format!("[{rows}]"))?;
+            let (p, g) = l.read_ptr(stream);
+            guards.push(g);
+            (p, l.is_i32())
+        }
+        None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
+        None => (0, false),
+    })
 }
 
 impl std::fmt::Debug for LossWorkspace {
@@ -343,21 +396,7 @@ impl CudaKernels {
             hidden,
             strides,
         } = inputs;
-        if rows == 0 {
-            return Err(Error::Empty("rows = 0"));
-        }
-        if vocab == 0 {
-            return Err(Error::Empty("vocab = 0"));
-        }
-        rows.checked_mul(vocab)
-            .ok_or(Error::Empty("rows * vocab overflows"))?;
-        if rows > ws.capacity {
-            return Err(Error::InvalidOption {
-                name: "workspace",
-                value: format!("{} rows", ws.capacity),
-                reason: "holds fewer rows than the call has",
-            });
-        }
+        check_call(rows, vocab, ws)?;
         let stream = &*self.stream;
         let mut guards: Vec<SyncOnDrop> = Vec::new();
 
@@ -380,16 +419,7 @@ impl CudaKernels {
         )?;
         let (t_ptr, tg) = teacher.read_ptr(stream);
         guards.push(tg);
-        let (l_ptr, l_i32) = match labels {
-            Some(l) => {
-                check_len("labels", l.len(), rows, format!("[{rows}]"))?;
-                let (p, g) = l.read_ptr(stream);
-                guards.push(g);
-                (p, l.is_i32())
-            }
-            None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
-            None => (0, false),
-        };
+        let (l_ptr, l_i32) = label_pointer(stream, cfg, labels, rows, &mut guards)?;
         let hidden = match hidden {
             Some(h) => {
                 let DeviceHidden {
@@ -428,22 +458,7 @@ impl CudaKernels {
         let (sc_ptr, _g1) = ws.scalars.device_ptr(stream);
         let (rl_ptr, _g2) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.row_loss, stream);
 
-        self.launch(
-            "dk_prepare",
-            one_block(rows),
-            &DkPrepareParams {
-                labels: l_ptr as *const _,
-                labels_out: widened as *mut i64, // NULL unless the labels are int32
-                scalars: sc_ptr as *mut DkScalars,
-                rows: rows as i64,
-                vocab: vocab as i64,
-                ignore_index: cfg.ignore_index,
-                reduction: cfg.reduction.code(),
-                labels_i32: l_i32 as i32,
-                normalizer: cfg.normalizer.unwrap_or(0.0),
-                upstream_scale: cfg.grad_scale,
-            },
-        )?;
+        self.enqueue_prepare(cfg, (l_ptr, l_i32, widened), sc_ptr, rows, vocab)?;
 
         let kd = format!(
             "dk_kd_{}_{}_{}_{}",
@@ -511,27 +526,63 @@ impl CudaKernels {
             )?;
         }
 
-        if cfg.reduction != Reduction::None {
-            let (lp, _g3) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.loss, stream);
-            self.launch(
-                "dk_reduce",
-                one_block(rows),
-                &DkReduceParams {
-                    row_loss: rl_ptr as *const f32,
-                    scalars: sc_ptr as *const DkScalars,
-                    loss: lp as *mut f32,
-                    rows: rows as i64,
-                },
-            )?;
-        }
+        self.enqueue_reduce(cfg, &mut ws.loss, rl_ptr, sc_ptr, rows)?;
         drop(guards);
-        ws.last = Some(Enqueued {
-            rows,
-            vocab,
-            reduction: cfg.reduction,
-            ignore_index: cfg.ignore_index,
-        });
+        ws.last = Some(Enqueued::of(cfg, rows, vocab));
         Ok(())
+    }
+
+    /// `dk_prepare`: the label check, D and the scales into the workspace's scalars; int32
+    /// labels widened into `widened` (0 otherwise).
+    pub(super) fn enqueue_prepare(
+        &self,
+        cfg: &LossConfig,
+        (labels, labels_i32, widened): (u64, bool, u64),
+        scalars: u64,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        self.launch(
+            "dk_prepare",
+            one_block(rows),
+            &DkPrepareParams {
+                labels: labels as *const _,
+                labels_out: widened as *mut i64, // NULL unless the labels are int32
+                scalars: scalars as *mut DkScalars,
+                rows: rows as i64,
+                vocab: vocab as i64,
+                ignore_index: cfg.ignore_index,
+                reduction: cfg.reduction.code(),
+                labels_i32: labels_i32 as i32,
+                normalizer: cfg.normalizer.unwrap_or(0.0),
+                upstream_scale: cfg.grad_scale,
+            },
+        )
+    }
+
+    /// `dk_reduce` of the row losses into `loss`, unless the reduction is `None`.
+    pub(super) fn enqueue_reduce(
+        &self,
+        cfg: &LossConfig,
+        loss: &mut CudaSlice<f32>,
+        row_loss: u64,
+        scalars: u64,
+        rows: usize,
+    ) -> Result<()> {
+        if cfg.reduction == Reduction::None {
+            return Ok(());
+        }
+        let (lp, _g) = cudarc::driver::DevicePtrMut::device_ptr_mut(loss, &self.stream);
+        self.launch(
+            "dk_reduce",
+            one_block(rows),
+            &DkReduceParams {
+                row_loss: row_loss as *const f32,
+                scalars: scalars as *const DkScalars,
+                loss: lp as *mut f32,
+                rows: rows as i64,
+            },
+        )
     }
 
     /// The result of the last call enqueued into `ws`: waits for it (one synchronization of the

@@ -6,16 +6,15 @@
 use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut, SyncOnDrop};
 
 use super::ops::{
-    check_len, one_block, row_grid, student_pointers, threads_for, Enqueued, Student,
+    check_call, check_len, label_pointer, row_grid, student_pointers, threads_for, Enqueued,
+    Student,
 };
 use super::tensor::{DeviceLabels, DeviceTensor};
 use super::{CudaKernels, LossWorkspace, RowStrides};
-use crate::abi::{DkPrepareParams, DkReduceParams, DkScalars, DkTopKCheckParams, DkTopKParams};
+use crate::abi::{DkScalars, DkTopKCheckParams, DkTopKParams};
 use crate::dtype::Dtype;
-use crate::error::{Error, Result};
-use crate::semantics::{
-    check_top_k, check_topk_config, LossConfig, LossKind, LossValue, Reduction,
-};
+use crate::error::Result;
+use crate::semantics::{check_top_k, check_topk_config, LossConfig, LossKind, LossValue};
 
 /// A top-k teacher on the device (see [`crate::TopKTeacher`] for the meaning of each part).
 pub struct DeviceTopK<'a> {
@@ -84,22 +83,8 @@ impl CudaKernels {
             labels,
             strides,
         } = inputs;
-        if rows == 0 {
-            return Err(Error::Empty("rows = 0"));
-        }
-        if vocab == 0 {
-            return Err(Error::Empty("vocab = 0"));
-        }
+        check_call(rows, vocab, ws)?;
         check_top_k(teacher.k, vocab)?;
-        rows.checked_mul(vocab)
-            .ok_or(Error::Empty("rows * vocab overflows"))?;
-        if rows > ws.capacity() {
-            return Err(Error::InvalidOption {
-                name: "workspace",
-                value: format!("{} rows", ws.capacity()),
-                reason: "holds fewer rows than the call has",
-            });
-        }
         let k = teacher.k;
         let kshape = || format!("[{rows}, {k}]");
         check_len("teacher_topk_ids", teacher.ids.len(), rows * k, kshape())?;
@@ -126,16 +111,7 @@ impl CudaKernels {
             cfg.accumulate,
             &mut guards,
         )?;
-        let (l_ptr, l_i32) = match labels {
-            Some(l) => {
-                check_len("labels", l.len(), rows, format!("[{rows}]"))?;
-                let (p, g) = l.read_ptr(stream);
-                guards.push(g);
-                (p, l.is_i32())
-            }
-            None if cfg.needs_labels() => return Err(Error::MissingLabels { alpha: cfg.alpha }),
-            None => (0, false),
-        };
+        let (l_ptr, l_i32) = label_pointer(stream, cfg, labels, rows, &mut guards)?;
         let (ids_ptr, g) = teacher.ids.device_ptr(stream);
         guards.push(g);
         let (v_ptr, g) = teacher.values.read_ptr(stream);
@@ -153,22 +129,7 @@ impl CudaKernels {
         let row_labels = if l_i32 { widened } else { l_ptr };
         let (sc_ptr, _g1) = ws.scalars.device_ptr(stream);
         let (rl_ptr, _g2) = ws.row_loss.device_ptr_mut(stream);
-        self.launch(
-            "dk_prepare",
-            one_block(rows),
-            &DkPrepareParams {
-                labels: l_ptr as *const _,
-                labels_out: widened as *mut i64, // NULL unless the labels are int32
-                scalars: sc_ptr as *mut DkScalars,
-                rows: rows as i64,
-                vocab: vocab as i64,
-                ignore_index: cfg.ignore_index,
-                reduction: cfg.reduction.code(),
-                labels_i32: l_i32 as i32,
-                normalizer: cfg.normalizer.unwrap_or(0.0),
-                upstream_scale: cfg.grad_scale,
-            },
-        )?;
+        self.enqueue_prepare(cfg, (l_ptr, l_i32, widened), sc_ptr, rows, vocab)?;
         self.launch(
             "dk_topk_check",
             row_grid(rows, threads_for(2 * k))?,
@@ -209,26 +170,9 @@ impl CudaKernels {
                 accumulate: cfg.accumulate as i32,
             },
         )?;
-        if cfg.reduction != Reduction::None {
-            let (lp, _g3) = ws.loss.device_ptr_mut(stream);
-            self.launch(
-                "dk_reduce",
-                one_block(rows),
-                &DkReduceParams {
-                    row_loss: rl_ptr as *const f32,
-                    scalars: sc_ptr as *const DkScalars,
-                    loss: lp as *mut f32,
-                    rows: rows as i64,
-                },
-            )?;
-        }
+        self.enqueue_reduce(cfg, &mut ws.loss, rl_ptr, sc_ptr, rows)?;
         drop(guards);
-        ws.last = Some(Enqueued {
-            rows,
-            vocab,
-            reduction: cfg.reduction,
-            ignore_index: cfg.ignore_index,
-        });
+        ws.last = Some(Enqueued::of(cfg, rows, vocab));
         Ok(())
     }
 }

@@ -277,14 +277,11 @@ impl<T: Storage> DeviceStep<T> {
         inputs: &[u32],
         labels: &[i64],
     ) -> Result<f32> {
+        self.begin(labels)?;
         let dev = &self.dev;
         let s = dev.stream();
         let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
         let rows = labels.len();
-        s.memcpy_htod(labels, &mut self.labels)
-            .map_err(map("the labels"))?;
-        s.memset_zeros(&mut self.grads)
-            .map_err(map("zeroing the gradients"))?;
         let n_model = model.num_params();
         let all_params = self.working();
         let params = all_params.sub(0, n_model)?;
@@ -345,6 +342,17 @@ impl<T: Storage> DeviceStep<T> {
         self.acts
             .backward(dev, model, &params, &self.dlogits, &[], &mut grads)?;
         Ok(loss)
+    }
+
+    /// The start of a step: the labels copied up, the gradient buffer zeroed.
+    fn begin(&mut self, labels: &[i64]) -> Result<()> {
+        let dev = &self.dev;
+        let s = dev.stream();
+        let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
+        s.memcpy_htod(labels, &mut self.labels)
+            .map_err(map("the labels"))?;
+        s.memset_zeros(&mut self.grads)
+            .map_err(map("zeroing the gradients"))
     }
 
     /// The weights the model reads: the bf16 working copy, or the f32 master weights.
@@ -664,13 +672,8 @@ impl<T: Storage> StepOnDevice for DeviceStep<T> {
         if distilling && !cached.is_empty() {
             return self.forward_backward_topk(model, cached, weights, cfg, inputs, labels);
         }
+        self.begin(labels)?;
         let dev = &self.dev;
-        let s = dev.stream();
-        let map = |what: &'static str| move |e| Error::Loss(dev.cuda_error(what, e));
-        s.memcpy_htod(labels, &mut self.labels)
-            .map_err(map("the labels"))?;
-        s.memset_zeros(&mut self.grads)
-            .map_err(map("zeroing the gradients"))?;
         let n_model = model.num_params();
         let all_params = self.working();
         let params = all_params.sub(0, n_model)?;
