@@ -104,7 +104,7 @@ template <int KIND, typename S, typename G>
 __device__ void topk_row(const DkTopKParams& p) {
     __shared__ DkTopKTable table;
     __shared__ float s_top[DK_MAX_TOP_K];     // the student's logits at the top ids
-    __shared__ float c_top[DK_MAX_TOP_K + 1];  // the teacher's bucket logits / T, the tail last
+    __shared__ float c_top[DK_MAX_TOP_K + 1];  // the teacher's bucket logits at T, the tail last
     __shared__ float red_f[DK_MAX_WARPS];
     __shared__ DkMaxSum red_ms[DK_MAX_WARPS];
 
@@ -180,13 +180,13 @@ __device__ void topk_row(const DkTopKParams& p) {
         log_q_tail = logf(st.z) - log_z;
         const float lp_tail = c_top[k] - mt - log_zt;
         const float p_tail = expf(lp_tail);
-        float acc = 0.0f;
+        float terms = 0.0f;  // this thread's share of the top buckets' divergence terms
         for (int i = tid; i < k; i += nt) {
             const float lq = (s_top[i] - st.m) * inv_t - log_z;
             const float lp = c_top[i] - mt - log_zt;
-            acc += KIND == DK_KIND_FORWARD_KL ? dk_xlogy_term(expf(lp), lp - lq) : dk_xlogy_term(expf(lq), lq - lp);
+            terms += KIND == DK_KIND_FORWARD_KL ? dk_xlogy_term(expf(lp), lp - lq) : dk_xlogy_term(expf(lq), lq - lp);
         }
-        soft_loss = dk_block_reduce(acc, DkSum{}, red_f);
+        soft_loss = dk_block_reduce(terms, DkSum{}, red_f);
         if (KIND == DK_KIND_FORWARD_KL) {
             soft_loss += dk_xlogy_term(p_tail, lp_tail - log_q_tail);
             // The tail's pull on each of its entries, per unit of exp((s - m) / T).

@@ -473,6 +473,14 @@ impl TeacherCache {
     /// interrupted `cache-teacher`, which the error says how to finish.
     pub fn open(dir: &Path) -> Result<TeacherCache> {
         let manifest = read_manifest(dir)?;
+        // Loaded whole: a cache larger than the memory available stops here, sizes named.
+        let mut plan = crate::train::memory::MemoryPlan::new();
+        plan.add(
+            "the teacher cache",
+            usize::try_from(manifest.total_bytes()).ok(),
+            1,
+        );
+        plan.check(&format!("loading the teacher cache {}", dir.display()))?;
         let (seq, k) = (manifest.seq, manifest.k);
         check_top_k(k, manifest.vocab)?;
         let mut splits = Vec::new();
