@@ -377,3 +377,52 @@ fn an_ensemble_of_two_teachers_live_or_cached_trains_alike_on_every_device() {
     ]);
     assert!(e.contains("2 teachers"), "{e}");
 }
+
+#[test]
+fn a_run_from_a_cache_resumes_bit_for_bit() {
+    // Six steps straight, and three then three more resumed: the same weights, the same loss
+    // curves (the history goes through JSON and back exactly).
+    let s = Scratch::new("cache-resume");
+    let data = s.s("data.txt");
+    write_corpus(&data, 7, 30);
+    let teacher = teacher(&s, &data);
+    let cache = s.s("cache");
+    ok(&cache_args(&teacher, &data, &cache));
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "--teacher-cache",
+            &cache,
+            "--data",
+            &data,
+            "--out",
+            out,
+            "--steps",
+            "6",
+            "--batch",
+            "2",
+            "--eval-every",
+            "3",
+            "--temperature",
+            "2",
+            "--alpha",
+            "0.5",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+    };
+    let (straight, resumed) = (s.s("straight"), s.s("resumed"));
+    run(&straight, &[]);
+    run(&resumed, &["--stop-at", "3"]);
+    run(&resumed, &["--resume"]);
+    let read = |dir: &str, f: &str| std::fs::read(Path::new(dir).join(f)).unwrap();
+    assert!(read(&straight, "model.safetensors") == read(&resumed, "model.safetensors"));
+    let curves = |dir: &str| {
+        let m: serde_json::Value = serde_json::from_slice(&read(dir, "metrics.json")).unwrap();
+        (
+            m["metrics"]["train_curve"].clone(),
+            m["metrics"]["val_curve"].clone(),
+        )
+    };
+    assert_eq!(curves(&straight), curves(&resumed));
+}
