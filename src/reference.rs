@@ -286,6 +286,25 @@ fn soft_row(kind: LossKind, lps: &[f64], lpt: &[f64]) -> (f64, Vec<f64>) {
     }
 }
 
+/// The hard-label cross-entropy of one row at T = 1, weighted: returns its loss and adds its
+/// gradient (times `grad_scale`) into `grad`.
+fn hard_row(s: &[f64], y: usize, hard_weight: f64, grad_scale: f64, grad: &mut [f64]) -> f64 {
+    let logp = log_softmax(s);
+    for (j, g) in grad.iter_mut().enumerate() {
+        let onehot = if j == y { 1.0 } else { 0.0 };
+        *g += grad_scale * hard_weight * (logp[j].exp() - onehot);
+    }
+    hard_weight * -logp[y]
+}
+
+/// The row losses as `reduction` returns them, times `loss_scale`.
+fn reduce_rows(reduction: Reduction, row_loss: &[f64], loss_scale: f64) -> Vec<f64> {
+    match reduction {
+        Reduction::None => row_loss.iter().map(|&l| l * loss_scale).collect(),
+        Reduction::Sum | Reduction::Mean => vec![row_loss.iter().sum::<f64>() * loss_scale],
+    }
+}
+
 /// The whole computation on validated f64 inputs.
 fn compute(cfg: &LossConfig, inputs: &F64Inputs) -> RefOutput {
     let F64Inputs { rows, vocab, .. } = *inputs;
@@ -323,14 +342,9 @@ fn compute(cfg: &LossConfig, inputs: &F64Inputs) -> RefOutput {
         }
 
         if hard_weight != 0.0 {
-            // check_inputs guarantees labels (alpha < 1) and a label in [0, vocab) (valid row).
+            // The checks guarantee labels (alpha < 1) and a label in [0, vocab) (valid row).
             let y = label.expect("labels are present when the hard loss is on") as usize;
-            let logp = log_softmax(s);
-            loss += hard_weight * -logp[y];
-            for (j, g) in grad.iter_mut().enumerate() {
-                let onehot = if j == y { 1.0 } else { 0.0 };
-                *g += grad_scale * hard_weight * (logp[j].exp() - onehot);
-            }
+            loss += hard_row(s, y, hard_weight, grad_scale, grad);
         }
 
         if let (Some(h), Some(gh)) = (inputs.hidden, grad_hidden.as_mut()) {
@@ -355,10 +369,7 @@ fn compute(cfg: &LossConfig, inputs: &F64Inputs) -> RefOutput {
         row_loss[r] = loss;
     }
 
-    let loss = match cfg.reduction {
-        Reduction::None => row_loss.iter().map(|&l| l * loss_scale).collect(),
-        Reduction::Sum | Reduction::Mean => vec![row_loss.iter().sum::<f64>() * loss_scale],
-    };
+    let loss = reduce_rows(cfg.reduction, &row_loss, loss_scale);
     RefOutput {
         row_loss,
         loss,
@@ -524,20 +535,13 @@ fn compute_topk(cfg: &LossConfig, inputs: &F64TopKInputs) -> RefOutput {
             }
         }
         if hard_weight != 0.0 {
+            // The checks guarantee labels (alpha < 1) and a label in [0, vocab) (valid row).
             let y = label.expect("labels are present when the hard loss is on") as usize;
-            let logp = log_softmax(s);
-            loss += hard_weight * -logp[y];
-            for (j, g) in grad.iter_mut().enumerate() {
-                let onehot = if j == y { 1.0 } else { 0.0 };
-                *g += grad_scale * hard_weight * (logp[j].exp() - onehot);
-            }
+            loss += hard_row(s, y, hard_weight, grad_scale, grad);
         }
         row_loss[r] = loss;
     }
-    let loss = match cfg.reduction {
-        Reduction::None => row_loss.iter().map(|&l| l * loss_scale).collect(),
-        Reduction::Sum | Reduction::Mean => vec![row_loss.iter().sum::<f64>() * loss_scale],
-    };
+    let loss = reduce_rows(cfg.reduction, &row_loss, loss_scale);
     RefOutput {
         row_loss,
         loss,
