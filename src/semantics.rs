@@ -363,19 +363,7 @@ pub(crate) fn check_inputs(
 ) -> Result<usize> {
     cfg.validate()?;
     let DistillInputs { rows, vocab, .. } = *inputs;
-    if rows == 0 {
-        return Err(Error::Empty("rows = 0"));
-    }
-    if vocab == 0 {
-        return Err(Error::Empty("vocab = 0"));
-    }
-    let n = rows.checked_mul(vocab).ok_or_else(|| {
-        invalid(
-            "rows * vocab",
-            format!("{rows} * {vocab}"),
-            "overflows usize",
-        )
-    })?;
+    let n = row_elements(rows, vocab)?;
     let shape = format!("[{rows}, {vocab}]");
     check_len("student_logits", inputs.student.len(), n, &shape)?;
     check_len("teacher_logits", inputs.teacher.len(), n, &shape)?;
@@ -427,6 +415,23 @@ pub(crate) fn check_label_input(
         None if cfg.needs_labels() => Err(Error::MissingLabels { alpha: cfg.alpha }),
         None => Ok(()),
     }
+}
+
+/// `rows * vocab`: both nonzero, the product representable.
+fn row_elements(rows: usize, vocab: usize) -> Result<usize> {
+    if rows == 0 {
+        return Err(Error::Empty("rows = 0"));
+    }
+    if vocab == 0 {
+        return Err(Error::Empty("vocab = 0"));
+    }
+    rows.checked_mul(vocab).ok_or_else(|| {
+        invalid(
+            "rows * vocab",
+            format!("{rows} * {vocab}"),
+            "overflows usize",
+        )
+    })
 }
 
 /// Shapes and gradient dtype of `[rows, size]` hidden states.
@@ -623,20 +628,8 @@ pub(crate) fn check_topk_shapes(
     labels: Option<&[i64]>,
 ) -> Result<()> {
     check_topk_config(cfg)?;
-    if rows == 0 {
-        return Err(Error::Empty("rows = 0"));
-    }
-    if vocab == 0 {
-        return Err(Error::Empty("vocab = 0"));
-    }
+    let n = row_elements(rows, vocab)?;
     check_top_k(k, vocab)?;
-    let n = rows.checked_mul(vocab).ok_or_else(|| {
-        invalid(
-            "rows * vocab",
-            format!("{rows} * {vocab}"),
-            "overflows usize",
-        )
-    })?;
     check_len(
         "student_logits",
         student_len,
