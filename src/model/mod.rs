@@ -29,8 +29,10 @@ pub mod config;
 pub mod exec;
 #[cfg(feature = "cuda")]
 pub mod exec_cuda;
+pub mod gguf;
 pub mod llama;
 pub mod ops;
+pub mod quant;
 
 pub use config::LlamaConfig;
 pub use llama::{
