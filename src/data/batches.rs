@@ -7,7 +7,8 @@ use super::tokenizer::Tokenizer;
 use crate::rng::SplitMix64;
 use crate::train::error::{Result, TrainError as Error};
 
-/// All documents of one split encoded and concatenated, each followed by EOS.
+/// All documents of one split encoded and concatenated, each followed by EOS (and preceded by
+/// BOS when the model asks for it, `add_bos_token`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenStream {
     /// Token ids of every document in order, each followed by the EOS id.
@@ -23,9 +24,12 @@ impl TokenStream {
             .par_iter()
             .map(|d| tok.encode(&d.text))
             .collect::<Result<Vec<_>>>()?;
-        let len = encoded.iter().map(|e| e.len() + 1).sum();
+        let sp = tok.specials();
+        let bos = sp.bos.filter(|_| sp.add_bos);
+        let len = encoded.iter().map(|e| e.len() + 1 + bos.is_some() as usize).sum();
         let mut tokens = Vec::with_capacity(len);
         for ids in encoded {
+            tokens.extend(bos);
             tokens.extend(ids);
             tokens.push(tok.eos_id());
         }

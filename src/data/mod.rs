@@ -14,10 +14,11 @@
 
 pub mod batches;
 pub mod corpus;
+pub mod gguf_tokenizer;
 pub mod synthetic;
 pub mod tokenizer;
 
 pub use batches::{train_batch, val_windows, TokenStream};
 pub use corpus::{Corpus, Document};
 pub use synthetic::{entropy_floor, SyntheticLanguage};
-pub use tokenizer::{Tokenizer, EOS_TOKEN};
+pub use tokenizer::{Specials, Tokenizer, EOS_TOKEN};

@@ -12,7 +12,8 @@ use tokenizers::AddedToken;
 use super::corpus::Document;
 use crate::train::error::{Result, TrainError as Error};
 
-/// The one special token: separates documents in a token stream.
+/// The end-of-text token of the tokenizers this crate trains, and the fallback EOS of a
+/// `tokenizer.json` whose model names none.
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 
 /// 256 byte tokens (so every UTF-8 text can be encoded) plus [`EOS_TOKEN`].
@@ -20,19 +21,31 @@ pub const MIN_VOCAB: usize = 257;
 /// Far beyond what BPE on a local corpus produces; larger requests are mistakes.
 pub const MAX_VOCAB: usize = 1 << 20;
 
-/// A trained byte-level BPE tokenizer. Encoding then decoding any UTF-8 text gives it back
-/// exactly (the literal text `<|endoftext|>` is encoded as the EOS token, as in GPT-2).
+/// The special tokens a model defines, by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Specials {
+    /// End of sequence: what the model emits after a document, and the separator the token
+    /// stream puts after each one.
+    pub eos: u32,
+    /// Beginning of sequence, if the model has one.
+    pub bos: Option<u32>,
+    /// Whether the model expects BOS before every document (`add_bos_token`).
+    pub add_bos: bool,
+}
+
+/// A byte-level BPE tokenizer, trained here or a model's own. Encoding then decoding any UTF-8
+/// text gives it back exactly (the literal text of a special token is encoded as that token).
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    eos: u32,
+    specials: Specials,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("vocab_size", &self.vocab_size())
-            .field("eos_id", &self.eos)
+            .field("specials", &self.specials)
             .finish()
     }
 }
@@ -84,8 +97,16 @@ impl Tokenizer {
         })
     }
 
-    /// Reads a `tokenizer.json`; it must define [`EOS_TOKEN`].
+    /// Reads a `tokenizer.json` whose EOS is [`EOS_TOKEN`] (the tokenizers this crate trains);
+    /// a model directory's tokenizer, whose special tokens the model names, is
+    /// [`Tokenizer::load_with`].
     pub fn load(path: &Path) -> Result<Tokenizer> {
+        Self::load_with(path, None)
+    }
+
+    /// Reads a `tokenizer.json` with the given special tokens (`None`: EOS is [`EOS_TOKEN`], no
+    /// BOS). Every id must be in the vocabulary.
+    pub fn load_with(path: &Path, specials: Option<Specials>) -> Result<Tokenizer> {
         let json = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -94,16 +115,62 @@ impl Tokenizer {
             path: path.display().to_string(),
             message,
         };
-        let inner = tokenizers::Tokenizer::from_str(&json)
-            .map_err(|e| file_error(format!("not a valid tokenizer.json: {e}")))?;
-        Self::from_inner(inner).map_err(file_error)
+        Self::from_json(&json, specials).map_err(file_error)
+    }
+
+    /// A tokenizer from `tokenizer.json` text and its special tokens (see [`Tokenizer::load_with`]).
+    pub fn from_json(json: &str, specials: Option<Specials>) -> std::result::Result<Tokenizer, String> {
+        let inner = tokenizers::Tokenizer::from_str(json)
+            .map_err(|e| format!("not a valid tokenizer.json: {e}"))?;
+        match specials {
+            None => Self::from_inner(inner),
+            Some(sp) => Self::with_specials(inner, sp),
+        }
     }
 
     fn from_inner(inner: tokenizers::Tokenizer) -> std::result::Result<Tokenizer, String> {
         let eos = inner
             .token_to_id(EOS_TOKEN)
             .ok_or_else(|| format!("the vocabulary has no {EOS_TOKEN} token"))?;
-        Ok(Tokenizer { inner, eos })
+        let specials = Specials {
+            eos,
+            bos: None,
+            add_bos: false,
+        };
+        Ok(Tokenizer { inner, specials })
+    }
+
+    fn with_specials(
+        inner: tokenizers::Tokenizer,
+        specials: Specials,
+    ) -> std::result::Result<Tokenizer, String> {
+        let vocab = inner.get_vocab_size(true);
+        for (name, id) in [("eos", Some(specials.eos)), ("bos", specials.bos)] {
+            if let Some(id) = id.filter(|&i| i as usize >= vocab) {
+                return Err(format!(
+                    "the {name} token id {id} is outside the vocabulary of {vocab} tokens"
+                ));
+            }
+        }
+        if specials.add_bos && specials.bos.is_none() {
+            return Err("add_bos_token is set but the model names no bos token".into());
+        }
+        Ok(Tokenizer { inner, specials })
+    }
+
+    /// The special tokens.
+    pub fn specials(&self) -> Specials {
+        self.specials
+    }
+
+    /// The text of token `id`, if it is in the vocabulary.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of the token spelled `token`, if any.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
     }
 
     /// Number of token ids, EOS included: the model's `vocab_size` must equal it.
@@ -111,9 +178,15 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Id of [`EOS_TOKEN`], the document separator.
+    /// The model's end-of-sequence id, the document separator ([`EOS_TOKEN`] for the
+    /// tokenizers trained here).
     pub fn eos_id(&self) -> u32 {
-        self.eos
+        self.specials.eos
+    }
+
+    /// The model's beginning-of-sequence id, if it has one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.specials.bos
     }
 
     /// Token ids of `text`, with no EOS appended (a literal `<|endoftext|>` in the text becomes the

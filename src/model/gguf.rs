@@ -144,7 +144,8 @@ impl<'a> Reader<'a> {
         let left = (self.b.len() - self.pos) as u64;
         if n.saturating_mul(min_item as u64) > left {
             return Err(format!(
-                "{what} = {n} at offset {} exceeds what the file's remaining {left} bytes can hold",
+                "{what} = {n} at offset {} exceeds what the file's remaining {left} bytes can \
+                 hold: the file is truncated or corrupt",
                 self.pos - 8
             ));
         }

@@ -13,6 +13,7 @@ pub mod hf_config;
 pub mod memory;
 pub mod optim;
 pub mod plot;
+pub mod pretrained;
 pub mod rundir;
 pub mod session;
 pub mod teacher_cache;

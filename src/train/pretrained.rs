@@ -1,0 +1,375 @@
+//! A pretrained model as users have it: a Hugging Face directory (`config.json`, safetensors,
+//! `tokenizer.json`) or one llama.cpp GGUF file. Either gives the same three things: the
+//! [`Llama`], its f32 parameters under HF names, and its tokenizer with the special tokens the
+//! model itself names.
+//!
+//! GGUF (`general.architecture = "llama"`, which Llama and Mistral files use): the
+//! hyper-parameters come from `llama.*` metadata, the tensors from llama.cpp's names, each
+//! dequantized exactly as llama.cpp does ([`crate::model::quant`]), and the row permutation that
+//! llama.cpp's converter applies to the Q and K projections (interleaving the two rotary halves
+//! of each head) is undone, so the weights equal the HF checkpoint the file was made from up to
+//! the quantization.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use serde_json::Value;
+
+use crate::data::gguf_tokenizer::tokenizer_from_gguf;
+use crate::data::{Specials, Tokenizer};
+use crate::model::gguf::Gguf;
+use crate::model::quant::dequantize;
+use crate::model::{Llama, LlamaConfig};
+use crate::train::checkpoint::load_model_dir;
+use crate::train::error::{Result, TrainError as Error};
+use crate::train::memory;
+
+/// A model loaded for evaluation, sampling or as a teacher.
+#[derive(Debug)]
+pub struct Pretrained {
+    /// Architecture and shapes.
+    pub model: Llama,
+    /// f32 parameters in the model's layout.
+    pub params: Vec<f32>,
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The tokenizer's `tokenizer.json` text (copied into students and caches).
+    pub tokenizer_json: String,
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> Error {
+    Error::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Loads `path`: a `.gguf` file (or any file starting with the GGUF magic) or an HF model
+/// directory.
+pub fn load(path: &Path) -> Result<Pretrained> {
+    if path.is_dir() {
+        return load_hf_dir(path);
+    }
+    let mut magic = [0u8; 4];
+    let is_gguf = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .map(|_| &magic == b"GGUF")
+        .unwrap_or(false);
+    if is_gguf {
+        return load_gguf(path);
+    }
+    if !path.exists() {
+        return Err(Error::Io {
+            path: path.display().to_string(),
+            message: "no such file or directory".into(),
+        });
+    }
+    Err(file_err(
+        path,
+        "neither a model directory (config.json, model.safetensors, tokenizer.json) nor a GGUF \
+         file",
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hugging Face directories
+
+/// An HF directory; EOS/BOS come from `config.json`, else `generation_config.json`, else
+/// `tokenizer_config.json`, else the literal [`EOS_TOKEN`].
+pub fn load_hf_dir(dir: &Path) -> Result<Pretrained> {
+    let tok_path = dir.join("tokenizer.json");
+    let json = std::fs::read_to_string(&tok_path).map_err(|e| Error::Io {
+        path: tok_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let specials = hf_specials(dir, &json)?;
+    let tokenizer =
+        Tokenizer::from_json(&json, specials).map_err(|m| file_err(&tok_path, m))?;
+    let (model, params) = load_model_dir(dir)?;
+    check_vocab(dir, &model, &tokenizer)?;
+    Ok(Pretrained {
+        model,
+        params,
+        tokenizer,
+        tokenizer_json: json,
+    })
+}
+
+fn check_vocab(path: &Path, model: &Llama, tok: &Tokenizer) -> Result<()> {
+    if model.config().vocab_size != tok.vocab_size() {
+        return Err(file_err(
+            path,
+            format!(
+                "the model has vocab_size {} but its tokenizer has {} tokens",
+                model.config().vocab_size,
+                tok.vocab_size()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }),
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| file_err(path, format!("not valid JSON: {e}"))),
+    }
+}
+
+/// An id field: an integer, or a list whose first element is one (HF allows several EOS ids).
+fn id_field(v: &Value, key: &str) -> Option<u32> {
+    match v.get(key)? {
+        Value::Array(a) => a.first()?.as_u64(),
+        x => x.as_u64(),
+    }
+    .and_then(|i| u32::try_from(i).ok())
+}
+
+/// A token field of `tokenizer_config.json`: a string or `{"content": string}`.
+fn token_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    match v.get(key)? {
+        Value::String(s) => Some(s),
+        x => x.get("content")?.as_str(),
+    }
+}
+
+fn hf_specials(dir: &Path, tokenizer_json: &str) -> Result<Option<Specials>> {
+    let files = ["config.json", "generation_config.json"]
+        .map(|f| read_json(&dir.join(f)))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let tok_cfg = read_json(&dir.join("tokenizer_config.json"))?;
+    let lookup = |id_key: &str, token_key: &str| -> Option<u32> {
+        files
+            .iter()
+            .flatten()
+            .find_map(|v| id_field(v, id_key))
+            .or_else(|| {
+                let name = token_field(tok_cfg.as_ref()?, token_key)?;
+                let inner = tokenizers::Tokenizer::from_str(tokenizer_json).ok()?;
+                inner.token_to_id(name)
+            })
+    };
+    let Some(eos) = lookup("eos_token_id", "eos_token") else {
+        // No EOS named anywhere: the tokenizer's own `<|endoftext|>` (our trained tokenizers).
+        return Ok(None);
+    };
+    let bos = lookup("bos_token_id", "bos_token");
+    let add_bos = tok_cfg
+        .as_ref()
+        .and_then(|v| v.get("add_bos_token"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(Some(Specials { eos, bos, add_bos }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF
+
+/// The architectures whose GGUF tensors map onto [`Llama`].
+const GGUF_ARCHITECTURES: &[&str] = &["llama"];
+
+/// A GGUF file: hyper-parameters, weights and tokenizer, all from the one file.
+pub fn load_gguf(path: &Path) -> Result<Pretrained> {
+    let g = Gguf::open(path).map_err(|m| file_err(path, m))?;
+    let (tokenizer, tokenizer_json) = tokenizer_from_gguf(&g).map_err(|m| file_err(path, m))?;
+    let cfg = gguf_config(&g, tokenizer.vocab_size()).map_err(|m| file_err(path, m))?;
+    let model = Llama::new(cfg).map_err(|e| file_err(path, e.to_string()))?;
+    let params = gguf_params(&g, &model).map_err(|e| match e {
+        Error::Checkpoint { message, .. } => file_err(path, message),
+        other => other,
+    })?;
+    Ok(Pretrained {
+        model,
+        params,
+        tokenizer,
+        tokenizer_json,
+    })
+}
+
+/// The [`LlamaConfig`] of a llama-architecture GGUF file whose tokenizer has `vocab` tokens.
+pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, String> {
+    let arch = g.get_str("general.architecture")?;
+    if !GGUF_ARCHITECTURES.contains(&arch) {
+        return Err(format!(
+            "general.architecture = {arch:?} is not supported (supported: {})",
+            GGUF_ARCHITECTURES.join(", ")
+        ));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let int = |k: &str| -> std::result::Result<usize, String> {
+        usize::try_from(g.get_u64(&key(k))?).map_err(|_| format!("metadata {} is too large", key(k)))
+    };
+    let heads = int("attention.head_count")?;
+    let hidden = int("embedding_length")?;
+    let kv_heads = match g.metadata.get(&key("attention.head_count_kv")) {
+        None => heads,
+        Some(_) => int("attention.head_count_kv")?,
+    };
+    let head_dim = match g.metadata.get(&key("attention.key_length")) {
+        None => None,
+        Some(_) => Some(int("attention.key_length")?),
+    };
+    let d = head_dim.unwrap_or(hidden / heads.max(1));
+    if let Some(rot) = g.metadata.get(&key("rope.dimension_count")) {
+        if rot.as_u64() != Some(d as u64) {
+            return Err(format!(
+                "metadata {} = {rot:?}: rotary embedding on part of a head ({d} wide) is not \
+                 supported",
+                key("rope.dimension_count")
+            ));
+        }
+    }
+    if let Some(t) = g.metadata.get(&key("rope.scaling.type")) {
+        if t.as_str() != Some("none") {
+            return Err(format!(
+                "metadata {} = {t:?}: RoPE scaling is not supported",
+                key("rope.scaling.type")
+            ));
+        }
+    }
+    if g.tensor("rope_freqs.weight").is_some() {
+        return Err(
+            "tensor rope_freqs.weight (Llama 3.1-style RoPE scaling) is not supported".into(),
+        );
+    }
+    if let Some(v) = g.metadata.get(&key("vocab_size")) {
+        if v.as_u64() != Some(vocab as u64) {
+            return Err(format!(
+                "metadata {} = {v:?} but tokenizer.ggml.tokens lists {vocab} tokens",
+                key("vocab_size")
+            ));
+        }
+    }
+    let opt_f = |k: &str, default: f64| -> std::result::Result<f64, String> {
+        match g.metadata.get(&key(k)) {
+            None => Ok(default),
+            Some(_) => g.get_f64(&key(k)),
+        }
+    };
+    Ok(LlamaConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: int("feed_forward_length")?,
+        num_hidden_layers: int("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: head_dim.filter(|&hd| hd != hidden / heads.max(1)),
+        max_position_embeddings: int("context_length")?,
+        rms_norm_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
+        rope_theta: opt_f("rope.freq_base", 10000.0)?,
+        tie_word_embeddings: g.tensor("output.weight").is_none(),
+        ..LlamaConfig::default()
+    })
+}
+
+/// llama.cpp's name of each HF tensor of layer `l` (`None`: a tensor outside the layers).
+fn gguf_name(hf: &str) -> Option<String> {
+    Some(match hf {
+        "model.embed_tokens.weight" => "token_embd.weight".into(),
+        "model.norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        _ => {
+            let rest = hf.strip_prefix("model.layers.")?;
+            let (l, name) = rest.split_once('.')?;
+            let short = match name {
+                "self_attn.q_proj.weight" => "attn_q",
+                "self_attn.k_proj.weight" => "attn_k",
+                "self_attn.v_proj.weight" => "attn_v",
+                "self_attn.o_proj.weight" => "attn_output",
+                "mlp.gate_proj.weight" => "ffn_gate",
+                "mlp.up_proj.weight" => "ffn_up",
+                "mlp.down_proj.weight" => "ffn_down",
+                "input_layernorm.weight" => "attn_norm",
+                "post_attention_layernorm.weight" => "ffn_norm",
+                _ => return None,
+            };
+            format!("blk.{l}.{short}.weight")
+        }
+    })
+}
+
+/// Undoes llama.cpp's `permute` of a Q or K projection `[heads * d, cols]`: its row
+/// `h*d + 2*i + half` is HF's row `h*d + half*d/2 + i`.
+fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let d = w.len() / cols / heads;
+    let mut out = vec![0.0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for half in 0..2 {
+                let src = (h * d + 2 * i + half) * cols;
+                let dst = (h * d + half * (d / 2) + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+fn gguf_params(g: &Gguf, model: &Llama) -> Result<Vec<f32>> {
+    let cfg = model.config();
+    let mut params = memory::filled(model.num_params(), 0.0f32, "the model's parameters")?;
+    let err = |m: String| Error::Checkpoint {
+        path: String::new(),
+        message: m,
+    };
+    let mut used = 0usize;
+    for t in model.layout().tensors() {
+        let name = gguf_name(&t.name).ok_or_else(|| err(format!("no GGUF name for {}", t.name)))?;
+        let gt = g
+            .tensor(&name)
+            .ok_or_else(|| err(format!("tensor {name} (HF {}) is missing", t.name)))?;
+        used += 1;
+        let shape: Vec<u64> = t.shape.iter().map(|&s| s as u64).collect();
+        if gt.torch_shape() != shape {
+            return Err(err(format!(
+                "tensor {name} has shape {:?}, the config implies {:?}",
+                gt.torch_shape(),
+                shape
+            )));
+        }
+        let dst = t.span.of_mut(&mut params);
+        dequantize(gt.ty, g.data(gt), dst).map_err(|m| err(format!("tensor {name}: {m}")))?;
+        let heads = if name.ends_with("attn_q.weight") {
+            cfg.num_attention_heads
+        } else if name.ends_with("attn_k.weight") {
+            cfg.num_key_value_heads
+        } else {
+            0
+        };
+        if heads > 0 {
+            let cols = t.shape[1];
+            let fixed = unpermute_rows(dst, heads, cols);
+            dst.copy_from_slice(&fixed);
+        }
+        if let Some(i) = dst.iter().position(|x| !x.is_finite()) {
+            return Err(err(format!(
+                "tensor {name} holds a non-finite value ({}) at element {i}",
+                dst[i]
+            )));
+        }
+    }
+    if let Some(extra) = g.tensors.iter().find(|gt| {
+        !model
+            .layout()
+            .tensors()
+            .iter()
+            .any(|t| gguf_name(&t.name).as_deref() == Some(&gt.name))
+    }) {
+        return Err(err(format!(
+            "tensor {} is not part of a Llama model (unsupported architecture variant?)",
+            extra.name
+        )));
+    }
+    debug_assert_eq!(used, model.layout().tensors().len());
+    Ok(params)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+//! GGUF files written here from a random model and a trained tokenizer load back to the same
+//! weights (Q and K permuted as llama.cpp's converter does, then un-permuted), the same config
+//! and the same tokenization; bad files get one clear error each.
+
+use super::*;
+use crate::data::Corpus;
+use crate::model::gguf::{write, MetaValue};
+use crate::model::quant::GgmlType;
+
+fn s(x: &str) -> MetaValue {
+    MetaValue::Str(x.into())
+}
+
+fn int(x: usize) -> MetaValue {
+    MetaValue::Int(x as i128)
+}
+
+/// llama.cpp's `permute`: HF row `h*d + half*d/2 + i` goes to row `h*d + 2*i + half`.
+fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let d = w.len() / cols / heads;
+    let mut out = vec![0.0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for half in 0..2 {
+                let hf = (h * d + half * (d / 2) + i) * cols;
+                let gg = (h * d + 2 * i + half) * cols;
+                out[gg..gg + cols].copy_from_slice(&w[hf..hf + cols]);
+            }
+        }
+    }
+    out
+}
+
+struct Fixture {
+    tok: Tokenizer,
+    model: Llama,
+    params: Vec<f32>,
+    meta: Vec<(&'static str, MetaValue)>,
+    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+}
+
+fn fixture(tied: bool) -> Fixture {
+    let corpus = Corpus::synthetic(3, 200, 20);
+    let tok = Tokenizer::train(&corpus.train, 300).unwrap();
+    let tj: Value = serde_json::from_str(&tok.to_json().unwrap()).unwrap();
+    let v = tok.vocab_size();
+    let tokens: Vec<MetaValue> = (0..v as u32)
+        .map(|i| s(&tok.id_to_token(i).unwrap()))
+        .collect();
+    let merges: Vec<MetaValue> = tj["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Value::String(x) => s(x),
+            Value::Array(p) => s(&format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap())),
+            _ => unreachable!(),
+        })
+        .collect();
+    let eos = tok.eos_id() as usize;
+    let types: Vec<MetaValue> = (0..v).map(|i| int(if i == eos { 3 } else { 1 })).collect();
+    let cfg = LlamaConfig {
+        vocab_size: v,
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 5000.0,
+        tie_word_embeddings: tied,
+        ..LlamaConfig::default()
+    };
+    let model = Llama::new(cfg.clone()).unwrap();
+    let params = model.init_params::<f32>(7);
+    let meta = vec![
+        ("general.architecture", s("llama")),
+        ("llama.block_count", int(2)),
+        ("llama.context_length", int(64)),
+        ("llama.embedding_length", int(16)),
+        ("llama.feed_forward_length", int(32)),
+        ("llama.attention.head_count", int(4)),
+        ("llama.attention.head_count_kv", int(2)),
+        ("llama.rope.freq_base", MetaValue::Float(5000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", MetaValue::Float(1e-5)),
+        ("llama.rope.dimension_count", int(4)),
+        ("tokenizer.ggml.model", s("gpt2")),
+        ("tokenizer.ggml.pre", s("gpt-2")),
+        ("tokenizer.ggml.tokens", MetaValue::Array(tokens)),
+        ("tokenizer.ggml.token_type", MetaValue::Array(types)),
+        ("tokenizer.ggml.merges", MetaValue::Array(merges)),
+        ("tokenizer.ggml.eos_token_id", int(eos)),
+    ];
+    let tensors = model
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| {
+            let mut w = t.span.of(&params).to_vec();
+            if t.name.contains("q_proj") {
+                w = permute_rows(&w, 4, t.shape[1]);
+            } else if t.name.contains("k_proj") {
+                w = permute_rows(&w, 2, t.shape[1]);
+            }
+            let dims = t.shape.iter().rev().map(|&d| d as u64).collect();
+            let bytes = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (gguf_name(&t.name).unwrap(), dims, GgmlType::F32, bytes)
+        })
+        .collect();
+    Fixture {
+        tok,
+        model,
+        params,
+        meta,
+        tensors,
+    }
+}
+
+fn save(f: &Fixture, name: &str) -> std::path::PathBuf {
+    let tensors: Vec<_> = f
+        .tensors
+        .iter()
+        .map(|(n, d, t, b)| (n.as_str(), d.clone(), *t, b.clone()))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("dk-gguf-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    std::fs::write(&path, write(&f.meta, &tensors)).unwrap();
+    path
+}
+
+#[test]
+fn gguf_round_trips_weights_config_and_tokenizer() {
+    for tied in [false, true] {
+        let f = fixture(tied);
+        let p = load(&save(&f, &format!("rt{tied}"))).unwrap();
+        assert_eq!(p.model.config(), f.model.config());
+        assert_eq!(p.params, f.params, "tied {tied}");
+        assert_eq!(p.tokenizer.eos_id(), f.tok.eos_id());
+        let text = "the quick brown fox, 12345 times.\n\nAnd <|endoftext|> again";
+        assert_eq!(
+            p.tokenizer.encode(text).unwrap(),
+            f.tok.encode(text).unwrap()
+        );
+        let ids = p.tokenizer.encode(text).unwrap();
+        assert_eq!(p.tokenizer.decode(&ids).unwrap(), text);
+    }
+}
+
+fn load_err(f: &Fixture, name: &str) -> String {
+    load(&save(f, name)).unwrap_err().to_string()
+}
+
+fn set(f: &mut Fixture, key: &'static str, v: MetaValue) {
+    f.meta.retain(|(k, _)| *k != key);
+    f.meta.push((key, v));
+}
+
+#[test]
+fn bad_gguf_files_get_one_clear_error_each() {
+    let mut f = fixture(false);
+    set(&mut f, "general.architecture", s("qwen2"));
+    let e = load_err(&f, "arch");
+    assert!(e.contains("general.architecture = \"qwen2\" is not supported"), "{e}");
+
+    let mut f = fixture(false);
+    set(&mut f, "tokenizer.ggml.model", s("llama"));
+    let e = load_err(&f, "spm");
+    assert!(e.contains("SentencePiece"), "{e}");
+
+    let mut f = fixture(false);
+    set(&mut f, "tokenizer.ggml.pre", s("viking"));
+    let e = load_err(&f, "pre");
+    assert!(e.contains("tokenizer.ggml.pre = \"viking\" is not supported"), "{e}");
+
+    let mut f = fixture(false);
+    // A 16-wide norm cannot be Q8_0 (blocks of 32).
+    assert!(f.tensors[8].0.ends_with("attn_norm.weight"));
+    f.tensors[8].2 = GgmlType::Q8_0;
+    let e = load_err(&f, "size");
+    assert!(e.contains("not a whole number of Q8_0 blocks of 32"), "{e}");
+
+    let mut f = fixture(false);
+    f.tensors.remove(2);
+    let e = load_err(&f, "missing");
+    assert!(e.contains("is missing"), "{e}");
+
+    let mut f = fixture(false);
+    set(&mut f, "llama.embedding_length", int(32));
+    set(&mut f, "llama.rope.dimension_count", int(8));
+    let e = load_err(&f, "shape");
+    assert!(e.contains("has shape"), "{e}");
+
+    // Truncation anywhere is an error naming the problem, never a panic.
+    let f = fixture(false);
+    let path = save(&f, "trunc");
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [3, 10, 40, 200, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("truncated") || e.contains("not a GGUF") || e.contains("neither"),
+            "cut {cut}: {e}"
+        );
+    }
+    // An unsupported tensor type is named.
+    let mut bad = bytes.clone();
+    let name = b"blk.0.attn_q.weight";
+    let at = bad.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let ty = at + 4 + 2 * 8;
+    bad[ty..ty + 4].copy_from_slice(&13u32.to_le_bytes());
+    std::fs::write(&path, &bad).unwrap();
+    let e = load(&path).unwrap_err().to_string();
+    assert!(e.contains("tensor type Q5_K is not supported"), "{e}");
+}
