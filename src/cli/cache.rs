@@ -4,7 +4,7 @@
 //! --teacher-cache`.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
@@ -17,11 +17,12 @@ use distill_kernels::train::teacher_cache::{self, CacheManifest};
 
 use super::train::{load_corpus, load_teacher};
 use super::{print_line, CliError, CliResult};
+use distill_kernels::train::trainer::Teacher;
 
 #[derive(Debug, Args)]
 pub struct CacheTeacherArgs {
-    /// The teacher's run directory (config.json, model.safetensors, tokenizer.json)
-    #[arg(long, value_name = "DIR")]
+    /// The teacher: a model directory (config.json, safetensors, tokenizer.json) or a GGUF file
+    #[arg(long, value_name = "PATH")]
     pub teacher: PathBuf,
     /// Text data, split into train and validation as the training commands split it
     #[arg(long, value_name = "PATH")]
@@ -51,14 +52,16 @@ pub struct CacheTeacherArgs {
     pub batch: usize,
 }
 
-/// `sha256:` of the teacher's config.json and model.safetensors.
-fn teacher_hash(dir: &Path) -> CliResult<String> {
-    let read = |name: &str| {
-        let p = dir.join(name);
-        std::fs::read(&p).map_err(|e| CliError::new(format!("cannot read {}: {e}", p.display())))
-    };
-    let (config, weights) = (read("config.json")?, read("model.safetensors")?);
-    Ok(teacher_cache::hash_bytes([&config[..], &weights[..]]))
+/// `sha256:` of the teacher's config (its JSON) and its f32 parameters: the same for a model
+/// however it is stored.
+fn teacher_hash(teacher: &Teacher) -> CliResult<String> {
+    let cfg = distill_kernels::train::hf_config::config_to_json(
+        teacher.model.config(),
+        &Default::default(),
+    )
+    .to_string();
+    let params: &[u8] = bytemuck::cast_slice(&teacher.params);
+    Ok(teacher_cache::hash_bytes([cfg.as_bytes(), params]))
 }
 
 pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
@@ -100,8 +103,9 @@ pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
     let manifest = CacheManifest {
         format: teacher_cache::FORMAT,
         teacher: a.teacher.display().to_string(),
-        teacher_hash: teacher_hash(&a.teacher)?,
+        teacher_hash: teacher_hash(&teacher)?,
         tokenizer_hash: teacher_cache::hash_bytes([&tokenizer_json[..]]),
+        specials: Some(tok.specials().into()),
         data_fingerprint: corpus.fingerprint(),
         vocab,
         k: a.top_k,

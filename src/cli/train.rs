@@ -10,9 +10,10 @@ use distill_kernels::data::batches::{val_windows, TokenStream};
 use distill_kernels::data::corpus::Corpus;
 use distill_kernels::data::tokenizer::Tokenizer;
 use distill_kernels::model::{Activations, Llama, LlamaConfig};
-use distill_kernels::train::checkpoint::{load_config, load_model_dir};
+use distill_kernels::train::checkpoint::load_config;
 use distill_kernels::train::config::{parse_hidden_layers, preset, DistillConfig, TrainConfig};
 use distill_kernels::train::device_step::LastLogits;
+use distill_kernels::train::pretrained;
 use distill_kernels::train::rundir;
 use distill_kernels::train::session::{self, RunSpec, RunSummary};
 use distill_kernels::train::teacher_cache::{self, TeacherCache};
@@ -322,7 +323,7 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
     // A resumed run keeps its tokenizer (training it again would give the same, but loading is
     // the check that the directory is what it claims).
     let tok = match r.resume {
-        true => Tokenizer::load(&resume_source(&r.out)?.join("tokenizer.json"))?,
+        true => pretrained::load_tokenizer(&resume_source(&r.out)?)?.0,
         false => Tokenizer::train(&corpus.train, a.vocab_size)?,
     };
     let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
@@ -353,19 +354,15 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
     print_summary("train", &r.out, &summary)
 }
 
-/// Loads a teacher run directory: its model and the tokenizer the student must share.
-pub fn load_teacher(dir: &Path) -> CliResult<(Teacher, Tokenizer)> {
-    let tok = Tokenizer::load(&dir.join("tokenizer.json"))?;
-    let (model, params) = load_model_dir(dir)?;
-    if model.config().vocab_size != tok.vocab_size() {
-        return Err(CliError::new(format!(
-            "teacher {}: config.json has vocab_size {} but tokenizer.json has {} tokens",
-            dir.display(),
-            model.config().vocab_size,
-            tok.vocab_size()
-        )));
-    }
-    Ok((Teacher { model, params }, tok))
+/// Loads a teacher (a model directory or a GGUF file): its model and the tokenizer the student
+/// must share.
+pub fn load_teacher(path: &Path) -> CliResult<(Teacher, Tokenizer)> {
+    let p = pretrained::load(path)?;
+    let teacher = Teacher {
+        model: p.model,
+        params: p.params,
+    };
+    Ok((teacher, p.tokenizer))
 }
 
 pub fn loss_kind(kind: KindArg, beta: f32) -> LossKind {
@@ -555,7 +552,7 @@ fn check_same_tokenizer<'a>(
     match first {
         None => *first = Some((tok, dir)),
         Some((t, first_dir)) => {
-            if t.to_json()? != tok.to_json()? {
+            if t.to_json()? != tok.to_json()? || t.specials() != tok.specials() {
                 return Err(CliError::new(format!(
                     "teachers {} and {} have different tokenizers: an ensemble needs one",
                     first_dir.display(),
@@ -589,7 +586,10 @@ fn open_cache(dir: &Path, corpus: &Corpus) -> CliResult<(TeacherCache, Tokenizer
             tok_path.display()
         )));
     }
-    let tok = Tokenizer::load(&tok_path)?;
+    let json = String::from_utf8(bytes)
+        .map_err(|_| CliError::new(format!("{} is not UTF-8", tok_path.display())))?;
+    let tok = Tokenizer::from_json(&json, m.specials.map(Into::into))
+        .map_err(|e| CliError::new(format!("{}: {e}", tok_path.display())))?;
     if tok.vocab_size() != m.vocab {
         return Err(CliError::new(format!(
             "--teacher-cache {}: its tokenizer has {} tokens, the manifest says {}",
@@ -608,8 +608,12 @@ fn open_cache(dir: &Path, corpus: &Corpus) -> CliResult<(TeacherCache, Tokenizer
 }
 
 pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
-    let (model, params) = load_model_dir(&a.model)?;
-    let tok = Tokenizer::load(&a.model.join("tokenizer.json"))?;
+    let pretrained::Pretrained {
+        model,
+        params,
+        tokenizer: tok,
+        ..
+    } = pretrained::load(&a.model)?;
     let seq = a
         .seq
         .unwrap_or(model.config().max_position_embeddings.min(512));
@@ -662,8 +666,12 @@ pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
             a.temperature
         )));
     }
-    let (model, params) = load_model_dir(&a.model)?;
-    let tok = Tokenizer::load(&a.model.join("tokenizer.json"))?;
+    let pretrained::Pretrained {
+        model,
+        params,
+        tokenizer: tok,
+        ..
+    } = pretrained::load(&a.model)?;
     let mut ids = tok.encode(&a.prompt)?;
     if ids.is_empty() {
         ids.push(tok.eos_id());

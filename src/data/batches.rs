@@ -26,7 +26,10 @@ impl TokenStream {
             .collect::<Result<Vec<_>>>()?;
         let sp = tok.specials();
         let bos = sp.bos.filter(|_| sp.add_bos);
-        let len = encoded.iter().map(|e| e.len() + 1 + bos.is_some() as usize).sum();
+        let len = encoded
+            .iter()
+            .map(|e| e.len() + 1 + bos.is_some() as usize)
+            .sum();
         let mut tokens = Vec::with_capacity(len);
         for ids in encoded {
             tokens.extend(bos);

@@ -39,11 +39,15 @@ fn split_then_bytes(regex: &str) -> Value {
 fn pre_tokenizer(name: &str) -> Result<Value, String> {
     Ok(match name {
         "default" | "gpt-2" | "gpt2" => byte_level(true),
-        "smollm" | "starcoder" | "refact" | "codeshell" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true},
-            byte_level(true),
-        ]}),
-        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" => split_then_bytes(LLAMA3_SPLIT),
+        "smollm" | "starcoder" | "refact" | "codeshell" => {
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                byte_level(true),
+            ]})
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" => {
+            split_then_bytes(LLAMA3_SPLIT)
+        }
         "qwen2" | "deepseek-r1-qwen" => split_then_bytes(QWEN2_SPLIT),
         other => {
             return Err(format!(
@@ -138,12 +142,17 @@ pub fn tokenizer_from_gguf(g: &Gguf) -> Result<(Tokenizer, String), String> {
     });
     let text = serde_json::to_string(&tj).map_err(|e| e.to_string())?;
     let n = tokens.len();
-    let eos = special_id(g, "tokenizer.ggml.eos_token_id", n)?
-        .ok_or("metadata tokenizer.ggml.eos_token_id is missing: the model names no end-of-text token")?;
+    let eos = special_id(g, "tokenizer.ggml.eos_token_id", n)?.ok_or(
+        "metadata tokenizer.ggml.eos_token_id is missing: the model names no end-of-text token",
+    )?;
     let bos = special_id(g, "tokenizer.ggml.bos_token_id", n)?;
     let add_bos = match g.metadata.get("tokenizer.ggml.add_bos_token") {
         Some(MetaValue::Bool(b)) => *b,
-        Some(v) => return Err(format!("metadata tokenizer.ggml.add_bos_token = {v:?} is not a bool")),
+        Some(v) => {
+            return Err(format!(
+                "metadata tokenizer.ggml.add_bos_token = {v:?} is not a bool"
+            ))
+        }
         None => false,
     };
     let tok = Tokenizer::from_json(&text, Some(Specials { eos, bos, add_bos }))?;

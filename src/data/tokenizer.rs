@@ -119,7 +119,10 @@ impl Tokenizer {
     }
 
     /// A tokenizer from `tokenizer.json` text and its special tokens (see [`Tokenizer::load_with`]).
-    pub fn from_json(json: &str, specials: Option<Specials>) -> std::result::Result<Tokenizer, String> {
+    pub fn from_json(
+        json: &str,
+        specials: Option<Specials>,
+    ) -> std::result::Result<Tokenizer, String> {
         let inner = tokenizers::Tokenizer::from_str(json)
             .map_err(|e| format!("not a valid tokenizer.json: {e}"))?;
         match specials {

@@ -182,7 +182,9 @@ impl<'a> Reader<'a> {
             5 => int(4, true)?,
             10 => int(8, false)?,
             11 => int(8, true)?,
-            6 => MetaValue::Float(f32::from_le_bytes(self.take(4, key)?.try_into().unwrap()) as f64),
+            6 => {
+                MetaValue::Float(f32::from_le_bytes(self.take(4, key)?.try_into().unwrap()) as f64)
+            }
             12 => MetaValue::Float(f64::from_le_bytes(self.take(8, key)?.try_into().unwrap())),
             7 => match self.take(1, key)?[0] {
                 0 => MetaValue::Bool(false),

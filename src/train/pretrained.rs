@@ -77,14 +77,7 @@ pub fn load(path: &Path) -> Result<Pretrained> {
 /// An HF directory; EOS/BOS come from `config.json`, else `generation_config.json`, else
 /// `tokenizer_config.json`, else the literal [`EOS_TOKEN`].
 pub fn load_hf_dir(dir: &Path) -> Result<Pretrained> {
-    let tok_path = dir.join("tokenizer.json");
-    let json = std::fs::read_to_string(&tok_path).map_err(|e| Error::Io {
-        path: tok_path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let specials = hf_specials(dir, &json)?;
-    let tokenizer =
-        Tokenizer::from_json(&json, specials).map_err(|m| file_err(&tok_path, m))?;
+    let (tokenizer, json) = load_tokenizer(dir)?;
     let (model, params) = load_model_dir(dir)?;
     check_vocab(dir, &model, &tokenizer)?;
     Ok(Pretrained {
@@ -93,6 +86,34 @@ pub fn load_hf_dir(dir: &Path) -> Result<Pretrained> {
         tokenizer,
         tokenizer_json: json,
     })
+}
+
+/// The `tokenizer.json` of directory `dir` with the special tokens its model files name (see
+/// [`load_hf_dir`]), and the JSON text.
+pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, String)> {
+    let tok_path = dir.join("tokenizer.json");
+    let json = std::fs::read_to_string(&tok_path).map_err(|e| Error::Io {
+        path: tok_path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let specials = hf_specials(dir, &json)?;
+    let tokenizer = Tokenizer::from_json(&json, specials).map_err(|m| file_err(&tok_path, m))?;
+    Ok((tokenizer, json))
+}
+
+/// `tokenizer_config.json` naming the special tokens of `tok`, in the form Hugging Face
+/// writes, so that [`load_tokenizer`] and `transformers` find them in a directory that has no
+/// model `config.json` (a teacher cache).
+pub fn tokenizer_config_json(tok: &Tokenizer) -> String {
+    let sp = tok.specials();
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).map(Value::from);
+    let v = serde_json::json!({
+        "eos_token": name(Some(sp.eos)),
+        "bos_token": name(sp.bos),
+        "add_bos_token": sp.add_bos,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
 }
 
 fn check_vocab(path: &Path, model: &Llama, tok: &Tokenizer) -> Result<()> {
@@ -204,7 +225,8 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
     }
     let key = |k: &str| format!("{arch}.{k}");
     let int = |k: &str| -> std::result::Result<usize, String> {
-        usize::try_from(g.get_u64(&key(k))?).map_err(|_| format!("metadata {} is too large", key(k)))
+        usize::try_from(g.get_u64(&key(k))?)
+            .map_err(|_| format!("metadata {} is too large", key(k)))
     };
     let heads = int("attention.head_count")?;
     let hidden = int("embedding_length")?;

@@ -416,7 +416,7 @@ fn train_and_report(
     }
     let tokenizer_json = spec.tokenizer.to_json()?.into_bytes();
     let extras = ConfigExtras {
-        bos_token_id: None,
+        bos_token_id: spec.tokenizer.bos_id(),
         eos_token_id: Some(spec.tokenizer.eos_id()),
     };
     let mut meta = spec.meta.clone();

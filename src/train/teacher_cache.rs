@@ -60,10 +60,14 @@ pub struct CacheManifest {
     pub format: u32,
     /// The teacher as given on the command line (informational).
     pub teacher: String,
-    /// `sha256:` of the teacher's config.json and model.safetensors.
+    /// `sha256:` of the teacher's config and f32 parameters.
     pub teacher_hash: String,
     /// `sha256:` of the tokenizer's JSON.
     pub tokenizer_hash: String,
+    /// The teacher's special tokens (`tokenizer.json` alone does not say which is EOS); absent
+    /// in caches made before they were recorded, which used `<|endoftext|>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub specials: Option<CacheSpecials>,
     /// The corpus fingerprint ([`crate::data::corpus::Corpus::fingerprint`]).
     pub data_fingerprint: String,
     /// Vocabulary size of teacher and tokenizer.
@@ -81,6 +85,38 @@ pub struct CacheManifest {
     pub windows_per_shard: usize,
     /// The splits, in the order they are computed.
     pub splits: Vec<SplitManifest>,
+}
+
+/// The special tokens of a cache's tokenizer ([`crate::data::Specials`] as JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSpecials {
+    /// End of sequence.
+    pub eos_token_id: u32,
+    /// Beginning of sequence, if any.
+    pub bos_token_id: Option<u32>,
+    /// Whether BOS starts every document.
+    pub add_bos_token: bool,
+}
+
+impl From<crate::data::Specials> for CacheSpecials {
+    fn from(s: crate::data::Specials) -> Self {
+        CacheSpecials {
+            eos_token_id: s.eos,
+            bos_token_id: s.bos,
+            add_bos_token: s.add_bos,
+        }
+    }
+}
+
+impl From<CacheSpecials> for crate::data::Specials {
+    fn from(s: CacheSpecials) -> Self {
+        crate::data::Specials {
+            eos: s.eos_token_id,
+            bos: s.bos_token_id,
+            add_bos: s.add_bos_token,
+        }
+    }
 }
 
 /// One split of the corpus in the cache.

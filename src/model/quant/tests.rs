@@ -36,7 +36,9 @@ fn plain_floats() {
 fn q8_0_is_d_times_signed_byte() {
     for d in [0.5f32, -65504.0, 0.0, 6.1e-5] {
         let mut b = h(d).to_vec();
-        let qs: Vec<i8> = (0..32).map(|j| if j == 0 { -128 } else { (j * 8 - 129) as i8 }).collect();
+        let qs: Vec<i8> = (0..32)
+            .map(|j| if j == 0 { -128 } else { (j * 8 - 129) as i8 })
+            .collect();
         b.extend(qs.iter().map(|&q| q as u8));
         let y = decode(GgmlType::Q8_0, &b);
         let d16 = f16::from_f32(d).to_f32();
@@ -140,7 +142,9 @@ fn q6_k_block(d: f32, sc: [i8; 16], q: &[u8; 256]) -> Vec<u8> {
 }
 
 fn q6_k_case() -> ([i8; 16], [u8; 256]) {
-    let sc = [-128, 127, 0, 1, -1, 64, -64, 33, 5, -7, 100, -100, 12, 13, -14, 2];
+    let sc = [
+        -128, 127, 0, 1, -1, 64, -64, 33, 5, -7, 100, -100, 12, 13, -14, 2,
+    ];
     let q: [u8; 256] = std::array::from_fn(|i| ((i * 13 + i / 64) % 64) as u8);
     (sc, q)
 }
@@ -176,14 +180,23 @@ fn many_blocks_decode_in_order_and_sizes_are_checked() {
     assert!(err.contains("expected 144 bytes"), "{err}");
     let mut odd = vec![0.0; 100];
     let err = dequantize(GgmlType::Q8_0, &[0; 34], &mut odd).unwrap_err();
-    assert!(err.contains("not a whole number of Q8_0 blocks of 32"), "{err}");
+    assert!(
+        err.contains("not a whole number of Q8_0 blocks of 32"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unsupported_types_are_named() {
     assert!(GgmlType::from_id(13).unwrap_err().contains("Q5_K"));
-    assert!(GgmlType::from_id(99).unwrap_err().contains("unknown ggml type 99"));
-    for (id, ty) in [(0, GgmlType::F32), (12, GgmlType::Q4K), (30, GgmlType::BF16)] {
+    assert!(GgmlType::from_id(99)
+        .unwrap_err()
+        .contains("unknown ggml type 99"));
+    for (id, ty) in [
+        (0, GgmlType::F32),
+        (12, GgmlType::Q4K),
+        (30, GgmlType::BF16),
+    ] {
         assert_eq!(GgmlType::from_id(id).unwrap(), ty);
     }
 }
@@ -195,11 +208,25 @@ fn k_quants_match_gguf_py() {
     let (d, dmin, sc, m, q) = q4_k_case();
     let y = decode(GgmlType::Q4K, &q4_k_block(d, dmin, sc, m, &q));
     let picked = [y[0], y[37], y[100], y[255]];
-    assert_eq!(picked, [0.0, -1.2602691650390625, -0.27760791778564453, -0.8001708984375]);
-    assert_eq!(y.iter().map(|&x| x as f64).sum::<f64>(), -38.501312255859375);
+    assert_eq!(
+        picked,
+        [
+            0.0,
+            -1.2602691650390625,
+            -0.27760791778564453,
+            -0.8001708984375
+        ]
+    );
+    assert_eq!(
+        y.iter().map(|&x| x as f64).sum::<f64>(),
+        -38.501312255859375
+    );
     let (sc, q) = q6_k_case();
     let y = decode(GgmlType::Q6K, &q6_k_block(3.0e-4, sc, &q));
     let picked = [y[0], y[37], y[100], y[255]];
-    assert_eq!(picked, [1.228515625, 0.0, 0.211151123046875, 0.013196945190429688]);
+    assert_eq!(
+        picked,
+        [1.228515625, 0.0, 0.211151123046875, 0.013196945190429688]
+    );
     assert_eq!(y.iter().map(|&x| x as f64).sum::<f64>(), 3.011302947998047);
 }

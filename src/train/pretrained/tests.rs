@@ -53,7 +53,11 @@ fn fixture(tied: bool) -> Fixture {
         .iter()
         .map(|m| match m {
             Value::String(x) => s(x),
-            Value::Array(p) => s(&format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap())),
+            Value::Array(p) => s(&format!(
+                "{} {}",
+                p[0].as_str().unwrap(),
+                p[1].as_str().unwrap()
+            )),
             _ => unreachable!(),
         })
         .collect();
@@ -83,7 +87,10 @@ fn fixture(tied: bool) -> Fixture {
         ("llama.attention.head_count", int(4)),
         ("llama.attention.head_count_kv", int(2)),
         ("llama.rope.freq_base", MetaValue::Float(5000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", MetaValue::Float(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::Float(1e-5),
+        ),
         ("llama.rope.dimension_count", int(4)),
         ("tokenizer.ggml.model", s("gpt2")),
         ("tokenizer.ggml.pre", s("gpt-2")),
@@ -162,7 +169,10 @@ fn bad_gguf_files_get_one_clear_error_each() {
     let mut f = fixture(false);
     set(&mut f, "general.architecture", s("qwen2"));
     let e = load_err(&f, "arch");
-    assert!(e.contains("general.architecture = \"qwen2\" is not supported"), "{e}");
+    assert!(
+        e.contains("general.architecture = \"qwen2\" is not supported"),
+        "{e}"
+    );
 
     let mut f = fixture(false);
     set(&mut f, "tokenizer.ggml.model", s("llama"));
@@ -172,7 +182,10 @@ fn bad_gguf_files_get_one_clear_error_each() {
     let mut f = fixture(false);
     set(&mut f, "tokenizer.ggml.pre", s("viking"));
     let e = load_err(&f, "pre");
-    assert!(e.contains("tokenizer.ggml.pre = \"viking\" is not supported"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.pre = \"viking\" is not supported"),
+        "{e}"
+    );
 
     let mut f = fixture(false);
     // A 16-wide norm cannot be Q8_0 (blocks of 32).
