@@ -130,6 +130,7 @@ fn round_trip_is_bit_exact_tied_and_untied() {
                 step: 42,
                 config_extras: extras,
                 tokenizer_json: Some(b"{\"version\": \"1.0\"}"),
+                extra_files: &[("generation_config.json", b"{}")],
                 trainer_state: Some(&st),
             },
         )
@@ -397,6 +398,7 @@ fn resume_refuses_weights_newer_than_the_trainer_state() {
         step: 5,
         config_extras: ConfigExtras::default(),
         tokenizer_json: None,
+        extra_files: &[],
         trainer_state: Some(&st),
     };
     save_checkpoint(&dir, &ckpt).unwrap();

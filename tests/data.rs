@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use distill_kernels::data::{
-    entropy_floor, train_batch, val_windows, Corpus, Document, SyntheticLanguage, TokenStream,
-    Tokenizer, EOS_TOKEN,
+    entropy_floor, train_batch, val_windows, Corpus, Document, Documents, Specials,
+    SyntheticLanguage, TokenStream, Tokenizer, EOS_TOKEN,
 };
 use distill_kernels::train::TrainError as Error;
 
@@ -71,6 +71,102 @@ fn single_file_is_split_by_document() {
     assert_ne!(c.val, Corpus::load(&path, 0.25, 2).unwrap().val);
     let index = |d: &Document| d.text.split(' ').nth(1).unwrap().parse::<u32>().unwrap();
     assert!(c.val.windows(2).all(|w| index(&w[0]) < index(&w[1])));
+}
+
+#[test]
+fn documents_file_keeps_prose_whole_and_cuts_one_file_at_a_paragraph() {
+    let dir = TempDir::new("docs-file");
+    let paras: Vec<String> = (0..10)
+        .map(|i| format!("Paragraph {i} goes on.\r\nAnd on."))
+        .collect();
+    let path = dir.write("book.txt", format!("\u{feff}{}\n", paras.join("\r\n\r\n")));
+    let c = Corpus::load_with(&path, 0.2, 1, &Documents::File).unwrap();
+    assert_eq!((c.train.len(), c.val.len()), (1, 1));
+    // Paragraph breaks stay in the text; the cut is the break nearest 80% of the bytes.
+    let whole: Vec<String> = paras.iter().map(|p| p.replace("\r\n", "\n")).collect();
+    assert_eq!(c.train[0].text, whole[..8].join("\n\n"));
+    assert_eq!(c.val[0].text, whole[8..].join("\n\n"));
+    // A directory: one document per file, split by file.
+    dir.write("more/b.txt", "Second book.\n\nStill the second.");
+    let c = Corpus::load_with(&dir.0, 0.5, 1, &Documents::File).unwrap();
+    assert_eq!(c.train.len() + c.val.len(), 2);
+    assert!(c
+        .train
+        .iter()
+        .chain(&c.val)
+        .any(|d| d.text == "Second book.\n\nStill the second."));
+    // One line cannot be cut.
+    let one = dir.write("one/x.txt", "just one line");
+    let e = message(Corpus::load_with(&one, 0.2, 1, &Documents::File).unwrap_err());
+    assert!(e.contains("no line break to cut it at"), "{e}");
+}
+
+#[test]
+fn documents_separator_and_parsing() {
+    let dir = TempDir::new("docs-sep");
+    let path = dir.write(
+        "a.txt",
+        "one\n\ntwo\n<|doc|>\nthree\n<|doc|><|doc|>\n  \n<|doc|>four",
+    );
+    let c = Corpus::load_with(&path, 0.25, 1, &Documents::Separator("<|doc|>".into())).unwrap();
+    let mut all: Vec<String> = c
+        .train
+        .iter()
+        .chain(&c.val)
+        .map(|d| d.text.clone())
+        .collect();
+    all.sort();
+    assert_eq!(all, ["four", "one\n\ntwo", "three"]);
+    assert_eq!("file".parse::<Documents>(), Ok(Documents::File));
+    assert_eq!(
+        "blank-lines".parse::<Documents>(),
+        Ok(Documents::BlankLines)
+    );
+    assert_eq!(
+        "separator:---".parse::<Documents>(),
+        Ok(Documents::Separator("---".into()))
+    );
+    for bad in ["separator:", "lines", ""] {
+        assert!(bad
+            .parse::<Documents>()
+            .unwrap_err()
+            .contains("expected file"));
+    }
+}
+
+#[test]
+fn stream_uses_the_models_eos_and_bos() {
+    let corpus = Corpus::synthetic(0, 50, 5);
+    let trained = Tokenizer::train(&corpus.train, 300).unwrap();
+    let json = trained.to_json().unwrap();
+    let sp = Specials {
+        eos: 7,
+        bos: Some(9),
+        add_bos: true,
+    };
+    let tok = Tokenizer::from_json(&json, Some(sp)).unwrap();
+    let d = docs(&["ab", "cd"]);
+    let s = TokenStream::encode(&d, &tok).unwrap();
+    let mut want = vec![9];
+    want.extend(tok.encode("ab").unwrap());
+    want.extend([7, 9]);
+    want.extend(tok.encode("cd").unwrap());
+    want.push(7);
+    assert_eq!(s.tokens, want);
+    let bad = Specials {
+        eos: 300,
+        bos: None,
+        add_bos: false,
+    };
+    assert!(Tokenizer::from_json(&json, Some(bad))
+        .unwrap_err()
+        .contains("outside the vocabulary"));
+    let no_bos = Specials {
+        eos: 1,
+        bos: None,
+        add_bos: true,
+    };
+    assert!(Tokenizer::from_json(&json, Some(no_bos)).is_err());
 }
 
 #[test]

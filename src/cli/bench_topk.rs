@@ -31,6 +31,10 @@ pub struct BenchTopKArgs {
     /// Text data; its validation split is used
     #[arg(long, value_name = "PATH")]
     pub data: std::path::PathBuf,
+    /// Where documents end (each gets the model's EOS): `file` (one file, one document: no EOS
+    /// inside running prose), `blank-lines` (every paragraph is a document) or `separator:STR`
+    #[arg(long, default_value = "file", value_name = "HOW")]
+    pub documents: String,
     /// Values of k
     #[arg(long, value_delimiter = ',', default_value = "8,32,128")]
     pub k: Vec<usize>,
@@ -54,7 +58,7 @@ pub fn run(a: &BenchTopKArgs) -> CliResult<()> {
     };
     let (teacher, tok) = load_teacher(&a.teacher)?;
     let (student, s_params) = load_model_dir(&a.student)?;
-    let corpus = load_corpus(&a.data)?;
+    let corpus = load_corpus(&a.data, &a.documents)?;
     let val = TokenStream::encode(&corpus.val, &tok)?;
     let windows: Vec<_> = val_windows(&val, a.seq)
         .into_iter()

@@ -27,6 +27,10 @@ pub struct CacheTeacherArgs {
     /// Text data, split into train and validation as the training commands split it
     #[arg(long, value_name = "PATH")]
     pub data: PathBuf,
+    /// Where documents end (each gets the model's EOS): `file` (one file, one document: no EOS
+    /// inside running prose), `blank-lines` (every paragraph is a document) or `separator:STR`
+    #[arg(long, default_value = "file", value_name = "HOW")]
+    pub documents: String,
     /// The cache directory (created; an interrupted cache there is completed)
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -89,7 +93,7 @@ pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
     teacher_cache::check_tail_temperatures(&temps)
         .map_err(|e| CliError::new(format!("--tail-temperatures: {e}")))?;
     let tokenizer_json = tok.to_json()?.into_bytes();
-    let corpus = load_corpus(&a.data)?;
+    let corpus = load_corpus(&a.data, &a.documents)?;
     let train = TokenStream::encode(&corpus.train, &tok)?;
     let val = TokenStream::encode(&corpus.val, &tok)?;
     let wps = match a.windows_per_shard {

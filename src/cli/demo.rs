@@ -101,6 +101,7 @@ pub fn run(a: &DemoArgs) -> CliResult<()> {
             name,
             out: &a.out.join(name),
             model: preset(size, tok.vocab_size(), base.seq)?,
+            init_params: None,
             train: TrainConfig {
                 steps,
                 distill,

@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use distill_kernels::data::batches::{val_windows, TokenStream};
-use distill_kernels::data::corpus::Corpus;
+use distill_kernels::data::corpus::{Corpus, Documents};
 use distill_kernels::data::tokenizer::Tokenizer;
 use distill_kernels::model::{Activations, Llama, LlamaConfig};
 use distill_kernels::train::checkpoint::load_config;
@@ -16,6 +16,7 @@ use distill_kernels::train::device_step::LastLogits;
 use distill_kernels::train::pretrained;
 use distill_kernels::train::rundir;
 use distill_kernels::train::session::{self, RunSpec, RunSummary};
+use distill_kernels::train::student_init::{student_from_teacher, StudentInit};
 use distill_kernels::train::teacher_cache::{self, TeacherCache};
 use distill_kernels::train::trainer::{eval_loss, Teacher};
 use distill_kernels::LossKind;
@@ -36,12 +37,16 @@ pub struct RunArgs {
     /// or document), or `synthetic[:SEED]` for the demo's embedded language
     #[arg(long, value_name = "PATH")]
     pub data: PathBuf,
+    /// Where documents end (each gets the model's EOS): `file` (one file, one document: no EOS
+    /// inside running prose), `blank-lines` (every paragraph is a document) or `separator:STR`
+    #[arg(long, default_value = "file", value_name = "HOW")]
+    pub documents: String,
     /// Run directory (checkpoint, metrics.json, loss.png)
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Model size: tiny, small, or a Hugging Face config.json
-    #[arg(long, default_value = "tiny")]
-    pub config: String,
+    /// Model size: tiny, small, or a Hugging Face config.json [default: tiny]
+    #[arg(long)]
+    pub config: Option<String>,
     /// Optimizer steps
     #[arg(long)]
     pub steps: Option<u64>,
@@ -142,6 +147,11 @@ pub struct DistillArgs {
     /// Student:teacher hidden-state pairs, HF output_hidden_states indices (e.g. 1:2,2:4)
     #[arg(long)]
     pub hidden_layers: Option<String>,
+    /// The student's starting weights: `random` (the --config architecture) or the first
+    /// teacher's own layers, `teacher-layers` (every second one), `teacher-layers:every=N` or
+    /// `teacher-layers:I,J,...` (the teacher's width, embeddings, head and context; no --config)
+    #[arg(long, default_value = "random", value_name = "HOW")]
+    pub student_init: String,
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +162,10 @@ pub struct EvalArgs {
     /// Text data (its validation split is used unless --all)
     #[arg(long, value_name = "PATH")]
     pub data: PathBuf,
+    /// Where documents end (each gets the model's EOS): `file` (one file, one document: no EOS
+    /// inside running prose), `blank-lines` (every paragraph is a document) or `separator:STR`
+    #[arg(long, default_value = "file", value_name = "HOW")]
+    pub documents: String,
     /// Evaluate on all of the data, not only its validation split
     #[arg(long)]
     pub all: bool,
@@ -225,7 +239,10 @@ fn model_config(name: &str, vocab: usize, seq: usize) -> CliResult<LlamaConfig> 
 /// The corpus `--data` names: a text file or directory, or (when no such path exists)
 /// `synthetic` / `synthetic:SEED` for the demo's embedded language with the demo's split (seed
 /// 1 by default: the corpus `distill demo` trains on).
-pub fn load_corpus(path: &Path) -> CliResult<Corpus> {
+pub fn load_corpus(path: &Path, documents: &str) -> CliResult<Corpus> {
+    let documents: Documents = documents
+        .parse()
+        .map_err(|e| CliError::new(format!("--documents {e}")))?;
     let text = path.to_string_lossy();
     if !path.exists() {
         if let Some(rest) = text.strip_prefix("synthetic") {
@@ -236,7 +253,14 @@ pub fn load_corpus(path: &Path) -> CliResult<Corpus> {
                     ))
                 })?,
                 None if rest.is_empty() => 1,
-                None => return Ok(Corpus::load(path, VAL_FRACTION, SPLIT_SEED)?),
+                None => {
+                    return Ok(Corpus::load_with(
+                        path,
+                        VAL_FRACTION,
+                        SPLIT_SEED,
+                        &documents,
+                    )?)
+                }
             };
             return Ok(Corpus::synthetic(
                 seed,
@@ -245,7 +269,12 @@ pub fn load_corpus(path: &Path) -> CliResult<Corpus> {
             ));
         }
     }
-    Ok(Corpus::load(path, VAL_FRACTION, SPLIT_SEED)?)
+    Ok(Corpus::load_with(
+        path,
+        VAL_FRACTION,
+        SPLIT_SEED,
+        &documents,
+    )?)
 }
 
 /// The data's two splits, tokenized.
@@ -319,20 +348,25 @@ pub fn run_train(a: &TrainArgs) -> CliResult<()> {
         )));
     }
     check_run_args(r)?;
-    let corpus = load_corpus(&r.data)?;
+    let corpus = load_corpus(&r.data, &r.documents)?;
     // A resumed run keeps its tokenizer (training it again would give the same, but loading is
     // the check that the directory is what it claims).
     let tok = match r.resume {
         true => pretrained::load_tokenizer(&resume_source(&r.out)?)?.0,
         false => Tokenizer::train(&corpus.train, a.vocab_size)?,
     };
-    let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
+    let model = model_config(
+        r.config.as_deref().unwrap_or("tiny"),
+        tok.vocab_size(),
+        cfg.seq,
+    )?;
     let data = prepare(&corpus, &tok, cfg.seq)?;
     let summary = session::run(
         RunSpec {
             name: "train",
             out: &r.out,
             model,
+            init_params: None,
             train: cfg,
             teachers: Vec::new(),
             teacher_caches: Vec::new(),
@@ -469,7 +503,7 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
         }
     }
     check_run_args(r)?;
-    let corpus = load_corpus(&r.data)?;
+    let corpus = load_corpus(&r.data, &r.documents)?;
     let mut teachers = Vec::new();
     let mut caches = Vec::new();
     let mut tok: Option<(Tokenizer, &PathBuf)> = None;
@@ -497,7 +531,36 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
         check_same_tokenizer(&mut tok, t, dir)?;
     }
     let tok = tok.expect("one teacher at least (checked above)").0;
-    let model = model_config(&r.config, tok.vocab_size(), cfg.seq)?;
+    let init: StudentInit = a
+        .student_init
+        .parse()
+        .map_err(|e| CliError::new(format!("--student-init {e}")))?;
+    let (model, init_params) = match (&init, teachers.first()) {
+        (StudentInit::Random, _) => {
+            let name = r.config.as_deref().unwrap_or("tiny");
+            (model_config(name, tok.vocab_size(), cfg.seq)?, None)
+        }
+        (_, None) => {
+            return Err(CliError::new(format!(
+                "--student-init {}: needs a live --teacher (a cache holds no weights)",
+                a.student_init
+            )))
+        }
+        (_, Some(t)) => {
+            if let Some(c) = &r.config {
+                return Err(CliError::new(format!(
+                    "--config {c}: the student's architecture comes from the teacher with \
+                     --student-init {}",
+                    a.student_init
+                )));
+            }
+            let layers = init
+                .layers(t.model.config().num_hidden_layers)?
+                .expect("not random");
+            let (c, p) = student_from_teacher(&t.model, &t.params, &layers)?;
+            (c, Some(p))
+        }
+    };
     let data = prepare(&corpus, &tok, cfg.seq)?;
     for c in &caches {
         let want = &c
@@ -518,6 +581,7 @@ pub fn run_distill(a: &DistillArgs) -> CliResult<()> {
             name: "distill",
             out: &r.out,
             model,
+            init_params,
             train: cfg,
             teachers,
             teacher_caches: caches,
@@ -617,7 +681,7 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
     let seq = a
         .seq
         .unwrap_or(model.config().max_position_embeddings.min(512));
-    let corpus = load_corpus(&a.data)?;
+    let corpus = load_corpus(&a.data, &a.documents)?;
     let docs: Vec<_> = match a.all {
         true => corpus.train.into_iter().chain(corpus.val).collect(),
         false => corpus.val,

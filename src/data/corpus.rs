@@ -29,23 +29,69 @@ pub struct Corpus {
 /// Salt so that the split's stream differs from other uses of the same user seed.
 const SPLIT_SALT: u64 = 0x5fa1_7c0d_e5ee_d001;
 
+/// Where one document ends and the next begins. The token stream puts the model's EOS after
+/// every document, so this decides where the model is taught that a text ends.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Documents {
+    /// Each file is one document: running prose keeps its paragraph breaks as text, and no EOS
+    /// is invented inside it. The default, because a blank line in a book is not the end of a
+    /// text (a pretrained teacher finds an EOS there improbable, and would teach that). A
+    /// single file is cut at the paragraph break nearest the validation fraction, its end going
+    /// to validation.
+    #[default]
+    File,
+    /// Paragraphs separated by blank lines are documents (corpora of short, unrelated texts).
+    BlankLines,
+    /// Documents are separated by this exact string (e.g. `<|doc|>` or a line of `---`);
+    /// whitespace around each document is dropped.
+    Separator(String),
+}
+
+impl std::str::FromStr for Documents {
+    type Err = String;
+
+    /// `file`, `blank-lines` or `separator:STR`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "file" => Ok(Documents::File),
+            "blank-lines" => Ok(Documents::BlankLines),
+            _ => match s.strip_prefix("separator:") {
+                Some(sep) if !sep.is_empty() => Ok(Documents::Separator(sep.to_string())),
+                _ => Err(format!(
+                    "{s:?}: expected file, blank-lines or separator:STR (STR not empty)"
+                )),
+            },
+        }
+    }
+}
+
 impl Corpus {
+    /// [`Corpus::load_with`] with documents separated by blank lines ([`Documents::BlankLines`]).
+    pub fn load(path: &Path, val_fraction: f64, seed: u64) -> Result<Corpus> {
+        Self::load_with(path, val_fraction, seed, &Documents::BlankLines)
+    }
+
     /// PATH is a UTF-8 text file or a directory of them (searched recursively in sorted order;
     /// hidden entries, whose name starts with `.`, are skipped, and so are whitespace-only files
-    /// inside a directory). Documents are separated by one or more blank lines.
+    /// inside a directory). `documents` says where documents end.
     ///
     /// With two or more files holding text, whole files go to one side, so that no file's
     /// phrasing leaks from training into validation; with one file, whole documents do.
     /// About `val_fraction` of the files (or documents) go to validation, at least one and
     /// never all. The choice depends only on `seed` and the sorted list of inputs; each side
     /// keeps the input order.
-    pub fn load(path: &Path, val_fraction: f64, seed: u64) -> Result<Corpus> {
+    pub fn load_with(
+        path: &Path,
+        val_fraction: f64,
+        seed: u64,
+        documents: &Documents,
+    ) -> Result<Corpus> {
         check_fraction(val_fraction)?;
         let files = list_files(path)?;
         check_data_size(path, &files)?;
         let mut units: Vec<Vec<Document>> = Vec::new();
         for file in &files {
-            let docs = read_documents(file)?;
+            let docs = read_documents(file, documents)?;
             if !docs.is_empty() {
                 units.push(docs);
             }
@@ -58,12 +104,16 @@ impl Corpus {
             };
             return Err(Error::Data(format!("{}: {what}", path.display())));
         }
+        if units.len() == 1 && *documents == Documents::File {
+            let doc = units.pop().unwrap_or_default().pop();
+            return cut_file(path, doc, val_fraction);
+        }
         if units.len() == 1 {
             let docs = units.pop().unwrap_or_default();
             if docs.len() < 2 {
                 return Err(Error::Data(format!(
                     "{}: too little text to split into training and validation: one document \
-                     (documents are separated by blank lines; at least 2 are needed)",
+                     (see --documents; at least 2 are needed)",
                     path.display()
                 )));
             }
@@ -199,7 +249,39 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// The file's documents, or an error naming the first byte that is not UTF-8.
-fn read_documents(path: &Path) -> Result<Vec<Document>> {
+/// One file's single document cut in two at the paragraph break (else line break) nearest to
+/// leaving `val_fraction` of its bytes for validation.
+fn cut_file(path: &Path, doc: Option<Document>, val_fraction: f64) -> Result<Corpus> {
+    let too_little = || {
+        Error::Data(format!(
+            "{}: too little text to split into training and validation: the file has no line \
+             break to cut it at",
+            path.display()
+        ))
+    };
+    let doc = doc.ok_or_else(too_little)?;
+    let text = &doc.text;
+    let target = ((1.0 - val_fraction) * text.len() as f64) as usize;
+    let nearest = |pat: &str| {
+        text.match_indices(pat)
+            .map(|(i, _)| i)
+            .filter(|&i| !text[..i].trim().is_empty() && !text[i..].trim().is_empty())
+            .min_by_key(|&i| i.abs_diff(target))
+    };
+    let at = nearest("\n\n")
+        .or_else(|| nearest("\n"))
+        .ok_or_else(too_little)?;
+    let part = |t: &str| Document {
+        text: t.trim_matches('\n').to_string(),
+        source: doc.source.clone(),
+    };
+    Ok(Corpus {
+        train: vec![part(&text[..at])],
+        val: vec![part(&text[at..])],
+    })
+}
+
+fn read_documents(path: &Path, documents: &Documents) -> Result<Vec<Document>> {
     let bytes = fs::read(path).map_err(|e| io_error(path, e))?;
     let text = std::str::from_utf8(&bytes).map_err(|e| Error::File {
         path: path.display().to_string(),
@@ -210,13 +292,36 @@ fn read_documents(path: &Path) -> Result<Vec<Document>> {
         ),
     })?;
     let source = path.display().to_string();
-    Ok(split_documents(text)
+    let texts = match documents {
+        Documents::BlankLines => split_documents(text),
+        Documents::File => {
+            let t = normalize(text);
+            match t.trim().is_empty() {
+                true => Vec::new(),
+                false => vec![t.trim_end().to_string()],
+            }
+        }
+        Documents::Separator(sep) => normalize(text)
+            .split(sep.as_str())
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(str::to_string)
+            .collect(),
+    };
+    Ok(texts
         .into_iter()
         .map(|text| Document {
             text,
             source: source.clone(),
         })
         .collect())
+}
+
+/// The text with `\r\n` line ends as `\n` and no leading byte-order mark.
+fn normalize(text: &str) -> String {
+    text.strip_prefix('\u{feff}')
+        .unwrap_or(text)
+        .replace("\r\n", "\n")
 }
 
 /// Paragraphs separated by blank (or whitespace-only) lines; line ends are normalized to `\n`

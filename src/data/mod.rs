@@ -19,6 +19,6 @@ pub mod synthetic;
 pub mod tokenizer;
 
 pub use batches::{train_batch, val_windows, TokenStream};
-pub use corpus::{Corpus, Document};
+pub use corpus::{Corpus, Document, Documents};
 pub use synthetic::{entropy_floor, SyntheticLanguage};
 pub use tokenizer::{Specials, Tokenizer, EOS_TOKEN};

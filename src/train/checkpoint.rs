@@ -38,6 +38,10 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// The tokenizer's Hugging Face `tokenizer.json`.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The tokenizer's special tokens, as HF's `tokenizer_config.json`.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// The special-token ids `generate` uses, as HF's `generation_config.json`.
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 /// The resume state (optimizer moments, extra tensors, trainer JSON); absent from an export.
 pub const TRAINER_STATE_FILE: &str = "trainer_state.safetensors";
 
@@ -632,6 +636,9 @@ pub struct Checkpoint<'a> {
     pub config_extras: ConfigExtras,
     /// `tokenizer.json` bytes to copy in, if any.
     pub tokenizer_json: Option<&'a [u8]>,
+    /// Other files written after `tokenizer.json`, by name (e.g. `tokenizer_config.json` and
+    /// `generation_config.json`, which make the directory a complete HF model).
+    pub extra_files: &'a [(&'a str, &'a [u8])],
     /// Written last; `None` for an export that is not meant to be resumed.
     pub trainer_state: Option<&'a TrainerState>,
 }
@@ -666,6 +673,9 @@ pub fn save_checkpoint(dir: &Path, ckpt: &Checkpoint<'_>) -> Result<()> {
     )?;
     if let Some(tok) = ckpt.tokenizer_json {
         write_atomic(&dir.join(TOKENIZER_FILE), tok)?;
+    }
+    for (name, bytes) in ckpt.extra_files {
+        write_atomic(&dir.join(name), bytes)?;
     }
     save_weights(&dir.join(WEIGHTS_FILE), ckpt.model, ckpt.params, ckpt.step)?;
     if let Some(st) = ckpt.trainer_state {

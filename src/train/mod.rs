@@ -16,6 +16,7 @@ pub mod plot;
 pub mod pretrained;
 pub mod rundir;
 pub mod session;
+pub mod student_init;
 pub mod teacher_cache;
 pub mod trainer;
 

@@ -116,6 +116,16 @@ pub fn tokenizer_config_json(tok: &Tokenizer) -> String {
     serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
 }
 
+/// `generation_config.json` with the special-token ids of `tok`, as HF writes it.
+pub fn generation_config_json(tok: &Tokenizer) -> String {
+    let sp = tok.specials();
+    let mut v = serde_json::json!({ "eos_token_id": sp.eos });
+    if let Some(b) = sp.bos {
+        v["bos_token_id"] = b.into();
+    }
+    serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+}
+
 fn check_vocab(path: &Path, model: &Llama, tok: &Tokenizer) -> Result<()> {
     if model.config().vocab_size != tok.vocab_size() {
         return Err(file_err(

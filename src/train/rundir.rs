@@ -9,6 +9,7 @@
 //!   config.json                   copies of the newest generation's files, for tools that
 //!   model.safetensors             read a Hugging Face directory (transformers, `distill eval`,
 //!   tokenizer.json                `distill distill --teacher OUT`)
+//!   tokenizer_config.json, generation_config.json
 //!   metrics.json, loss.png        written when the run ends
 //! ```
 //!
@@ -32,7 +33,10 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use crate::train::checkpoint::{CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE};
+use crate::train::checkpoint::{
+    CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE,
+    WEIGHTS_FILE,
+};
 use crate::train::error::{Result, TrainError as Error};
 use crate::train::files::{
     remove_stale_temps, sync_dir, sync_dir_for_recovery, sync_file, temp_path, CleanupGuard,
@@ -46,16 +50,24 @@ pub const LOCK_FILE: &str = ".lock";
 /// Where `--force` keeps the previous run until the new one has a complete generation.
 pub const REPLACED_DIR: &str = ".replaced";
 /// The newest generation's files that are copied to the top of the run directory.
-pub const EXPORTED_FILES: [&str; 3] = [CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE];
+pub const EXPORTED_FILES: [&str; 5] = [
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    WEIGHTS_FILE,
+];
 /// Written when a run ends, next to the copies.
 pub const REPORT_FILES: [&str; 2] = ["metrics.json", "loss.png"];
 
 /// The entries of a run directory that belong to its run (what `--force` replaces; anything else
 /// is left alone). `checkpoints/` goes first so that an interrupted move is still recoverable.
-const RUN_ENTRIES: [&str; 7] = [
+const RUN_ENTRIES: [&str; 9] = [
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
     WEIGHTS_FILE,
     TRAINER_STATE_FILE, // the layout before generations kept the state at the top
     "metrics.json",

@@ -51,6 +51,9 @@ pub struct RunSpec<'a> {
     pub out: &'a Path,
     /// The trained model's hyper-parameters; `vocab_size` must equal the tokenizer's.
     pub model: LlamaConfig,
+    /// Initial weights for `model` (e.g. the teacher's layers); `None`: random from the seed.
+    /// Unused when resuming.
+    pub init_params: Option<Vec<f32>>,
     /// Training options: optimizer, schedule, batches, cadences and distillation.
     pub train: TrainConfig,
     /// The frozen teachers (several: an ensemble weighted by `DistillConfig::teacher_weights`);
@@ -309,6 +312,9 @@ pub fn run(mut spec: RunSpec, progress: &mut dyn Progress) -> Result<RunSummary>
         false => Trainer::with_caches(spec.train.clone(), spec.model.clone(), caches)?,
         true => Trainer::with_teachers(spec.train.clone(), spec.model.clone(), teachers)?,
     };
+    if let Some(p) = spec.init_params.take() {
+        trainer.set_model_params(&p)?;
+    }
     open_device(&mut trainer, spec.device, spec.dtype, progress)?;
     let mut dir = RunDir::open(spec.out, &mut |line| progress.note(&line))?;
     // The same checks under the lock: another run may have finished in between.
@@ -419,6 +425,20 @@ fn train_and_report(
         bos_token_id: spec.tokenizer.bos_id(),
         eos_token_id: Some(spec.tokenizer.eos_id()),
     };
+    // With these two the directory is a complete HF model: transformers' AutoTokenizer and
+    // `generate` find the special tokens the teacher (or the trained tokenizer) defines.
+    let tokenizer_config = crate::train::pretrained::tokenizer_config_json(spec.tokenizer);
+    let generation_config = crate::train::pretrained::generation_config_json(spec.tokenizer);
+    let extra_files: [(&str, &[u8]); 2] = [
+        (
+            checkpoint::TOKENIZER_CONFIG_FILE,
+            tokenizer_config.as_bytes(),
+        ),
+        (
+            checkpoint::GENERATION_CONFIG_FILE,
+            generation_config.as_bytes(),
+        ),
+    ];
     let mut meta = spec.meta.clone();
     if let (Some(obj), Some(fp)) = (meta.as_object_mut(), &spec.data_fingerprint) {
         obj.insert(DATA_FINGERPRINT_KEY.into(), Value::from(fp.clone()));
@@ -427,7 +447,7 @@ fn train_and_report(
     let save = |trainer: &mut Trainer, dir: &mut RunDir, saved: &mut Option<u64>| -> Result<()> {
         trainer.sync_host()?;
         dir.save_generation(trainer.step_count(), spec.keep_checkpoints, |path| {
-            trainer.save(path, &tokenizer_json, &extras, meta.clone())
+            trainer.save(path, &tokenizer_json, &extra_files, &extras, meta.clone())
         })?;
         *saved = Some(trainer.step_count());
         Ok(())

@@ -425,6 +425,27 @@ impl Trainer {
         &self.model
     }
 
+    /// Replaces the model's parameters (projections excluded) before training starts, e.g. with
+    /// a student built from the teacher's layers; `params` must match the model's layout.
+    pub fn set_model_params(&mut self, params: &[f32]) -> Result<()> {
+        if params.len() != self.n_model {
+            return Err(Error::ShapeMismatch {
+                tensor: "params",
+                expected: self.n_model,
+                actual: params.len(),
+                shape: "the model's parameter count".into(),
+            });
+        }
+        if self.step != 0 {
+            return Err(Error::Training {
+                step: self.step,
+                message: "the initial weights can only be set before the first step".into(),
+            });
+        }
+        self.params[..self.n_model].copy_from_slice(params);
+        Ok(())
+    }
+
     /// The model's parameters (projections excluded).
     pub fn params(&self) -> &[f32] {
         &self.params[..self.n_model]
@@ -771,10 +792,13 @@ impl Trainer {
 
     /// Writes a checkpoint (each file atomically, the trainer state last: a crash mid-save
     /// leaves at worst weights newer than the state, which resuming detects by the step).
+    /// `tokenizer_files` are written beside `config.json`: `tokenizer.json` first, then the
+    /// others (see [`Checkpoint::extra_files`]).
     pub fn save(
         &self,
         dir: &Path,
         tokenizer_json: &[u8],
+        extra_files: &[(&str, &[u8])],
         extras: &ConfigExtras,
         meta: Value,
     ) -> Result<()> {
@@ -808,6 +832,7 @@ impl Trainer {
                 step: self.step,
                 config_extras: *extras,
                 tokenizer_json: Some(tokenizer_json),
+                extra_files,
                 trainer_state: Some(&state),
             },
         )
