@@ -695,7 +695,7 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
     let device: distill_kernels::DeviceKind = a.device.parse().map_err(CliError::new)?;
     let loss = match device {
         distill_kernels::DeviceKind::Cpu => {
-            let mut acts = Activations::inference(&model, batch, seq)?;
+            let mut acts = Activations::evaluation(&model, batch, seq)?;
             eval_loss(&model, &params, &picked, &mut acts)?
         }
         distill_kernels::DeviceKind::Reference => {

@@ -434,7 +434,7 @@ impl<T: Storage> DeviceActivations<T> {
     ) -> Result<()> {
         self.check(model, params.len(), "params")?;
         self.check(model, grads.len(), "grads")?;
-        if self.layout.pass == Pass::Inference {
+        if self.layout.pass != Pass::Training {
             return Err(no_backward());
         }
         if !self.ready {

@@ -265,6 +265,11 @@ impl ActLayout {
     pub(crate) fn hidden(&self, point: HiddenPoint) -> Option<Span> {
         Some(match point {
             HiddenPoint::Embeddings => self.encoded,
+            HiddenPoint::LayerOutput(l)
+                if self.pass == Pass::Evaluation && l + 1 != self.layers.len() =>
+            {
+                return None
+            }
             HiddenPoint::LayerOutput(l) => self.layers.get(l)?.out,
             HiddenPoint::Final => self.lnf,
         })
@@ -306,6 +311,12 @@ pub enum Pass {
     /// share one set of spans, overwritten layer by layer; every layer's output (the hidden
     /// states a hidden-state loss reads), the final norm and the logits are kept. No backward.
     Inference,
+    /// A forward for evaluation at real-model size: as [`Pass::Inference`], but the layers'
+    /// outputs alternate between two spans (only the last layer's and the final norm's survive)
+    /// and the logits are not made; the caller applies `lm_head` to the final norm a few rows at
+    /// a time ([`Llama::logits_rows`]). Activations hold about one layer's tensors, whatever the
+    /// depth and the vocabulary.
+    Evaluation,
 }
 
 /// Lays spans end to end; `None` when a size overflows.
@@ -390,22 +401,33 @@ pub(crate) fn layouts(
         swiglu: a.take(&[n, i]),
         out: a.take(&[n, c]),
     };
-    let shared = (pass == Pass::Inference).then(|| layer(&mut a));
+    let shared = (pass != Pass::Training).then(|| layer(&mut a));
+    // Evaluation: layer l writes its output to the span of l % 2, reading l - 1's from the other.
+    let second_out = shared
+        .filter(|_| pass == Pass::Evaluation)
+        .map(|s| [s.out, a.take(&[n, c])]);
     let layers = (0..cfg.num_hidden_layers)
-        .map(|l| match shared {
+        .map(|l| match (shared, second_out) {
+            (Some(s), Some(outs)) => LayerActs {
+                out: outs[l % 2],
+                ..s
+            },
             // Layer 0 owns the shared spans (and its own output); the others add an output.
-            Some(s) if l > 0 => LayerActs {
+            (Some(s), None) if l > 0 => LayerActs {
                 out: a.take(&[n, c]),
                 ..s
             },
-            Some(s) => s,
-            None => layer(&mut a),
+            (Some(s), None) => s,
+            (None, _) => layer(&mut a),
         })
         .collect();
     let branch = a.take(&[n, c]);
     let lnf = a.take(&[n, c]);
     let lnf_rstd = a.take_stat(&[n], w);
-    let logits = a.take(&[n, v]);
+    let logits = match pass {
+        Pass::Evaluation => a.take(&[0]),
+        _ => a.take(&[n, v]),
+    };
     let total = a.0;
 
     let mut g = Bump(Some(0));
@@ -427,7 +449,7 @@ pub(crate) fn layouts(
     };
     let grad_layout = match pass {
         Pass::Training => grad_layout,
-        Pass::Inference => GradLayout {
+        Pass::Inference | Pass::Evaluation => GradLayout {
             total: 0,
             ..grad_layout
         },
@@ -495,6 +517,18 @@ impl<F: Real> Activations<F> {
         Self::with_pass(model, batch, seq, Pass::Inference)
     }
 
+    /// Buffers for evaluation (see [`Pass::Evaluation`]): about one layer's tensors; the
+    /// logits come from [`Llama::logits_rows`], no hidden state but the last layer's output
+    /// and the final norm is kept, and a backward is an error.
+    pub fn evaluation(model: &Llama, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_pass(model, batch, seq, Pass::Evaluation)
+    }
+
+    /// What the buffers are for.
+    pub fn pass(&self) -> Pass {
+        self.layout.pass
+    }
+
     fn with_pass(model: &Llama, batch: usize, seq: usize, pass: Pass) -> Result<Self> {
         let (layout, grad_layout, total) =
             layouts(model, batch, seq, cpu_attention(model, batch, seq), pass, 1)?;
@@ -506,7 +540,7 @@ impl<F: Real> Activations<F> {
         plan.add("backward scratch", Some(grad_layout.total), width);
         let what = match pass {
             Pass::Training => "a forward and backward pass",
-            Pass::Inference => "a forward pass",
+            Pass::Inference | Pass::Evaluation => "a forward pass",
         };
         plan.check(&format!("{what} at batch {batch} x seq {seq}"))?;
         let mut buf = memory::filled(total, F::ZERO, "the activation buffer")?;
@@ -803,7 +837,7 @@ impl Llama {
         self.check_params("params", params.len())?;
         self.check_params("grads", grads.len())?;
         self.check_acts(acts)?;
-        if acts.layout.pass == Pass::Inference {
+        if acts.layout.pass != Pass::Training {
             return Err(no_backward());
         }
         if !acts.ready {
@@ -926,7 +960,36 @@ impl Llama {
         }
         let last = a(la.layers[la.layers.len() - 1].out);
         ex.rmsnorm_forward(a(la.lnf), a(la.lnf_rstd), last, p(pl.norm), eps)?;
+        if la.pass == Pass::Evaluation {
+            return Ok(());
+        }
         ex.matmul_forward(a(la.logits), a(la.lnf), p(pl.lm_head), c, v)
+    }
+
+    /// The logits `[rows.len(), V]` of rows `rows` of the last forward, into `out`: `lm_head`
+    /// applied to the final norm, as the forward computes them. For [`Pass::Evaluation`]
+    /// buffers, whose forward leaves the logits out so that no `[B*T, V]` tensor is ever held.
+    pub fn logits_rows<F: Real>(
+        &self,
+        params: &[F],
+        acts: &Activations<F>,
+        rows: Range<usize>,
+        out: &mut [F],
+    ) -> Result<()> {
+        self.check_params("params", params.len())?;
+        self.check_acts(acts)?;
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        let n = acts.batch * acts.seq;
+        if !acts.ready || rows.start > rows.end || rows.end > n || out.len() != rows.len() * v {
+            return Err(Error::InvalidOption {
+                name: "rows",
+                value: format!("{rows:?}"),
+                reason: "needs a forward first, rows within batch * seq and out of rows * vocab",
+            });
+        }
+        let lnf = &acts.layout.lnf.of(&acts.buf)[rows.start * c..rows.end * c];
+        ops::matmul_forward(out, lnf, self.layout.lm_head.of(params), c, v);
+        Ok(())
     }
 
     /// The backward pass, op by op (the residual stream's gradient `dres` passes through each

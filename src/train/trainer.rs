@@ -980,8 +980,12 @@ pub(crate) fn window_batch(
     Ok((inputs, labels))
 }
 
+/// Rows of logits made at once by an evaluation pass: 256 x 49152 f32 is 48 MiB.
+const EVAL_LOGIT_ROWS: usize = 256;
+
 /// Mean next-token cross-entropy over `windows` (each `seq` inputs and `seq` targets), in
-/// batches of the activations' batch size (a smaller last batch gets its own buffers).
+/// batches of the activations' batch size (a smaller last batch gets its own buffers). With
+/// [`Activations::evaluation`] buffers the logits are made [`EVAL_LOGIT_ROWS`] rows at a time.
 pub fn eval_loss(
     model: &Llama,
     params: &[f32],
@@ -1007,23 +1011,39 @@ pub fn eval_loss(
         let acts = if group.len() == batch {
             &mut *acts
         } else {
-            small = Activations::inference(model, group.len(), seq)?;
+            small = match acts.pass() {
+                Pass::Evaluation => Activations::evaluation(model, group.len(), seq)?,
+                _ => Activations::inference(model, group.len(), seq)?,
+            };
             &mut small
         };
-        let logits = model.forward(params, &inputs, acts)?;
-        let loss = Cpu.distill_loss(
-            &cfg,
-            &DistillInputs {
-                rows: labels.len(),
-                vocab: v,
-                student: logits.into(),
-                teacher: logits.into(),
-                labels: Some(&labels),
-                hidden: None,
-            },
-            GradOutputs::default(),
-        )?;
-        total += loss.total() as f64;
+        let hard_ce = |logits: &[f32], labels: &[i64]| -> Result<f64> {
+            let loss = Cpu.distill_loss(
+                &cfg,
+                &DistillInputs {
+                    rows: labels.len(),
+                    vocab: v,
+                    student: logits.into(),
+                    teacher: logits.into(),
+                    labels: Some(labels),
+                    hidden: None,
+                },
+                GradOutputs::default(),
+            )?;
+            Ok(loss.total() as f64)
+        };
+        if acts.pass() == Pass::Evaluation {
+            model.forward(params, &inputs, acts)?;
+            let mut chunk = memory::filled(EVAL_LOGIT_ROWS.min(labels.len()) * v, 0.0, "logits")?;
+            for start in (0..labels.len()).step_by(EVAL_LOGIT_ROWS) {
+                let end = (start + EVAL_LOGIT_ROWS).min(labels.len());
+                let out = &mut chunk[..(end - start) * v];
+                model.logits_rows(params, acts, start..end, out)?;
+                total += hard_ce(out, &labels[start..end])?;
+            }
+        } else {
+            total += hard_ce(model.forward(params, &inputs, acts)?, &labels)?;
+        }
         count += labels.len();
     }
     Ok(total / count as f64)
