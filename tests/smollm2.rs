@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use distill_kernels::model::Activations;
+use distill_kernels::model::{Activations, KvCache};
 use distill_kernels::train::pretrained;
 use distill_kernels::train::trainer::eval_loss;
 
@@ -75,16 +75,29 @@ fn smollm2_gguf_agrees_with_transformers() {
         "loss {loss} vs transformers 2.4621929777"
     );
 
-    // Greedy continuation of a fixed prompt: transformers' `generate(do_sample=False)`.
+    // Greedy continuation of a fixed prompt with the key/value cache (what `distill sample`
+    // runs): transformers' `generate(do_sample=False)` gives these 16 tokens.
     let mut seq = p.tokenizer.encode("The capital of France is").unwrap();
     assert_eq!(seq, [504, 3575, 282, 4649, 314]);
-    let v = cfg.vocab_size;
+    let mut cache = KvCache::new(&p.model, 32).unwrap();
+    let mut last = Vec::new();
+    for &t in &seq {
+        last = p
+            .model
+            .decode_step(&p.params, t, &mut cache)
+            .unwrap()
+            .to_vec();
+    }
     for _ in 0..16 {
-        let mut acts = Activations::inference(&p.model, 1, seq.len()).unwrap();
-        let logits = p.model.forward(&p.params, &seq, &mut acts).unwrap();
-        let last = &logits[(seq.len() - 1) * v..];
-        let best = (0..v).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap();
+        let best = (0..last.len())
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap();
         seq.push(best as u32);
+        last = p
+            .model
+            .decode_step(&p.params, best as u32, &mut cache)
+            .unwrap()
+            .to_vec();
     }
     assert_eq!(
         seq[5..],

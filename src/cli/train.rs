@@ -9,7 +9,7 @@ use serde_json::json;
 use distill_kernels::data::batches::{val_windows, TokenStream};
 use distill_kernels::data::corpus::{Corpus, Documents};
 use distill_kernels::data::tokenizer::Tokenizer;
-use distill_kernels::model::{Activations, Llama, LlamaConfig};
+use distill_kernels::model::{Activations, KvCache, Llama, LlamaConfig};
 use distill_kernels::train::checkpoint::load_config;
 use distill_kernels::train::config::{parse_hidden_layers, preset, DistillConfig, TrainConfig};
 use distill_kernels::train::device_step::LastLogits;
@@ -198,6 +198,10 @@ pub struct SampleArgs {
     /// log-probabilities under the model (at temperature 1) and the text
     #[arg(long)]
     pub json: bool,
+    /// On cpu: run the whole window for every new token instead of using the key/value cache
+    /// (slower; the reference the cache is checked against)
+    #[arg(long)]
+    pub no_kv_cache: bool,
     /// Where the forward passes run: cpu, emulated or cuda
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -744,11 +748,28 @@ pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
     let device: distill_kernels::DeviceKind = a.device.parse().map_err(CliError::new)?;
     let generated = match device {
         distill_kernels::DeviceKind::Cpu => {
+            // A key/value cache: each token after the first pass costs one pass of the weights.
+            // When the window slides past the context, the cache restarts from the new window.
+            let ctx = model.config().max_position_embeddings;
+            let mut cache = KvCache::new(&model, (ids.len() + a.tokens).clamp(1, ctx))?;
+            let mut cached: Vec<u32> = Vec::new();
             let next = |window: &[u32]| -> CliResult<Vec<f32>> {
-                let mut acts = Activations::inference(&model, 1, window.len())?;
-                let logits = model.forward(&params, window, &mut acts)?;
-                let v = model.config().vocab_size;
-                Ok(logits[(window.len() - 1) * v..].to_vec())
+                if a.no_kv_cache {
+                    let mut acts = Activations::inference(&model, 1, window.len())?;
+                    let logits = model.forward(&params, window, &mut acts)?;
+                    let v = model.config().vocab_size;
+                    return Ok(logits[(window.len() - 1) * v..].to_vec());
+                }
+                if !window.starts_with(&cached) {
+                    cache.clear();
+                    cached.clear();
+                }
+                let mut last = Vec::new();
+                for &t in &window[cached.len()..] {
+                    last = model.decode_step(&params, t, &mut cache)?.to_vec();
+                    cached.push(t);
+                }
+                Ok(last)
             };
             generate(&model, next, &mut ids, a.tokens, a.temperature, a.seed)?
         }

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod config;
+pub mod decode;
 pub mod exec;
 #[cfg(feature = "cuda")]
 pub mod exec_cuda;
@@ -35,6 +36,7 @@ pub mod ops;
 pub mod quant;
 
 pub use config::LlamaConfig;
+pub use decode::KvCache;
 pub use llama::{
     normal_fill, Activations, HiddenPoint, Init, LayerParams, Llama, ParamLayout, Pass, Span,
     TensorInfo,
