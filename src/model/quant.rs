@@ -131,7 +131,7 @@ impl GgmlType {
     /// Bytes of `elements` values, or an error when they are not whole blocks (or overflow).
     pub fn bytes_for(self, elements: u64) -> Result<u64, String> {
         let per = self.block_elements() as u64;
-        if elements % per != 0 {
+        if !elements.is_multiple_of(per) {
             return Err(format!(
                 "{elements} elements are not a whole number of {} blocks of {per}",
                 self.name()

@@ -75,7 +75,7 @@ pub fn load(path: &Path) -> Result<Pretrained> {
 // Hugging Face directories
 
 /// An HF directory; EOS/BOS come from `config.json`, else `generation_config.json`, else
-/// `tokenizer_config.json`, else the literal [`EOS_TOKEN`].
+/// `tokenizer_config.json`, else the literal [`crate::data::EOS_TOKEN`].
 pub fn load_hf_dir(dir: &Path) -> Result<Pretrained> {
     let (tokenizer, json) = load_tokenizer(dir)?;
     let (model, params) = load_model_dir(dir)?;

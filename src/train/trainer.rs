@@ -985,7 +985,7 @@ const EVAL_LOGIT_ROWS: usize = 256;
 
 /// Mean next-token cross-entropy over `windows` (each `seq` inputs and `seq` targets), in
 /// batches of the activations' batch size (a smaller last batch gets its own buffers). With
-/// [`Activations::evaluation`] buffers the logits are made [`EVAL_LOGIT_ROWS`] rows at a time.
+/// [`Activations::evaluation`] buffers the logits are made 256 rows at a time.
 pub fn eval_loss(
     model: &Llama,
     params: &[f32],

@@ -207,7 +207,7 @@ fn unsupported_types_are_named() {
 fn k_quants_match_gguf_py() {
     let (d, dmin, sc, m, q) = q4_k_case();
     let y = decode(GgmlType::Q4K, &q4_k_block(d, dmin, sc, m, &q));
-    let picked = [y[0], y[37], y[100], y[255]];
+    let picked = [y[0], y[37], y[100], y[255]].map(f64::from);
     assert_eq!(
         picked,
         [
@@ -223,10 +223,10 @@ fn k_quants_match_gguf_py() {
     );
     let (sc, q) = q6_k_case();
     let y = decode(GgmlType::Q6K, &q6_k_block(3.0e-4, sc, &q));
-    let picked = [y[0], y[37], y[100], y[255]];
+    let picked = [y[0], y[37], y[100], y[255]].map(f64::from);
     assert_eq!(
         picked,
-        [1.228515625, 0.0, 0.211151123046875, 0.013196945190429688]
+        [1.228515625f64, 0.0, 0.211151123046875, 0.013196945190429688]
     );
     assert_eq!(y.iter().map(|&x| x as f64).sum::<f64>(), 3.011302947998047);
 }
