@@ -108,3 +108,111 @@ fn smollm2_gguf_agrees_with_transformers() {
         " Paris.\n\nThe answer is: 2018-01"
     );
 }
+
+fn distill(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(args)
+        .output()
+        .expect("the distill binary runs")
+}
+
+fn stdout_ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "distill failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// The commands a new user runs on a GGUF teacher: eval, then a student of three of its layers
+/// distilled for two steps, whose directory is a complete HF model with the teacher's special
+/// tokens and context, then sampling from that student.
+#[test]
+fn smollm2_gguf_through_the_cli() {
+    let Some(path) = gguf() else { return };
+    let g = path.to_str().unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/two_cities.txt");
+    // eval: the whole file is one document (--documents file), followed by the model's EOS.
+    let out = stdout_ok(&distill(&["eval", "--model", g, "--data", data, "--all"]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let p = pretrained::load(&path).unwrap();
+    let mut ids = p.tokenizer.encode(TEXT.trim_end()).unwrap();
+    ids.push(2);
+    let n = ids.len() - 1;
+    let window = (ids[..n].to_vec(), ids[1..].to_vec());
+    let mut acts = Activations::inference(&p.model, 1, n).unwrap();
+    let want = eval_loss(&p.model, &p.params, &[&window], &mut acts).unwrap();
+    assert_eq!(v["tokens"], n);
+    let got = v["val_loss"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-6, "cli {got} vs library {want}");
+
+    let dir = std::env::temp_dir().join(format!("dk-smollm2-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = dir.to_str().unwrap();
+    let args = [
+        "distill",
+        "--teacher",
+        g,
+        "--student-init",
+        "teacher-layers:0,15,29",
+        "--data",
+        data,
+        "--out",
+        o,
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--lr",
+        "1e-5",
+    ];
+    stdout_ok(&distill(&args));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["num_hidden_layers"], 3);
+    assert_eq!(cfg["max_position_embeddings"], 8192);
+    assert_eq!(
+        (cfg["eos_token_id"].as_u64(), cfg["bos_token_id"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tc["eos_token"], "<|im_end|>");
+    let gc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generation_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(gc["eos_token_id"], 2);
+    let s = stdout_ok(&distill(&[
+        "sample",
+        "--model",
+        o,
+        "--prompt",
+        "It was",
+        "--tokens",
+        "4",
+        "--temperature",
+        "0",
+    ]));
+    assert!(s.starts_with("It was"), "{s}");
+    // --config and teacher layers do not mix; a cache holds no weights to start from.
+    let e = distill(&[
+        "distill",
+        "--teacher",
+        g,
+        "--student-init",
+        "teacher-layers",
+        "--config",
+        "tiny",
+        "--data",
+        data,
+        "--out",
+        o,
+        "--force",
+    ]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("comes from the teacher"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

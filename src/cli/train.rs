@@ -62,7 +62,7 @@ pub struct RunArgs {
     /// Peak learning rate
     #[arg(long)]
     pub lr: Option<f32>,
-    /// Warm-up steps
+    /// Warm-up steps [default: 30, at most a tenth of --steps]
     #[arg(long)]
     pub warmup: Option<u64>,
     /// Evaluate every N steps
@@ -210,13 +210,15 @@ pub struct SampleArgs {
 /// The training options: defaults, overridden by what the command line gives.
 pub fn train_config(a: &RunArgs, distill: Option<DistillConfig>) -> TrainConfig {
     let d = TrainConfig::default();
+    let steps = a.steps.unwrap_or(d.steps);
     TrainConfig {
-        steps: a.steps.unwrap_or(d.steps),
+        steps,
         seed: a.seed.unwrap_or(d.seed),
         batch: a.batch.unwrap_or(d.batch),
         seq: a.seq.unwrap_or(d.seq),
         lr: a.lr.unwrap_or(d.lr),
-        warmup: a.warmup.unwrap_or(d.warmup),
+        // The default warm-up is at most a tenth of the run, so short runs reach their peak rate.
+        warmup: a.warmup.unwrap_or(d.warmup.min(steps / 10)),
         eval_every: a.eval_every.unwrap_or(d.eval_every),
         checkpoint_every: a.checkpoint_every.unwrap_or(d.checkpoint_every),
         distill,
@@ -337,6 +339,13 @@ fn resume_source(out: &Path) -> CliResult<PathBuf> {
 
 /// What every training command checks before it loads anything.
 fn check_run_args(r: &RunArgs) -> CliResult<()> {
+    let steps = r.steps.unwrap_or(TrainConfig::default().steps);
+    if let Some(w) = r.warmup.filter(|&w| w > steps) {
+        return Err(CliError::new(format!(
+            "--warmup {w} exceeds the {steps} steps of the run: the learning rate would never \
+             reach --lr"
+        )));
+    }
     session::check_out_dir(&r.out, r.resume, r.force)?;
     Ok(())
 }
@@ -685,10 +694,21 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
     let seq = a
         .seq
         .unwrap_or(model.config().max_position_embeddings.min(512));
-    let corpus = load_corpus(&a.data, &a.documents)?;
-    let docs: Vec<_> = match a.all {
-        true => corpus.train.into_iter().chain(corpus.val).collect(),
-        false => corpus.val,
+    let docs = match a.all && a.data.exists() {
+        true => {
+            let how: Documents = a
+                .documents
+                .parse()
+                .map_err(|e| CliError::new(format!("--documents {e}")))?;
+            Corpus::documents(&a.data, &how)?
+        }
+        false => {
+            let corpus = load_corpus(&a.data, &a.documents)?;
+            match a.all {
+                true => corpus.train.into_iter().chain(corpus.val).collect(),
+                false => corpus.val,
+            }
+        }
     };
     let stream = TokenStream::encode(&docs, &tok)?;
     let windows = val_windows(&stream, seq);

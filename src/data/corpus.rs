@@ -71,6 +71,21 @@ impl Corpus {
         Self::load_with(path, val_fraction, seed, &Documents::BlankLines)
     }
 
+    /// Every document under `path` in order, unsplit (what evaluating a whole text reads); the
+    /// same files and documents as [`Corpus::load_with`].
+    pub fn documents(path: &Path, documents: &Documents) -> Result<Vec<Document>> {
+        let files = list_files(path)?;
+        check_data_size(path, &files)?;
+        let mut all = Vec::new();
+        for file in &files {
+            all.extend(read_documents(file, documents)?);
+        }
+        if all.is_empty() {
+            return Err(Error::Data(format!("{}: holds no text", path.display())));
+        }
+        Ok(all)
+    }
+
     /// PATH is a UTF-8 text file or a directory of them (searched recursively in sorted order;
     /// hidden entries, whose name starts with `.`, are skipped, and so are whitespace-only files
     /// inside a directory). `documents` says where documents end.
