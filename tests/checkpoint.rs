@@ -342,6 +342,7 @@ fn real_llama_config_json_loads() {
             initializer_range: 0.02,
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
+            rope_scaling: None,
             tie_word_embeddings: false,
         }
     );

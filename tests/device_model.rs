@@ -27,6 +27,7 @@ fn config(tied: bool, kv_heads: usize, head_dim: Option<usize>) -> LlamaConfig {
         initializer_range: 0.3,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
+        rope_scaling: None,
         tie_word_embeddings: tied,
     }
 }

@@ -493,6 +493,7 @@ fn tiny(tied: bool) -> LlamaConfig {
         initializer_range: 0.02,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
+        rope_scaling: None,
         tie_word_embeddings: tied,
     }
 }

@@ -6,7 +6,7 @@ use crate::train::error::{Result, TrainError as Error};
 /// A Llama-style decoder's hyper-parameters. Field names and meanings are those of Hugging Face
 /// `transformers.LlamaConfig`; `Default` gives its defaults (Llama 2 7B shapes). Fields of
 /// `LlamaConfig` that are not here have one supported value: `hidden_act = "silu"`,
-/// `attention_bias = mlp_bias = false`, `rope_scaling = None`.
+/// `attention_bias = mlp_bias = false`; `rope_scaling` is `None` or Llama 3's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     /// Number of token ids, V: rows of `embed_tokens` and of `lm_head`; at most 2^32 (ids are
@@ -33,6 +33,9 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// RoPE base: `inv_freq[i] = rope_theta^(-2i / head_dim)`.
     pub rope_theta: f64,
+    /// Llama 3.1's frequency-dependent rescaling of `inv_freq` (`rope_scaling` of type
+    /// `llama3`); `None` is plain RoPE.
+    pub rope_scaling: Option<Llama3RopeScaling>,
     /// When true, `lm_head.weight` is `model.embed_tokens.weight` (one tensor, one gradient).
     pub tie_word_embeddings: bool,
 }
@@ -52,9 +55,25 @@ impl Default for LlamaConfig {
             initializer_range: 0.02,
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
+            rope_scaling: None,
             tie_word_embeddings: false,
         }
     }
+}
+
+/// `rope_scaling = {"rope_type": "llama3", ...}` (Llama 3.1 and later): low frequencies (long
+/// wavelengths) are divided by `factor`, high ones kept, and the band between interpolated, as
+/// transformers' `_compute_llama3_parameters` does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// Divisor of the lowest frequencies (8 for Llama 3.1).
+    pub factor: f64,
+    /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are divided.
+    pub low_freq_factor: f64,
+    /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+    pub high_freq_factor: f64,
+    /// The context the model was pretrained at (8192 for Llama 3.1).
+    pub original_max_position_embeddings: usize,
 }
 
 fn invalid(name: &'static str, value: impl std::fmt::Display, reason: &'static str) -> Error {
@@ -156,6 +175,22 @@ impl LlamaConfig {
                 "must be finite and > 0",
             ));
         }
+        if let Some(r) = self.rope_scaling {
+            let ok = r.factor.is_finite()
+                && r.factor > 0.0
+                && r.low_freq_factor > 0.0
+                && r.high_freq_factor.is_finite()
+                && r.high_freq_factor > r.low_freq_factor
+                && r.original_max_position_embeddings > 0;
+            if !ok {
+                return Err(invalid(
+                    "rope_scaling",
+                    format!("{r:?}"),
+                    "needs factor > 0, 0 < low_freq_factor < high_freq_factor and \
+                     original_max_position_embeddings > 0",
+                ));
+            }
+        }
         if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
             return Err(invalid(
                 "initializer_range",
@@ -171,6 +206,37 @@ impl LlamaConfig {
             ));
         }
         Ok(())
+    }
+
+    /// RoPE's `inv_freq[i]`, `i < head_dim / 2`, in f32 as transformers computes it:
+    /// `1 / theta^(2i / head_dim)`, then Llama 3's rescaling when `rope_scaling` is set (every
+    /// step in f32, in transformers' order).
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let hd = self.head_dim();
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let Some(r) = self.rope_scaling else {
+            return inv;
+        };
+        let (factor, low, high) = (
+            r.factor as f32,
+            r.low_freq_factor as f32,
+            r.high_freq_factor as f32,
+        );
+        let old = r.original_max_position_embeddings as f32;
+        let (low_wavelen, high_wavelen) = (old / low, old / high);
+        inv.iter()
+            .map(|&f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                if wavelen < high_wavelen || wavelen > low_wavelen {
+                    return scaled;
+                }
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 - smooth) * scaled / factor + smooth * scaled
+            })
+            .collect()
     }
 
     /// Number of scalar parameters (the tied `lm_head` counted once), `None` on overflow.

@@ -59,7 +59,7 @@ impl KvCache {
         let mut plan = crate::train::memory::MemoryPlan::new();
         plan.add("the key/value cache", per.checked_mul(2), 4);
         plan.check(&format!("a key/value cache of {capacity} positions"))?;
-        let (cos, sin) = ops::rope_tables::<f32>(capacity, cfg.head_dim(), cfg.rope_theta);
+        let (cos, sin) = ops::rope_tables_from::<f32>(capacity, &cfg.rope_inv_freq());
         Ok(KvCache {
             capacity,
             len: 0,

@@ -337,7 +337,7 @@ impl<T: Storage> DeviceActivations<T> {
         let tokens = s
             .alloc_zeros::<u32>(batch * seq)
             .map_err(|e| dev.cuda_error("the token buffer", e))?;
-        let (cos, sin) = ops::rope_tables::<f32>(seq, cfg.head_dim(), cfg.rope_theta);
+        let (cos, sin) = ops::rope_tables_from::<f32>(seq, &cfg.rope_inv_freq());
         let whole = DeviceSpan::over_mut(&mut buf);
         for (span, table) in [(layout.rope_cos, &cos), (layout.rope_sin, &sin)] {
             let mut dst = whole.sub(span.offset, span.len)?.cast::<f32>(table.len());

@@ -533,7 +533,6 @@ impl<F: Real> Activations<F> {
         let (layout, grad_layout, total) =
             layouts(model, batch, seq, cpu_attention(model, batch, seq), pass, 1)?;
         let cfg = model.config();
-        let hd = cfg.head_dim();
         let mut plan = MemoryPlan::new();
         let width = std::mem::size_of::<F>();
         plan.add("activations", Some(total), width);
@@ -544,7 +543,7 @@ impl<F: Real> Activations<F> {
         };
         plan.check(&format!("{what} at batch {batch} x seq {seq}"))?;
         let mut buf = memory::filled(total, F::ZERO, "the activation buffer")?;
-        let (cos, sin) = ops::rope_tables::<F>(seq, hd, cfg.rope_theta);
+        let (cos, sin) = ops::rope_tables_from::<F>(seq, &cfg.rope_inv_freq());
         layout.rope_cos.of_mut(&mut buf).copy_from_slice(&cos);
         layout.rope_sin.of_mut(&mut buf).copy_from_slice(&sin);
         Ok(Activations {

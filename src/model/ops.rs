@@ -353,10 +353,17 @@ pub fn rope_tables<F: Real>(seq: usize, head_dim: usize, theta: f64) -> (Vec<F>,
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
         .collect();
+    rope_tables_from(seq, &inv_freq)
+}
+
+/// [`rope_tables`] for given frequencies (e.g. [`crate::model::LlamaConfig::rope_inv_freq`],
+/// rescaled for Llama 3): `angle = f32(t) * inv_freq[i]`, cosine and sine in f64.
+pub fn rope_tables_from<F: Real>(seq: usize, inv_freq: &[f32]) -> (Vec<F>, Vec<F>) {
+    let half = inv_freq.len();
     let mut cos = Vec::with_capacity(seq * half);
     let mut sin = Vec::with_capacity(seq * half);
     for t in 0..seq {
-        for &f in &inv_freq {
+        for &f in inv_freq {
             let angle = (t as f32 * f) as f64;
             cos.push(F::from_f64(angle.cos()));
             sin.push(F::from_f64(angle.sin()));

@@ -3,6 +3,7 @@
 //! (HF defaults for missing fields, errors naming any field our math does not implement). File I/O
 //! is in [`crate::train::checkpoint`].
 
+use crate::model::config::Llama3RopeScaling;
 use crate::model::LlamaConfig;
 use crate::train::error::{Result, TrainError as Error};
 use serde_json::{json, Map, Value};
@@ -28,7 +29,6 @@ pub fn config_to_json(cfg: &LlamaConfig, extras: &ConfigExtras) -> Value {
         "attention_bias": false,
         "attention_dropout": 0.0,
         "mlp_bias": false,
-        "rope_scaling": null,
         "use_cache": true,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -46,6 +46,17 @@ pub fn config_to_json(cfg: &LlamaConfig, extras: &ConfigExtras) -> Value {
     if let Some(d) = cfg.head_dim {
         obj.insert("head_dim".into(), d.into());
     }
+    let rope_scaling = match cfg.rope_scaling {
+        None => Value::Null,
+        Some(r) => json!({
+            "rope_type": "llama3",
+            "factor": r.factor,
+            "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+        }),
+    };
+    obj.insert("rope_scaling".into(), rope_scaling);
     if let Some(id) = extras.bos_token_id {
         obj.insert("bos_token_id".into(), id.into());
     }
@@ -101,6 +112,38 @@ fn rope_type(v: &Value) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
+/// A `rope_scaling` (or `rope_parameters`) object: `default` is plain RoPE, `llama3` Llama 3.1's
+/// rescaling; any other type is refused, naming it.
+fn parse_rope_scaling(
+    v: &Value,
+    name: &str,
+) -> std::result::Result<Option<Llama3RopeScaling>, String> {
+    match rope_type(v) {
+        None | Some("default") => Ok(None),
+        Some("llama3") => {
+            let o = v
+                .as_object()
+                .ok_or_else(|| format!("field `{name}` = {v} is not an object"))?;
+            let need = |key: &str| -> std::result::Result<f64, String> {
+                f64_field(o, key)?
+                    .ok_or_else(|| format!("field `{name}.{key}` is missing (rope_type llama3)"))
+            };
+            let orig = usize_field(o, "original_max_position_embeddings")?.ok_or_else(|| {
+                format!("field `{name}.original_max_position_embeddings` is missing")
+            })?;
+            Ok(Some(Llama3RopeScaling {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: orig,
+            }))
+        }
+        Some(t) => Err(format!(
+            "field `{name}` has rope_type \"{t}\", which is not supported (default and llama3 are)"
+        )),
+    }
+}
+
 fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     let obj = value
@@ -147,25 +190,18 @@ fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
             ));
         }
     }
+    let mut rope_scaling = None;
     if let Some(rs) = field(obj, "rope_scaling") {
-        if rope_type(rs) != Some("default") {
-            return Err(format!(
-                "field `rope_scaling` = {rs} is not supported (only plain RoPE, rope_scaling: null)"
-            ));
-        }
+        rope_scaling = parse_rope_scaling(rs, "rope_scaling")?;
     }
-    // transformers 5 moves rope_theta into `rope_parameters`.
+    // transformers 5 moves rope_theta (and the scaling) into `rope_parameters`.
     let mut rope_theta = f64_field(obj, "rope_theta")?;
     if let Some(rp) = field(obj, "rope_parameters") {
         let rp_obj = rp
             .as_object()
             .ok_or_else(|| format!("field `rope_parameters` = {rp} is not an object"))?;
-        if let Some(t) = rope_type(rp) {
-            if t != "default" {
-                return Err(format!(
-                    "field `rope_parameters.rope_type` = \"{t}\" is not supported (only default RoPE)"
-                ));
-            }
+        if rope_scaling.is_none() {
+            rope_scaling = parse_rope_scaling(rp, "rope_parameters")?;
         }
         if rope_theta.is_none() {
             rope_theta = f64_field(rp_obj, "rope_theta")
@@ -191,6 +227,7 @@ fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
         initializer_range: f64_field(obj, "initializer_range")?.unwrap_or(d.initializer_range),
         rms_norm_eps: f64_field(obj, "rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
         rope_theta: rope_theta.unwrap_or(d.rope_theta),
+        rope_scaling,
         tie_word_embeddings: bool_field(obj, "tie_word_embeddings")?
             .unwrap_or(d.tie_word_embeddings),
     };
