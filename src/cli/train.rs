@@ -780,7 +780,9 @@ pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
                     let v = model.config().vocab_size;
                     return Ok(logits[(window.len() - 1) * v..].to_vec());
                 }
-                if !window.starts_with(&cached) {
+                // Reuse only when the window extends the cached tokens (a slid window that
+                // happens to repeat them, as a looping greedy decode does, is not an extension).
+                if window.len() <= cached.len() || !window.starts_with(&cached) {
                     cache.clear();
                     cached.clear();
                 }
