@@ -762,7 +762,8 @@ pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
     } = pretrained::load(&a.model)?;
     let mut ids = tok.encode(&a.prompt)?;
     if ids.is_empty() {
-        ids.push(tok.eos_id());
+        // An empty prompt starts a text: from BOS, or the EOS that ends the one before.
+        ids.push(tok.bos_id().unwrap_or(tok.eos_id()));
     }
     let prompt_ids = ids.clone();
     let device: distill_kernels::DeviceKind = a.device.parse().map_err(CliError::new)?;

@@ -6,13 +6,14 @@
 
 use rayon::prelude::*;
 
-use super::{ops, Llama};
+use super::{ops, Llama, LlamaConfig};
 use crate::train::error::{Result, TrainError as Error};
 
 /// The keys (after RoPE) and values of every layer for positions `0 .. len`, with room for
 /// `capacity` positions, and the per-token scratch.
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    config: LlamaConfig,
     capacity: usize,
     len: usize,
     /// `[layers, capacity, NKV * D]` each.
@@ -61,6 +62,7 @@ impl KvCache {
         plan.check(&format!("a key/value cache of {capacity} positions"))?;
         let (cos, sin) = ops::rope_tables_from::<f32>(capacity, &cfg.rope_inv_freq());
         Ok(KvCache {
+            config: cfg.clone(),
             capacity,
             len: 0,
             k: vec![0.0; per],
@@ -147,7 +149,7 @@ impl Llama {
                 shape: "the model's parameter count".into(),
             });
         }
-        if cache.x.len() != cfg.hidden_size || cache.logits.len() != cfg.vocab_size {
+        if cache.config != *cfg {
             return Err(Error::InvalidOption {
                 name: "cache",
                 value: format!("{} positions", cache.capacity),
@@ -301,6 +303,15 @@ mod tests {
             assert!(e.to_string().contains("is full"), "{e}");
             cache.clear();
             assert!(model.decode_step(&params, 37, &mut cache).is_err());
+            // A cache made for another model is refused, not indexed out of bounds.
+            let deeper = Llama::new(LlamaConfig {
+                num_hidden_layers: 4,
+                ..model.config().clone()
+            })
+            .unwrap();
+            let p4 = deeper.init_params::<f32>(1);
+            let e = deeper.decode_step(&p4, 1, &mut cache).unwrap_err();
+            assert!(e.to_string().contains("another model"), "{e}");
         }
     }
 }
