@@ -76,4 +76,8 @@ fn llama3_rope_scaling_matches_transformers() {
     bad["rope_scaling"]["rope_type"] = "yarn".into();
     let e = config_from_json(&bad.to_string()).unwrap_err().to_string();
     assert!(e.contains("rope_type \"yarn\""), "{e}");
+    // A scaling that names no type is not silently plain RoPE.
+    bad["rope_scaling"] = serde_json::json!({"factor": 4.0});
+    let e = config_from_json(&bad.to_string()).unwrap_err().to_string();
+    assert!(e.contains("names no rope_type"), "{e}");
 }

@@ -648,7 +648,9 @@ fn open_cache(dir: &Path, corpus: &Corpus) -> CliResult<(TeacherCache, Tokenizer
     let fp = corpus.fingerprint();
     if m.data_fingerprint != fp {
         return Err(CliError::new(format!(
-            "--teacher-cache {}: it was made from other data (fingerprint {}, --data has {fp})",
+            "--teacher-cache {}: it was made from other data (fingerprint {}, --data has {fp}; a \
+             cache made before --documents existed split files on blank lines: --documents \
+             blank-lines)",
             dir.display(),
             m.data_fingerprint
         )));
@@ -772,7 +774,7 @@ pub fn run_sample(a: &SampleArgs) -> CliResult<()> {
             // A key/value cache: each token after the first pass costs one pass of the weights.
             // When the window slides past the context, the cache restarts from the new window.
             let ctx = model.config().max_position_embeddings;
-            let mut cache = KvCache::new(&model, (ids.len() + a.tokens).clamp(1, ctx))?;
+            let mut cache = KvCache::new(&model, ids.len().saturating_add(a.tokens).clamp(1, ctx))?;
             let mut cached: Vec<u32> = Vec::new();
             let next = |window: &[u32]| -> CliResult<Vec<f32>> {
                 if a.no_kv_cache {

@@ -34,10 +34,11 @@ const SPLIT_SALT: u64 = 0x5fa1_7c0d_e5ee_d001;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Documents {
     /// Each file is one document: running prose keeps its paragraph breaks as text, and no EOS
-    /// is invented inside it. The default, because a blank line in a book is not the end of a
-    /// text (a pretrained teacher finds an EOS there improbable, and would teach that). A
-    /// single file is cut at the paragraph break nearest the validation fraction, its end going
-    /// to validation.
+    /// is invented inside it. The command line's default, because a blank line in a book is
+    /// not the end of a text (a pretrained teacher finds an EOS there improbable, and would
+    /// teach that); [`Corpus::load`] keeps [`Documents::BlankLines`], as before this option
+    /// existed. A single file is cut at the paragraph break nearest the validation fraction,
+    /// its end going to validation.
     #[default]
     File,
     /// Paragraphs separated by blank lines are documents (corpora of short, unrelated texts).

@@ -3,12 +3,13 @@
 //!
 //! Supported: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) with the pre-tokenizers below,
 //! named as llama.cpp names them in `tokenizer.ggml.pre` and splitting text as llama.cpp's
-//! `llama-vocab.cpp` does for each. SentencePiece vocabularies (`"llama"`, Llama 2 and Mistral
+//! `llama-vocab.cpp` does for each (but `default`, see the table); only `smollm` has been
+//! checked against a reference tokenizer. SentencePiece vocabularies (`"llama"`, Llama 2 and Mistral
 //! v0.1 files) are refused with an error that says so.
 //!
 //! | `tokenizer.ggml.pre` | split |
 //! |----|----|
-//! | `default`, `gpt-2` | GPT-2's regex |
+//! | `default`, `gpt-2` | GPT-2's regex (for `default`, which a file without `tokenizer.ggml.pre` means, llama.cpp uses a regex set of its own that differs on digit runs and some punctuation: not checked) |
 //! | `smollm`, `starcoder`, `refact`, `codeshell` | every digit alone, then GPT-2's regex |
 //! | `llama3`, `llama-v3`, `llama-bpe`, `smaug-bpe`, `dbrx` | Llama 3's regex |
 //! | `qwen2`, `deepseek-r1-qwen` | Qwen2's regex |

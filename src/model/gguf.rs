@@ -198,7 +198,8 @@ impl<'a> Reader<'a> {
                 }
                 let elem = self.u32(key)?;
                 let n = self.count(key, 1)?;
-                let mut v = Vec::with_capacity(n);
+                // The count is bounded by the bytes left, not by memory: grow as elements parse.
+                let mut v = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
                     v.push(self.value(elem, key, depth + 1)?);
                 }
@@ -240,7 +241,7 @@ impl Gguf {
                 return Err(format!("metadata key {key} appears twice"));
             }
         }
-        let mut raw = Vec::with_capacity(n_tensors);
+        let mut raw = Vec::with_capacity(n_tensors.min(1 << 16));
         for _ in 0..n_tensors {
             let name = r.string("a tensor name")?;
             let n_dims = r.u32(&name)?;
@@ -264,7 +265,7 @@ impl Gguf {
             },
         };
         let data = r.pos.div_ceil(alignment) * alignment;
-        let mut tensors = Vec::with_capacity(raw.len());
+        let mut tensors = Vec::new();
         for (name, dims, ty, offset) in raw {
             let ty = GgmlType::from_id(ty).map_err(|e| format!("tensor {name}: {e}"))?;
             let elements = dims

@@ -119,6 +119,12 @@ fn parse_rope_scaling(
     name: &str,
 ) -> std::result::Result<Option<Llama3RopeScaling>, String> {
     match rope_type(v) {
+        // `rope_parameters` may hold only rope_theta; a `rope_scaling` must say its type.
+        None if name == "rope_scaling" && !v.as_object().is_some_and(|o| o.is_empty()) => {
+            Err(format!(
+                "field `rope_scaling` = {v} names no rope_type (default and llama3 are supported)"
+            ))
+        }
         None | Some("default") => Ok(None),
         Some("llama3") => {
             let o = v

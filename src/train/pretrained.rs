@@ -192,11 +192,21 @@ fn hf_specials(dir: &Path, tokenizer_json: &str) -> Result<Option<Specials>> {
         return Ok(None);
     };
     let bos = lookup("bos_token_id", "bos_token");
-    let add_bos = tok_cfg
+    // `add_bos_token`, else whether tokenizer.json's post-processor puts BOS first (Llama 3 adds
+    // it that way and says nothing in tokenizer_config.json).
+    let add_bos = match tok_cfg
         .as_ref()
         .and_then(|v| v.get("add_bos_token"))
         .and_then(Value::as_bool)
-        .unwrap_or(false);
+    {
+        Some(b) => b,
+        None => bos.is_some_and(|b| {
+            tokenizers::Tokenizer::from_str(tokenizer_json)
+                .ok()
+                .and_then(|t| t.encode("a", true).ok())
+                .is_some_and(|e| e.get_ids().first() == Some(&b))
+        }),
+    };
     Ok(Some(Specials { eos, bos, add_bos }))
 }
 
@@ -208,6 +218,15 @@ const GGUF_ARCHITECTURES: &[&str] = &["llama"];
 
 /// A GGUF file: hyper-parameters, weights and tokenizer, all from the one file.
 pub fn load_gguf(path: &Path) -> Result<Pretrained> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?
+        .len();
+    let mut plan = memory::MemoryPlan::new();
+    plan.add("the GGUF file", usize::try_from(size).ok(), 1);
+    plan.check(&format!("reading {}", path.display()))?;
     let g = Gguf::open(path).map_err(|m| file_err(path, m))?;
     let (tokenizer, tokenizer_json) = tokenizer_from_gguf(&g).map_err(|m| file_err(path, m))?;
     let cfg = gguf_config(&g, tokenizer.vocab_size()).map_err(|m| file_err(path, m))?;

@@ -288,7 +288,7 @@ fn check_data(
     Err(Error::ResumeMismatch {
         path: path.display().to_string(),
         message: format!(
-            "the data differs from the data it was trained on (fingerprint {saved}, now {now}); pass --allow-data-change to continue on it anyway"
+            "the data differs from the data it was trained on (fingerprint {saved}, now {now}); pass --allow-data-change to continue on it anyway (a run made before --documents existed split files on blank lines: resume it with --documents blank-lines)"
         ),
     })
 }

@@ -97,7 +97,8 @@ pub fn student_from_teacher(
         ..tcfg.clone()
     };
     let student = Llama::new(cfg.clone())?;
-    let mut out = vec![0.0f32; student.num_params()];
+    let mut out =
+        crate::train::memory::filled(student.num_params(), 0.0f32, "the student's parameters")?;
     let tl = teacher.layout();
     for t in student.layout().tensors() {
         let src_name = match t.name.strip_prefix("model.layers.") {

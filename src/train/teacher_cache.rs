@@ -433,6 +433,7 @@ fn manifest_diff(a: &CacheManifest, b: &CacheManifest) -> String {
             a.tail_temperatures != b.tail_temperatures,
         ),
         ("splits", a.splits != b.splits),
+        ("specials", a.specials != b.specials),
     ];
     let names: Vec<&str> = fields.iter().filter(|f| f.1).map(|f| f.0).collect();
     if names.is_empty() {

@@ -792,8 +792,8 @@ impl Trainer {
 
     /// Writes a checkpoint (each file atomically, the trainer state last: a crash mid-save
     /// leaves at worst weights newer than the state, which resuming detects by the step).
-    /// `tokenizer_files` are written beside `config.json`: `tokenizer.json` first, then the
-    /// others (see [`Checkpoint::extra_files`]).
+    /// `tokenizer_json` (as `tokenizer.json`) and then `extra_files` (see
+    /// [`Checkpoint::extra_files`]) are written beside `config.json`.
     pub fn save(
         &self,
         dir: &Path,

@@ -227,3 +227,40 @@ fn bad_gguf_files_get_one_clear_error_each() {
     let e = load(&path).unwrap_err().to_string();
     assert!(e.contains("tensor type Q5_K is not supported"), "{e}");
 }
+
+/// An HF directory whose tokenizer.json puts BOS first through its post-processor (as Llama 3's
+/// does, with no `add_bos_token` in tokenizer_config.json) asks for BOS; without the
+/// post-processor it does not; `add_bos_token` wins when present.
+#[test]
+fn hf_bos_from_the_post_processor() {
+    let f = fixture(false);
+    let mut tj: Value = serde_json::from_str(&f.tok.to_json().unwrap()).unwrap();
+    let bos = 5u32;
+    let bos_text = f.tok.id_to_token(bos).unwrap();
+    let dir = std::env::temp_dir().join(format!("dk-hf-bos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = serde_json::json!({"eos_token_id": f.tok.eos_id(), "bos_token_id": bos});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    assert!(!load_tokenizer(&dir).unwrap().0.specials().add_bos);
+    tj["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos_text, "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos_text.clone(): {"id": bos_text, "ids": [bos], "tokens": [bos_text]}},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    let sp = load_tokenizer(&dir).unwrap().0.specials();
+    assert_eq!(
+        (sp.eos, sp.bos, sp.add_bos),
+        (f.tok.eos_id(), Some(bos), true)
+    );
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"add_bos_token": false}"#,
+    )
+    .unwrap();
+    assert!(!load_tokenizer(&dir).unwrap().0.specials().add_bos);
+    let _ = std::fs::remove_dir_all(&dir);
+}
