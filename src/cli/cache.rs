@@ -58,14 +58,14 @@ pub struct CacheTeacherArgs {
 
 /// `sha256:` of the teacher's config (its JSON) and its f32 parameters: the same for a model
 /// however it is stored.
-fn teacher_hash(teacher: &Teacher) -> CliResult<String> {
+fn teacher_hash(teacher: &Teacher) -> String {
     let cfg = distill_kernels::train::hf_config::config_to_json(
         teacher.model.config(),
         &Default::default(),
     )
     .to_string();
     let params: &[u8] = bytemuck::cast_slice(&teacher.params);
-    Ok(teacher_cache::hash_bytes([cfg.as_bytes(), params]))
+    teacher_cache::hash_bytes([cfg.as_bytes(), params])
 }
 
 pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
@@ -107,7 +107,7 @@ pub fn run(a: &CacheTeacherArgs) -> CliResult<()> {
     let manifest = CacheManifest {
         format: teacher_cache::FORMAT,
         teacher: a.teacher.display().to_string(),
-        teacher_hash: teacher_hash(&teacher)?,
+        teacher_hash: teacher_hash(&teacher),
         tokenizer_hash: teacher_cache::hash_bytes([&tokenizer_json[..]]),
         specials: Some(tok.specials().into()),
         data_fingerprint: corpus.fingerprint(),

@@ -245,10 +245,14 @@ fn model_config(name: &str, vocab: usize, seq: usize) -> CliResult<LlamaConfig> 
 /// The corpus `--data` names: a text file or directory, or (when no such path exists)
 /// `synthetic` / `synthetic:SEED` for the demo's embedded language with the demo's split (seed
 /// 1 by default: the corpus `distill demo` trains on).
-pub fn load_corpus(path: &Path, documents: &str) -> CliResult<Corpus> {
-    let documents: Documents = documents
+fn parse_documents(documents: &str) -> CliResult<Documents> {
+    documents
         .parse()
-        .map_err(|e| CliError::new(format!("--documents {e}")))?;
+        .map_err(|e| CliError::new(format!("--documents {e}")))
+}
+
+pub fn load_corpus(path: &Path, documents: &str) -> CliResult<Corpus> {
+    let documents = parse_documents(documents)?;
     let text = path.to_string_lossy();
     if !path.exists() {
         if let Some(rest) = text.strip_prefix("synthetic") {
@@ -697,13 +701,7 @@ pub fn run_eval(a: &EvalArgs) -> CliResult<()> {
         .seq
         .unwrap_or(model.config().max_position_embeddings.min(512));
     let docs = match a.all && a.data.exists() {
-        true => {
-            let how: Documents = a
-                .documents
-                .parse()
-                .map_err(|e| CliError::new(format!("--documents {e}")))?;
-            Corpus::documents(&a.data, &how)?
-        }
+        true => Corpus::documents(&a.data, &parse_documents(&a.documents)?)?,
         false => {
             let corpus = load_corpus(&a.data, &a.documents)?;
             match a.all {

@@ -75,16 +75,7 @@ impl Corpus {
     /// Every document under `path` in order, unsplit (what evaluating a whole text reads); the
     /// same files and documents as [`Corpus::load_with`].
     pub fn documents(path: &Path, documents: &Documents) -> Result<Vec<Document>> {
-        let files = list_files(path)?;
-        check_data_size(path, &files)?;
-        let mut all = Vec::new();
-        for file in &files {
-            all.extend(read_documents(file, documents)?);
-        }
-        if all.is_empty() {
-            return Err(Error::Data(format!("{}: holds no text", path.display())));
-        }
-        Ok(all)
+        Ok(read_files(path, documents)?.concat())
     }
 
     /// PATH is a UTF-8 text file or a directory of them (searched recursively in sorted order;
@@ -103,23 +94,7 @@ impl Corpus {
         documents: &Documents,
     ) -> Result<Corpus> {
         check_fraction(val_fraction)?;
-        let files = list_files(path)?;
-        check_data_size(path, &files)?;
-        let mut units: Vec<Vec<Document>> = Vec::new();
-        for file in &files {
-            let docs = read_documents(file, documents)?;
-            if !docs.is_empty() {
-                units.push(docs);
-            }
-        }
-        if units.is_empty() {
-            let what = if path.is_dir() {
-                "directory holds no text files"
-            } else {
-                "file holds no text"
-            };
-            return Err(Error::Data(format!("{}: {what}", path.display())));
-        }
+        let mut units = read_files(path, documents)?;
         if units.len() == 1 && *documents == Documents::File {
             let doc = units.pop().unwrap_or_default().pop();
             return cut_file(path, doc, val_fraction);
@@ -265,6 +240,28 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// The file's documents, or an error naming the first byte that is not UTF-8.
+/// The documents of each file under `path` that holds text, in order; an error when none does.
+fn read_files(path: &Path, documents: &Documents) -> Result<Vec<Vec<Document>>> {
+    let files = list_files(path)?;
+    check_data_size(path, &files)?;
+    let mut units: Vec<Vec<Document>> = Vec::new();
+    for file in &files {
+        let docs = read_documents(file, documents)?;
+        if !docs.is_empty() {
+            units.push(docs);
+        }
+    }
+    if units.is_empty() {
+        let what = if path.is_dir() {
+            "directory holds no text files"
+        } else {
+            "file holds no text"
+        };
+        return Err(Error::Data(format!("{}: {what}", path.display())));
+    }
+    Ok(units)
+}
+
 /// One file's single document cut in two at the paragraph break (else line break) nearest to
 /// leaving `val_fraction` of its bytes for validation.
 fn cut_file(path: &Path, doc: Option<Document>, val_fraction: f64) -> Result<Corpus> {

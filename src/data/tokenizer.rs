@@ -125,6 +125,14 @@ impl Tokenizer {
     ) -> std::result::Result<Tokenizer, String> {
         let inner = tokenizers::Tokenizer::from_str(json)
             .map_err(|e| format!("not a valid tokenizer.json: {e}"))?;
+        Self::from_parsed(inner, specials)
+    }
+
+    /// [`Tokenizer::from_json`] for an already parsed `tokenizer.json`.
+    pub(crate) fn from_parsed(
+        inner: tokenizers::Tokenizer,
+        specials: Option<Specials>,
+    ) -> std::result::Result<Tokenizer, String> {
         match specials {
             None => Self::from_inner(inner),
             Some(sp) => Self::with_specials(inner, sp),

@@ -212,10 +212,7 @@ impl LlamaConfig {
     /// `1 / theta^(2i / head_dim)`, then Llama 3's rescaling when `rope_scaling` is set (every
     /// step in f32, in transformers' order).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let hd = self.head_dim();
-        let inv: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
-            .collect();
+        let inv = super::ops::rope_inv_freq(self.head_dim(), self.rope_theta);
         let Some(r) = self.rope_scaling else {
             return inv;
         };

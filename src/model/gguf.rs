@@ -384,18 +384,6 @@ pub fn write(
             }
         }
     }
-    let id = |t: GgmlType| -> u32 {
-        match t {
-            GgmlType::F32 => 0,
-            GgmlType::F16 => 1,
-            GgmlType::Q4_0 => 2,
-            GgmlType::Q4_1 => 3,
-            GgmlType::Q8_0 => 8,
-            GgmlType::Q4K => 12,
-            GgmlType::Q6K => 14,
-            GgmlType::BF16 => 30,
-        }
-    };
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&3u32.to_le_bytes());
@@ -413,7 +401,7 @@ pub fn write(
         for d in dims {
             out.extend_from_slice(&d.to_le_bytes());
         }
-        out.extend_from_slice(&id(*ty).to_le_bytes());
+        out.extend_from_slice(&ty.id().to_le_bytes());
         out.extend_from_slice(&offset.to_le_bytes());
         offset += (bytes.len() as u64).div_ceil(32) * 32;
     }

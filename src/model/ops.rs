@@ -349,11 +349,15 @@ pub fn matmul_backward<F: Real>(
 /// its cosine and sine are then taken in f64, so f32 and f64 models share one table.
 pub fn rope_tables<F: Real>(seq: usize, head_dim: usize, theta: f64) -> (Vec<F>, Vec<F>) {
     assert!(head_dim.is_multiple_of(2), "rope_tables: odd head_dim");
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
+    rope_tables_from(seq, &rope_inv_freq(head_dim, theta))
+}
+
+/// RoPE's `inv_freq[i] = 1 / theta^((2i) / head_dim)`, `i < head_dim / 2`, in f32 as Hugging
+/// Face forms it.
+pub fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    rope_tables_from(seq, &inv_freq)
+        .collect()
 }
 
 /// [`rope_tables`] for given frequencies (e.g. [`crate::model::LlamaConfig::rope_inv_freq`],

@@ -39,6 +39,18 @@ pub enum GgmlType {
     BF16,
 }
 
+/// The decoded types by their number in `ggml.h`: the one mapping both ways.
+const SUPPORTED: [(u32, GgmlType); 8] = [
+    (0, GgmlType::F32),
+    (1, GgmlType::F16),
+    (2, GgmlType::Q4_0),
+    (3, GgmlType::Q4_1),
+    (8, GgmlType::Q8_0),
+    (12, GgmlType::Q4K),
+    (14, GgmlType::Q6K),
+    (30, GgmlType::BF16),
+];
+
 /// Names of the ggml types this crate does not decode, for the error that refuses them.
 const UNSUPPORTED_NAMES: &[(u32, &str)] = &[
     (6, "Q5_0"),
@@ -70,26 +82,25 @@ const UNSUPPORTED_NAMES: &[(u32, &str)] = &[
 impl GgmlType {
     /// The type numbered `id`; the error names it (when ggml has it) and lists what is supported.
     pub fn from_id(id: u32) -> Result<GgmlType, String> {
-        Ok(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            12 => GgmlType::Q4K,
-            14 => GgmlType::Q6K,
-            30 => GgmlType::BF16,
-            _ => {
-                let name = UNSUPPORTED_NAMES
-                    .iter()
-                    .find(|(i, _)| *i == id)
-                    .map_or_else(|| format!("unknown ggml type {id}"), |(_, n)| n.to_string());
-                return Err(format!(
-                    "tensor type {name} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, \
-                     Q4_1, Q4_K, Q6_K)"
-                ));
-            }
-        })
+        if let Some((_, ty)) = SUPPORTED.iter().find(|(i, _)| *i == id) {
+            return Ok(*ty);
+        }
+        let name = UNSUPPORTED_NAMES
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or_else(|| format!("unknown ggml type {id}"), |(_, n)| n.to_string());
+        Err(format!(
+            "tensor type {name} is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, \
+             Q4_K, Q6_K)"
+        ))
+    }
+
+    /// The type's number in `ggml.h`.
+    pub fn id(self) -> u32 {
+        SUPPORTED
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map_or(u32::MAX, |(i, _)| *i)
     }
 
     /// The name llama.cpp prints.

@@ -96,8 +96,10 @@ pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, String)> {
         path: tok_path.display().to_string(),
         message: e.to_string(),
     })?;
-    let specials = hf_specials(dir, &json)?;
-    let tokenizer = Tokenizer::from_json(&json, specials).map_err(|m| file_err(&tok_path, m))?;
+    let inner = tokenizers::Tokenizer::from_str(&json)
+        .map_err(|e| file_err(&tok_path, format!("not a valid tokenizer.json: {e}")))?;
+    let specials = hf_specials(dir, &inner)?;
+    let tokenizer = Tokenizer::from_parsed(inner, specials).map_err(|m| file_err(&tok_path, m))?;
     Ok((tokenizer, json))
 }
 
@@ -170,7 +172,7 @@ fn token_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     }
 }
 
-fn hf_specials(dir: &Path, tokenizer_json: &str) -> Result<Option<Specials>> {
+fn hf_specials(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Option<Specials>> {
     let files = ["config.json", "generation_config.json"]
         .map(|f| read_json(&dir.join(f)))
         .into_iter()
@@ -181,11 +183,7 @@ fn hf_specials(dir: &Path, tokenizer_json: &str) -> Result<Option<Specials>> {
             .iter()
             .flatten()
             .find_map(|v| id_field(v, id_key))
-            .or_else(|| {
-                let name = token_field(tok_cfg.as_ref()?, token_key)?;
-                let inner = tokenizers::Tokenizer::from_str(tokenizer_json).ok()?;
-                inner.token_to_id(name)
-            })
+            .or_else(|| tokenizer.token_to_id(token_field(tok_cfg.as_ref()?, token_key)?))
     };
     let Some(eos) = lookup("eos_token_id", "eos_token") else {
         // No EOS named anywhere: the tokenizer's own `<|endoftext|>` (our trained tokenizers).
@@ -201,10 +199,9 @@ fn hf_specials(dir: &Path, tokenizer_json: &str) -> Result<Option<Specials>> {
     {
         Some(b) => b,
         None => bos.is_some_and(|b| {
-            tokenizers::Tokenizer::from_str(tokenizer_json)
-                .ok()
-                .and_then(|t| t.encode("a", true).ok())
-                .is_some_and(|e| e.get_ids().first() == Some(&b))
+            tokenizer
+                .encode("a", true)
+                .is_ok_and(|e| e.get_ids().first() == Some(&b))
         }),
     };
     Ok(Some(Specials { eos, bos, add_bos }))
@@ -231,10 +228,7 @@ pub fn load_gguf(path: &Path) -> Result<Pretrained> {
     let (tokenizer, tokenizer_json) = tokenizer_from_gguf(&g).map_err(|m| file_err(path, m))?;
     let cfg = gguf_config(&g, tokenizer.vocab_size()).map_err(|m| file_err(path, m))?;
     let model = Llama::new(cfg).map_err(|e| file_err(path, e.to_string()))?;
-    let params = gguf_params(&g, &model).map_err(|e| match e {
-        Error::Checkpoint { message, .. } => file_err(path, message),
-        other => other,
-    })?;
+    let params = gguf_params(path, &g, &model)?;
     Ok(Pretrained {
         model,
         params,
@@ -363,20 +357,18 @@ fn unpermute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn gguf_params(g: &Gguf, model: &Llama) -> Result<Vec<f32>> {
+/// The parameters of `model` from the tensors of `g` (the file at `path`, for errors); a tensor
+/// of the file that the model has no place for is an error too.
+fn gguf_params(path: &Path, g: &Gguf, model: &Llama) -> Result<Vec<f32>> {
     let cfg = model.config();
     let mut params = memory::filled(model.num_params(), 0.0f32, "the model's parameters")?;
-    let err = |m: String| Error::Checkpoint {
-        path: String::new(),
-        message: m,
-    };
-    let mut used = 0usize;
+    let err = |m: String| file_err(path, m);
+    let mut used = std::collections::HashSet::new();
     for t in model.layout().tensors() {
         let name = gguf_name(&t.name).ok_or_else(|| err(format!("no GGUF name for {}", t.name)))?;
         let gt = g
             .tensor(&name)
             .ok_or_else(|| err(format!("tensor {name} (HF {}) is missing", t.name)))?;
-        used += 1;
         let shape: Vec<u64> = t.shape.iter().map(|&s| s as u64).collect();
         if gt.torch_shape() != shape {
             return Err(err(format!(
@@ -405,20 +397,14 @@ fn gguf_params(g: &Gguf, model: &Llama) -> Result<Vec<f32>> {
                 dst[i]
             )));
         }
+        used.insert(name);
     }
-    if let Some(extra) = g.tensors.iter().find(|gt| {
-        !model
-            .layout()
-            .tensors()
-            .iter()
-            .any(|t| gguf_name(&t.name).as_deref() == Some(&gt.name))
-    }) {
+    if let Some(extra) = g.tensors.iter().find(|gt| !used.contains(&gt.name)) {
         return Err(err(format!(
             "tensor {} is not part of a Llama model (unsupported architecture variant?)",
             extra.name
         )));
     }
-    debug_assert_eq!(used, model.layout().tensors().len());
     Ok(params)
 }
 
