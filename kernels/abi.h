@@ -264,6 +264,19 @@ typedef struct DkElementwiseParams {
     int64_t n;
 } DkElementwiseParams;
 
+/* dk_bias_fwd: out[n, j] += bias[j], grid-stride over n * c elements (a linear layer's bias,
+ * after its matmul). dk_bias_bwd: one thread per channel; dbias[j] += dout[n, j] over the rows in
+ * order, each sum rounded (the CPU's order, so the two agree to the bit). bias is in the storage
+ * type, dbias f32 like every parameter gradient. */
+typedef struct DkBiasParams {
+    void* out;        /* forward: [n, c] */
+    const void* bias; /* forward: [c] */
+    const void* dout; /* backward: [n, c] */
+    float* dbias;     /* backward: [c] */
+    int64_t n;
+    int64_t c;
+} DkBiasParams;
+
 /* dk_copy_rows: dst[r * dst_stride + j] = src[r * src_stride + j] for r < rows, j < width: a
  * [rows, width] block between row-major buffers of different row strides (the hidden-state
  * pairs side by side in one loss row, and back). dst and src do not overlap. Grid-stride over

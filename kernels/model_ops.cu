@@ -140,6 +140,23 @@ __device__ __forceinline__ void residual_bwd(const DkElementwiseParams& p) {
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void bias_fwd(const DkBiasParams& p) {
+    T* out = static_cast<T*>(p.out);
+    const T* bias = static_cast<const T*>(p.bias);
+    DK_GRID_STRIDE(i, p.n * p.c) dk_store(out + i, __fadd_rn(dk_load(out + i), dk_load(bias + i % p.c)));
+}
+
+template <typename T>
+__device__ __forceinline__ void bias_bwd(const DkBiasParams& p) {
+    const int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= p.c) return;
+    const T* dout = static_cast<const T*>(p.dout);
+    float g = p.dbias[j];
+    for (int64_t n = 0; n < p.n; ++n) g = __fadd_rn(g, dk_load(dout + n * p.c + j));
+    p.dbias[j] = g;
+}
+
 // One thread per (vector, i) pair: each pair is read and written by its thread only, so in place
 // is safe. The products and the difference rounded separately, as the CPU's Rust does.
 template <typename T>
@@ -183,6 +200,8 @@ __device__ __forceinline__ void copy_rows(const DkCopyRowsParams& p) {
     DK_MODEL_OP(swiglu_bwd, swiglu_bwd, DkElementwiseParams, 256, dt, T)         \
     DK_MODEL_OP(residual_fwd, residual_fwd, DkElementwiseParams, 256, dt, T)     \
     DK_MODEL_OP(residual_bwd, residual_bwd, DkElementwiseParams, 256, dt, T)     \
+    DK_MODEL_OP(bias_fwd, bias_fwd, DkBiasParams, 256, dt, T)                    \
+    DK_MODEL_OP(bias_bwd, bias_bwd, DkBiasParams, 256, dt, T)                    \
     DK_MODEL_OP(rope, rope, DkRopeParams, 256, dt, T)                            \
     DK_MODEL_OP(copy_rows, copy_rows, DkCopyRowsParams, 256, dt, T)
 

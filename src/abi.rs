@@ -34,6 +34,7 @@ device_repr!(
     DkElementwiseParams,
     DkRopeParams,
     DkCopyRowsParams,
+    DkBiasParams,
     DkAttentionParams,
     DkTopKCheckParams,
     DkTopKParams

@@ -675,6 +675,36 @@ impl Default for DkElementwiseParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct DkBiasParams {
+    pub out: *mut ::std::os::raw::c_void,
+    pub bias: *const ::std::os::raw::c_void,
+    pub dout: *const ::std::os::raw::c_void,
+    pub dbias: *mut f32,
+    pub n: i64,
+    pub c: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DkBiasParams"][::std::mem::size_of::<DkBiasParams>() - 48usize];
+    ["Alignment of DkBiasParams"][::std::mem::align_of::<DkBiasParams>() - 8usize];
+    ["Offset of field: DkBiasParams::out"][::std::mem::offset_of!(DkBiasParams, out) - 0usize];
+    ["Offset of field: DkBiasParams::bias"][::std::mem::offset_of!(DkBiasParams, bias) - 8usize];
+    ["Offset of field: DkBiasParams::dout"][::std::mem::offset_of!(DkBiasParams, dout) - 16usize];
+    ["Offset of field: DkBiasParams::dbias"][::std::mem::offset_of!(DkBiasParams, dbias) - 24usize];
+    ["Offset of field: DkBiasParams::n"][::std::mem::offset_of!(DkBiasParams, n) - 32usize];
+    ["Offset of field: DkBiasParams::c"][::std::mem::offset_of!(DkBiasParams, c) - 40usize];
+};
+impl Default for DkBiasParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct DkCopyRowsParams {
     pub dst: *mut ::std::os::raw::c_void,
     pub src: *const ::std::os::raw::c_void,

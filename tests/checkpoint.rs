@@ -344,6 +344,7 @@ fn real_llama_config_json_loads() {
             rope_theta: 10000.0,
             rope_scaling: None,
             tie_word_embeddings: false,
+            qkv_bias: false,
         }
     );
     assert_eq!(cfg.head_dim(), 64);
@@ -371,7 +372,8 @@ fn unsupported_config_fields_are_rejected_by_name() {
         ("hidden_act", json!("gelu")),
         ("attention_bias", json!(true)),
         ("mlp_bias", json!(true)),
-        ("model_type", json!("qwen2")),
+        ("model_type", json!("gemma")),
+        ("architectures", json!(["GemmaForCausalLM"])),
         ("num_key_value_heads", json!(3)),
         ("hidden_size", json!("2048")),
         ("rms_norm_eps", json!(-1.0)),

@@ -29,6 +29,7 @@ fn config(tied: bool, kv_heads: usize, head_dim: Option<usize>) -> LlamaConfig {
         rope_theta: 10000.0,
         rope_scaling: None,
         tie_word_embeddings: tied,
+        qkv_bias: false,
     }
 }
 
@@ -69,7 +70,16 @@ fn check_bf16(what: &str, got: &[f32], exact: &[f64]) {
 fn run_case(cfg: LlamaConfig, batch: usize, seq: usize) {
     let dev = emulated();
     let model = Llama::new(cfg.clone()).unwrap();
-    let params: Vec<f32> = model.init_params(5);
+    let mut params: Vec<f32> = model.init_params(5);
+    // Biases (Qwen2's) start at zero; give them values so that the forward uses them.
+    for t in model.layout().tensors() {
+        if t.name.ends_with(".bias") {
+            let b = t.span.of_mut(&mut params);
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = ((i * 29 % 17) as f32 - 8.0) / 20.0;
+            }
+        }
+    }
     let p64: Vec<f64> = params.iter().map(|&x| x as f64).collect();
     let n = batch * seq;
     let v = cfg.vocab_size;
@@ -215,6 +225,15 @@ fn forward_and_backward_match_the_cpu_with_grouped_query_heads() {
 #[test]
 fn forward_and_backward_match_the_cpu_one_kv_head_tied_odd_head_dim() {
     run_case(config(true, 1, Some(10)), 3, 5);
+}
+
+#[test]
+fn forward_and_backward_match_the_cpu_with_qkv_biases() {
+    let cfg = LlamaConfig {
+        qkv_bias: true,
+        ..config(false, 2, None)
+    };
+    run_case(cfg, 2, 6);
 }
 
 #[test]

@@ -80,7 +80,7 @@ fn threads_for_registers(regs: i32) -> i32 {
 /// The kernels built with `__launch_bounds__(256)` (element-wise and per-chunk work), the model
 /// ops by their name without the storage suffix (`_f32`, `_bf16`); every other kernel is built
 /// for 1024 threads.
-const BOUNDED_256: [&str; 13] = [
+const BOUNDED_256: [&str; 15] = [
     "dk_sumsq_partial",
     "dk_adamw_f32",
     "dk_embedding_bwd",
@@ -89,6 +89,8 @@ const BOUNDED_256: [&str; 13] = [
     "dk_swiglu_bwd",
     "dk_residual_fwd",
     "dk_residual_bwd",
+    "dk_bias_fwd",
+    "dk_bias_bwd",
     "dk_rope",
     "dk_copy_rows",
     "dk_attention_fwd",
@@ -155,7 +157,7 @@ fn kernel_attributes_are_ptxas_numbers() {
         );
         kernels += 1;
     }
-    assert_eq!(kernels, 110);
+    assert_eq!(kernels, 114);
 }
 
 /// cudarc allocates `len * size_of::<T>()` bytes as asked, also zero; the CUDA driver refuses

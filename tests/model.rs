@@ -495,6 +495,7 @@ fn tiny(tied: bool) -> LlamaConfig {
         rope_theta: 10000.0,
         rope_scaling: None,
         tie_word_embeddings: tied,
+        qkv_bias: false,
     }
 }
 
@@ -510,7 +511,7 @@ fn fd_params(model: &Llama, seed: u64) -> Vec<f64> {
     for t in model.layout().tensors() {
         for x in t.span.of_mut(&mut p) {
             *x = match t.init {
-                Init::Normal => rng.gen_range(-0.5..0.5),
+                Init::Normal | Init::Zeros => rng.gen_range(-0.5..0.5),
                 Init::Ones => 1.0 + rng.gen_range(-0.3..0.3),
             };
         }
@@ -600,6 +601,15 @@ fn model_backward_matches_finite_differences_tied() {
 }
 
 #[test]
+fn model_backward_matches_finite_differences_with_qkv_biases() {
+    let cfg = LlamaConfig {
+        qkv_bias: true,
+        ..tiny(false)
+    };
+    ModelCase::new(cfg, &[], 14).check("qwen2 q/k/v biases");
+}
+
+#[test]
 fn model_backward_matches_finite_differences_with_explicit_head_dim() {
     // q_dim = 4 * 6 = 24 != hidden_size; MQA (one kv head).
     let cfg = LlamaConfig {
@@ -663,7 +673,15 @@ fn reference_forward(
     let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let lin = |x: &[f64], name: &str| -> Vec<f64> {
         let t = layout.get(name).unwrap();
-        naive_linear(x, w(name), t.shape[1], t.shape[0])
+        let mut y = naive_linear(x, w(name), t.shape[1], t.shape[0]);
+        // nn.Linear's bias, where the layout has one (Qwen2's q/k/v).
+        if let Some(b) = layout.get(&name.replace(".weight", ".bias")) {
+            let b = b.span.of(params);
+            for row in y.chunks_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+        y
     };
     let rms = |x: &[f64], name: &str| -> Vec<f64> {
         let g = w(name);
@@ -744,6 +762,10 @@ fn model_forward_matches_naive_hf_reference() {
             head_dim: Some(6),
             num_hidden_layers: 3,
             ..tiny(false)
+        },
+        LlamaConfig {
+            qkv_bias: true,
+            ..tiny(true)
         },
     ] {
         let model = Llama::new(cfg.clone()).unwrap();
@@ -893,6 +915,7 @@ fn init_follows_hf() {
         let x = t.span.of(&p);
         match t.init {
             Init::Ones => assert!(x.iter().all(|&v| v == 1.0), "{}", t.name),
+            Init::Zeros => assert!(x.iter().all(|&v| v == 0.0), "{}", t.name),
             Init::Normal => {
                 let n = x.len() as f64;
                 let mean = x.iter().sum::<f64>() / n;

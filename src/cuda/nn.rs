@@ -14,7 +14,8 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use super::ops::{check_len as check, check_rows, row_grid as grid};
 use super::{CudaKernels, Storage};
 use crate::abi::{
-    DkCopyRowsParams, DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams, DkRopeParams,
+    DkBiasParams, DkCopyRowsParams, DkElementwiseParams, DkEmbeddingParams, DkRmsNormParams,
+    DkRopeParams,
 };
 use crate::error::{Error, Result};
 
@@ -374,6 +375,66 @@ impl CudaKernels {
         self.launch(
             &format!("dk_copy_rows_{}", T::SUFFIX),
             elementwise_grid(rows * width)?,
+            &p,
+        )
+    }
+
+    /// `out[n, :] += bias` for every row of `out` `[N, C]`, `bias` `[C]` (a linear layer's bias
+    /// after its matmul). Bit-identical to `model::ops::bias_forward`.
+    pub fn bias_forward<T: Storage>(
+        &self,
+        out: &mut impl DevicePtrMut<T>,
+        bias: &impl DevicePtr<T>,
+    ) -> Result<()> {
+        let c = bias.len();
+        nonzero("bias of 0 channels", c)?;
+        let n = out.len() / c;
+        nonzero("out of 0 rows", n)?;
+        check("out", out.len(), n * c, format!("[{n}, {c}]"))?;
+        let s = self.stream();
+        let (b, _b) = bias.device_ptr(s);
+        let (o, _o) = out.device_ptr_mut(s);
+        let p = DkBiasParams {
+            out: o as *mut c_void,
+            bias: b as *const c_void,
+            dout: std::ptr::null(),
+            dbias: std::ptr::null_mut(),
+            n: n as i64,
+            c: c as i64,
+        };
+        self.launch(
+            &format!("dk_bias_fwd_{}", T::SUFFIX),
+            elementwise_grid(n * c)?,
+            &p,
+        )
+    }
+
+    /// `dbias += sum_n dout[n, :]` over the rows of `dout` `[N, C]` in order, `dbias` `[C]`
+    /// (bit-identical to `model::ops::bias_backward`).
+    pub fn bias_backward<T: Storage>(
+        &self,
+        dbias: &mut impl DevicePtrMut<f32>,
+        dout: &impl DevicePtr<T>,
+    ) -> Result<()> {
+        let c = dbias.len();
+        nonzero("dbias of 0 channels", c)?;
+        let n = dout.len() / c;
+        nonzero("dout of 0 rows", n)?;
+        check("dout", dout.len(), n * c, format!("[{n}, {c}]"))?;
+        let s = self.stream();
+        let (d, _d) = dout.device_ptr(s);
+        let (g, _g) = dbias.device_ptr_mut(s);
+        let p = DkBiasParams {
+            out: std::ptr::null_mut(),
+            bias: std::ptr::null(),
+            dout: d as *const c_void,
+            dbias: g as *mut f32,
+            n: n as i64,
+            c: c as i64,
+        };
+        self.launch(
+            &format!("dk_bias_bwd_{}", T::SUFFIX),
+            per_channel_grid(c)?,
             &p,
         )
     }

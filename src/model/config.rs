@@ -6,7 +6,8 @@ use crate::train::error::{Result, TrainError as Error};
 /// A Llama-style decoder's hyper-parameters. Field names and meanings are those of Hugging Face
 /// `transformers.LlamaConfig`; `Default` gives its defaults (Llama 2 7B shapes). Fields of
 /// `LlamaConfig` that are not here have one supported value: `hidden_act = "silu"`,
-/// `attention_bias = mlp_bias = false`; `rope_scaling` is `None` or Llama 3's.
+/// `attention_bias = mlp_bias = false`; `rope_scaling` is `None` or Llama 3's. `qkv_bias` is
+/// Qwen2's one difference from Llama: biases on the query, key and value projections.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     /// Number of token ids, V: rows of `embed_tokens` and of `lm_head`; at most 2^32 (ids are
@@ -38,6 +39,9 @@ pub struct LlamaConfig {
     pub rope_scaling: Option<Llama3RopeScaling>,
     /// When true, `lm_head.weight` is `model.embed_tokens.weight` (one tensor, one gradient).
     pub tie_word_embeddings: bool,
+    /// Qwen2's attention: `q_proj`, `k_proj` and `v_proj` have biases (`o_proj` has none).
+    /// Written and read as `model_type: "qwen2"` in `config.json`.
+    pub qkv_bias: bool,
 }
 
 impl Default for LlamaConfig {
@@ -57,6 +61,7 @@ impl Default for LlamaConfig {
             rope_theta: 10000.0,
             rope_scaling: None,
             tie_word_embeddings: false,
+            qkv_bias: false,
         }
     }
 }
@@ -245,7 +250,15 @@ impl LlamaConfig {
         );
         let attn = c.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
         let mlp = c.checked_mul(i)?.checked_mul(3)?;
-        let layer = attn.checked_add(mlp)?.checked_add(c.checked_mul(2)?)?;
+        let bias = if self.qkv_bias {
+            q.checked_add(kv.checked_mul(2)?)?
+        } else {
+            0
+        };
+        let layer = attn
+            .checked_add(mlp)?
+            .checked_add(c.checked_mul(2)?)?
+            .checked_add(bias)?;
         let embed = v.checked_mul(c)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         layer

@@ -211,12 +211,20 @@ impl Llama {
             let layer_k = &mut kc[l * *capacity * kvd..(l + 1) * *capacity * kvd];
             let layer_v = &mut vc[l * *capacity * kvd..(l + 1) * *capacity * kvd];
             ops::rmsnorm_forward(ln, &mut rstd, x, lp.input_layernorm.of(params), eps);
+            let bias = |out: &mut [f32], k: usize| {
+                if let Some(b) = lp.qkv_bias {
+                    ops::bias_forward(out, b[k].of(params), out.len());
+                }
+            };
             matvec(q, ln, lp.q_proj.of(params), c, qd);
+            bias(q, 0);
             ops::rope_forward(q, cos, sin, 1, nh, hd);
             matvec(kv, ln, lp.k_proj.of(params), c, kvd);
+            bias(kv, 1);
             ops::rope_forward(kv, cos, sin, 1, nkv, hd);
             layer_k[pos * kvd..(pos + 1) * kvd].copy_from_slice(kv);
             matvec(kv, ln, lp.v_proj.of(params), c, kvd);
+            bias(kv, 2);
             layer_v[pos * kvd..(pos + 1) * kvd].copy_from_slice(kv);
             for h in 0..nh {
                 let g = h / rep;
@@ -269,7 +277,7 @@ mod tests {
 
     #[test]
     fn cached_steps_give_the_forwards_logits() {
-        for (tied, kv) in [(true, 2), (false, 4)] {
+        for (tied, kv, qkv_bias) in [(true, 2, false), (false, 4, false), (true, 2, true)] {
             let cfg = LlamaConfig {
                 vocab_size: 37,
                 hidden_size: 32,
@@ -280,10 +288,17 @@ mod tests {
                 max_position_embeddings: 16,
                 rope_theta: 500.0,
                 tie_word_embeddings: tied,
+                qkv_bias,
                 ..LlamaConfig::default()
             };
             let model = Llama::new(cfg).unwrap();
-            let params = model.init_params::<f32>(11);
+            let mut params = model.init_params::<f32>(11);
+            // Biases start at zero; make them matter.
+            for t in model.layout().tensors() {
+                if t.name.ends_with(".bias") {
+                    crate::model::llama::normal_fill(t.span.of_mut(&mut params), 0.5, 3, 0);
+                }
+            }
             let tokens: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 37).collect();
             let mut acts = Activations::inference(&model, 1, tokens.len()).unwrap();
             let full = model.forward(&params, &tokens, &mut acts).unwrap().to_vec();

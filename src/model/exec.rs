@@ -150,6 +150,10 @@ pub trait Executor {
         gate: Slot,
         up: Slot,
     ) -> Result<()>;
+    /// `out[n, :] += bias` for every row of `out` `[N, oc]`.
+    fn bias_forward(&mut self, out: Slot, bias: Slot, oc: usize) -> Result<()>;
+    /// `dbias += sum_n dout[n, :]`, rows summed in order.
+    fn bias_backward(&mut self, dbias: Slot, dout: Slot, oc: usize) -> Result<()>;
     /// `out = a + b`.
     fn residual_forward(&mut self, out: Slot, a: Slot, b: Slot) -> Result<()>;
     /// `dst += src`.
@@ -383,6 +387,16 @@ impl<F: Real> Executor for CpuExec<'_, F> {
     ) -> Result<()> {
         let ([dout, gate, up], [dgate, dup]) = self.views([dout, gate, up], [dgate, dup]);
         ops::swiglu_backward(dgate, dup, dout, gate, up);
+        Ok(())
+    }
+    fn bias_forward(&mut self, out: Slot, bias: Slot, oc: usize) -> Result<()> {
+        let ([bias], [out]) = self.views([bias], [out]);
+        ops::bias_forward(out, bias, oc);
+        Ok(())
+    }
+    fn bias_backward(&mut self, dbias: Slot, dout: Slot, oc: usize) -> Result<()> {
+        let ([dout], [dbias]) = self.views([dout], [dbias]);
+        ops::bias_backward(dbias, dout, oc);
         Ok(())
     }
     fn residual_forward(&mut self, out: Slot, a: Slot, b: Slot) -> Result<()> {

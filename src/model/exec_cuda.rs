@@ -263,6 +263,17 @@ impl<T: Storage> Executor for DeviceExec<'_, T> {
             &self.span(up)?,
         )?)
     }
+    fn bias_forward(&mut self, out: Slot, bias: Slot, oc: usize) -> Result<()> {
+        let mut o = self.span(out)?;
+        let b = self.span(bias)?;
+        debug_assert_eq!(b.len(), oc);
+        Ok(self.dev.bias_forward(&mut o, &b)?)
+    }
+    fn bias_backward(&mut self, dbias: Slot, dout: Slot, oc: usize) -> Result<()> {
+        let mut g = self.grad(dbias)?;
+        debug_assert_eq!(g.len(), oc);
+        Ok(self.dev.bias_backward(&mut g, &self.span(dout)?)?)
+    }
     fn residual_forward(&mut self, out: Slot, a: Slot, b: Slot) -> Result<()> {
         let mut o = self.span(out)?;
         Ok(self

@@ -7,6 +7,7 @@
 //! h_0 = embed_tokens[tokens]                                        (embeddings)
 //! for each layer l:
 //!     a   = h_l + o_proj(attention(rope(q_proj(x)), rope(k_proj(x)), v_proj(x))),  x = rmsnorm_1(h_l)
+//!           (Qwen2: q_proj, k_proj and v_proj add their biases)
 //!     h_l+1 = a + down_proj(silu(gate_proj(y)) * up_proj(y)),                      y = rmsnorm_2(a)
 //! logits = lm_head(norm(h_L))
 //! ```
@@ -52,6 +53,8 @@ pub enum Init {
     Normal,
     /// All ones: RMSNorm weights.
     Ones,
+    /// All zeros: Qwen2's projection biases.
+    Zeros,
 }
 
 /// One named parameter tensor. `shape` is PyTorch's (`[out, in]` for a linear weight), row-major.
@@ -88,6 +91,8 @@ pub struct LayerParams {
     pub input_layernorm: Span,
     /// `post_attention_layernorm.weight` `[C]`
     pub post_attention_layernorm: Span,
+    /// `self_attn.{q,k,v}_proj.bias` `[NH*D]`, `[NKV*D]`, `[NKV*D]` (Qwen2's `qkv_bias`).
+    pub qkv_bias: Option<[Span; 3]>,
 }
 
 /// Where every parameter lives in the one flat parameter buffer (and, identically, in the
@@ -130,20 +135,31 @@ impl ParamLayout {
         let embed_tokens = push("model.embed_tokens.weight".into(), vec![v, c], Init::Normal);
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
-                let mut lin = |name: &str, out: usize, inp: usize| {
-                    push(
+                // HF's state_dict order: each bias right after its weight.
+                let mut proj = |name: &str, out: usize, inp: usize, bias: bool| {
+                    let w = push(
                         format!("model.layers.{l}.{name}.weight"),
                         vec![out, inp],
                         Init::Normal,
-                    )
+                    );
+                    let b = bias.then(|| {
+                        push(
+                            format!("model.layers.{l}.{name}.bias"),
+                            vec![out],
+                            Init::Zeros,
+                        )
+                    });
+                    (w, b)
                 };
-                let q_proj = lin("self_attn.q_proj", qd, c);
-                let k_proj = lin("self_attn.k_proj", kvd, c);
-                let v_proj = lin("self_attn.v_proj", kvd, c);
-                let o_proj = lin("self_attn.o_proj", c, qd);
-                let gate_proj = lin("mlp.gate_proj", i, c);
-                let up_proj = lin("mlp.up_proj", i, c);
-                let down_proj = lin("mlp.down_proj", c, i);
+                let qkv = cfg.qkv_bias;
+                let (q_proj, q_bias) = proj("self_attn.q_proj", qd, c, qkv);
+                let (k_proj, k_bias) = proj("self_attn.k_proj", kvd, c, qkv);
+                let (v_proj, v_bias) = proj("self_attn.v_proj", kvd, c, qkv);
+                let (o_proj, _) = proj("self_attn.o_proj", c, qd, false);
+                let (gate_proj, _) = proj("mlp.gate_proj", i, c, false);
+                let (up_proj, _) = proj("mlp.up_proj", i, c, false);
+                let (down_proj, _) = proj("mlp.down_proj", c, i, false);
+                let qkv_bias = q_bias.zip(k_bias).zip(v_bias).map(|((q, k), v)| [q, k, v]);
                 let mut norm = |name: &str| {
                     push(
                         format!("model.layers.{l}.{name}.weight"),
@@ -152,6 +168,7 @@ impl ParamLayout {
                     )
                 };
                 LayerParams {
+                    qkv_bias,
                     q_proj,
                     k_proj,
                     v_proj,
@@ -686,6 +703,7 @@ impl Llama {
             let dst = t.span.of_mut(&mut params);
             match t.init {
                 Init::Ones => dst.fill(F::ONE),
+                Init::Zeros => dst.fill(F::ZERO),
                 Init::Normal => normal_fill(dst, std, seed, ti as u64),
             }
         }
@@ -938,6 +956,11 @@ impl Llama {
             ex.matmul_forward(q, ln1, p(lp.q_proj), c, qd)?;
             ex.matmul_forward(k, ln1, p(lp.k_proj), c, kvd)?;
             ex.matmul_forward(vv, ln1, p(lp.v_proj), c, kvd)?;
+            if let Some([qb, kb, vb]) = lp.qkv_bias {
+                ex.bias_forward(q, p(qb), qd)?;
+                ex.bias_forward(k, p(kb), kvd)?;
+                ex.bias_forward(vv, p(vb), kvd)?;
+            }
             ex.rope(q, cos, sin, t, nh, hd, false)?;
             ex.rope(k, cos, sin, t, nkv, hd, false)?;
             ex.attention_forward(atty, a(lay.att), q, k, vv, shape)?;
@@ -1108,6 +1131,11 @@ impl Llama {
             )?;
             ex.rope(dq, cos, sin, t, nh, hd, true)?;
             ex.rope(dk, cos, sin, t, nkv, hd, true)?;
+            if let Some([qb, kb, vb]) = lp.qkv_bias {
+                ex.bias_backward(g(qb), dq, qd)?;
+                ex.bias_backward(g(kb), dk, kvd)?;
+                ex.bias_backward(g(vb), dv, kvd)?;
+            }
             ex.zero(dln)?;
             ex.matmul_backward(dln, g(lp.q_proj), dq, a(lay.ln1), p(lp.q_proj), c, qd)?;
             ex.matmul_backward(dln, g(lp.k_proj), dk, a(lay.ln1), p(lp.k_proj), c, kvd)?;

@@ -267,6 +267,32 @@ pub fn matmul_forward<F: Real>(out: &mut [F], inp: &[F], weight: &[F], ic: usize
         });
 }
 
+/// `out[n, :] += bias` for every row n of `out` `[N, oc]` (a linear layer's bias, added after
+/// its matmul as the device does).
+pub fn bias_forward<F: Real>(out: &mut [F], bias: &[F], oc: usize) {
+    assert!(oc > 0 && bias.len() == oc, "bias_forward: bias");
+    assert_eq!(out.len() % oc, 0, "bias_forward: out");
+    out.par_chunks_mut(ROW_BLOCK * oc).for_each(|rows| {
+        for row in rows.chunks_exact_mut(oc) {
+            for (o, &b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+    });
+}
+
+/// `dbias += sum_n dout[n, :]`, the rows added one at a time in order, each sum rounded to f32
+/// (the device's per-channel loop makes the same sums).
+pub fn bias_backward<F: Real>(dbias: &mut [F], dout: &[F], oc: usize) {
+    assert!(oc > 0 && dbias.len() == oc, "bias_backward: dbias");
+    assert_eq!(dout.len() % oc, 0, "bias_backward: dout");
+    for row in dout.chunks_exact(oc) {
+        for (g, &d) in dbias.iter_mut().zip(row) {
+            *g += d;
+        }
+    }
+}
+
 /// `dinp += dout W` and `dweight += dout^T inp`.
 pub fn matmul_backward<F: Real>(
     dinp: &mut [F],

@@ -43,6 +43,16 @@ pub fn config_to_json(cfg: &LlamaConfig, extras: &ConfigExtras) -> Value {
         "tie_word_embeddings": cfg.tie_word_embeddings,
     });
     let obj = v.as_object_mut().expect("a JSON object literal");
+    if cfg.qkv_bias {
+        // Qwen2: the same math plus q/k/v biases, which only its own config class expresses.
+        obj.insert("architectures".into(), json!(["Qwen2ForCausalLM"]));
+        obj.insert("model_type".into(), "qwen2".into());
+        obj.remove("attention_bias");
+        obj.remove("mlp_bias");
+        obj.insert("use_sliding_window".into(), false.into());
+        obj.insert("sliding_window".into(), Value::Null);
+        obj.insert("max_window_layers".into(), cfg.num_hidden_layers.into());
+    }
     if let Some(d) = cfg.head_dim {
         obj.insert("head_dim".into(), d.into());
     }
@@ -150,30 +160,57 @@ fn parse_rope_scaling(
     }
 }
 
+/// The `architectures` of `config.json` whose math [`LlamaConfig`] describes.
+pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
+    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
 fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     let obj = value
         .as_object()
         .ok_or("the top level is not a JSON object")?;
 
-    match str_field(obj, "model_type")? {
-        None | Some("llama") => {}
-        // Mistral is Llama with a sliding window; without one (or with one that never bites)
-        // the math and the tensor names are the same.
-        Some("mistral") => {
-            let window = usize_field(obj, "sliding_window")?;
-            let max_pos = usize_field(obj, "max_position_embeddings")?.unwrap_or(2048);
-            if let Some(w) = window.filter(|&w| w < max_pos) {
+    if let Some(archs) = field(obj, "architectures") {
+        let names = archs
+            .as_array()
+            .ok_or_else(|| format!("field `architectures` = {archs} is not a list"))?;
+        for name in names {
+            let known = name
+                .as_str()
+                .is_some_and(|n| SUPPORTED_ARCHITECTURES.contains(&n));
+            if !known {
                 return Err(format!(
-                    "field `sliding_window` = {w}: sliding-window attention is not implemented"
+                    "field `architectures` names {name}, which is not supported ({} are)",
+                    SUPPORTED_ARCHITECTURES.join(", ")
                 ));
             }
         }
+    }
+    let model_type = str_field(obj, "model_type")?;
+    let qkv_bias = match model_type {
+        None | Some("llama") | Some("mistral") => false,
+        Some("qwen2") => true,
         Some(other) => {
             return Err(format!(
-                "field `model_type` = \"{other}\" is not supported (llama or mistral expected)"
+                "field `model_type` = \"{other}\" is not supported (llama, mistral or qwen2 \
+                 expected)"
             ))
         }
+    };
+    let mut max_positions = usize_field(obj, "max_position_embeddings")?;
+    // A sliding window W changes nothing for sequences of at most W tokens, so such a model is
+    // accepted with W as its longest sequence. Mistral's window applies to every layer when
+    // set; Qwen2's only with `use_sliding_window`.
+    let window = match model_type {
+        Some("mistral") => usize_field(obj, "sliding_window")?,
+        Some("qwen2") if bool_field(obj, "use_sliding_window")? == Some(true) => {
+            usize_field(obj, "sliding_window")?
+        }
+        _ => None,
+    };
+    if let Some(w) = window {
+        let max = max_positions.unwrap_or(LlamaConfig::default().max_position_embeddings);
+        max_positions = Some(max.min(w));
     }
     if let Some(act) = str_field(obj, "hidden_act")? {
         if act != "silu" {
@@ -228,22 +265,23 @@ fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
         num_key_value_heads: usize_field(obj, "num_key_value_heads")?
             .unwrap_or(num_attention_heads),
         head_dim: usize_field(obj, "head_dim")?,
-        max_position_embeddings: usize_field(obj, "max_position_embeddings")?
-            .unwrap_or(d.max_position_embeddings),
+        max_position_embeddings: max_positions.unwrap_or(d.max_position_embeddings),
         initializer_range: f64_field(obj, "initializer_range")?.unwrap_or(d.initializer_range),
         rms_norm_eps: f64_field(obj, "rms_norm_eps")?.unwrap_or(d.rms_norm_eps),
         rope_theta: rope_theta.unwrap_or(d.rope_theta),
         rope_scaling,
         tie_word_embeddings: bool_field(obj, "tie_word_embeddings")?
             .unwrap_or(d.tie_word_embeddings),
+        qkv_bias,
     };
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
 
-/// Parses an HF `config.json` text: unknown fields are ignored, missing ones take HF's
-/// defaults, and what the model does not implement (another activation, biases, RoPE scaling,
-/// dropout, a sliding window) is rejected naming the field. The result is validated.
+/// Parses an HF `config.json` text (Llama, Mistral or Qwen2): unknown fields are ignored,
+/// missing ones take HF's defaults, and what the model does not implement (another architecture
+/// or activation, Llama's biases, another RoPE scaling, dropout) is rejected naming the field.
+/// A sliding window caps `max_position_embeddings` at its width. The result is validated.
 pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
     parse_config(text).map_err(|message| Error::Checkpoint {
         path: "config.json".into(),

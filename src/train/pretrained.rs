@@ -3,8 +3,8 @@
 //! [`Llama`], its f32 parameters under HF names, and its tokenizer with the special tokens the
 //! model itself names.
 //!
-//! GGUF (`general.architecture = "llama"`, which Llama and Mistral files use): the
-//! hyper-parameters come from `llama.*` metadata, the tensors from llama.cpp's names, each
+//! GGUF (`general.architecture = "llama"`, which Llama and Mistral files use, or `"qwen2"`):
+//! the hyper-parameters come from `llama.*` (`qwen2.*`) metadata, the tensors from llama.cpp's names, each
 //! dequantized exactly as llama.cpp does ([`crate::model::quant`]), and the row permutation that
 //! llama.cpp's converter applies to the Q and K projections (interleaving the two rotary halves
 //! of each head) is undone, so the weights equal the HF checkpoint the file was made from up to
@@ -210,8 +210,9 @@ fn hf_specials(dir: &Path, tokenizer: &tokenizers::Tokenizer) -> Result<Option<S
 // ---------------------------------------------------------------------------------------------
 // GGUF
 
-/// The architectures whose GGUF tensors map onto [`Llama`].
-const GGUF_ARCHITECTURES: &[&str] = &["llama"];
+/// The architectures whose GGUF tensors map onto [`Llama`]: `llama` (Llama and Mistral files,
+/// Q and K rows permuted by the converter) and `qwen2` (q/k/v biases, rows as in HF).
+const GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 
 /// A GGUF file: hyper-parameters, weights and tokenizer, all from the one file.
 pub fn load_gguf(path: &Path) -> Result<Pretrained> {
@@ -310,6 +311,7 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
         rms_norm_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
         rope_theta: opt_f("rope.freq_base", 10000.0)?,
         tie_word_embeddings: g.tensor("output.weight").is_none(),
+        qkv_bias: arch == "qwen2",
         ..LlamaConfig::default()
     })
 }
@@ -323,19 +325,23 @@ fn gguf_name(hf: &str) -> Option<String> {
         _ => {
             let rest = hf.strip_prefix("model.layers.")?;
             let (l, name) = rest.split_once('.')?;
-            let short = match name {
-                "self_attn.q_proj.weight" => "attn_q",
-                "self_attn.k_proj.weight" => "attn_k",
-                "self_attn.v_proj.weight" => "attn_v",
-                "self_attn.o_proj.weight" => "attn_output",
-                "mlp.gate_proj.weight" => "ffn_gate",
-                "mlp.up_proj.weight" => "ffn_up",
-                "mlp.down_proj.weight" => "ffn_down",
-                "input_layernorm.weight" => "attn_norm",
-                "post_attention_layernorm.weight" => "ffn_norm",
+            let (module, kind) = name.rsplit_once('.')?;
+            let short = match module {
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
                 _ => return None,
             };
-            format!("blk.{l}.{short}.weight")
+            if kind != "weight" && kind != "bias" {
+                return None;
+            }
+            format!("blk.{l}.{short}.{kind}")
         }
     })
 }
@@ -363,6 +369,7 @@ fn gguf_params(path: &Path, g: &Gguf, model: &Llama) -> Result<Vec<f32>> {
     let cfg = model.config();
     let mut params = memory::filled(model.num_params(), 0.0f32, "the model's parameters")?;
     let err = |m: String| file_err(path, m);
+    let permuted = g.get_str("general.architecture").map_err(err)? == "llama";
     let mut used = std::collections::HashSet::new();
     for t in model.layout().tensors() {
         let name = gguf_name(&t.name).ok_or_else(|| err(format!("no GGUF name for {}", t.name)))?;
@@ -379,7 +386,10 @@ fn gguf_params(path: &Path, g: &Gguf, model: &Llama) -> Result<Vec<f32>> {
         }
         let dst = t.span.of_mut(&mut params);
         dequantize(gt.ty, g.data(gt), dst).map_err(|m| err(format!("tensor {name}: {m}")))?;
-        let heads = if name.ends_with("attn_q.weight") {
+        // Only the llama converter permutes (Qwen2's keeps HF's rows).
+        let heads = if !permuted {
+            0
+        } else if name.ends_with("attn_q.weight") {
             cfg.num_attention_heads
         } else if name.ends_with("attn_k.weight") {
             cfg.num_key_value_heads

@@ -40,6 +40,11 @@ struct Fixture {
 }
 
 fn fixture(tied: bool) -> Fixture {
+    fixture_of("llama", tied)
+}
+
+/// A random model of GGUF architecture `arch` (`llama` or `qwen2`) as its converter writes it.
+fn fixture_of(arch: &'static str, tied: bool) -> Fixture {
     let corpus = Corpus::synthetic(3, 200, 20);
     let tok = Tokenizer::train(&corpus.train, 300).unwrap();
     let tj: Value = serde_json::from_str(&tok.to_json().unwrap()).unwrap();
@@ -74,24 +79,31 @@ fn fixture(tied: bool) -> Fixture {
         rms_norm_eps: 1e-5,
         rope_theta: 5000.0,
         tie_word_embeddings: tied,
+        qkv_bias: arch == "qwen2",
         ..LlamaConfig::default()
     };
     let model = Llama::new(cfg.clone()).unwrap();
-    let params = model.init_params::<f32>(7);
+    let mut params = model.init_params::<f32>(7);
+    for t in model.layout().tensors() {
+        if t.name.ends_with(".bias") {
+            crate::model::llama::normal_fill(t.span.of_mut(&mut params), 0.1, 9, 0);
+        }
+    }
+    let key = |k: &str| -> &'static str { Box::leak(format!("{arch}.{k}").into_boxed_str()) };
     let meta = vec![
-        ("general.architecture", s("llama")),
-        ("llama.block_count", int(2)),
-        ("llama.context_length", int(64)),
-        ("llama.embedding_length", int(16)),
-        ("llama.feed_forward_length", int(32)),
-        ("llama.attention.head_count", int(4)),
-        ("llama.attention.head_count_kv", int(2)),
-        ("llama.rope.freq_base", MetaValue::Float(5000.0)),
+        ("general.architecture", s(arch)),
+        (key("block_count"), int(2)),
+        (key("context_length"), int(64)),
+        (key("embedding_length"), int(16)),
+        (key("feed_forward_length"), int(32)),
+        (key("attention.head_count"), int(4)),
+        (key("attention.head_count_kv"), int(2)),
+        (key("rope.freq_base"), MetaValue::Float(5000.0)),
         (
-            "llama.attention.layer_norm_rms_epsilon",
+            key("attention.layer_norm_rms_epsilon"),
             MetaValue::Float(1e-5),
         ),
-        ("llama.rope.dimension_count", int(4)),
+        (key("rope.dimension_count"), int(4)),
         ("tokenizer.ggml.model", s("gpt2")),
         ("tokenizer.ggml.pre", s("gpt-2")),
         ("tokenizer.ggml.tokens", MetaValue::Array(tokens)),
@@ -105,9 +117,10 @@ fn fixture(tied: bool) -> Fixture {
         .iter()
         .map(|t| {
             let mut w = t.span.of(&params).to_vec();
-            if t.name.contains("q_proj") {
+            let permuted = arch == "llama" && t.name.ends_with(".weight");
+            if permuted && t.name.contains("q_proj") {
                 w = permute_rows(&w, 4, t.shape[1]);
-            } else if t.name.contains("k_proj") {
+            } else if permuted && t.name.contains("k_proj") {
                 w = permute_rows(&w, 2, t.shape[1]);
             }
             let dims = t.shape.iter().rev().map(|&d| d as u64).collect();
@@ -139,9 +152,10 @@ fn save(f: &Fixture, name: &str) -> std::path::PathBuf {
 
 #[test]
 fn gguf_round_trips_weights_config_and_tokenizer() {
-    for tied in [false, true] {
-        let f = fixture(tied);
-        let p = load(&save(&f, &format!("rt{tied}"))).unwrap();
+    for (arch, tied) in [("llama", false), ("llama", true), ("qwen2", true)] {
+        let f = fixture_of(arch, tied);
+        let p = load(&save(&f, &format!("rt{arch}{tied}"))).unwrap();
+        assert_eq!(p.model.config().qkv_bias, arch == "qwen2");
         assert_eq!(p.model.config(), f.model.config());
         assert_eq!(p.params, f.params, "tied {tied}");
         assert_eq!(p.tokenizer.eos_id(), f.tok.eos_id());
@@ -167,10 +181,10 @@ fn set(f: &mut Fixture, key: &'static str, v: MetaValue) {
 #[test]
 fn bad_gguf_files_get_one_clear_error_each() {
     let mut f = fixture(false);
-    set(&mut f, "general.architecture", s("qwen2"));
+    set(&mut f, "general.architecture", s("gemma"));
     let e = load_err(&f, "arch");
     assert!(
-        e.contains("general.architecture = \"qwen2\" is not supported"),
+        e.contains("general.architecture = \"gemma\" is not supported"),
         "{e}"
     );
 
