@@ -144,6 +144,31 @@ fn swiglu_and_residual_match_the_cpu() {
 }
 
 #[test]
+fn bias_forward_and_backward_match_the_cpu_bit_for_bit() {
+    let dev = emulated();
+    let (n, c) = (301, 70); // more rows than a block's threads, a width that is no power of 2
+    let mut rng = StdRng::seed_from_u64(5);
+    let bias = normals(&mut rng, c, 1.0);
+    let mut out = normals(&mut rng, n * c, 2.0);
+    let mut d_out = up(&out);
+    ops::bias_forward(&mut out, &bias, c);
+    dev.bias_forward(&mut d_out, &up(&bias)).unwrap();
+    assert!(bits(&down(&d_out)) == bits(&out));
+
+    let dout = normals(&mut rng, n * c, 1.0);
+    let mut dbias = normals(&mut rng, c, 0.1);
+    let mut d_dbias = up(&dbias);
+    ops::bias_backward(&mut dbias, &dout, c);
+    dev.bias_backward(&mut d_dbias, &up(&dout)).unwrap();
+    assert!(bits(&down(&d_dbias)) == bits(&dbias));
+    // A tensor that is not whole rows of the bias is an error naming it.
+    let e = dev
+        .bias_forward(&mut up(&vec![0.0f32; 2 * c + 1]), &up(&bias))
+        .unwrap_err();
+    assert!(e.to_string().contains("out"), "{e}");
+}
+
+#[test]
 fn bad_shapes_and_tokens_are_errors_naming_the_tensor() {
     let dev = emulated();
     let wte = up(&[0.0f32; 10 * 4]);
