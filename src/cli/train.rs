@@ -129,13 +129,13 @@ pub struct DistillArgs {
     /// JSD weight of the teacher, in (0, 1) [default: 0.5; only with --kind jsd]
     #[arg(long)]
     pub beta: Option<f32>,
-    /// Softmax temperature of the soft loss
+    /// Softmax temperature of the soft loss [default: 1]
     #[arg(long)]
     pub temperature: Option<f32>,
     /// Temperature at the last step (linear decay from --temperature)
     #[arg(long)]
     pub temperature_end: Option<f32>,
-    /// Weight of the soft loss in [0, 1]; the hard-label cross-entropy gets 1 - alpha
+    /// Weight of the soft loss in [0, 1]; the hard-label cross-entropy gets 1 - alpha [default: 1]
     #[arg(long)]
     pub alpha: Option<f32>,
     /// Do not multiply the soft loss by T^2

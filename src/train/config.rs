@@ -91,13 +91,16 @@ pub struct DistillConfig {
     pub teacher_weights: Vec<f32>,
 }
 
+/// Forward KL at T = 1 with no hard-label term: in the defaults sweep of BENCHMARKS.md it closed
+/// the most of the teacher-student gap on both real corpora (55% and 42% for the small student,
+/// against 15% and 22% for the textbook T = 2, alpha = 0.5).
 impl Default for DistillConfig {
     fn default() -> Self {
         DistillConfig {
             kind: LossKind::ForwardKl,
-            temperature: 2.0,
+            temperature: 1.0,
             temperature_end: None,
-            alpha: 0.5,
+            alpha: 1.0,
             t2_scale: true,
             hidden_weight: 0.0,
             hidden_layers: Vec::new(),
@@ -350,7 +353,10 @@ mod tests {
         assert_eq!(d.temperature_at(1, 4), 3.0);
         assert_eq!(d.temperature_at(3, 4), 1.0);
         assert_eq!(d.temperature_at(9, 4), 1.0);
-        let constant = DistillConfig::default();
+        let constant = DistillConfig {
+            temperature: 2.0,
+            ..DistillConfig::default()
+        };
         assert_eq!(constant.temperature_at(7, 10), 2.0);
     }
 

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::data::gguf_tokenizer::tokenizer_from_gguf;
 use crate::data::{Specials, Tokenizer};
+use crate::model::config::Llama3RopeScaling;
 use crate::model::gguf::Gguf;
 use crate::model::quant::dequantize;
 use crate::model::{Llama, LlamaConfig};
@@ -280,11 +281,6 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
             ));
         }
     }
-    if g.tensor("rope_freqs.weight").is_some() {
-        return Err(
-            "tensor rope_freqs.weight (Llama 3.1-style RoPE scaling) is not supported".into(),
-        );
-    }
     if let Some(v) = g.metadata.get(&key("vocab_size")) {
         if v.as_u64() != Some(vocab as u64) {
             return Err(format!(
@@ -299,6 +295,28 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
             Some(_) => g.get_f64(&key(k)),
         }
     };
+    let rope_theta = opt_f("rope.freq_base", 10000.0)?;
+    let original_context = match g.metadata.get(&key("rope.scaling.original_context_length")) {
+        None => LLAMA3_ORIGINAL_CONTEXT,
+        Some(_) => int("rope.scaling.original_context_length")?,
+    };
+    let rope_scaling = match g.tensor("rope_freqs.weight") {
+        None => None,
+        Some(t) => {
+            let mut factors = vec![0.0f32; d / 2];
+            if t.torch_shape() != [(d / 2) as u64] {
+                return Err(format!(
+                    "tensor rope_freqs.weight has shape {:?}, a head of {d} rotates {} \
+                     frequencies",
+                    t.torch_shape(),
+                    d / 2
+                ));
+            }
+            dequantize(t.ty, g.data(t), &mut factors)
+                .map_err(|m| format!("tensor rope_freqs.weight: {m}"))?;
+            llama3_from_rope_freqs(&factors, d, rope_theta, original_context)?
+        }
+    };
     Ok(LlamaConfig {
         vocab_size: vocab,
         hidden_size: hidden,
@@ -309,11 +327,103 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
         head_dim: head_dim.filter(|&hd| hd != hidden / heads.max(1)),
         max_position_embeddings: int("context_length")?,
         rms_norm_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
-        rope_theta: opt_f("rope.freq_base", 10000.0)?,
+        rope_theta,
+        rope_scaling,
         tie_word_embeddings: g.tensor("output.weight").is_none(),
         qkv_bias: arch == "qwen2",
         ..LlamaConfig::default()
     })
+}
+
+/// The context Llama 3.1, 3.2 and 3.3 were pretrained at, and their `low_freq_factor` and
+/// `high_freq_factor`: llama.cpp's converter keeps none of the three, only the per-frequency
+/// divisors they produce (`rope_freqs.weight`).
+const LLAMA3_ORIGINAL_CONTEXT: usize = 8192;
+const LLAMA3_LOW_FREQ_FACTOR: f64 = 1.0;
+const LLAMA3_HIGH_FREQ_FACTOR: f64 = 4.0;
+
+/// The Llama 3 `rope_scaling` whose per-frequency divisors are `factors` (llama.cpp's
+/// `rope_freqs.weight`: RoPE's frequency `i` is divided by `factors[i]`). Only `factor` varies
+/// between releases (8 for 3.1, 32 for 3.2); it is read off a frequency the scaling divides
+/// fully, else solved from an interpolated one, and then every divisor must agree with the one
+/// [`LlamaConfig::rope_inv_freq`] implies (relative 1e-5, the converter rounds to f32). `None`
+/// when every divisor is 1 (the scaling changes nothing).
+fn llama3_from_rope_freqs(
+    factors: &[f32],
+    head_dim: usize,
+    theta: f64,
+    original_context: usize,
+) -> std::result::Result<Option<Llama3RopeScaling>, String> {
+    if let Some(i) = factors.iter().position(|f| !(f.is_finite() && *f >= 1.0)) {
+        return Err(format!(
+            "tensor rope_freqs.weight holds {} at index {i}; Llama 3's divisors are finite and \
+             at least 1",
+            factors[i]
+        ));
+    }
+    if factors.iter().all(|&f| f == 1.0) {
+        return Ok(None);
+    }
+    let (low, high) = (LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR);
+    let old = original_context as f64;
+    let base = crate::model::ops::rope_inv_freq(head_dim, theta);
+    // smooth = 0 where the frequency is divided by `factor` in full, 1 where it is kept.
+    let smooth = |f: f32| {
+        let wavelen = 2.0 * std::f64::consts::PI / f as f64;
+        ((old / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    };
+    let full = base.iter().zip(factors).find(|(&f, _)| smooth(f) == 0.0);
+    let factor = match full {
+        Some((_, &r)) => r as f64,
+        None => {
+            // 1 / r = (1 - s) / factor + s, at the first interpolated frequency.
+            let (s, r) = base
+                .iter()
+                .zip(factors)
+                .map(|(&f, &r)| (smooth(f), r as f64))
+                .find(|&(s, _)| s < 1.0)
+                .unwrap_or((1.0, 1.0));
+            ((1.0 - s) / (1.0 / r - s)) as f32 as f64
+        }
+    };
+    let refused = |what: String| {
+        format!(
+            "tensor rope_freqs.weight {what}, unlike Llama 3's RoPE scaling (low_freq_factor \
+             {low}, high_freq_factor {high}, original context {original_context}): other \
+             rescalings are not supported"
+        )
+    };
+    if !(factor.is_finite() && factor >= 1.0) {
+        return Err(refused(format!("implies a factor of {factor}")));
+    }
+    let scaling = Llama3RopeScaling {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: original_context,
+    };
+    let cfg = LlamaConfig {
+        head_dim: Some(head_dim),
+        num_attention_heads: 1,
+        hidden_size: head_dim,
+        rope_theta: theta,
+        rope_scaling: Some(scaling),
+        ..LlamaConfig::default()
+    };
+    for (i, ((&b, &s), &r)) in base
+        .iter()
+        .zip(&cfg.rope_inv_freq())
+        .zip(factors)
+        .enumerate()
+    {
+        let implied = b as f64 / s as f64;
+        if (implied - r as f64).abs() > 1e-5 * r as f64 {
+            return Err(refused(format!(
+                "divides frequency {i} by {r} where factor {factor} divides it by {implied}"
+            )));
+        }
+    }
+    Ok(Some(scaling))
 }
 
 /// llama.cpp's name of each HF tensor of layer `l` (`None`: a tensor outside the layers).
@@ -409,6 +519,8 @@ fn gguf_params(path: &Path, g: &Gguf, model: &Llama) -> Result<Vec<f32>> {
         }
         used.insert(name);
     }
+    // Read by `gguf_config` as the model's RoPE scaling.
+    used.insert("rope_freqs.weight".to_string());
     if let Some(extra) = g.tensors.iter().find(|gt| !used.contains(&gt.name)) {
         return Err(err(format!(
             "tensor {} is not part of a Llama model (unsupported architecture variant?)",

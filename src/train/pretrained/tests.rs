@@ -278,3 +278,119 @@ fn hf_bos_from_the_post_processor() {
     assert!(!load_tokenizer(&dir).unwrap().0.specials().add_bos);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel`) on a `rope_type: llama3`
+/// model: the divisor of each RoPE frequency (frequencies in f32 as torch makes them, the rest
+/// in Python floats, stored as f32).
+fn converter_rope_freqs(head_dim: usize, theta: f64, scaling: Llama3RopeScaling) -> Vec<f32> {
+    let old = scaling.original_max_position_embeddings as f64;
+    let (low_wavelen, high_wavelen) = (
+        old / scaling.low_freq_factor,
+        old / scaling.high_freq_factor,
+    );
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
+            let r = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                scaling.factor
+            } else {
+                let smooth = (old / wavelen - scaling.low_freq_factor)
+                    / (scaling.high_freq_factor - scaling.low_freq_factor);
+                1.0 / ((1.0 - smooth) / scaling.factor + smooth)
+            };
+            r as f32
+        })
+        .collect()
+}
+
+fn with_rope_freqs(theta: f64, factors: &[f32]) -> Fixture {
+    let mut f = fixture(false);
+    set(&mut f, "llama.rope.freq_base", MetaValue::Float(theta));
+    let bytes = factors.iter().flat_map(|x| x.to_le_bytes()).collect();
+    f.tensors.push((
+        "rope_freqs.weight".into(),
+        vec![factors.len() as u64],
+        GgmlType::F32,
+        bytes,
+    ));
+    f
+}
+
+/// A Llama 3.1-style GGUF file (RoPE scaling kept only as `rope_freqs.weight`) loads as the
+/// `rope_scaling` that makes the same frequencies: factor read off a fully divided frequency
+/// (theta 5e7, factor 32, Llama 3.2's) or solved from an interpolated one (theta 5e5, factor
+/// 8, Llama 3.1's); the weights are untouched. Divisors no Llama 3 scaling makes are refused.
+#[test]
+fn gguf_rope_freqs_become_llama3_rope_scaling() {
+    for (theta, factor) in [(5e7, 32.0), (5e5, 8.0)] {
+        let truth = Llama3RopeScaling {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let factors = converter_rope_freqs(4, theta, truth);
+        assert!(factors[0] == 1.0 && factors[1] > 1.0, "{factors:?}");
+        let f = with_rope_freqs(theta, &factors);
+        let p = load(&save(&f, &format!("rf{factor}"))).unwrap();
+        let got = p.model.config().rope_scaling.expect("rope_scaling set");
+        assert!((got.factor - factor).abs() < 1e-5 * factor, "{got:?}");
+        assert_eq!((got.low_freq_factor, got.high_freq_factor), (1.0, 4.0));
+        assert_eq!(got.original_max_position_embeddings, 8192);
+        let want = LlamaConfig {
+            rope_theta: theta,
+            rope_scaling: Some(truth),
+            ..f.model.config().clone()
+        };
+        for (a, b) in p
+            .model
+            .config()
+            .rope_inv_freq()
+            .iter()
+            .zip(want.rope_inv_freq())
+        {
+            assert!((a - b).abs() <= 1e-6 * b, "{a} vs {b}");
+        }
+        assert_eq!(p.params, f.params);
+    }
+    // A file whose context was not Llama 3's 8192 says so in its metadata.
+    let truth = Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 16,
+    };
+    let mut f = with_rope_freqs(5e5, &converter_rope_freqs(4, 5e5, truth));
+    let e = load_err(&f, "rf16");
+    assert!(e.contains("other rescalings are not supported"), "{e}");
+    set(
+        &mut f,
+        "llama.rope.scaling.original_context_length",
+        int(16),
+    );
+    let p = load(&save(&f, "rf16ok")).unwrap();
+    assert_eq!(
+        p.model
+            .config()
+            .rope_scaling
+            .unwrap()
+            .original_max_position_embeddings,
+        16
+    );
+    // All ones: no scaling at all.
+    let p = load(&save(&with_rope_freqs(5e5, &[1.0, 1.0]), "rf1")).unwrap();
+    assert_eq!(p.model.config().rope_scaling, None);
+    // Bad divisors, each named.
+    for (factors, want) in [
+        (vec![2.0, 8.0], "other rescalings are not supported"),
+        (vec![1.0, 0.5], "at least 1"),
+        (vec![1.0, f32::NAN], "at least 1"),
+        (vec![1.0, 8.0, 8.0], "has shape [3]"),
+    ] {
+        let e = load_err(&with_rope_freqs(5e7, &factors), "rfbad");
+        assert!(e.contains(want), "{factors:?}: {e}");
+    }
+}
