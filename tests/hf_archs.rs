@@ -2,7 +2,8 @@
 //! them (`tests/reference/tiny_archs.py`): a tiny random Qwen2 (q/k/v biases, tied head) and a
 //! tiny random Mistral (`sliding_window: 4096`). Each loads with nothing converted, gives the
 //! logits transformers recorded, and goes through the CLI: eval, a student built from its
-//! layers, sampling from that student.
+//! layers, sampling from that student. GGUF files of both (`tests/reference/tiny_gguf.py`) give
+//! the logits and token ids that transformers' GGUF reader gives.
 
 use std::path::{Path, PathBuf};
 
@@ -31,8 +32,14 @@ fn expected(dir: &Path) -> (Vec<u32>, Vec<f32>) {
 /// decoder, both within 1e-5 of transformers' (values of order 1; the file keeps 6 decimals).
 fn check_logits(name: &str) -> pretrained::Pretrained {
     let d = dir(name);
-    let p = pretrained::load(&d).unwrap();
     let (ids, want) = expected(&d);
+    check_logits_of(&d, &ids, &want)
+}
+
+fn check_logits_of(path: &Path, ids: &[u32], want: &[f32]) -> pretrained::Pretrained {
+    let name = path.display();
+    let p = pretrained::load(path).unwrap();
+    let ids = ids.to_vec();
     let mut acts = Activations::inference(&p.model, 1, ids.len()).unwrap();
     let got = p
         .model
@@ -47,9 +54,9 @@ fn check_logits(name: &str) -> pretrained::Pretrained {
     };
     assert_eq!(got.len(), want.len());
     assert!(
-        diff(&got, &want) < 1e-5,
+        diff(&got, want) < 1e-5,
         "{name}: max |diff| {}",
-        diff(&got, &want)
+        diff(&got, want)
     );
     let v = p.model.config().vocab_size;
     let mut cache = KvCache::new(&p.model, ids.len()).unwrap();
@@ -95,6 +102,40 @@ fn mistral_directory_matches_transformers() {
     assert!(!cfg.qkv_bias && !cfg.tie_word_embeddings);
     // Sequences of up to the window's 4096 tokens are exact; longer ones are refused.
     assert_eq!(cfg.max_position_embeddings, 4096);
+}
+
+/// GGUF files of both architectures laid out as llama.cpp's converter does
+/// (`tests/reference/tiny_gguf.py`: `qwen2` with its biases, and `llama` with Q and K rows
+/// permuted), checked against transformers' own GGUF reader: the same logits, and the same token
+/// ids for a text the `qwen2` and `llama-bpe` splits cut differently (digit runs, upper-case
+/// contractions, CR LF, accents, CJK, an emoji, the end-of-text token).
+#[test]
+fn gguf_files_match_transformers_gguf_reader() {
+    let path = dir("tiny_gguf_expected.json");
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let text = e["text"].as_str().unwrap();
+    let u32s = |v: &serde_json::Value| -> Vec<u32> {
+        let a = v.as_array().unwrap();
+        a.iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    let mut splits = Vec::new();
+    for (name, arch_bias) in [("tiny_qwen2.gguf", true), ("tiny_llama_bpe.gguf", false)] {
+        let want = &e[name];
+        let logits: Vec<f32> = want["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let p = check_logits_of(&dir(name), &u32s(&want["ids"]), &logits);
+        assert_eq!(p.model.config().qkv_bias, arch_bias, "{name}");
+        let ids = p.tokenizer.encode(text).unwrap();
+        assert_eq!(ids, u32s(&want["text_ids"]), "{name}");
+        assert_eq!(p.tokenizer.decode(&ids).unwrap(), text, "{name}");
+        splits.push(ids);
+    }
+    assert_ne!(splits[0], splits[1], "the text tells the two splits apart");
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //!
 //! Supported: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) with the pre-tokenizers below,
 //! named as llama.cpp names them in `tokenizer.ggml.pre` and splitting text as llama.cpp's
-//! `llama-vocab.cpp` does for each (but `default`, see the table); only `smollm` has been
-//! checked against a reference tokenizer. SentencePiece vocabularies (`"llama"`, Llama 2 and Mistral
+//! `llama-vocab.cpp` does for each (but `default`, see the table). Checked against a reference:
+//! `smollm` on SmolLM2's own file, `qwen2` and `llama-bpe` on tiny files read by transformers'
+//! GGUF reader (`tests/hf_archs.rs`). SentencePiece vocabularies (`"llama"`, Llama 2 and Mistral
 //! v0.1 files) are refused with an error that says so.
 //!
 //! | `tokenizer.ggml.pre` | split |
