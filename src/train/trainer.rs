@@ -594,7 +594,7 @@ impl Trainer {
         started: Instant,
     ) -> Result<StepStats> {
         let loss_cfg = self.loss_config();
-        let distilling = self.cfg.distill.is_some();
+        let distilling = self.reads_teacher();
         let teachers: Vec<&Llama> = self.teachers.iter().map(|(t, _)| &t.model).collect();
         let tails = cached
             .iter()
@@ -632,6 +632,15 @@ impl Trainer {
         })
     }
 
+    /// Whether a step needs the teachers' outputs: not for the hard-label baseline of a
+    /// distillation run (alpha = 0 and no hidden-state term), whose teacher forwards would cost
+    /// most of the step and change nothing.
+    fn reads_teacher(&self) -> bool {
+        self.cfg.distill.as_ref().is_some_and(|d| {
+            d.alpha != 0.0 || (d.hidden_weight != 0.0 && !d.hidden_layers.is_empty())
+        })
+    }
+
     /// The teachers' weights in the soft loss, normalized to sum to 1 (equal when not given).
     fn teacher_weights(&self) -> Vec<f32> {
         let n = self.teachers.len().max(self.caches.len()).max(1);
@@ -655,7 +664,7 @@ impl Trainer {
         inputs: &[u32],
         cached: &[crate::train::teacher_cache::CachedBatch],
     ) -> Result<f32> {
-        let distilling = self.cfg.distill.is_some();
+        let distilling = self.reads_teacher();
         let loss_cfg = self.loss_config();
         let weights = self.teacher_weights();
         let (n, v) = (self.labels.len(), self.model.config().vocab_size);
@@ -672,7 +681,7 @@ impl Trainer {
 
         // Hidden states: every pair's (projected) student state and teacher state side by side
         // in one row, so one fused call averages the pairs' MSEs.
-        let hidden = match (self.teachers.first(), self.pairs.is_empty()) {
+        let hidden = match (self.teachers.first(), self.pairs.is_empty() || !distilling) {
             (Some((t, t_acts)), false) => Some(HiddenBatch::gather(
                 &self.pairs,
                 &self.acts,
