@@ -102,6 +102,19 @@ fn mistral_directory_matches_transformers() {
     assert!(!cfg.qkv_bias && !cfg.tie_word_embeddings);
     // Sequences of up to the window's 4096 tokens are exact; longer ones are refused.
     assert_eq!(cfg.max_position_embeddings, 4096);
+    // As in transformers' MistralConfig: no `sliding_window` key means 4096, `null` no window.
+    let text = std::fs::read_to_string(dir("tiny_mistral").join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["max_position_embeddings"] = 32768.into();
+    v.as_object_mut().unwrap().remove("sliding_window");
+    let max = |v: &serde_json::Value| {
+        config_from_json(&v.to_string())
+            .unwrap()
+            .max_position_embeddings
+    };
+    assert_eq!(max(&v), 4096);
+    v["sliding_window"] = serde_json::Value::Null;
+    assert_eq!(max(&v), 32768);
 }
 
 /// GGUF files of both architectures laid out as llama.cpp's converter does
@@ -148,6 +161,10 @@ fn unknown_architectures_are_named() {
         e.contains("Qwen3ForCausalLM") && e.contains("architectures"),
         "{e}"
     );
+    // Early Llama conversions spell the class LLaMAForCausalLM; transformers still loads them.
+    v["architectures"] = serde_json::json!(["LLaMAForCausalLM"]);
+    v["model_type"] = "llama".into();
+    assert!(config_from_json(&v.to_string()).is_ok());
 }
 
 fn distill(args: &[&str]) -> String {

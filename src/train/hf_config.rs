@@ -18,8 +18,8 @@ pub struct ConfigExtras {
 }
 
 /// The HF `config.json` object of `cfg`: every field under its HF name, plus the fixed values
-/// of what our math implements (`silu`, no biases, no RoPE scaling) so that HF builds the same
-/// model. `head_dim` is written only when set, so a default head width round-trips as `None`.
+/// of what our math implements (`silu`, no MLP or output biases; q/k/v biases only as Qwen2,
+/// RoPE scaling only as Llama 3's) so that HF builds the same model. `head_dim` is written only when set, so a default head width round-trips as `None`.
 pub fn config_to_json(cfg: &LlamaConfig, extras: &ConfigExtras) -> Value {
     let mut v = json!({
         "architectures": ["LlamaForCausalLM"],
@@ -164,6 +164,13 @@ fn parse_rope_scaling(
 pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
     ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
+/// Older spellings transformers still maps to a supported class (early Llama conversions).
+const LEGACY_ARCHITECTURES: [&str; 1] = ["LLaMAForCausalLM"];
+
+/// transformers' `MistralConfig.sliding_window` when `config.json` leaves it out (an explicit
+/// `null` means no window).
+const MISTRAL_DEFAULT_WINDOW: usize = 4096;
+
 fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     let obj = value
@@ -175,9 +182,9 @@ fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
             .as_array()
             .ok_or_else(|| format!("field `architectures` = {archs} is not a list"))?;
         for name in names {
-            let known = name
-                .as_str()
-                .is_some_and(|n| SUPPORTED_ARCHITECTURES.contains(&n));
+            let known = name.as_str().is_some_and(|n| {
+                SUPPORTED_ARCHITECTURES.contains(&n) || LEGACY_ARCHITECTURES.contains(&n)
+            });
             if !known {
                 return Err(format!(
                     "field `architectures` names {name}, which is not supported ({} are)",
@@ -202,6 +209,7 @@ fn parse_config(text: &str) -> std::result::Result<LlamaConfig, String> {
     // accepted with W as its longest sequence. Mistral's window applies to every layer when
     // set; Qwen2's only with `use_sliding_window`.
     let window = match model_type {
+        Some("mistral") if !obj.contains_key("sliding_window") => Some(MISTRAL_DEFAULT_WINDOW),
         Some("mistral") => usize_field(obj, "sliding_window")?,
         Some("qwen2") if bool_field(obj, "use_sliding_window")? == Some(true) => {
             usize_field(obj, "sliding_window")?

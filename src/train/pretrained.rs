@@ -303,7 +303,6 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
     let rope_scaling = match g.tensor("rope_freqs.weight") {
         None => None,
         Some(t) => {
-            let mut factors = vec![0.0f32; d / 2];
             if t.torch_shape() != [(d / 2) as u64] {
                 return Err(format!(
                     "tensor rope_freqs.weight has shape {:?}, a head of {d} rotates {} \
@@ -312,6 +311,8 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
                     d / 2
                 ));
             }
+            // Sized by the tensor (so by the file), not by the metadata alone.
+            let mut factors = vec![0.0f32; d / 2];
             dequantize(t.ty, g.data(t), &mut factors)
                 .map_err(|m| format!("tensor rope_freqs.weight: {m}"))?;
             llama3_from_rope_freqs(&factors, d, rope_theta, original_context)?

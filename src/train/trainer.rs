@@ -605,7 +605,7 @@ impl Trainer {
             .zip(&tails)
             .map(|(b, t)| b.teacher(t))
             .collect();
-        let weights = self.teacher_weights();
+        let weights = self.loss_weights(distilling);
         let d = self.device.as_mut().expect("device_step runs on a device");
         let loss = d.forward_backward(
             &self.model,
@@ -630,6 +630,15 @@ impl Trainer {
             lr,
             temperature,
         })
+    }
+
+    /// The weight of each loss call: the teachers' weights when distilling; one call of weight
+    /// 1 (the whole cross-entropy) when no teacher is read.
+    fn loss_weights(&self, distilling: bool) -> Vec<f32> {
+        match distilling {
+            true => self.teacher_weights(),
+            false => vec![1.0],
+        }
     }
 
     /// Whether a step needs the teachers' outputs: not for the hard-label baseline of a
@@ -666,7 +675,7 @@ impl Trainer {
     ) -> Result<f32> {
         let distilling = self.reads_teacher();
         let loss_cfg = self.loss_config();
-        let weights = self.teacher_weights();
+        let weights = self.loss_weights(distilling);
         let (n, v) = (self.labels.len(), self.model.config().vocab_size);
         let (params, proj_params) = self.params.split_at(self.n_model);
         let (grads, proj_grads) = self.grads.split_at_mut(self.n_model);
@@ -1214,6 +1223,37 @@ mod tests {
         }
         tr.grads.fill(0.0);
         tr.forward_backward(inputs, &[]).unwrap() as f64
+    }
+
+    /// At alpha = 0 a distillation run is the hard-label run, whatever its teachers and their
+    /// weights: the same loss and gradient bit for bit (the teachers are not run, and the
+    /// cross-entropy keeps its full weight rather than the first teacher's share).
+    #[test]
+    fn alpha_zero_is_the_hard_label_run() {
+        let inputs: Vec<u32> = (0..12).map(|i| (i * 5 % 13) as u32).collect();
+        let targets: Vec<u32> = (0..12).map(|i| (i * 7 % 13) as u32).collect();
+        let base = TrainConfig {
+            batch: 2,
+            seq: 6,
+            ..TrainConfig::default()
+        };
+        let mut hard = Trainer::new(base.clone(), tiny(13, 8, 2, 1), None).unwrap();
+        let want = loss_at(&mut hard, &inputs, &targets);
+        for weights in [vec![], vec![0.3, 0.7]] {
+            let cfg = TrainConfig {
+                distill: Some(DistillConfig {
+                    alpha: 0.0,
+                    teacher_weights: weights.clone(),
+                    ..DistillConfig::default()
+                }),
+                ..base.clone()
+            };
+            let teachers = vec![teacher(13), teacher(13)];
+            let mut tr = Trainer::with_teachers(cfg, tiny(13, 8, 2, 1), teachers).unwrap();
+            assert!(!tr.reads_teacher());
+            assert_eq!(loss_at(&mut tr, &inputs, &targets), want, "{weights:?}");
+            assert_eq!(tr.grads[..tr.n_model], hard.grads[..hard.n_model]);
+        }
     }
 
     /// A weighted ensemble is the weighted sum of its teachers' losses: two different teachers
