@@ -17,15 +17,26 @@ fn dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn expected(dir: &Path) -> (Vec<u32>, Vec<f32>) {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let ids = v["ids"].as_array().unwrap();
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    let a = v.as_array().unwrap();
+    a.iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// The `ids` and `logits` transformers recorded in a reference object.
+fn ids_and_logits(v: &serde_json::Value) -> (Vec<u32>, Vec<f32>) {
     let logits = v["logits"].as_array().unwrap();
     (
-        ids.iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+        u32s(&v["ids"]),
         logits.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
     )
+}
+
+fn expected(dir: &Path) -> (Vec<u32>, Vec<f32>) {
+    ids_and_logits(&read_json(&dir.join("expected.json")))
 }
 
 /// The model's logits for the recorded ids, from the training forward and from the KV-cache
@@ -39,7 +50,6 @@ fn check_logits(name: &str) -> pretrained::Pretrained {
 fn check_logits_of(path: &Path, ids: &[u32], want: &[f32]) -> pretrained::Pretrained {
     let name = path.display();
     let p = pretrained::load(path).unwrap();
-    let ids = ids.to_vec();
     let mut acts = Activations::inference(&p.model, 1, ids.len()).unwrap();
     let got = p
         .model
@@ -124,24 +134,13 @@ fn mistral_directory_matches_transformers() {
 /// contractions, CR LF, accents, CJK, an emoji, the end-of-text token).
 #[test]
 fn gguf_files_match_transformers_gguf_reader() {
-    let path = dir("tiny_gguf_expected.json");
-    let e: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let e = read_json(&dir("tiny_gguf_expected.json"));
     let text = e["text"].as_str().unwrap();
-    let u32s = |v: &serde_json::Value| -> Vec<u32> {
-        let a = v.as_array().unwrap();
-        a.iter().map(|x| x.as_u64().unwrap() as u32).collect()
-    };
     let mut splits = Vec::new();
     for (name, arch_bias) in [("tiny_qwen2.gguf", true), ("tiny_llama_bpe.gguf", false)] {
         let want = &e[name];
-        let logits: Vec<f32> = want["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let p = check_logits_of(&dir(name), &u32s(&want["ids"]), &logits);
+        let (ids, logits) = ids_and_logits(want);
+        let p = check_logits_of(&dir(name), &ids, &logits);
         assert_eq!(p.model.config().qkv_bias, arch_bias, "{name}");
         let ids = p.tokenizer.encode(text).unwrap();
         assert_eq!(ids, u32s(&want["text_ids"]), "{name}");

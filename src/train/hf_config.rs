@@ -19,7 +19,8 @@ pub struct ConfigExtras {
 
 /// The HF `config.json` object of `cfg`: every field under its HF name, plus the fixed values
 /// of what our math implements (`silu`, no MLP or output biases; q/k/v biases only as Qwen2,
-/// RoPE scaling only as Llama 3's) so that HF builds the same model. `head_dim` is written only when set, so a default head width round-trips as `None`.
+/// RoPE scaling only as Llama 3's) so that HF builds the same model. `head_dim` is written only
+/// when set, so a default head width round-trips as `None`.
 pub fn config_to_json(cfg: &LlamaConfig, extras: &ConfigExtras) -> Value {
     let mut v = json!({
         "architectures": ["LlamaForCausalLM"],

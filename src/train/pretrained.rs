@@ -300,7 +300,7 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
         None => LLAMA3_ORIGINAL_CONTEXT,
         Some(_) => int("rope.scaling.original_context_length")?,
     };
-    let rope_scaling = match g.tensor("rope_freqs.weight") {
+    let rope_scaling = match g.tensor(ROPE_FREQS) {
         None => None,
         Some(t) => {
             if t.torch_shape() != [(d / 2) as u64] {
@@ -335,6 +335,9 @@ pub fn gguf_config(g: &Gguf, vocab: usize) -> std::result::Result<LlamaConfig, S
         ..LlamaConfig::default()
     })
 }
+
+/// The tensor in which llama.cpp keeps Llama 3's RoPE scaling (one divisor per frequency).
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// The context Llama 3.1, 3.2 and 3.3 were pretrained at, and their `low_freq_factor` and
 /// `high_freq_factor`: llama.cpp's converter keeps none of the three, only the per-frequency
@@ -521,7 +524,7 @@ fn gguf_params(path: &Path, g: &Gguf, model: &Llama) -> Result<Vec<f32>> {
         used.insert(name);
     }
     // Read by `gguf_config` as the model's RoPE scaling.
-    used.insert("rope_freqs.weight".to_string());
+    used.insert(ROPE_FREQS.to_string());
     if let Some(extra) = g.tensors.iter().find(|gt| !used.contains(&gt.name)) {
         return Err(err(format!(
             "tensor {} is not part of a Llama model (unsupported architecture variant?)",
