@@ -51,11 +51,7 @@ fn check_logits_of(path: &Path, ids: &[u32], want: &[f32]) -> pretrained::Pretra
     let name = path.display();
     let p = pretrained::load(path).unwrap();
     let mut acts = Activations::inference(&p.model, 1, ids.len()).unwrap();
-    let got = p
-        .model
-        .forward(&p.params, &ids, &mut acts)
-        .unwrap()
-        .to_vec();
+    let got = p.model.forward(&p.params, ids, &mut acts).unwrap().to_vec();
     let diff = |a: &[f32], b: &[f32]| {
         a.iter()
             .zip(b)
