@@ -11,13 +11,19 @@ build.rs makes): `python3 -m venv V && V/bin/pip install nvidia-cuda-cuobjdump`,
 
 What the numbers are: static counts over the SASS text, not a profile. A loop is a backward
 branch and the instructions between its target and itself; "innermost" loops contain no other
-loop. A loop body's count includes both sides of any branch inside it, so for a branchy body it
-is an upper bound on the instructions one iteration issues. The fused-loss kernels' main loops
-(kernels/common.cuh) handle DK_UNROLL elements per iteration, each reading a student and a
-teacher logit: an innermost loop of a `dk_kd_*` kernel with at least 2 x DK_UNROLL global loads
-is taken as a main loop, and its count / DK_UNROLL as its (upper-bound) instructions per
-element. The loads of a loop are listed by width, as the compiler may repeat a load on both
-sides of a branch, they are not a count of elements.
+loop. A loop body's count includes both sides of any branch inside it (the accumulate and the
+overwrite store, say), so it is an upper bound on the instructions one iteration issues.
+
+The fused-loss kernels (kernels/kd_loss.cu) read a row in chunks of 16 bytes of the wider input
+(8 elements of a 16-bit pair, 4 when either side is f32); their hot loops are the innermost loops
+with a vector load (8 bytes or more). Each hot loop handles two chunks per iteration (two named
+buffers), except the writing passes on sm_80 (one buffer). Per element: loop count / elements.
+A kernel's total per element is an upper bound on its common path (soft and hard loss with a
+gradient): the costliest reading loop (pass 1) plus the costliest writing loop (pass 2; JSD adds
+its second-costliest reading loop, pass 2's sums, to its writing pass 3).
+
+--check gates them (CI runs it): no local memory in any `dk_*` kernel, every hot loop of a
+same-dtype `dk_kd_*` kernel loads 16 bytes at a time, and the totals stay within LIMITS.
 """
 import argparse
 import glob
@@ -28,8 +34,9 @@ import subprocess
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-UNROLL = int(re.search(r"#define DK_UNROLL (\d+)",
-                       open(os.path.join(ROOT, "kernels", "common.cuh")).read()).group(1))
+SIZE = {"f32": 4, "f16": 2, "bf16": 2}
+# Instructions per element on the common path, per kind (issue 12's targets, bf16 and f32).
+LIMITS = {"fkl": 50, "rkl": 60, "jsd": 75}
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
@@ -87,7 +94,10 @@ def summary(insns, lo=0, hi=None):
         "mufu": sum(op.startswith("MUFU") for op in ops),
         "ldg_bytes": sum(ld),
         "ldg_max": max(ld, default=0),
+        # the narrowest vector (8 B or more) load: a chunk's loads
+        "ldg_min_vec": min((w for w in ld if w >= 8), default=0),
         "stg_max": max(st, default=0),
+        "stg": len(st),
         "local": sum(op.startswith(("LDL", "STL")) for op in ops),
     }
 
@@ -106,12 +116,45 @@ def registers(cuobjdump, fatbin, arch):
     return regs
 
 
+def kd_dtypes(name):
+    """(kind, student, teacher, grad) of a `dk_kd_<kind>_<s>_<t>_<g>` name."""
+    kind, sd, td, gd = name[len("dk_kd_"):].split("_")
+    return kind, sd, td, gd
+
+
+def hot_loops(name, insns, arch):
+    """[(summary, elements per iteration, writes)] of a dk_kd_* kernel's vector loops."""
+    _, sd, td, _ = kd_dtypes(name)
+    chunk = 16 // max(SIZE[sd], SIZE[td])
+    out = []
+    for lo, hi in loops(insns):
+        l = summary(insns, lo, hi)
+        if l["ldg_max"] < 8:
+            continue
+        writes = l["stg"] > 0
+        chunks = 1 if (writes and int(arch) < 90) else 2
+        out.append((l, chunks * chunk, writes))
+    return out
+
+
+def kd_total(name, hot):
+    """Upper bound on the common path's instructions per element (see the header)."""
+    reads = sorted((l["insns"] / e for l, e, w in hot if not w), reverse=True)
+    writes = sorted((l["insns"] / e for l, e, w in hot if w), reverse=True)
+    kind = kd_dtypes(name)[0]
+    n_reads = 2 if kind == "jsd" else 1
+    if len(reads) < n_reads or not writes:
+        return None
+    return sum(reads[:n_reads]) + writes[0]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="80,90")
     ap.add_argument("--filter", default="^dk_")
     ap.add_argument("--fatbin")
     ap.add_argument("--cuobjdump", default=shutil.which("cuobjdump"))
+    ap.add_argument("--check", action="store_true", help="fail on the gates (see the header)")
     a = ap.parse_args()
     if not a.cuobjdump:
         sys.exit("cuobjdump not found: pass --cuobjdump (see this script's header)")
@@ -120,31 +163,46 @@ def main():
     if not fatbin:
         sys.exit("no kernels.fatbin under target/release/build: build with nvcc first")
     print(f"fatbin: {fatbin}\n")
+    failures = []
     for arch in a.arch.split(","):
         sass = subprocess.run([a.cuobjdump, "-sass", "-arch", f"sm_{arch}", fatbin],
                               capture_output=True, text=True, check=True).stdout
         regs = registers(a.cuobjdump, fatbin, arch)
         print(f"### sm_{arch}\n")
         print("| kernel | regs | SASS insns | MUFU | widest LDG / STG (B) | local ld/st | "
-              "innermost loops with global loads: insns (MUFU) [insns/element] |")
-        print("|---|--:|--:|--:|--:|--:|---|")
+              "hot loops: insns (MUFU) [insns/element, narrowest vector LDG] | total/el |")
+        print("|---|--:|--:|--:|--:|--:|---|--:|")
         for name, insns in sorted(parse(sass).items()):
             if not re.search(a.filter, name):
                 continue
             s = summary(insns)
-            cells = []
-            kd = name.startswith("dk_kd_")
-            for lo, hi in loops(insns):
-                l = summary(insns, lo, hi)
-                if l["ldg"] == 0:
-                    continue
-                cell = f"{l['insns']} ({l['mufu']})"
-                if kd and l["ldg"] >= 2 * UNROLL:
-                    cell = f"**{cell} [{l['insns'] / UNROLL:.0f}/el, LDG <= {l['ldg_max']} B]**"
-                cells.append(cell)
+            if s["local"]:
+                failures.append(f"{name} sm_{arch}: {s['local']} local loads/stores")
+            cells, total = [], None
+            if name.startswith("dk_kd_"):
+                hot = hot_loops(name, insns, arch)
+                for l, e, w in hot:
+                    cells.append(f"{l['insns']} ({l['mufu']}) [{l['insns'] / e:.1f}/el, "
+                                 f"LDG {l['ldg_min_vec']} B{', writes' if w else ''}]")
+                total = kd_total(name, hot)
+                kind, sd, td, _ = kd_dtypes(name)
+                if total is None:
+                    failures.append(f"{name} sm_{arch}: no vectorised reading and writing loops")
+                elif total > LIMITS[kind]:
+                    failures.append(f"{name} sm_{arch}: {total:.1f} instructions per element "
+                                    f"(limit {LIMITS[kind]})")
+                if sd == td and any(l["ldg_min_vec"] < 16 for l, _, _ in hot):
+                    failures.append(f"{name} sm_{arch}: a hot loop loads narrower than 16 bytes")
             print(f"| `{name}` | {regs.get(name, '?')} | {s['insns']} | {s['mufu']} | "
-                  f"{s['ldg_max']} / {s['stg_max']} | {s['local']} | {'; '.join(cells) or '-'} |")
+                  f"{s['ldg_max']} / {s['stg_max']} | {s['local']} | {'; '.join(cells) or '-'} | "
+                  f"{'' if total is None else f'{total:.1f}'} |")
         print()
+    if a.check:
+        for f in failures:
+            print(f"sass_report: {f}", file=sys.stderr)
+        if failures:
+            sys.exit(1)
+        print("sass_report: every gate passes")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,42 @@ __device__ __forceinline__ T dk_block_reduce(T v, Op op, T* smem) {
     return r;
 }
 
+// One warp finishes the reduction: the warps' partials go to shared memory, warp 0 combines
+// them in a fixed tree (deterministic) and broadcasts through one slot. `empty` is the identity
+// of `op`; `smem` holds DK_MAX_WARPS + 1 values. Three barriers, whatever the block size.
+template <typename T, typename Op>
+__device__ __forceinline__ T dk_block_reduce_warp0(T v, Op op, T empty, T* smem) {
+    v = dk_warp_reduce(v, op);
+    const int lane = threadIdx.x % DK_WARP, warp = threadIdx.x / DK_WARP;
+    const int warps = blockDim.x / DK_WARP;
+    __syncthreads();  // the buffer's previous use is over
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        T w = lane < warps ? smem[lane] : empty;
+        w = dk_warp_reduce(w, op);
+        if (lane == 0) smem[DK_MAX_WARPS] = w;
+    }
+    __syncthreads();
+    return smem[DK_MAX_WARPS];
+}
+
+// ---- base-2 exponential and logarithm on the MUFU (PTX ex2.approx.ftz.f32, lg2.approx.ftz.f32).
+// Accuracy, from the CUDA C++ Programming Guide's tables (exp2f is ex2.approx; __log2f is
+// lg2.approx.ftz): 2^x within 2 ulp; log2 x within 2^-22 absolute for x in [0.5, 2], 2 ulp
+// elsewhere. ftz: subnormal inputs read as 0 (2^x = 1, log2 x = -inf), subnormal results are +0.
+// The emulator models both (DISTILL_EMU_APPROX, kernels/emulator/simt.h).
+#ifdef __CUDACC__
+__device__ __forceinline__ float dk_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#else
+__device__ __forceinline__ float dk_ex2(float x) { return ::dk_emu::ex2_approx_ftz(x); }
+#endif
+__device__ __forceinline__ float dk_lg2(float x) { return __log2f(x); }
+
 // ---- online softmax: running max m and sum of exp((x - m) * scale) over the values seen.
 // `-inf` entries contribute nothing (guarding exp(-inf - -inf) = NaN); NaN propagates into z.
 struct DkMaxSum {

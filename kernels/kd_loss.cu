@@ -6,79 +6,530 @@
 // max and sum of exponentials); pass 2 reads them again and writes the gradient. Probabilities are
 // recomputed, never stored. JSD is the one exception: its gradient needs sum_k p_s(k) g_k, which
 // depends on both normalizers, so it takes a third read (pass 2 reduces that sum, pass 3 writes).
+//
+// Why it is written the way it is: at bf16 the loss moves 10 bytes per element, and an H100 issues
+// about 100 instructions in the time HBM3 delivers them, so the hot loops are written against an
+// instruction budget (BENCHMARKS.md, "Static SASS counts"; benches/sass_report.py gates it):
+// - Exponentials and logarithms run on the MUFU in base 2 (dk_ex2, dk_lg2): a log-probability is
+//   l2(x) = fma(x, k, -c) - log2 z with k = log2(e) / T, so each costs one FFMA, one FADD and one
+//   MUFU. Losses and gradients convert back to nats with one ln 2 per row.
+// - The running max is taken once per chunk of 4 or 8 elements (FMNMX), not per element with a
+//   branch, and the sum is rescaled once per chunk.
+// - A row is read in 16-byte vectors; a scalar head and tail cover rows whose start is not 16-byte
+//   aligned. The next chunk's loads are issued before the current chunk's stores.
+// - Soft-only, hard-only and both are separate instantiations: no per-element flags. The label's
+//   `- 1` is applied once, by thread 0, after the loop.
+// - The statistics of student-at-T, teacher-at-T and student-at-1 are merged in one block
+//   reduction that one warp finishes.
+// Offsets within a row are 32-bit (the host refuses rows of 2^31 elements or more).
 #include "common.cuh"
 
-// Reverse KL needs its row value before the gradient (d KL_r / d a_j = p_s(j) (log p_s(j) -
-// log p_t(j) - KL_r)), so pass 1 also accumulates r = sum_j exp((s_j - m_s)/T) * d_j with
-// d_j = (s_j - m_s)/T - (t_j - m_t)/T, kept relative to the running maxima m_s, m_t and shifted
-// whenever one of them grows. Then KL_r = r / z_s - log z_s + log z_t, in centered quantities
-// only, so logits of magnitude 1e4 lose nothing to cancellation.
-struct DkRkl {
-    DkMaxSum s, t;
+#define DK_LOG2E 1.44269504088896341f
+#define DK_LN2 0.693147180559945309f
+#define DK_FLT_MIN 1.17549435e-38f
+
+// ---- vectorised row access. A chunk is 16 bytes of the wider input: 8 elements of a 16-bit
+// pair, 4 when either input is f32 (the 16-bit side then moves 8 bytes per load; a warp still
+// reads whole 32-byte sectors). Bigger chunks of an f32 row cost registers that spill.
+template <typename S, typename T>
+struct DkChunk {
+    static constexpr int kLen = 16 / (sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
+};
+
+template <int N>
+__device__ __forceinline__ void dk_widen(const unsigned* w, float (&v)[N], float*) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = __uint_as_float(w[i]);
+}
+template <int N>
+__device__ __forceinline__ void dk_widen(const unsigned* w, float (&v)[N], __half*) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+        const unsigned u = w[i];
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&u));
+        v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+}
+// bf16 is the top half of an f32: widening is a shift or a mask, exact.
+template <int N>
+__device__ __forceinline__ void dk_widen(const unsigned* w, float (&v)[N], __nv_bfloat16*) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+template <int N>
+__device__ __forceinline__ void dk_narrow(const float (&v)[N], unsigned* w, float*) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = __float_as_uint(v[i]);
+}
+template <int N>
+__device__ __forceinline__ void dk_narrow(const float (&v)[N], unsigned* w, __half*) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+        const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+        w[i] = *reinterpret_cast<const unsigned*>(&h);
+    }
+}
+template <int N>
+__device__ __forceinline__ void dk_narrow(const float (&v)[N], unsigned* w, __nv_bfloat16*) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        w[i] = *reinterpret_cast<const unsigned*>(&h);
+    }
+}
+
+// Elements from `p` to the next `bytes` boundary, or -1 when `p` is not even element-aligned.
+template <typename X>
+__device__ __forceinline__ int dk_head_residue(const X* p, int bytes) {
+    const unsigned long long a = reinterpret_cast<unsigned long long>(p);
+    if (a % sizeof(X) != 0) return -1;
+    return static_cast<int>((bytes - a % bytes) % bytes / sizeof(X));
+}
+
+// Does a scalar head of h elements put p's chunks (N elements each) on their vector boundary
+// (16 bytes at most: a 32-byte chunk is two 16-byte accesses)?
+template <int N, typename X>
+__device__ __forceinline__ bool dk_head_fits(int h, const X* p) {
+    const int bytes = N * static_cast<int>(sizeof(X)) > 16 ? 16 : N * static_cast<int>(sizeof(X));
+    const int r = dk_head_residue(p, bytes);
+    return r >= 0 && h % (bytes / static_cast<int>(sizeof(X))) == r;
+}
+
+// A row split into a scalar head [0, head), vector chunks [head, body_end) and a scalar tail.
+struct DkRowSplit {
+    int head, body_end, n;
+};
+
+// The smallest head that aligns every vector-accessed row at once; a row whose pointers
+// disagree (say, student and gradient rows of different parity) is read scalar.
+template <int N, typename S, typename T, typename G>
+__device__ __forceinline__ DkRowSplit dk_row_split(int n, const S* s, const T* t, const G* g) {
+    for (int h = 0; h < N && h < n; ++h)
+        if (dk_head_fits<N>(h, s) && (!t || dk_head_fits<N>(h, t)) && (!g || dk_head_fits<N>(h, g)))
+            return DkRowSplit{h, h + (n - h) / N * N, n};
+    return DkRowSplit{n, n, n};
+}
+
+// N elements of X as memory holds them (8, 16 or 32 bytes: an f32 gradient of a 16-bit pair
+// takes two 16-byte stores), widened to f32 at use, so a chunk's loads can be in flight while
+// the previous chunk is computed.
+template <typename X, int N>
+struct DkVec {
+    static constexpr int kWords = N * static_cast<int>(sizeof(X)) / 4;
+    static_assert(kWords == 2 || kWords == 4 || kWords == 8, "chunks are 8, 16 or 32 bytes");
+    struct Raw {
+        unsigned w[kWords];
+    };
+    static __device__ __forceinline__ Raw load(const X* p) {
+        Raw r;
+        if (kWords == 2) {
+            const uint2 v = *reinterpret_cast<const uint2*>(p);
+            r.w[0] = v.x, r.w[1] = v.y;
+        } else {
+#pragma unroll
+            for (int q = 0; q < kWords / 4; ++q) {
+                const uint4 v = reinterpret_cast<const uint4*>(p)[q];
+                r.w[4 * q] = v.x, r.w[4 * q + 1] = v.y, r.w[4 * q + 2] = v.z, r.w[4 * q + 3] = v.w;
+            }
+        }
+        return r;
+    }
+    static __device__ __forceinline__ void widen(const Raw& r, float (&v)[N]) { dk_widen(r.w, v, static_cast<X*>(nullptr)); }
+    static __device__ __forceinline__ void store(X* p, const float (&v)[N]) {
+        Raw r;
+        dk_narrow(v, r.w, static_cast<X*>(nullptr));
+        if (kWords == 2) {
+            *reinterpret_cast<uint2*>(p) = make_uint2(r.w[0], r.w[1]);
+        } else {
+#pragma unroll
+            for (int q = 0; q < kWords / 4; ++q)
+                reinterpret_cast<uint4*>(p)[q] = make_uint4(r.w[4 * q], r.w[4 * q + 1], r.w[4 * q + 2], r.w[4 * q + 3]);
+        }
+    }
+};
+
+// Visits a row: f.template on<M>(sv, tv, gv) for scalar elements (M = 1) and chunks (M = N),
+// in the order thread `tid` owns them; with WRITE, gv is stored to g (added to it with `acc`).
+// Every element is read before the same thread writes it, so g may alias s.
+template <bool READ_T, bool WRITE, typename S, typename T, typename G, typename F>
+__device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const S* s, const T* t, G* g, bool acc, F& f) {
+    constexpr int N = DkChunk<S, T>::kLen;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    auto one = [&](int j) {
+        float sv[1] = {dk_load(s + j)}, tv[1] = {READ_T ? dk_load(t + j) : 0.0f}, gv[1];
+        f.template on<1>(sv, tv, gv);
+        if (WRITE) dk_put(g + j, gv[0], acc);
+    };
+    for (int j = tid; j < r.head; j += nt) one(j);
+
+    typedef DkVec<S, N> VS;
+    typedef DkVec<T, N> VT;
+    typedef DkVec<G, N> VG;
+    struct Raw {
+        typename VS::Raw s;
+        typename VT::Raw t;
+    };
+    auto load = [&](int c, Raw& x) {
+        const int j0 = r.head + c * N;
+        x.s = VS::load(s + j0);
+        if (READ_T) x.t = VT::load(t + j0);
+    };
+    auto compute = [&](int c, const Raw& x) {
+        const int j0 = r.head + c * N;
+        float sv[N], tv[N], gv[N];
+        VS::widen(x.s, sv);
+        if (READ_T) {
+            VT::widen(x.t, tv);
+        } else {
+#pragma unroll
+            for (int i = 0; i < N; ++i) tv[i] = 0.0f;
+        }
+        f.template on<N>(sv, tv, gv);
+        if (WRITE) {
+            if (acc) {
+                float old[N];
+                VG::widen(VG::load(g + j0), old);
+#pragma unroll
+                for (int i = 0; i < N; ++i) gv[i] += old[i];
+            }
+            VG::store(g + j0, gv);
+        }
+    };
+    // Two chunks in flight per thread, in two named buffers (no copies between iterations): the
+    // loads of chunk c + nt are issued before chunk c is computed and stored (the compiler may not
+    // hoist them above stores that can alias). sm_80's register allocation spills with two
+    // buffers in the writing passes, so there they get one; the emulator runs the sm_90 form.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    constexpr bool kTwoBuffers = !WRITE;
+#else
+    constexpr bool kTwoBuffers = true;
+#endif
+    const int chunks = (r.body_end - r.head) / N;
+    if (!kTwoBuffers) {
+        for (int c = tid; c < chunks; c += nt) {
+            Raw x;
+            load(c, x);
+            compute(c, x);
+        }
+        for (int j = r.body_end + tid; j < r.n; j += nt) one(j);
+        return;
+    }
+    Raw a, b;
+    int c = tid;
+    if (c < chunks) load(c, a);
+    while (c < chunks) {
+        const int c1 = c + nt;
+        if (c1 < chunks) load(c1, b);
+        compute(c, a);
+        if (c1 >= chunks) break;
+        const int c2 = c1 + nt;
+        if (c2 < chunks) load(c2, a);
+        compute(c1, b);
+        c = c2;
+    }
+
+    for (int j = r.body_end + tid; j < r.n; j += nt) one(j);
+}
+
+// ---- online statistics in base 2: c is the running offset (max * k, -inf while every value
+// seen is -inf), z = sum 2^(x k - c). Rescaling multiplies z by 2^(c_old - c_new) <= 1; an empty
+// state has z = 0 and 2^(-inf) = 0, so it needs no branch. NaN never enters c (fmaxf drops it)
+// but reaches z through its exponential.
+struct DkLse2 {
+    float c, z;
+};
+
+__device__ __forceinline__ DkLse2 dk_lse2_empty() { return DkLse2{-INFINITY, 0.0f}; }
+// The offset exponentials are taken against: 0 while empty (every x is -inf, 2^-inf = 0).
+__device__ __forceinline__ float dk_offset(float c) { return c == -INFINITY ? 0.0f : c; }
+
+template <int N>
+__device__ __forceinline__ void dk_lse2_add(DkLse2& st, const float (&x)[N], float xmax, float k) {
+    const float cn = fmaxf(st.c, xmax * k);
+    const float off = dk_offset(cn);
+    float z = st.z * dk_ex2(st.c - off);
+#pragma unroll
+    for (int i = 0; i < N; ++i) z += dk_ex2(fmaf(x[i], k, -off));
+    st = DkLse2{cn, z};
+}
+
+__device__ __forceinline__ DkLse2 dk_lse2_merge(DkLse2 a, DkLse2 b) {
+    const float c = fmaxf(a.c, b.c);
+    const float off = dk_offset(c);
+    return DkLse2{c, a.z * dk_ex2(a.c - off) + b.z * dk_ex2(b.c - off)};
+}
+
+// A log-probability in base 2 once the statistics are final: l2(x) = fma(x, k, -off) - log2 z.
+// The offset and log2 z are subtracted separately: folded into one constant they would round at
+// the magnitude of the logits (1e4 logits: 1e-3), which no later step recovers.
+struct DkLogP2 {
+    float k, off, lz;
+    __device__ __forceinline__ float operator()(float x) const { return fmaf(x, k, -off) - lz; }
+};
+
+__device__ __forceinline__ DkLogP2 dk_logp2(DkLse2 st, float k) {
+    return DkLogP2{k, dk_offset(st.c), log2f(st.z)};  // once per row: the accurate log2f
+}
+
+// The pass-1 state of one thread: student at T, teacher at T, student at 1 (hard loss), and for
+// reverse KL r = sum 2^a_s (a_s - a_t) with a = fma(x, k, -off) against the running offsets, so
+// KL_r = ln2 (r / z_s - log2 z_s + log2 z_t) uses centered quantities only (1e4 logits lose
+// nothing to cancellation). When an offset grows, the recorded terms shift: a_s falls by
+// ds = off_s - off_s' and a_t by off_t' - off_t, so r' = 2^ds (r + (ds + off_t' - off_t) z_s).
+struct DkKdStats {
+    DkLse2 s, t, s1;
     float r;
 };
 
-__device__ __forceinline__ DkRkl dk_rkl_empty() { return DkRkl{dk_maxsum_empty(), dk_maxsum_empty(), 0.0f}; }
-
-__device__ __forceinline__ void dk_rkl_add(DkRkl& st, float sv, float tv, float inv_t) {
-    // A larger teacher max lowers every recorded (t - m_t): each weighted term grows by the shift.
-    if (tv > st.t.m && st.s.z != 0.0f) st.r += (tv - st.t.m) * inv_t * st.s.z;
-    dk_maxsum_add(st.t, tv, inv_t);
-    // A larger student max rescales the weights and lowers every recorded (s - m_s).
-    if (sv > st.s.m && st.s.z != 0.0f && !isinf(st.r)) {
-        const float shift = (st.s.m - sv) * inv_t;
-        st.r = expf(shift) * (st.r + shift * st.s.z);
-    }
-    dk_maxsum_add(st.s, sv, inv_t);
-    if (sv != -INFINITY) {
-        const float w = expf((sv - st.s.m) * inv_t);
-        // A student term against a zero teacher probability is +inf, as the math says.
-        // One product of the difference: with FMA contraction (nvcc's default) two products
-        // would leave d != 0 for identical student and teacher rows.
-        const float d = tv == -INFINITY ? INFINITY : ((sv - st.s.m) - (tv - st.t.m)) * inv_t;
-        st.r += dk_xlogy_term(w, d);
-    }
+__device__ __forceinline__ DkKdStats dk_kd_stats_empty() {
+    return DkKdStats{dk_lse2_empty(), dk_lse2_empty(), dk_lse2_empty(), 0.0f};
 }
 
-__device__ __forceinline__ float dk_rkl_rebase(const DkRkl& x, float ms, float mt, float inv_t) {
-    if (x.s.z == 0.0f || isinf(x.r)) return x.r;
-    const float shift = (x.s.m - ms) * inv_t;
-    return expf(shift) * (x.r + (shift + (mt - x.t.m) * inv_t) * x.s.z);
+// r of `x` moved to the offsets (cs, ct) >= x's. +-inf and NaN stay (KL_r is then infinite or NaN
+// whatever else comes), so 2^-big * inf never makes a NaN.
+__device__ __forceinline__ float dk_rkl_shift(const DkKdStats& x, float cs, float ct) {
+    const float os = dk_offset(cs), ot = dk_offset(ct);
+    const float moved = dk_ex2(x.s.c - os) * (x.r + ((dk_offset(x.s.c) - os) + (ot - dk_offset(x.t.c))) * x.s.z);
+    return isfinite(x.r) ? moved : x.r;
 }
 
-struct DkRklOp {
-    float inv_t;
-    __device__ __forceinline__ DkRkl operator()(DkRkl a, DkRkl b) const {
-        const float ms = fmaxf(a.s.m, b.s.m), mt = fmaxf(a.t.m, b.t.m);
-        const float r = dk_rkl_rebase(a, ms, mt, inv_t) + dk_rkl_rebase(b, ms, mt, inv_t);
-        return DkRkl{dk_maxsum_merge(a.s, b.s, inv_t), dk_maxsum_merge(a.t, b.t, inv_t), r};
+template <int KIND>
+struct DkKdStatsOp {
+    __device__ __forceinline__ DkKdStats operator()(const DkKdStats& a, const DkKdStats& b) const {
+        DkKdStats m{dk_lse2_merge(a.s, b.s), dk_lse2_merge(a.t, b.t), dk_lse2_merge(a.s1, b.s1), 0.0f};
+        if (KIND == DK_KIND_REVERSE_KL) m.r = dk_rkl_shift(a, m.s.c, m.t.c) + dk_rkl_shift(b, m.s.c, m.t.c);
+        return m;
     }
 };
 
-__device__ __forceinline__ DkRkl dk_shfl_xor(DkRkl v, int m) {
-    return DkRkl{dk_shfl_xor(v.s, m), dk_shfl_xor(v.t, m), dk_shfl_xor(v.r, m)};
+__device__ __forceinline__ DkLse2 dk_shfl_xor(DkLse2 v, int m) { return DkLse2{dk_shfl_xor(v.c, m), dk_shfl_xor(v.z, m)}; }
+__device__ __forceinline__ DkKdStats dk_shfl_xor(DkKdStats v, int m) {
+    return DkKdStats{dk_shfl_xor(v.s, m), dk_shfl_xor(v.t, m), dk_shfl_xor(v.s1, m), dk_shfl_xor(v.r, m)};
 }
 
-// log(exp(x) + exp(y)) without overflow; -inf when both are -inf.
-__device__ __forceinline__ float dk_logaddexp(float x, float y) {
-    const float m = fmaxf(x, y);
-    if (m == -INFINITY) return m;
-    return m + log1pf(expf(-fabsf(x - y)));
+template <int N>
+__device__ __forceinline__ float dk_max(const float (&x)[N]) {
+    float m = x[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) m = fmaxf(m, x[i]);
+    return m;
+}
+
+// Pass 1: the statistics.
+template <int KIND, bool SOFT, bool HARD>
+struct DkKdPass1 {
+    DkKdStats st;
+    float k;  // log2(e) / T
+    template <int N>
+    __device__ __forceinline__ void on(const float (&sv)[N], const float (&tv)[N], float (&)[N]) {
+        const float smax = dk_max(sv);
+        if (HARD) dk_lse2_add(st.s1, sv, smax, DK_LOG2E);
+        if (!SOFT) return;
+        const float tmax = dk_max(tv);
+        if (KIND != DK_KIND_REVERSE_KL) {
+            dk_lse2_add(st.s, sv, smax, k);
+            dk_lse2_add(st.t, tv, tmax, k);
+            return;
+        }
+        const float cs = fmaxf(st.s.c, smax * k), ct = fmaxf(st.t.c, tmax * k);
+        const float os = dk_offset(cs), ot = dk_offset(ct);
+        const float rescale = dk_ex2(st.s.c - os);
+        float r = isfinite(st.r) ? rescale * (st.r + ((dk_offset(st.s.c) - os) + (ot - dk_offset(st.t.c))) * st.s.z) : st.r;
+        float zs = st.s.z * rescale, zt = st.t.z * dk_ex2(st.t.c - ot);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float as = fmaf(sv[i], k, -os), at = fmaf(tv[i], k, -ot);
+            const float w = dk_ex2(as);
+            zs += w;
+            zt += dk_ex2(at);
+            // 0 * log 0 = 0; a student term against a zero teacher probability is +inf (at = -inf).
+            r = fmaf(w, w == 0.0f ? 0.0f : as - at, r);
+        }
+        st.s = DkLse2{cs, zs};
+        st.t = DkLse2{ct, zt};
+        st.r = r;
+    }
+};
+
+// What pass 2 and 3 need of a row, in base 2 (losses and gradients carry ln 2 once).
+struct DkKdRowConsts {
+    DkLogP2 ls, lt, l1;  // student at T, teacher at T, student at 1
+    float w_soft;        // grad_scale * soft_weight / T (d a / d s = 1 / T), times ln 2 for RKL/JSD
+    float w_hard;        // grad_scale * hard_weight
+    float kl_rev2;       // reverse KL in bits
+    float beta, one_m_beta;
+    float jsd_b;         // JSD: sum_k p_s(k) (l2_s(k) - l2_m(k)), from pass 2
+};
+
+// One element's base-2 log-probabilities and probabilities at T (and JSD's mixture), computed
+// once and shared by the loss terms and the gradient.
+struct DkKdElem {
+    float ls, lt, ps, pt, lm;
+};
+
+template <int KIND, bool MIXTURE>
+__device__ __forceinline__ DkKdElem dk_kd_elem(const DkKdRowConsts& k, float sv, float tv) {
+    DkKdElem e;
+    e.ls = k.ls(sv);
+    e.lt = k.lt(tv);
+    e.ps = dk_ex2(e.ls);
+    e.pt = KIND == DK_KIND_REVERSE_KL ? 0.0f : dk_ex2(e.lt);
+    // The mixture's log directly on the MUFU. A mixture below FLT_MIN (both probabilities
+    // underflowed) is taken as FLT_MIN: lg2.approx.ftz would read a subnormal as 0 and make -inf,
+    // and the terms it weighs are below 2^-126 * 126 anyway.
+    e.lm = MIXTURE ? dk_lg2(fmaxf(fmaf(k.beta, e.pt, k.one_m_beta * e.ps), DK_FLT_MIN)) : 0.0f;
+    return e;
+}
+
+// The gradient of one element, `label` = 1 at the row's label (thread 0's fix-up) and 0 in the
+// loop: one formula for both. JSD's soft part exists in pass 3 only (it needs pass 2's sum).
+template <int KIND, bool SOFT, bool HARD, bool JSD_GRAD>
+__device__ __forceinline__ float dk_kd_grad(const DkKdRowConsts& k, const DkKdElem& e, float sv, float label) {
+    float grad = 0.0f;
+    if (SOFT) {
+        if (KIND == DK_KIND_FORWARD_KL)
+            grad = k.w_soft * (e.ps - e.pt);
+        else if (KIND == DK_KIND_REVERSE_KL)
+            grad = e.ps == 0.0f ? 0.0f : k.w_soft * e.ps * (e.ls - e.lt);  // lt carries + KL_r
+        else if (JSD_GRAD)
+            grad = e.ps == 0.0f ? 0.0f : k.w_soft * e.ps * ((e.ls - e.lm) - k.jsd_b);
+    }
+    if (HARD) grad = fmaf(k.w_hard, dk_ex2(k.l1(sv)) - label, grad);
+    return grad;
+}
+
+// Pass 2: the soft loss terms (a: forward KL's or JSD's teacher-weighted sum; b: JSD's
+// sum_k p_s (l2_s - l2_m)) and, for the KL kinds, the gradient. Each term is p * (log ratio) with
+// 0 * anything = 0 (a masked entry is absent). Reverse KL's loss is pass 1's r.
+template <int KIND, bool SOFT, bool HARD>
+struct DkKdPass2 {
+    const DkKdRowConsts& k;
+    float a, b;
+    template <int N>
+    __device__ __forceinline__ void on(const float (&sv)[N], const float (&tv)[N], float (&gv)[N]) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            DkKdElem e{};
+            if (SOFT) {
+                e = dk_kd_elem<KIND, KIND == DK_KIND_JSD>(k, sv[i], tv[i]);
+                if (KIND == DK_KIND_FORWARD_KL) {
+                    a = fmaf(e.pt, e.pt == 0.0f ? 0.0f : e.lt - e.ls, a);
+                } else if (KIND == DK_KIND_JSD) {
+                    a = fmaf(e.pt, e.pt == 0.0f ? 0.0f : e.lt - e.lm, a);
+                    b = fmaf(e.ps, e.ps == 0.0f ? 0.0f : e.ls - e.lm, b);
+                }
+            }
+            gv[i] = dk_kd_grad<KIND, SOFT, HARD, false>(k, e, sv[i], 0.0f);
+        }
+    }
+};
+
+// Pass 3 (JSD with a gradient): the gradient only.
+template <bool SOFT, bool HARD>
+struct DkKdPass3 {
+    const DkKdRowConsts& k;
+    template <int N>
+    __device__ __forceinline__ void on(const float (&sv)[N], const float (&tv)[N], float (&gv)[N]) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            DkKdElem e{};
+            if (SOFT) e = dk_kd_elem<DK_KIND_JSD, true>(k, sv[i], tv[i]);
+            gv[i] = dk_kd_grad<DK_KIND_JSD, SOFT, HARD, true>(k, e, sv[i], 0.0f);
+        }
+    }
+};
+
+// Pass-2 sums of one thread, reduced together.
+struct DkSum2 {
+    float a, b;
+};
+__device__ __forceinline__ DkSum2 dk_shfl_xor(DkSum2 v, int m) { return DkSum2{dk_shfl_xor(v.a, m), dk_shfl_xor(v.b, m)}; }
+struct DkSum2Op {
+    __device__ __forceinline__ DkSum2 operator()(DkSum2 x, DkSum2 y) const { return DkSum2{x.a + y.a, x.b + y.b}; }
+};
+
+template <int KIND, bool SOFT, bool HARD, typename S, typename T, typename G>
+__device__ void kd_row_body(const DkKdParams& p, const S* s, const T* t, G* g, int64_t y, float s_y, float t_y, float g_y) {
+    __shared__ DkKdStats red_stats[DK_MAX_WARPS + 1];
+    __shared__ DkSum2 red_sum[DK_MAX_WARPS + 1];
+    const int64_t row = blockIdx.x;
+    const bool acc = p.accumulate != 0;
+    const int n = static_cast<int>(p.vocab);
+    const DkRowSplit split = dk_row_split<DkChunk<S, T>::kLen>(n, s, SOFT ? t : nullptr, g);
+    const float k = DK_LOG2E * p.inv_temperature;
+
+    // ---- pass 1: online statistics, one fused reduction.
+    DkKdPass1<KIND, SOFT, HARD> p1{dk_kd_stats_empty(), k};
+    dk_kd_visit<SOFT, false>(split, s, t, static_cast<G*>(nullptr), false, p1);
+    const DkKdStats st = dk_block_reduce_warp0(p1.st, DkKdStatsOp<KIND>{}, dk_kd_stats_empty(), red_stats);
+
+    DkKdRowConsts kc;
+    kc.ls = dk_logp2(st.s, k);
+    kc.lt = dk_logp2(st.t, k);
+    kc.l1 = dk_logp2(st.s1, DK_LOG2E);
+    const float gs = p.scalars->grad_scale;
+    kc.w_soft = gs * p.soft_weight * p.inv_temperature;
+    if (KIND == DK_KIND_REVERSE_KL) kc.w_soft *= DK_LN2;
+    if (KIND == DK_KIND_JSD) kc.w_soft *= DK_LN2 * (1.0f - p.beta);
+    kc.w_hard = gs * p.hard_weight;
+    kc.kl_rev2 = st.r / st.s.z - kc.ls.lz + kc.lt.lz;
+    // Reverse KL's gradient is p_s (l_s - l_t - KL_r): KL_r joins the teacher's constant (the
+    // teacher's log-probabilities serve nothing else there), one FADD and register less.
+    if (KIND == DK_KIND_REVERSE_KL) kc.lt.lz -= kc.kl_rev2;
+    kc.beta = p.beta;
+    kc.one_m_beta = 1.0f - p.beta;
+    kc.jsd_b = 0.0f;
+
+    // ---- pass 2: loss terms and (KL kinds) the gradient.
+    const bool grad_in_pass2 = g && KIND != DK_KIND_JSD;
+    // (Reverse KL's loss is pass 1's: without a gradient it reads the row once.)
+    const bool sums_in_pass2 = SOFT && KIND != DK_KIND_REVERSE_KL;
+    DkKdPass2<KIND, SOFT, HARD> p2{kc, 0.0f, 0.0f};
+    if (grad_in_pass2)
+        dk_kd_visit<SOFT, true>(split, s, t, g, acc, p2);
+    else if (sums_in_pass2)
+        dk_kd_visit<SOFT, false>(split, s, t, static_cast<G*>(nullptr), false, p2);
+    DkSum2 sums{0.0f, 0.0f};
+    if (sums_in_pass2) sums = dk_block_reduce_warp0(DkSum2{p2.a, p2.b}, DkSum2Op{}, DkSum2{0.0f, 0.0f}, red_sum);
+    kc.jsd_b = sums.b;
+
+    // ---- pass 3 (JSD with a gradient).
+    if (KIND == DK_KIND_JSD && g) {
+        DkKdPass3<SOFT, HARD> p3{kc};
+        dk_kd_visit<SOFT, true>(split, s, t, g, acc, p3);
+    }
+
+    // The label's element: the loop wrote it without the label's -1, and thread 0 rewrites it.
+    // Pass 2's reduction orders the loop's write before; otherwise a barrier does.
+    if (HARD && g && !(grad_in_pass2 && sums_in_pass2)) __syncthreads();
+    if (threadIdx.x != 0) return;
+    if (HARD && g) {
+        DkKdElem e{};
+        if (SOFT) e = dk_kd_elem<KIND, KIND == DK_KIND_JSD>(kc, s_y, t_y);
+        const float v = dk_kd_grad<KIND, SOFT, HARD, true>(kc, e, s_y, 1.0f);
+        dk_store(g + y, acc ? g_y + v : v);
+    }
+    float loss = 0.0f;
+    if (SOFT) {
+        const float soft = KIND == DK_KIND_JSD          ? kc.beta * sums.a + kc.one_m_beta * sums.b
+                           : KIND == DK_KIND_REVERSE_KL ? kc.kl_rev2
+                                                        : sums.a;
+        loss += p.soft_weight * DK_LN2 * soft;
+    }
+    if (HARD) loss += p.hard_weight * -(DK_LN2 * kc.l1(s_y));
+    p.row_loss[row] = loss;
 }
 
 template <int KIND, typename S, typename T, typename G>
 __device__ void kd_row(const DkKdParams& p) {
-    __shared__ float red_f[DK_MAX_WARPS];
-    __shared__ DkMaxSum red_ms[DK_MAX_WARPS];
-    __shared__ DkRkl red_rkl[DK_MAX_WARPS];
-
     const int64_t row = blockIdx.x;
     const int64_t V = p.vocab;
-    const int64_t tid = threadIdx.x, nt = blockDim.x;
     const S* s = static_cast<const S*>(p.student) + row * p.student_stride;
     const T* t = static_cast<const T*>(p.teacher) + row * p.teacher_stride;
-    // No __restrict__: the gradient may be written in place over the student logits. Every
-    // element is read and then written by the same thread, so aliasing is safe.
+    // No __restrict__: the gradient may be written in place over the student logits.
     G* g = p.grad ? static_cast<G*>(p.grad) + row * p.grad_stride : nullptr;
 
     // A bad label anywhere (found by dk_prepare) fails the whole call: write nothing, so an
@@ -93,108 +544,28 @@ __device__ void kd_row(const DkKdParams& p) {
         valid = y != p.ignore_index && y >= 0 && y < V;
     }
     const bool acc = p.accumulate != 0;
-    if (!valid) {  // uniform across the block: no thread reaches a barrier below
-        if (g && !acc)
-            for (int64_t j = tid; j < V; j += nt) dk_store(g + j, 0.0f);
-        if (tid == 0) p.row_loss[row] = 0.0f;
-        return;
-    }
-
     const bool soft = p.soft_weight != 0.0f;
     const bool hard = p.hard_weight != 0.0f && y >= 0;
-    const float inv_t = p.inv_temperature;
-    // The label's logit, read before any barrier: an in-place gradient overwrites it in pass 2.
-    const float s_y = (tid == 0 && hard) ? dk_load(s + y) : 0.0f;
-
-    // ---- pass 1: online statistics.
-    DkMaxSum s1 = dk_maxsum_empty();  // student at T = 1 (hard loss)
-    DkRkl st = dk_rkl_empty();        // student and teacher at T (and r for reverse KL)
-    // The teacher is read only when the soft loss is on (alpha = 0 never touches it).
-    const T* t_read = soft ? t : nullptr;
-    dk_row_pass(V, s, t_read, [&](int64_t, float sv, float tv) {
-        if (hard) dk_maxsum_add(s1, sv, 1.0f);
-        if (soft) {
-            if (KIND == DK_KIND_REVERSE_KL) {
-                dk_rkl_add(st, sv, tv, inv_t);
-            } else {
-                dk_maxsum_add(st.s, sv, inv_t);
-                dk_maxsum_add(st.t, tv, inv_t);
-            }
-        }
-    });
-    if (hard) s1 = dk_block_reduce(s1, DkMaxSumOp{1.0f}, red_ms);
-    if (soft) {
-        if (KIND == DK_KIND_REVERSE_KL) {
-            st = dk_block_reduce(st, DkRklOp{inv_t}, red_rkl);
-        } else {
-            st.s = dk_block_reduce(st.s, DkMaxSumOp{inv_t}, red_ms);
-            st.t = dk_block_reduce(st.t, DkMaxSumOp{inv_t}, red_ms);
-        }
+    if (!valid || (!soft && !hard)) {  // uniform across the block: no thread reaches a barrier below
+        if (g && !acc)
+            for (int64_t j = threadIdx.x; j < V; j += blockDim.x) dk_store(g + j, 0.0f);
+        if (threadIdx.x == 0) p.row_loss[row] = 0.0f;
+        return;
     }
-    const float log_zs = logf(st.s.z), log_zt = logf(st.t.z), log_z1 = logf(s1.z);
-    const float kl_rev = st.r / st.s.z - log_zs + log_zt;
-    const float beta = p.beta;
-    const float log_beta = logf(beta), log_1mbeta = log1pf(-beta);
-
-    const float gs = p.scalars->grad_scale;
-    const float w_soft = gs * p.soft_weight * inv_t;  // d a / d s = 1 / T
-    const float w_hard = gs * p.hard_weight;
-    const bool write_in_pass2 = g && KIND != DK_KIND_JSD;
-
-    // ---- pass 2: per-element log-probabilities, loss terms, and (KL kinds) the gradient.
-    float soft_acc = 0.0f;  // this thread's share of the soft loss
-    float jsd_k = 0.0f;     // JSD: share of sum_k p_s(k) (log p_s(k) - log m(k))
-    if (soft || write_in_pass2) {
-        dk_row_pass(V, s, t_read, [&](int64_t j, float sv, float tv) {
-            float grad = 0.0f;
-            if (soft) {
-                const float ls = (sv - st.s.m) * inv_t - log_zs;
-                const float lt = (tv - st.t.m) * inv_t - log_zt;
-                const float ps = expf(ls), pt = expf(lt);
-                if (KIND == DK_KIND_FORWARD_KL) {
-                    soft_acc += dk_xlogy_term(pt, lt - ls);
-                    grad = w_soft * (ps - pt);
-                } else if (KIND == DK_KIND_REVERSE_KL) {
-                    soft_acc += dk_xlogy_term(ps, ls - lt);
-                    grad = ps == 0.0f ? 0.0f : w_soft * ps * ((ls - lt) - kl_rev);
-                } else {
-                    const float lm = dk_logaddexp(lt + log_beta, ls + log_1mbeta);
-                    soft_acc += beta * dk_xlogy_term(pt, lt - lm) + (1.0f - beta) * dk_xlogy_term(ps, ls - lm);
-                    jsd_k += dk_xlogy_term(ps, ls - lm);
-                }
-            }
-            if (write_in_pass2) {
-                if (hard) grad += w_hard * (expf((sv - s1.m) - log_z1) - (j == y ? 1.0f : 0.0f));
-                dk_put(g + j, grad, acc);
-            }
-        });
+    // The label's logits (and accumulated gradient), read before any write: an in-place gradient
+    // overwrites s_y in pass 2. Thread 0 finishes the label's element after the loops.
+    float s_y = 0.0f, t_y = 0.0f, g_y = 0.0f;
+    if (threadIdx.x == 0 && hard) {
+        s_y = dk_load(s + y);
+        if (soft) t_y = dk_load(t + y);
+        if (g && acc) g_y = dk_load(g + y);
     }
-    float soft_loss = 0.0f;
-    if (soft) soft_loss = dk_block_reduce(soft_acc, DkSum{}, red_f);
-
-    // ---- pass 3 (JSD with a gradient only).
-    if (KIND == DK_KIND_JSD && g) {
-        const float k = soft ? dk_block_reduce(jsd_k, DkSum{}, red_f) : 0.0f;
-        dk_row_pass(V, s, t_read, [&](int64_t j, float sv, float tv) {
-            float grad = 0.0f;
-            if (soft) {
-                const float ls = (sv - st.s.m) * inv_t - log_zs;
-                const float lt = (tv - st.t.m) * inv_t - log_zt;
-                const float ps = expf(ls);
-                const float lm = dk_logaddexp(lt + log_beta, ls + log_1mbeta);
-                grad = ps == 0.0f ? 0.0f : w_soft * (1.0f - beta) * ps * ((ls - lm) - k);
-            }
-            if (hard) grad += w_hard * (expf((sv - s1.m) - log_z1) - (j == y ? 1.0f : 0.0f));
-            dk_put(g + j, grad, acc);
-        });
-    }
-
-    if (tid == 0) {
-        float loss = 0.0f;
-        if (soft) loss += p.soft_weight * soft_loss;
-        if (hard) loss += p.hard_weight * -((s_y - s1.m) - log_z1);
-        p.row_loss[row] = loss;
-    }
+    if (soft && hard)
+        kd_row_body<KIND, true, true>(p, s, t, g, y, s_y, t_y, g_y);
+    else if (soft)
+        kd_row_body<KIND, true, false>(p, s, t, g, y, s_y, t_y, g_y);
+    else
+        kd_row_body<KIND, false, true>(p, s, t, g, y, s_y, t_y, g_y);
 }
 
 // Instantiations: kind x student dtype x teacher dtype, gradient f32 or the student's dtype (in place).

@@ -79,13 +79,13 @@ mutant shared-index-off-by-one common.cuh \
     'if (lane == 0) smem[warp] = v;' 'if (lane == 0) smem[warp + 1] = v;' \
     "warp w's partial stored in slot w + 1: slot 0 never written, the last warp's past the used slots"
 mutant missing-store kd_loss.cu \
-    'dk_put(g + j, grad, acc);
-            }
-        });' \
-    'if (j != V - 1) dk_put(g + j, grad, acc);
-            }
-        });' \
-    "forward/reverse KL never store the gradient's last element"
+    'if (WRITE) dk_put(g + j, gv[0], acc);' \
+    'if (WRITE && j != r.n - 1) dk_put(g + j, gv[0], acc);' \
+    "the fused loss never stores the gradient's last element when it falls in a row's scalar tail"
+mutant vector-head-ignored kd_loss.cu \
+    'return r >= 0 && h % (bytes / static_cast<int>(sizeof(X))) == r;' \
+    'return r >= 0;' \
+    "the fused loss takes every row start as 16-byte aligned: vector loads at misaligned addresses"
 mutant misaligned-vector-load common.cuh \
     'dk_load(const float* p) { return *p; }' \
     'dk_load(const float* p) { const float2 v = *reinterpret_cast<const float2*>(p); return v.x; }' \
