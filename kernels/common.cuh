@@ -86,21 +86,27 @@ __device__ __forceinline__ T dk_block_reduce_warp0(T v, Op op, T empty, T* smem)
     return smem[DK_MAX_WARPS];
 }
 
-// ---- base-2 exponential and logarithm on the MUFU (PTX ex2.approx.ftz.f32, lg2.approx.ftz.f32).
-// Accuracy, from the CUDA C++ Programming Guide's tables (exp2f is ex2.approx; __log2f is
-// lg2.approx.ftz): 2^x within 2 ulp; log2 x within 2^-22 absolute for x in [0.5, 2], 2 ulp
-// elsewhere. ftz: subnormal inputs read as 0 (2^x = 1, log2 x = -inf), subnormal results are +0.
-// The emulator models both (DISTILL_EMU_APPROX, kernels/emulator/simt.h).
+// ---- base-2 exponential and logarithm on the MUFU (PTX ex2.approx.ftz.f32, lg2.approx.ftz.f32:
+// one MUFU each; nvcc's exp2f and __log2f are the non-ftz forms, three instructions more on
+// sm_90). Accuracy, from the CUDA C++ Programming Guide's tables (exp2f is ex2.approx, __log2f is
+// lg2.approx): 2^x within 2 ulp; log2 x within 2^-22 absolute for x in [0.5, 2], 2 ulp elsewhere.
+// ftz: a subnormal input reads as 0 (2^x = 1, log2 x = -inf), a subnormal result is +0. The
+// emulator models both, bounds and flushes (kernels/emulator/simt.h, DISTILL_EMU_APPROX).
 #ifdef __CUDACC__
 __device__ __forceinline__ float dk_ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+__device__ __forceinline__ float dk_lg2(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 #else
 __device__ __forceinline__ float dk_ex2(float x) { return ::dk_emu::ex2_approx_ftz(x); }
+__device__ __forceinline__ float dk_lg2(float x) { return ::dk_emu::lg2_approx_ftz(x); }
 #endif
-__device__ __forceinline__ float dk_lg2(float x) { return __log2f(x); }
 
 // ---- online softmax: running max m and sum of exp((x - m) * scale) over the values seen.
 // `-inf` entries contribute nothing (guarding exp(-inf - -inf) = NaN); NaN propagates into z.

@@ -776,7 +776,6 @@ __attribute__((noinline, cold)) inline float approx_exp(ApproxFn fn, float x) {
 }
 __attribute__((noinline, cold)) inline float approx_log(ApproxFn fn, float x) {
     const ApproxConfig& c = approx_config();
-    if (std::fabs(x) < FLT_MIN) x = 0.0f; /* lg2.approx.ftz: a subnormal input reads as 0 */
     const double xd = x;
     const double ref = fn == kFnLog ? std::log(xd) : fn == kFnLog2 ? std::log2(xd) : std::log10(xd);
     if (!(x > 0.0f) || x == 1.0f || std::isinf(x)) return static_cast<float>(ref); /* NaN, -inf, +0, +inf */
@@ -786,12 +785,19 @@ __attribute__((noinline, cold)) inline float approx_log(ApproxFn fn, float x) {
     }
     return approx_ulps(c, static_cast<float>(ref), fn == kFnLog2 ? 2 : 3, approx_hash(c, fn, x));
 }
-/* ex2.approx.ftz.f32 (the kernels' dk_ex2): 2 ulp like ex2.approx.f32, a subnormal input reads as
- * +-0 (result 1) and a subnormal result is +0. The exact mode keeps the flushes: they are what
- * the device does in every mode, and a kernel that depends on a subnormal result must fail. */
+/* ex2.approx.ftz.f32 and lg2.approx.ftz.f32 (the kernels' dk_ex2 and dk_lg2, inline PTX): the
+ * bounds of ex2.approx.f32 (exp2f, 2 ulp) and lg2.approx.f32 (__log2f: 2^-22 absolute in [0.5, 2],
+ * 2 ulp elsewhere), with .ftz: a subnormal input reads as +-0 (2^x = 1, log2 x = -inf) and a
+ * subnormal result is +0. nvcc's exp2f and __log2f are the non-ftz forms (-ftz=false), which
+ * cost three more instructions each on sm_90. The flushes apply in every mode, exact included:
+ * the device does them, and a kernel that depends on a subnormal must fail here too. */
 inline float ex2_approx_ftz(float x) {
     if (std::fabs(x) < FLT_MIN) return 1.0f;
     return flush_subnormal(approx_on() ? approx_exp(kFnExp2, x) : exp2f(x));
+}
+inline float lg2_approx_ftz(float x) {
+    if (std::fabs(x) < FLT_MIN) return -INFINITY;
+    return approx_on() ? approx_log(kFnLog2, x) : log2f(x);
 }
 /* sin.approx/cos.approx; __sinf's and __tanf's subnormal results are flushed to +-0 (their notes in
  * crt/device_functions.h). */
@@ -830,9 +836,8 @@ __attribute__((noinline, cold)) inline float approx_pow(float x, float y) {
 inline float __expf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_exp(::dk_emu::kFnExp, x) : expf(x); }
 inline float __exp10f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_exp(::dk_emu::kFnExp10, x) : powf(10.0f, x); }
 inline float __exp2f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_exp(::dk_emu::kFnExp2, x) : exp2f(x); }
-/* __logf and __log2f are lg2.approx.ftz: a subnormal input reads as 0 (-inf) in every mode. */
-inline float __logf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_log(::dk_emu::kFnLog, x) : logf(std::fabs(x) < FLT_MIN ? 0.0f : x); }
-inline float __log2f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_log(::dk_emu::kFnLog2, x) : log2f(std::fabs(x) < FLT_MIN ? 0.0f : x); }
+inline float __logf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_log(::dk_emu::kFnLog, x) : logf(x); }
+inline float __log2f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_log(::dk_emu::kFnLog2, x) : log2f(x); }
 inline float __log10f(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_log(::dk_emu::kFnLog10, x) : log10f(x); }
 inline float __powf(float x, float y) { return ::dk_emu::approx_on() ? ::dk_emu::approx_pow(x, y) : powf(x, y); }
 inline float __sinf(float x) { return ::dk_emu::approx_on() ? ::dk_emu::approx_sin(x) : sinf(x); }

@@ -276,6 +276,26 @@ static void test_bounds() {
         }
         s.done();
     }
+    {
+        /* ex2.approx.ftz (dk_ex2): the bound of ex2.approx over the normal results. */
+        Stat s("ex2.approx.ftz");
+        for (int i = 0; i < n; ++i) {
+            const float x = static_cast<float>(r.uniform(-125, 127));
+            s.ulp_case(x, ::dk_emu::ex2_approx_ftz(x), std::exp2(static_cast<double>(x)), 2, exp2f(x));
+        }
+        s.done();
+        Stat l("lg2.approx.ftz");
+        for (int i = 0; i < n; ++i) {
+            const float x = i % 2 ? static_cast<float>(r.uniform(0.5, 2.0)) : r.log_uniform(-126, 128);
+            if (!(x >= FLT_MIN) || std::isinf(x) || x == 1.0f) continue;
+            const double ref = std::log2(static_cast<double>(x));
+            if (x >= 0.5f && x <= 2.0f)
+                l.abs_case(x, ::dk_emu::lg2_approx_ftz(x), ref, 0x1p-22, log2f(x));
+            else
+                l.ulp_case(x, ::dk_emu::lg2_approx_ftz(x), ref, 2, log2f(x));
+        }
+        l.done();
+    }
     struct LogCase {
         const char* name;
         float (*fn)(float);
@@ -421,6 +441,18 @@ static void test_special_values() {
         CHECK(std::isnan(lg(-1.0f)) && std::isnan(lg(-inf)) && std::isnan(lg(nan)) && std::isnan(lg(-sub)));
         CHECK(std::isfinite(lg(sub)) && lg(sub) < 0.0f); /* subnormal inputs are not flushed (-ftz=false) */
     }
+    /* The .ftz forms flush in every mode: subnormal in reads as 0, subnormal out is +0. */
+    SPECIAL(::dk_emu::ex2_approx_ftz(sub), 1.0f);
+    SPECIAL(::dk_emu::ex2_approx_ftz(-sub), 1.0f);
+    SPECIAL(::dk_emu::ex2_approx_ftz(-130.0f), 0.0f);
+    SPECIAL(::dk_emu::ex2_approx_ftz(-inf), 0.0f);
+    SPECIAL(::dk_emu::ex2_approx_ftz(inf), inf);
+    CHECK(std::isnan(::dk_emu::ex2_approx_ftz(nan)));
+    SPECIAL(::dk_emu::lg2_approx_ftz(sub), -inf);
+    SPECIAL(::dk_emu::lg2_approx_ftz(0.0f), -inf);
+    SPECIAL(::dk_emu::lg2_approx_ftz(1.0f), 0.0f);
+    SPECIAL(::dk_emu::lg2_approx_ftz(inf), inf);
+    CHECK(std::isnan(::dk_emu::lg2_approx_ftz(-1.0f)) && std::isnan(::dk_emu::lg2_approx_ftz(nan)));
     SPECIAL(__sinf(0.0f), 0.0f);
     SPECIAL(__sinf(-0.0f), -0.0f);
     SPECIAL(__tanf(0.0f), 0.0f);
