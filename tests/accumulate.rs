@@ -35,7 +35,14 @@ fn held(len: usize, dtype: Dtype, seed: u64) -> HostVec {
 
 #[test]
 fn the_gradient_is_added_and_ignored_rows_are_kept() {
-    let (rows, vocab, k) = (4, 300, 16);
+    // 3 x 20,000 takes the device's split-row path (several blocks per row).
+    for (rows, vocab) in [(4, 300), (3, 20_000)] {
+        added_and_kept(rows, vocab);
+    }
+}
+
+fn added_and_kept(rows: usize, vocab: usize) {
+    let k = 16;
     let mut b = batch(rows, vocab, Dtype::Bf16, Dtype::F32, 2.0, 9);
     b.labels[2] = -100;
     let top = TopKRows::from_logits(b.teacher.as_slice(), rows, vocab, k).unwrap();

@@ -242,6 +242,75 @@ fn large_vocabularies() {
     }
 }
 
+/// Few long rows are split over several blocks per row (partial statistics, then the passes,
+/// then a finishing launch: `split_for` in src/cuda/ops.rs): 1 to 3 rows, vocabularies up to
+/// 1,000,003 with misaligned row starts, every kind and dtype pair, gradients written and
+/// accumulated, labels at the row's ends and ignored. 264 rows of 16,400 take the one-block path
+/// (two rows per SM of the emulated 132 fill the GPU) for comparison.
+#[test]
+fn split_rows_few_long_rows() {
+    let mut n = 0usize;
+    for (ki, kind) in KINDS.iter().enumerate() {
+        for (di, &(sd, td)) in DTYPE_PAIRS.iter().enumerate() {
+            let rows = 1 + n % 3;
+            let vocab = [65_537, 40_000, 16_385][n % 3];
+            let mut b = batch(rows, vocab, sd, td, 6.0, 700 + (ki * 10 + di) as u64);
+            b.labels[0] = if n.is_multiple_of(2) { 0 } else { vocab as i64 - 1 };
+            if rows == 3 {
+                b.labels[1] = -100;
+            }
+            let c = cfg(*kind, REDUCTIONS[n % 3], ALPHAS[n % 3], TEMPERATURES[n % 4]);
+            n += 1;
+            for dev in subjects() {
+                check(
+                    dev,
+                    &c,
+                    &inputs(&b, Some(&b.labels)),
+                    &format!("split {rows}x{vocab} {sd}/{td}"),
+                );
+            }
+        }
+    }
+    let cases = [
+        // (large_vocabularies covers 2 x 1,000,003 for the KL kinds)
+        (
+            1usize,
+            1_000_003usize,
+            LossKind::Jsd { beta: 0.4 },
+            Dtype::F16,
+            Dtype::F32,
+        ),
+        (264, 16_400, LossKind::ReverseKl, Dtype::Bf16, Dtype::Bf16),
+    ];
+    for (i, &(rows, vocab, kind, sd, td)) in cases.iter().enumerate() {
+        let b = batch(rows, vocab, sd, td, 8.0, 800 + i as u64);
+        let c = cfg(kind, Reduction::Mean, 0.3, 2.0);
+        for dev in subjects() {
+            check(
+                dev,
+                &c,
+                &inputs(&b, Some(&b.labels)),
+                &format!("{rows}x{vocab} {sd}/{td}"),
+            );
+        }
+    }
+    // Reverse KL's loss alone skips the split row's apply launch: the loss comes from pass 1.
+    let b = batch(2, 50_000, Dtype::Bf16, Dtype::Bf16, 6.0, 901);
+    let c = cfg(LossKind::ReverseKl, Reduction::None, 0.6, 1.5);
+    let inp = inputs(&b, Some(&b.labels));
+    let reference = distill_loss_f64(&c, &inp).unwrap();
+    for dev in subjects() {
+        let v = dev.distill_loss(&c, &inp, GradOutputs::default()).unwrap();
+        assert_close(
+            &format!("{} rkl loss only", dev.name()),
+            &v.values,
+            &reference.loss,
+            1e-4,
+            2e-5,
+        );
+    }
+}
+
 /// `-inf` in both inputs at the same positions (a masked vocabulary) must behave like the
 /// entries are absent: no NaN from 0 * log 0.
 #[test]

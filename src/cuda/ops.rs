@@ -9,7 +9,8 @@ use super::tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut};
 use super::CudaKernels;
 use crate::abi::{
     DkHiddenParams, DkKdParams, DkPrepareParams, DkReduceParams, DkScalars, DkSoftmaxBwdParams,
-    DkSoftmaxParams,
+    DkSoftmaxParams, DK_KD_PARTIAL_FLOATS, DK_KD_PHASE_APPLY, DK_KD_PHASE_FINISH,
+    DK_KD_PHASE_FUSED, DK_KD_PHASE_JSD_GRAD, DK_KD_PHASE_STATS,
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -84,6 +85,8 @@ pub struct LossWorkspace {
     pub(super) row_loss: CudaSlice<f32>,
     pub(super) loss: CudaSlice<f32>,
     pub(super) labels: CudaSlice<i64>,
+    /// A split row's per-block results (`DK_KD_PARTIAL_FLOATS` floats per block).
+    pub(super) partials: CudaSlice<f32>,
     pub(super) last: Option<Enqueued>,
 }
 
@@ -173,6 +176,24 @@ impl LossWorkspace {
             Reduction::Sum | Reduction::Mean => self.loss.slice(..1),
         })
     }
+}
+
+/// The most blocks a split call uses (rows x blocks per row): the workspace holds their partial
+/// results.
+const SPLIT_MAX_BLOCKS: usize = 1024;
+/// The fewest elements a block of a split row takes: below this the row's reductions and launch
+/// cost more than the parallelism wins.
+const SPLIT_MIN_ELEMS: usize = 8192;
+
+/// Blocks per row for the fused loss: one, unless the rows are too few to give every SM two
+/// blocks and long enough to share (`rows` < 2 SMs and `vocab` >= 2 x SPLIT_MIN_ELEMS); then
+/// enough to fill two blocks per SM, each with at least SPLIT_MIN_ELEMS elements.
+pub(crate) fn split_for(rows: usize, vocab: usize, sms: usize) -> usize {
+    let want = (2 * sms).div_ceil(rows.max(1));
+    let split = want
+        .min(vocab / SPLIT_MIN_ELEMS)
+        .min(SPLIT_MAX_BLOCKS / rows.max(1));
+    split.max(1)
 }
 
 /// Threads per block for a row of `n` elements: about 8 elements per thread, a whole number of
@@ -370,6 +391,10 @@ impl CudaKernels {
                 row_loss: self.stream.alloc::<f32>(rows).map_err(map)?,
                 loss: self.stream.alloc::<f32>(1).map_err(map)?,
                 labels: self.stream.alloc::<i64>(rows).map_err(map)?,
+                partials: self
+                    .stream
+                    .alloc::<f32>(SPLIT_MAX_BLOCKS * DK_KD_PARTIAL_FLOATS as usize)
+                    .map_err(map)?,
                 last: None,
             })
         }
@@ -397,6 +422,13 @@ impl CudaKernels {
             strides,
         } = inputs;
         check_call(rows, vocab, ws)?;
+        if vocab > i32::MAX as usize {
+            return Err(Error::InvalidOption {
+                name: "vocab",
+                value: vocab.to_string(),
+                reason: "the fused loss kernels index a row with 32-bit offsets (at most 2^31 - 1)",
+            });
+        }
         let stream = &*self.stream;
         let mut guards: Vec<SyncOnDrop> = Vec::new();
 
@@ -467,31 +499,63 @@ impl CudaKernels {
             teacher.dtype(),
             g_dtype
         );
-        self.launch(
-            &kd,
-            row_grid(rows, threads_for(vocab))?,
-            &DkKdParams {
-                student: s_ptr as *const _,
-                teacher: t_ptr as *const _,
-                labels: row_labels as *const i64,
-                grad: g_ptr as *mut _,
-                row_loss: rl_ptr as *mut f32,
-                scalars: sc_ptr as *const DkScalars,
-                rows: rows as i64,
-                vocab: vocab as i64,
-                student_stride: s_stride as i64,
-                teacher_stride: t_stride as i64,
-                grad_stride: g_stride as i64,
-                ignore_index: cfg.ignore_index,
-                inv_temperature: 1.0 / cfg.temperature,
-                temperature: cfg.temperature,
-                soft_weight: cfg.soft_weight(),
-                hard_weight: cfg.hard_weight(),
-                beta: cfg.kind.beta(),
-                kind: cfg.kind.code(),
-                accumulate: cfg.accumulate as i32,
-            },
-        )?;
+        let sms = self
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| self.cuda_error("the multiprocessor count", e))?;
+        let split = split_for(rows, vocab, sms.max(1) as usize);
+        let (partials, _gp) = if split > 1 {
+            let (p, g) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.partials, stream);
+            (p, Some(g))
+        } else {
+            (0, None)
+        };
+        let params = |phase: u32| DkKdParams {
+            student: s_ptr as *const _,
+            teacher: t_ptr as *const _,
+            labels: row_labels as *const i64,
+            grad: g_ptr as *mut _,
+            row_loss: rl_ptr as *mut f32,
+            scalars: sc_ptr as *const DkScalars,
+            rows: rows as i64,
+            vocab: vocab as i64,
+            student_stride: s_stride as i64,
+            teacher_stride: t_stride as i64,
+            grad_stride: g_stride as i64,
+            ignore_index: cfg.ignore_index,
+            inv_temperature: 1.0 / cfg.temperature,
+            temperature: cfg.temperature,
+            soft_weight: cfg.soft_weight(),
+            hard_weight: cfg.hard_weight(),
+            beta: cfg.kind.beta(),
+            kind: cfg.kind.code(),
+            accumulate: cfg.accumulate as i32,
+            partials: partials as *mut f32,
+            split: split as i32,
+            phase: phase as i32,
+        };
+        if split == 1 {
+            self.launch(
+                &kd,
+                row_grid(rows, threads_for(vocab))?,
+                &params(DK_KD_PHASE_FUSED),
+            )?;
+        } else {
+            // Few long rows: each row's passes spread over `split` blocks, one launch per pass
+            // (kernels/abi.h). Reverse KL without a gradient has nothing to apply.
+            let slice = vocab.div_ceil(split);
+            let parts = row_grid(rows * split, threads_for(slice))?;
+            self.launch(&kd, parts, &params(DK_KD_PHASE_STATS))?;
+            if g_ptr != 0 || !matches!(cfg.kind, LossKind::ReverseKl) {
+                self.launch(&kd, parts, &params(DK_KD_PHASE_APPLY))?;
+            }
+            if g_ptr != 0 && matches!(cfg.kind, LossKind::Jsd { .. }) {
+                self.launch(&kd, parts, &params(DK_KD_PHASE_JSD_GRAD))?;
+            }
+            self.launch(&kd, row_grid(rows, 32)?, &params(DK_KD_PHASE_FINISH))?;
+        }
 
         if let Some((size, hs, ht, hg)) = hidden {
             let (hs_ptr, g) = hs.read_ptr(stream);

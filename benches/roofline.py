@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""The fused loss's issue-slot roofline on an H100 SXM, from the compiled SASS (issue 12, item 6).
+
+    python3 benches/roofline.py --cuobjdump PATH [--fatbin PATH] [--write]
+
+For each kind (forward KL, reverse KL, JSD) and dtype (bf16 in place, f32), predicted time =
+max(bytes / bandwidth, instructions / issue rate, MUFU ops / MUFU rate) + reductions + launches,
+with instructions and MUFU ops per element read off the sm_90 SASS of the embedded fatbin
+(benches/sass_report.py: the hot loops of the common path, soft and hard loss with a gradient;
+static counts, both sides of every branch, so upper bounds). Two shapes: many rows
+(16,384 x 131,072, one block per row) and few rows (8 x 131,072, each row split over blocks:
+src/cuda/ops.rs `split_for`). The "before" column is the same model fed with the counts of the
+kernels before the rewrite (BENCHMARKS.md, "Static SASS counts ... first measurement").
+
+Nothing here is measured: no GPU has been lent. With --write the Markdown replaces the block
+between `<!-- roofline:begin -->` and `<!-- roofline:end -->` in BENCHMARKS.md.
+"""
+import argparse
+import glob
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass_report  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BEGIN, END = "<!-- roofline:begin -->", "<!-- roofline:end -->"
+
+# ---- H100 SXM5 (datasheet; CUDA C++ Programming Guide's throughput table for cc 9.0)
+SMS = 132
+CLOCK = 1.98e9                  # Hz, max boost
+BW = 3.35e12                    # B/s, HBM3 peak
+ISSUE = SMS * 4 * CLOCK * 32    # thread-instructions/s: 4 schedulers x 1 warp-instruction/clk
+MUFU = SMS * 16 * CLOCK         # MUFU results/s: 16/clk/SM
+# ---- costs the model adds (assumed, not measured): a launch on a busy stream, and one block
+# reduction (shuffle tree, three barriers, warp 0's tree: ~500 cycles) per row and pass.
+LAUNCH_S = 3e-6
+REDUCTION_S = 500 / CLOCK
+
+MANY = (16384, 131072)
+FEW = (8, 131072)
+SPLIT_MIN_ELEMS = 8192  # src/cuda/ops.rs
+
+# Per-element static counts of the kernels before the rewrite (sm_90, main loops of DK_UNROLL = 4
+# elements, scalar loads), from the table "Static SASS counts of the fused-loss kernels" in
+# BENCHMARKS.md: (sum of the passes' insns / 4, sum of their MUFU / 4). Forward KL bf16: loops
+# 461 (24 MUFU) and 380 (16) -> 115 + 95 insns, 6 + 4 MUFU per element.
+BEFORE = {("fkl", "bf16"): (115 + 95, 6 + 4), ("fkl", "f32"): (110 + 87, 6 + 4),
+          ("rkl", "bf16"): (164 + 90, 8 + 3), ("rkl", "f32"): (160 + 82, 8 + 3),
+          ("jsd", "bf16"): (115 + 97 + 111, 6 + 3 + 3), ("jsd", "f32"): (110 + 93 + 106, 6 + 3 + 3)}
+# bytes per element with the gradient written (bf16 in place; f32 with an f32 gradient):
+# two reads of student and teacher plus the store; JSD three reads.
+BYTES = {("fkl", "bf16"): 10, ("rkl", "bf16"): 10, ("jsd", "bf16"): 14,
+         ("fkl", "f32"): 20, ("rkl", "f32"): 20, ("jsd", "f32"): 28}
+PASSES = {"fkl": 2, "rkl": 2, "jsd": 3}  # block reductions per row: statistics, sums (JSD: + pass 3)
+LIGER = "Liger-Kernel's published `kl_div` at 16,384 x 131,072 on an H100 PCIe (2.0 TB/s): forward 8.70 ms, forward + backward 59.70 ms (liger 0.2.1; BENCHMARKS.md, 'Next to Liger-Kernel')"
+
+
+def counts(cuobjdump, fatbin):
+    """{(kind, dtype): (insns/element, MUFU/element)} of the common path on sm_90."""
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", fatbin],
+                          capture_output=True, text=True, check=True).stdout
+    kernels = sass_report.parse(sass)
+    out = {}
+    for kind in ("fkl", "rkl", "jsd"):
+        for dt, name in (("bf16", f"dk_kd_{kind}_bf16_bf16_bf16"), ("f32", f"dk_kd_{kind}_f32_f32_f32")):
+            hot = sass_report.hot_loops(name, kernels[name], "90")
+            total = sass_report.kd_total(name, hot)
+            reads = sorted(((l["insns"] / e, l["mufu"] / e) for l, e, w in hot if not w), reverse=True)
+            writes = sorted(((l["insns"] / e, l["mufu"] / e) for l, e, w in hot if w), reverse=True)
+            mufu = sum(m for _, m in reads[:2 if kind == "jsd" else 1]) + writes[0][1]
+            out[(kind, dt)] = (total, mufu)
+    return out
+
+
+def predict(rows, vocab, insns, mufu, bytes_el, passes):
+    elems = rows * vocab
+    split = 1
+    if rows < 2 * SMS:
+        split = max(1, min(-(-2 * SMS // rows), vocab // SPLIT_MIN_ELEMS, 1024 // rows))
+    blocks = rows * split
+    # Blocks run one per SM (registers: 50% occupancy): a shape with fewer blocks than SMs gets
+    # that share of the bandwidth and of the issue slots.
+    share = min(1.0, blocks / SMS)
+    t_mem = elems * bytes_el / (BW * share)
+    t_issue = elems * insns / (ISSUE * share)
+    t_mufu = elems * mufu / (MUFU * share)
+    waves = -(-blocks // SMS)
+    t_red = waves * passes * REDUCTION_S
+    # prepare, kd, reduce; split: prepare, one launch per pass, finish, reduce
+    launches = 3 if split == 1 else 3 + passes
+    t = max(t_mem, t_issue, t_mufu) + t_red + launches * LAUNCH_S
+    bound = max((t_mem, "bytes"), (t_issue, "issue"), (t_mufu, "MUFU"))[1]
+    return t, bound, split, t_mem, t_issue, t_mufu
+
+
+def fmt_t(s):
+    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def table(now):
+    lines = ["| kind | dtype | shape | insns/el before -> now | MUFU/el now | B/el | bytes / issue / MUFU time (now) | predicted before | predicted now | bound now |",
+             "|---|---|---|--:|--:|--:|---|--:|--:|---|"]
+    for kind in ("fkl", "rkl", "jsd"):
+        for dt in ("bf16", "f32"):
+            ins, mu = now[(kind, dt)]
+            ins_b, mu_b = BEFORE[(kind, dt)]
+            b = BYTES[(kind, dt)]
+            for shape in (MANY, FEW):
+                rows, vocab = shape
+                t_now, bound, split, tm, ti, tu = predict(rows, vocab, ins, mu, b, PASSES[kind])
+                # Before the rewrite every row was one block, whatever the row count.
+                tb = predict_before(rows, vocab, ins_b, mu_b, b, PASSES[kind])
+                lines.append(
+                    f"| {kind} | {dt} | {rows} x {vocab:,}{f' (split {split})' if split > 1 else ''} | "
+                    f"{ins_b:.0f} -> {ins:.1f} | {mu:.1f} | {b} | {fmt_t(tm)} / {fmt_t(ti)} / {fmt_t(tu)} | "
+                    f"{fmt_t(tb)} | **{fmt_t(t_now)}** | {bound} |")
+    return "\n".join(lines)
+
+
+def predict_before(rows, vocab, insns, mufu, bytes_el, passes):
+    share = min(1.0, rows / SMS)
+    elems = rows * vocab
+    t = max(elems * bytes_el / (BW * share), elems * insns / (ISSUE * share), elems * mufu / (MUFU * share))
+    return t + -(-rows // SMS) * passes * REDUCTION_S + 3 * LAUNCH_S
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cuobjdump", required=True)
+    ap.add_argument("--fatbin")
+    ap.add_argument("--write", action="store_true")
+    a = ap.parse_args()
+    fatbin = a.fatbin or max(glob.glob(os.path.join(ROOT, "target/release/build/distill-kernels-*/out/kernels.fatbin")),
+                             key=os.path.getmtime)
+    now = counts(a.cuobjdump, fatbin)
+    md = "\n".join([
+        BEGIN,
+        "**On paper: nothing here was measured** (no GPU has been lent). Regenerate: "
+        "`python3 benches/roofline.py --cuobjdump PATH --write` after a build with nvcc.",
+        "",
+        f"Model: predicted time = max(bytes / {BW / 1e12:.2f} TB/s, instructions / {ISSUE / 1e12:.1f} T thread-instructions/s "
+        f"(132 SMs x 4 schedulers x 32 lanes x {CLOCK / 1e9:.2f} GHz), MUFU ops / {MUFU / 1e12:.2f} T/s (16/clk/SM)) "
+        f"+ block reductions ({REDUCTION_S * 1e9:.0f} ns each, per row and pass, per wave of 132 blocks) "
+        f"+ launches ({LAUNCH_S * 1e6:.0f} us each, assumed). Instructions and MUFU per element: the sm_90 SASS of the "
+        "common path (soft and hard loss, gradient written), static counts with both sides of every branch, so upper "
+        "bounds; `before` uses the counts of the kernels before this rewrite. Bytes: two reads of student and teacher "
+        "plus the gradient (JSD: three reads), i.e. the rows do not fit L2 at V = 131,072. A shape with fewer blocks than "
+        "SMs gets that share of the GPU (one block per SM: 50% occupancy, register-limited). Few rows are split over "
+        f"blocks (at least {SPLIT_MIN_ELEMS:,} elements each, about two blocks per SM).",
+        "",
+        table(now),
+        "",
+        f"For comparison: {LIGER}.",
+        END,
+    ])
+    if not a.write:
+        print(md)
+        return
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    text = open(path).read()
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + md + text[text.index(END) + len(END):]
+    else:
+        sys.exit("BENCHMARKS.md has no roofline markers")
+    open(path, "w").write(text)
+
+
+if __name__ == "__main__":
+    main()
