@@ -75,7 +75,9 @@ __device__ __forceinline__ T dk_block_reduce_warp0(T v, Op op, T empty, T* smem)
     v = dk_warp_reduce(v, op);
     const int lane = threadIdx.x % DK_WARP, warp = threadIdx.x / DK_WARP;
     const int warps = blockDim.x / DK_WARP;
-    if (lane == 0) smem[warp] = v;
+    if (lane == 0) {
+        smem[warp] = v;
+    }
     __syncthreads();
     if (warp == 0) {
         T w = lane < warps ? smem[lane] : empty;

@@ -255,7 +255,11 @@ fn split_rows_few_long_rows() {
             let rows = 1 + n % 3;
             let vocab = [65_537, 40_000, 16_385][n % 3];
             let mut b = batch(rows, vocab, sd, td, 6.0, 700 + (ki * 10 + di) as u64);
-            b.labels[0] = if n.is_multiple_of(2) { 0 } else { vocab as i64 - 1 };
+            b.labels[0] = if n.is_multiple_of(2) {
+                0
+            } else {
+                vocab as i64 - 1
+            };
             if rows == 3 {
                 b.labels[1] = -100;
             }
