@@ -349,6 +349,8 @@ struct DkKdPass1 {
         }
         const float cs = fmaxf(st.s.c, smax * k), ct = fmaxf(st.t.c, tmax * k);
         const float os = dk_offset(cs), ot = dk_offset(ct);
+        // dk_rkl_shift's formula, written out so the student's rescale 2^(c - c') is one MUFU
+        // shared by r and z_s.
         const float rescale = dk_ex2(st.s.c - os);
         float r = isfinite(st.r) ? rescale * (st.r + ((dk_offset(st.s.c) - os) + (ot - dk_offset(st.t.c))) * st.s.z) : st.r;
         float zs = st.s.z * rescale, zt = st.t.z * dk_ex2(st.t.c - ot);
