@@ -12,6 +12,15 @@
 
 #include "abi.h"
 
+// The emulator compiles some kernel files in parts (build.rs: EMU_PARTS), one translation unit
+// per part with DK_EMU_PART defined; DK_EMU_IN_PART(i) selects a part's instantiations. nvcc, and
+// the emulator's other files, see every part.
+#ifdef DK_EMU_PART
+#define DK_EMU_IN_PART(i) (DK_EMU_PART == (i))
+#else
+#define DK_EMU_IN_PART(i) 1
+#endif
+
 #define DK_WARP 32
 #define DK_MAX_WARPS 32  // 1024 threads per block at most
 

@@ -738,7 +738,7 @@ CUresult do_copy(const char* fn, Dir dir, void* dst, const void* src, size_t n, 
         if (dir == Dir::DtoH) {
             const std::string bad = note_host_read(src, n);
             if (!bad.empty()) {
-                fprintf(stderr, "distill emulator: %s\n", bad.c_str());
+                report_finding(bad);
                 return note_error(kErrLaunchFailed, bad);
             }
         }
@@ -2686,7 +2686,7 @@ extern "C" DK_EMU_EXPORT int dkEmuDeviceAccess(const void* p, size_t n, int writ
     }
     const std::string bad = note_host_read(p, n, who ? who : "device work");
     if (!bad.empty()) {
-        fprintf(stderr, "distill emulator: %s\n", bad.c_str());
+        report_finding(bad);
         return note_error(kErrLaunchFailed, bad);
     }
     return kSuccess;

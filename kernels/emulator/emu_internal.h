@@ -72,6 +72,8 @@ DK_EMU_HIDDEN const char* last_error();
 /* Records `msg` as the last error (see last_error) and returns `code`. Used by the driver for
  * misuse it detects itself (bad pointers, unknown kernels) so the Rust side can show why. */
 DK_EMU_HIDDEN int note_error(int code, const std::string& msg);
+/* Prints a finding of the checks; DISTILL_EMU_HALT_ON_ERROR=1 ends the process there (status 66). */
+DK_EMU_HIDDEN void report_finding(const std::string& msg);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The check build (DK_EMU_CHECK=1: kernels instrumented, sanitizer.cpp active).                 */
