@@ -1149,6 +1149,19 @@ bool parse_image(const void* image, ImageInfo* out, ImageError* err) {
 
 }  // namespace
 
+/* A finding of the checks (or the host-side initcheck of a copy): printed, since a test may
+ * swallow the error text. DISTILL_EMU_HALT_ON_ERROR=1 then ends the process with status 66, as
+ * ASan's halt_on_error does: a run that only asks whether the checks find anything (the mutation
+ * proof) stops at the first finding instead of running every later test. */
+void dk_emu::report_finding(const std::string& msg) {
+    fprintf(stderr, "distill emulator: %s\n", msg.c_str());
+    if (env_flag("DISTILL_EMU_HALT_ON_ERROR", false)) {
+        fprintf(stderr, "distill emulator: halting at the first finding (DISTILL_EMU_HALT_ON_ERROR)\n");
+        fflush(stderr);
+        _exit(66);
+    }
+}
+
 namespace {
 struct ErrorText {
     int code;

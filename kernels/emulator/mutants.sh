@@ -11,8 +11,10 @@
 #   check    the check build, all three checks; a mutant it misses fails this script;
 #   default  the fast build as `cargo test` runs it;
 #   seed k   the fast build under schedule seed k = 1..3 (run only while the fast build misses).
-# MUTANTS_FAST=0 (what CI sets) skips the fast build's runs for the mutants: the proof is the check
-# column; the fast column, what a run without sanitizers would have seen, is for the README's table.
+# MUTANTS_FAST=0 (what CI sets) builds and runs no fast library: the proof is the check column; the
+# fast column, what a run without sanitizers would have seen, is for the README's table.
+# MUTANTS_ONE_PART=1 (what CI sets too) mutates only part 0 of a file the emulator compiles in parts
+# (affected_units below).
 # The unmutated sources go through the same path first and must pass everywhere, so a "caught"
 # is never an artefact of the rebuild.
 #
@@ -188,8 +190,9 @@ apply_mutation() { # tree file from to
 compiled() { wait -n || { echo "mutants.sh: a mutant failed to compile" >&2; exit 2; }; }
 
 # The libraries each mutant needs: the check build, and the fast one unless MUTANTS_FAST=0.
-KINDS=(check fast)
-[[ ${MUTANTS_FAST:-1} == 0 ]] && KINDS=(check)
+FAST=${MUTANTS_FAST:-1}
+KINDS=(check)
+[[ $FAST == 0 ]] || KINDS+=(fast)
 
 build_libs() { # dir file-or-empty (empty: every unit, unmutated)
     local dir=$1 file=$2 units u jobs=0
@@ -199,7 +202,7 @@ build_libs() { # dir file-or-empty (empty: every unit, unmutated)
         "$DK_CXX" "${DK_CXXFLAGS[@]}" "${DK_CHECK_KERNEL_FLAGS[@]}" -I "$dir/kernels" \
             -c "$dir/emu_$u.cpp" -o "$dir/emu_$u.check.o" &
         jobs=$((jobs + 1))
-        if [[ ${KINDS[*]} == *fast* ]]; then
+        if [[ $FAST != 0 ]]; then
             "$DK_CXX" "${DK_CXXFLAGS[@]}" -I "$dir/kernels" -c "$dir/emu_$u.cpp" -o "$dir/emu_$u.o" &
             jobs=$((jobs + 1))
         fi
@@ -274,7 +277,7 @@ for i in -1 "${!NAMES[@]}"; do
     # MUTANTS_FAST=0 (CI): the proof is the check build's verdict; the fast build's column,
     # which only shows what a test run without sanitizers would have seen, is not computed.
     # The baseline too then: its fast library is not built.
-    if [[ ${MUTANTS_FAST:-1} == 0 ]]; then seeds=(); fast="not run (MUTANTS_FAST=0)"; fi
+    if [[ $FAST == 0 ]]; then seeds=(); fast="not run (MUTANTS_FAST=0)"; fi
     for seed in "${seeds[@]}"; do
         envs=()
         [[ $seed != default ]] && envs=(DISTILL_EMU_SCHEDULE_SEED=$seed)

@@ -1161,20 +1161,6 @@ int note_error(int code, const std::string& msg) {
     return code;
 }
 
-/* A finding of the checks (or the host-side initcheck of a copy): printed, since a test may
- * swallow the error text. DISTILL_EMU_HALT_ON_ERROR=1 then ends the process with status 66, as
- * ASan's halt_on_error does: a run that only asks whether the checks find anything (the mutation
- * proof) stops at the first finding instead of running every later test. */
-void report_finding(const std::string& msg) {
-    fprintf(stderr, "distill emulator: %s\n", msg.c_str());
-    const char* h = getenv("DISTILL_EMU_HALT_ON_ERROR");
-    if (h && *h && strcmp(h, "0") != 0) {
-        fprintf(stderr, "distill emulator: halting at the first finding (DISTILL_EMU_HALT_ON_ERROR)\n");
-        fflush(stderr);
-        _exit(66);
-    }
-}
-
 const char* last_error() {
     if (t_has_msg) return t_last_msg;
     std::lock_guard<std::mutex> g(global_msg_mutex());
