@@ -76,8 +76,14 @@ typedef struct DkKdParams {
      * (and JSD_GRAD for JSD with a gradient) on rows * split blocks, FINISH on rows blocks; the
      * phases exchange results through partials. */
     float* partials;    /* [rows * split * DK_KD_PARTIAL_FLOATS], or NULL when fused */
-    int32_t split;      /* blocks per row in the split phases */
+    int32_t split;      /* blocks per row in the split phases and the cluster */
     int32_t phase;      /* DK_KD_PHASE_* */
+    /* dk_kdc_* (phase CLUSTER, sm_90): one launch of rows * split blocks in clusters of split
+     * blocks (at most 8), each block keeping its slice of the row in dynamic shared memory of
+     * DK_KD_CLUSTER_HEADER_BYTES + stash(S) + stash(T) bytes, stash(X) = round_up(stash_elems *
+     * sizeof(X) + 16, 16). stash_elems: at least the longest slice, ceil(floor(vocab / C) / split) * C
+     * + 2 * C elements with C = 16 / sizeof(S) (the vector chunk). Ignored by the other phases. */
+    int32_t stash_elems;
 } DkKdParams;
 
 #define DK_KD_PHASE_FUSED 0
@@ -85,6 +91,8 @@ typedef struct DkKdParams {
 #define DK_KD_PHASE_APPLY 2
 #define DK_KD_PHASE_JSD_GRAD 3
 #define DK_KD_PHASE_FINISH 4
+#define DK_KD_PHASE_CLUSTER 5
+#define DK_KD_CLUSTER_HEADER_BYTES 4096
 /* floats per (row, part) of DkKdParams.partials: statistics 7, pass-2 sums 2, label values 3 */
 #define DK_KD_PARTIAL_FLOATS 12
 

@@ -6,6 +6,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define DK_REGISTER_KERNEL(name, P)
+// The launch's dynamic shared memory (the emulator's simt.h defines its own).
+#define DK_DYNAMIC_SHARED(T, name)                                   \
+    extern __shared__ __align__(16) unsigned char dk_dynamic_smem[]; \
+    T* name = reinterpret_cast<T*>(dk_dynamic_smem)
 #else
 #include "emulator/simt.h"
 #endif

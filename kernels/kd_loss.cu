@@ -23,6 +23,9 @@
 //   reduction that one warp finishes.
 // Offsets within a row are 32-bit (the host refuses rows of 2^31 elements or more).
 #include "common.cuh"
+#ifdef __CUDACC__
+#include <cooperative_groups.h>
+#endif
 
 #define DK_LOG2E 1.44269504088896341f
 #define DK_LN2 0.693147180559945309f
@@ -138,9 +141,7 @@ struct DkVec {
         return r;
     }
     static __device__ __forceinline__ void widen(const Raw& r, float (&v)[N]) { dk_widen(r.w, v, static_cast<X*>(nullptr)); }
-    static __device__ __forceinline__ void store(X* p, const float (&v)[N]) {
-        Raw r;
-        dk_narrow(v, r.w, static_cast<X*>(nullptr));
+    static __device__ __forceinline__ void store_raw(X* p, const Raw& r) {
         if (kWords == 2) {
             *reinterpret_cast<uint2*>(p) = make_uint2(r.w[0], r.w[1]);
         } else {
@@ -148,6 +149,11 @@ struct DkVec {
             for (int q = 0; q < kWords / 4; ++q)
                 reinterpret_cast<uint4*>(p)[q] = make_uint4(r.w[4 * q], r.w[4 * q + 1], r.w[4 * q + 2], r.w[4 * q + 3]);
         }
+    }
+    static __device__ __forceinline__ void store(X* p, const float (&v)[N]) {
+        Raw r;
+        dk_narrow(v, r.w, static_cast<X*>(nullptr));
+        store_raw(p, r);
     }
 };
 
@@ -167,12 +173,17 @@ __device__ __forceinline__ DkSlice dk_slice(const DkRowSplit& r, int n_chunk, in
 
 // Visits a slice of a row: f.template on<M>(sv, tv, gv) for scalar elements (M = 1) and chunks
 // (M = N), in the order thread `tid` owns them; with WRITE, gv is stored to g (added to it with
-// `acc`). Every element is read before the same thread writes it, so g may alias s.
+// `acc`). Every element is read before the same thread writes it, so g may alias s. With stash
+// pointers (the row-on-chip kernels' shared memory, indexed like the row), every element read is
+// also copied there as it is, for the later passes; they are null (and folded away) elsewhere.
 template <bool READ_T, bool WRITE, typename S, typename T, typename G, typename F>
-__device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const DkSlice& sl, const S* s, const T* t, G* g, bool acc, F& f) {
+__device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const DkSlice& sl, const S* s, const T* t, G* g, bool acc, F& f,
+                                            S* stash_s = nullptr, T* stash_t = nullptr) {
     constexpr int N = DkChunk<S, T>::kLen;
     const int tid = threadIdx.x, nt = blockDim.x;
     auto one = [&](int j) {
+        if (stash_s) stash_s[j] = s[j];
+        if (stash_t && READ_T) stash_t[j] = t[j];
         float sv[1] = {dk_load(s + j)}, tv[1] = {READ_T ? dk_load(t + j) : 0.0f}, gv[1];
         f.template on<1>(sv, tv, gv);
         if (WRITE) dk_put(g + j, gv[0], acc);
@@ -194,6 +205,8 @@ __device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const DkSlice& 
     };
     auto compute = [&](int c, const Raw& x) {
         const int j0 = r.head + c * N;
+        if (stash_s) VS::store_raw(stash_s + j0, x.s);
+        if (stash_t && READ_T) VT::store_raw(stash_t + j0, x.t);
         float sv[N], tv[N], gv[N];
         VS::widen(x.s, sv);
         if (READ_T) {
@@ -490,6 +503,53 @@ __device__ __forceinline__ V dk_merge_parts(const V* first, int stride_floats, i
     return dk_block_reduce_warp0(x, op, empty, smem);
 }
 
+// The row's constants once its statistics are final.
+template <int KIND>
+__device__ __forceinline__ DkKdRowConsts dk_kd_row_consts(const DkKdParams& p, const DkKdStats& st, float k) {
+    DkKdRowConsts kc;
+    kc.ls = dk_logp2(st.s, k);
+    kc.lt = dk_logp2(st.t, k);
+    kc.l1 = dk_logp2(st.s1, DK_LOG2E);
+    const float gs = p.scalars->grad_scale;
+    kc.w_soft = gs * p.soft_weight * p.inv_temperature;
+    if (KIND == DK_KIND_REVERSE_KL) kc.w_soft *= DK_LN2;
+    if (KIND == DK_KIND_JSD) kc.w_soft *= DK_LN2 * (1.0f - p.beta);
+    kc.w_hard = gs * p.hard_weight;
+    kc.kl_rev2 = st.r / st.s.z - kc.ls.lz + kc.lt.lz;
+    // Reverse KL's gradient is p_s (l_s - l_t - KL_r): KL_r joins the teacher's constant (the
+    // teacher's log-probabilities serve nothing else there), one FADD and register less.
+    if (KIND == DK_KIND_REVERSE_KL) kc.lt.lz -= kc.kl_rev2;
+    kc.beta = p.beta;
+    kc.one_m_beta = 1.0f - p.beta;
+    kc.jsd_b = 0.0f;
+    return kc;
+}
+
+// The row's end, by one thread once every gradient write of the row is ordered before it: the
+// label's gradient element (the loops wrote it without the label's -1) and the row's loss.
+// `lv` holds the label's student logit, teacher logit and old gradient, read before any write.
+template <int KIND, bool SOFT, bool HARD, typename G>
+__device__ __forceinline__ void dk_kd_finish(const DkKdParams& p, int64_t row, const DkKdRowConsts& kc, DkSum2 sums,
+                                             const float* lv, G* g, bool acc) {
+    const float s_y = lv[0], t_y = lv[1], g_y = lv[2];
+    const int64_t y = p.labels ? p.labels[row] : -1;
+    if (HARD && g) {
+        DkKdElem e{};
+        if (SOFT) e = dk_kd_elem<KIND, KIND == DK_KIND_JSD>(kc, s_y, t_y);
+        const float v = dk_kd_grad<KIND, SOFT, HARD, true>(kc, e, s_y, 1.0f);
+        dk_store(g + y, acc ? g_y + v : v);
+    }
+    float loss = 0.0f;
+    if (SOFT) {
+        const float soft = KIND == DK_KIND_JSD          ? kc.beta * sums.a + kc.one_m_beta * sums.b
+                           : KIND == DK_KIND_REVERSE_KL ? kc.kl_rev2
+                                                        : sums.a;
+        loss += p.soft_weight * DK_LN2 * soft;
+    }
+    if (HARD) loss += p.hard_weight * -(DK_LN2 * kc.l1(s_y));
+    p.row_loss[row] = loss;
+}
+
 // One row (phase DK_KD_PHASE_FUSED, one block per row) or one phase of a row split over
 // p.split blocks (see abi.h): the same passes, with the block reductions' results exchanged
 // through p.partials between launches.
@@ -530,22 +590,7 @@ __device__ void kd_row_body(const DkKdParams& p, int64_t row, int part, const S*
                             red_stats);
     }
 
-    DkKdRowConsts kc;
-    kc.ls = dk_logp2(st.s, k);
-    kc.lt = dk_logp2(st.t, k);
-    kc.l1 = dk_logp2(st.s1, DK_LOG2E);
-    const float gs = p.scalars->grad_scale;
-    kc.w_soft = gs * p.soft_weight * p.inv_temperature;
-    if (KIND == DK_KIND_REVERSE_KL) kc.w_soft *= DK_LN2;
-    if (KIND == DK_KIND_JSD) kc.w_soft *= DK_LN2 * (1.0f - p.beta);
-    kc.w_hard = gs * p.hard_weight;
-    kc.kl_rev2 = st.r / st.s.z - kc.ls.lz + kc.lt.lz;
-    // Reverse KL's gradient is p_s (l_s - l_t - KL_r): KL_r joins the teacher's constant (the
-    // teacher's log-probabilities serve nothing else there), one FADD and register less.
-    if (KIND == DK_KIND_REVERSE_KL) kc.lt.lz -= kc.kl_rev2;
-    kc.beta = p.beta;
-    kc.one_m_beta = 1.0f - p.beta;
-    kc.jsd_b = 0.0f;
+    DkKdRowConsts kc = dk_kd_row_consts<KIND>(p, st, k);
 
     // ---- pass 2: loss terms and (KL kinds) the gradient.
     const bool grad_in_pass2 = g && KIND != DK_KIND_JSD;
@@ -585,29 +630,118 @@ __device__ void kd_row_body(const DkKdParams& p, int64_t row, int part, const S*
     // The label and its values, fetched again here rather than kept in registers through the
     // loops (they would cost the loops registers): thread 0 stored them before pass 1 (fused) or
     // part 0's statistics phase did (split).
-    const float* lv = fused ? dk_kd_label_vals() : &partial[0].s_y;
-    const float s_y = lv[0], t_y = lv[1], g_y = lv[2];
-    const int64_t y = p.labels ? p.labels[row] : -1;
-    if (HARD && g) {
-        DkKdElem e{};
-        if (SOFT) e = dk_kd_elem<KIND, KIND == DK_KIND_JSD>(kc, s_y, t_y);
-        const float v = dk_kd_grad<KIND, SOFT, HARD, true>(kc, e, s_y, 1.0f);
-        dk_store(g + y, acc ? g_y + v : v);
-    }
-    float loss = 0.0f;
-    if (SOFT) {
-        const float soft = KIND == DK_KIND_JSD          ? kc.beta * sums.a + kc.one_m_beta * sums.b
-                           : KIND == DK_KIND_REVERSE_KL ? kc.kl_rev2
-                                                        : sums.a;
-        loss += p.soft_weight * DK_LN2 * soft;
-    }
-    if (HARD) loss += p.hard_weight * -(DK_LN2 * kc.l1(s_y));
-    p.row_loss[row] = loss;
+    dk_kd_finish<KIND, SOFT, HARD>(p, row, kc, sums, fused ? dk_kd_label_vals() : &partial[0].s_y, g, acc);
 }
 
-template <int KIND, typename S, typename T, typename G>
+// ---- The row on chip (sm_90, phase DK_KD_PHASE_CLUSTER): the p.split blocks of a row form one
+// thread-block cluster, and each keeps its slice of the student and teacher rows in its shared
+// memory as pass 1 reads them from DRAM, so the later passes read on-chip memory: 6 bytes per
+// element for bf16 in place (read s and t once, write g) instead of 10, JSD included. The blocks
+// exchange their statistics and sums through distributed shared memory (map_shared_rank) between
+// cluster.sync()s; every block merges all ranks' in the same order, so all apply bitwise the same
+// normalizers. Everything shared is in dynamic shared memory (the emulator runs a cluster's blocks
+// on one OS thread, where static __shared__ would be one variable for all of them): a header, then
+// the student's and the teacher's stash (abi.h: DK_KD_CLUSTER_HEADER_BYTES).
+struct DkKdClusterShared {
+    DkKdStats red_stats[DK_MAX_WARPS + 1];
+    DkKdStats merge_stats[DK_MAX_WARPS + 1];
+    DkSum2 red_sum[DK_MAX_WARPS + 1];
+    DkSum2 merge_sum[DK_MAX_WARPS + 1];
+    DkKdStats block_stats;  // this block's, read by the cluster after a cluster.sync()
+    DkSum2 block_sums;
+    float label_vals[3];    // rank 0's copy of the label's logits and old gradient
+};
+static_assert(sizeof(DkKdClusterShared) <= DK_KD_CLUSTER_HEADER_BYTES, "abi.h's header size");
+
+__device__ __forceinline__ DkKdClusterShared* dk_kd_cluster_shared() {
+    DK_DYNAMIC_SHARED(DkKdClusterShared, sh);
+    return sh;
+}
+
+// Bytes of one stash of `elems` elements: 16 of them are the alignment pad (dk_stash_view).
+template <typename X>
+__device__ __forceinline__ int dk_stash_bytes(int elems) {
+    return (elems * static_cast<int>(sizeof(X)) + 16 + 15) / 16 * 16;
+}
+
+// The stash at `base` as a view indexed like the row, holding elements from `lo` on at the same
+// address modulo 16 as in the row, so that the vector accesses of the later passes are aligned.
+template <typename X>
+__device__ __forceinline__ X* dk_stash_view(unsigned char* base, const X* row, int lo) {
+    const int pad = static_cast<int>(reinterpret_cast<unsigned long long>(row + lo) % 16);
+    return reinterpret_cast<X*>(base + pad) - lo;
+}
+
+// Every rank's `*mine`, merged by one warp in rank order: the same result in every block.
+template <typename V, typename Op>
+__device__ __forceinline__ V dk_cluster_merge(V* mine, V empty, Op op, V* smem) {
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    V x = empty;
+    if (threadIdx.x < cluster.num_blocks()) x = *cluster.map_shared_rank(mine, threadIdx.x);
+    return dk_block_reduce_warp0(x, op, empty, smem);
+}
+
+template <int KIND, bool SOFT, bool HARD, typename S, typename T, typename G>
+__device__ void kd_cluster_body(const DkKdParams& p, int64_t row, int part, const S* s, const T* t, G* g) {
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    DkKdClusterShared* sh = dk_kd_cluster_shared();
+    const bool acc = p.accumulate != 0;
+    const int n = static_cast<int>(p.vocab);
+    constexpr int N = DkChunk<S, T>::kLen;
+    const DkRowSplit split = dk_row_split<N>(n, s, SOFT ? t : nullptr, g);
+    const DkSlice slice = dk_slice(split, N, part, p.split);
+    const int lo = slice.head ? 0 : split.head + slice.c_lo * N;
+    const int hi = slice.tail ? n : split.head + slice.c_hi * N;
+    if (hi - lo > p.stash_elems) __trap();  // the host sizes the stash for the longest slice
+    unsigned char* base = reinterpret_cast<unsigned char*>(sh) + DK_KD_CLUSTER_HEADER_BYTES;
+    S* ss = dk_stash_view(base, s, lo);
+    T* ts = dk_stash_view(base + dk_stash_bytes<S>(p.stash_elems), t, lo);
+    const float k = DK_LOG2E * p.inv_temperature;
+
+    // ---- pass 1 from DRAM, stashing the slice; the cluster's statistics.
+    DkKdPass1<KIND, SOFT, HARD> p1{dk_kd_stats_empty(), k};
+    dk_kd_visit<SOFT, false>(split, slice, s, t, static_cast<G*>(nullptr), false, p1, ss, SOFT ? ts : nullptr);
+    const DkKdStats mine = dk_block_reduce_warp0(p1.st, DkKdStatsOp<KIND>{}, dk_kd_stats_empty(), sh->red_stats);
+    if (threadIdx.x == 0) sh->block_stats = mine;
+    cluster.sync();
+    const DkKdStats st = dk_cluster_merge(&sh->block_stats, dk_kd_stats_empty(), DkKdStatsOp<KIND>{}, sh->merge_stats);
+    DkKdRowConsts kc = dk_kd_row_consts<KIND>(p, st, k);
+
+    // ---- pass 2 (and 3) from the stash: each thread reads back the chunks it stashed.
+    const S* sv = ss;
+    const T* tv = ts;
+    const bool grad_in_pass2 = g && KIND != DK_KIND_JSD;
+    const bool sums_in_pass2 = SOFT && KIND != DK_KIND_REVERSE_KL;
+    DkKdPass2<KIND, SOFT, HARD> p2{kc, 0.0f, 0.0f};
+    if (grad_in_pass2)
+        dk_kd_visit<SOFT, true>(split, slice, sv, tv, g, acc, p2);
+    else if (sums_in_pass2)
+        dk_kd_visit<SOFT, false>(split, slice, sv, tv, static_cast<G*>(nullptr), false, p2);
+    if (sums_in_pass2) {
+        const DkSum2 part_sums = dk_block_reduce_warp0(DkSum2{p2.a, p2.b}, DkSum2Op{}, DkSum2{0.0f, 0.0f}, sh->red_sum);
+        if (threadIdx.x == 0) sh->block_sums = part_sums;
+    }
+    cluster.sync();
+    DkSum2 sums{0.0f, 0.0f};
+    if (sums_in_pass2) sums = dk_cluster_merge(&sh->block_sums, DkSum2{0.0f, 0.0f}, DkSum2Op{}, sh->merge_sum);
+    kc.jsd_b = sums.b;
+    if (KIND == DK_KIND_JSD && g) {
+        DkKdPass3<SOFT, HARD> p3{kc};
+        dk_kd_visit<SOFT, true>(split, slice, sv, tv, g, acc, p3);
+    }
+    // Every gradient write of the cluster, and every read of another block's shared memory,
+    // before: the label's element may be another block's, and no block may exit while the others
+    // read its memory.
+    cluster.sync();
+    if (part == 0 && threadIdx.x == 0) dk_kd_finish<KIND, SOFT, HARD>(p, row, kc, sums, sh->label_vals, g, acc);
+}
+
+// One row's share of a launch: the two-pass kernels (dk_kd_*) run every phase but the cluster's,
+// the row-on-chip kernels (dk_kdc_*, CLUSTER) that one.
+template <int KIND, bool CLUSTER, typename S, typename T, typename G>
 __device__ void kd_row(const DkKdParams& p) {
-    // Fused and the finishing launch: one block per row; the split phases: p.split per row.
+    // Fused and the finishing launch: one block per row; the split phases and the cluster:
+    // p.split per row.
     const int per_row = (p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_FINISH) ? 1 : p.split;
     const int64_t row = blockIdx.x / per_row;
     const int part = static_cast<int>(blockIdx.x % per_row);
@@ -634,31 +768,45 @@ __device__ void kd_row(const DkKdParams& p) {
     if (!valid || (!soft && !hard)) {  // uniform across the block: no thread reaches a barrier below
         // The row's gradient is 0: the fused launch zeroes it all, a split row's statistics
         // phase its part's elements; the row's loss is 0.
-        const bool zero = p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_STATS;
+        const bool zero = p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_STATS || CLUSTER;
         if (g && !acc && zero) {
             const int64_t per = (V + per_row - 1) / per_row;
             const int64_t hi = min(V, (part + 1) * per);
             for (int64_t j = part * per + threadIdx.x; j < hi; j += blockDim.x) dk_store(g + j, 0.0f);
         }
-        if (threadIdx.x == 0 && (p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_FINISH)) p.row_loss[row] = 0.0f;
+        const bool loss_here = p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_FINISH || (CLUSTER && part == 0);
+        if (threadIdx.x == 0 && loss_here) p.row_loss[row] = 0.0f;
         return;
     }
     // The label's logits (and accumulated gradient), read before any write: an in-place gradient
     // overwrites s_y in pass 2. Thread 0 keeps them in shared memory for its fix-up after the
     // loops (and a split row's statistics phase passes them on through its partials).
     const bool reads_label = hard && (p.phase == DK_KD_PHASE_FUSED || part == 0);
-    if (threadIdx.x == 0 && (p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_STATS)) {
-        float* lv = dk_kd_label_vals();
+    if (threadIdx.x == 0 && (p.phase == DK_KD_PHASE_FUSED || p.phase == DK_KD_PHASE_STATS || CLUSTER)) {
+        float* lv;
+        if constexpr (CLUSTER)
+            lv = dk_kd_cluster_shared()->label_vals;
+        else
+            lv = dk_kd_label_vals();
         lv[0] = reads_label ? dk_load(s + y) : 0.0f;
         lv[1] = reads_label && soft ? dk_load(t + y) : 0.0f;
         lv[2] = reads_label && g && acc ? dk_load(g + y) : 0.0f;
     }
-    if (soft && hard)
-        kd_row_body<KIND, true, true>(p, row, part, s, t, g);
-    else if (soft)
-        kd_row_body<KIND, true, false>(p, row, part, s, t, g);
-    else
-        kd_row_body<KIND, false, true>(p, row, part, s, t, g);
+    if constexpr (CLUSTER) {
+        if (soft && hard)
+            kd_cluster_body<KIND, true, true>(p, row, part, s, t, g);
+        else if (soft)
+            kd_cluster_body<KIND, true, false>(p, row, part, s, t, g);
+        else
+            kd_cluster_body<KIND, false, true>(p, row, part, s, t, g);
+    } else {
+        if (soft && hard)
+            kd_row_body<KIND, true, true>(p, row, part, s, t, g);
+        else if (soft)
+            kd_row_body<KIND, true, false>(p, row, part, s, t, g);
+        else
+            kd_row_body<KIND, false, true>(p, row, part, s, t, g);
+    }
 }
 
 // Instantiations: kind x student dtype x teacher dtype, gradient f32 or the student's dtype (in place).
@@ -666,7 +814,7 @@ __device__ void kd_row(const DkKdParams& p) {
 // live at once and spill under the 64-register cap of 1024-thread blocks.
 #define DK_KD_KIND(kind, KIND, s, t, g, S, T, G)                                                 \
     extern "C" __global__ void __launch_bounds__(1024) dk_kd_##kind##_##s##_##t##_##g(DkKdParams p) { \
-        kd_row<KIND, S, T, G>(p);                                                                \
+        kd_row<KIND, false, S, T, G>(p);                                                         \
     }                                                                                            \
     DK_REGISTER_KERNEL(dk_kd_##kind##_##s##_##t##_##g, DkKdParams)
 #define DK_KD(s, t, g, S, T, G)                                 \
@@ -698,4 +846,27 @@ DK_KD(f16, f32, f16, __half, float, __half)
 DK_KD(f16, bf16, f16, __half, __nv_bfloat16, __half)
 DK_KD(bf16, f32, bf16, __nv_bfloat16, float, __nv_bfloat16)
 DK_KD(bf16, f16, bf16, __nv_bfloat16, __half, __nv_bfloat16)
+#endif
+
+// The row-on-chip kernels (sm_90 clusters): same-dtype student, teacher and gradient, the case
+// that is bandwidth-bound (bf16 in place) and the f32 one. Other pairs take the two-pass kernels;
+// on sm_80-89 these bodies are a trap the host never launches (no clusters there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define DK_KDC_BODY(KIND, S) __trap();
+#else
+#define DK_KDC_BODY(KIND, S) kd_row<KIND, true, S, S, S>(p);
+#endif
+#define DK_KDC_KIND(kind, KIND, s, S)                                                                   \
+    extern "C" __global__ void __launch_bounds__(1024) dk_kdc_##kind##_##s##_##s##_##s(DkKdParams p) { \
+        DK_KDC_BODY(KIND, S)                                                                            \
+    }                                                                                                   \
+    DK_REGISTER_KERNEL(dk_kdc_##kind##_##s##_##s##_##s, DkKdParams)
+#define DK_KDC(s, S)                                \
+    DK_KDC_KIND(fkl, DK_KIND_FORWARD_KL, s, S)      \
+    DK_KDC_KIND(rkl, DK_KIND_REVERSE_KL, s, S)      \
+    DK_KDC_KIND(jsd, DK_KIND_JSD, s, S)
+#if DK_EMU_IN_PART(4)
+DK_KDC(f32, float)
+DK_KDC(f16, __half)
+DK_KDC(bf16, __nv_bfloat16)
 #endif

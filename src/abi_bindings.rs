@@ -11,6 +11,8 @@ pub const DK_KD_PHASE_STATS: u32 = 1;
 pub const DK_KD_PHASE_APPLY: u32 = 2;
 pub const DK_KD_PHASE_JSD_GRAD: u32 = 3;
 pub const DK_KD_PHASE_FINISH: u32 = 4;
+pub const DK_KD_PHASE_CLUSTER: u32 = 5;
+pub const DK_KD_CLUSTER_HEADER_BYTES: u32 = 4096;
 pub const DK_KD_PARTIAL_FLOATS: u32 = 12;
 pub const DK_DTYPE_F32: u32 = 0;
 pub const DK_DTYPE_F16: u32 = 1;
@@ -116,10 +118,11 @@ pub struct DkKdParams {
     pub partials: *mut f32,
     pub split: i32,
     pub phase: i32,
+    pub stash_elems: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of DkKdParams"][::std::mem::size_of::<DkKdParams>() - 144usize];
+    ["Size of DkKdParams"][::std::mem::size_of::<DkKdParams>() - 152usize];
     ["Alignment of DkKdParams"][::std::mem::align_of::<DkKdParams>() - 8usize];
     ["Offset of field: DkKdParams::student"][::std::mem::offset_of!(DkKdParams, student) - 0usize];
     ["Offset of field: DkKdParams::teacher"][::std::mem::offset_of!(DkKdParams, teacher) - 8usize];
@@ -154,6 +157,8 @@ const _: () = {
         [::std::mem::offset_of!(DkKdParams, partials) - 128usize];
     ["Offset of field: DkKdParams::split"][::std::mem::offset_of!(DkKdParams, split) - 136usize];
     ["Offset of field: DkKdParams::phase"][::std::mem::offset_of!(DkKdParams, phase) - 140usize];
+    ["Offset of field: DkKdParams::stash_elems"]
+        [::std::mem::offset_of!(DkKdParams, stash_elems) - 144usize];
 };
 impl Default for DkKdParams {
     fn default() -> Self {

@@ -247,6 +247,45 @@ fn emulator_reports_divergence_and_recovers() {
     assert!(ok.iter().all(|&v| v == 96.0), "{ok:?}");
 }
 
+/// Thread-block clusters on the emulated device: cuLaunchKernelEx's cluster dimension, co-resident
+/// blocks that meet at cluster.sync() and read each other's shared memory through
+/// map_shared_rank, and the errors of a broken cluster kernel.
+#[test]
+fn emulator_runs_thread_block_clusters() {
+    use selftest::{launch_in_clusters, Output};
+    let dev = CudaKernels::emulated().unwrap();
+    for (cluster, clusters, threads) in [(1u32, 3u32, 64u32), (2, 2, 96), (4, 1, 32), (8, 2, 128)] {
+        let out = launch_in_clusters(
+            &dev,
+            "dk_selftest_cluster_ok",
+            cluster * clusters,
+            threads,
+            cluster,
+            Output::Fresh,
+        )
+        .unwrap();
+        let n = cluster as f32;
+        for (t, &v) in out.iter().enumerate() {
+            assert_eq!(v, 500.0 * n * (n - 1.0) + n * t as f32, "cluster {cluster}, thread {t}");
+        }
+    }
+    let error = |name: &str, grid: u32, cluster: u32| {
+        let e = launch_in_clusters(&dev, name, grid, 64, cluster, Output::Zeroed).unwrap_err();
+        let msg = distill_kernels::cuda::emulator_last_error().unwrap_or_default();
+        format!("{e}: {msg}")
+    };
+    let e = error("dk_selftest_cluster_ok", 6, 4);
+    assert!(e.contains("CLUSTER_SIZE") && e.contains("cluster dimension (4,1,1)"), "{e}");
+    let e = error("dk_selftest_cluster_ok", 16, 16);
+    assert!(e.contains("1 to 8 blocks"), "{e}");
+    let e = error("dk_selftest_cluster_divergence", 2, 2);
+    assert!(e.contains("barrier divergence") && e.contains("wait at cluster.sync()"), "{e}");
+    let e = error("dk_selftest_cluster_exited", 2, 2);
+    assert!(e.contains("rank 1 of the cluster, which has exited"), "{e}");
+    let ok = launch_selftest(&dev, "dk_selftest_ok", 64).expect("the device works after failures");
+    assert!(ok.iter().all(|&v| v == 64.0), "{ok:?}");
+}
+
 /// With nvcc, the build records ptxas's numbers for every kernel, and none spills on the
 /// architectures the kernels are tuned for. CI builds with DISTILL_REQUIRE_NVCC=1.
 #[test]

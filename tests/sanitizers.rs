@@ -41,6 +41,32 @@ fn correct_kernels_pass_every_check() {
     assert!(out.iter().all(|&v| v == 1.0));
 }
 
+/// Thread-block clusters: a correct cluster kernel passes every check; a block barrier in place of
+/// cluster.sync() around distributed shared memory is a race; shared memory of a block that has
+/// exited is gone; static __shared__ is refused in a cluster launch (the emulator cannot give each
+/// block of a cluster its own copy).
+#[test]
+fn cluster_kernels_are_checked() {
+    use common::selftest::launch_in_clusters;
+    let dev = checked();
+    let out = launch_in_clusters(dev, "dk_selftest_cluster_ok", 4, 64, 4, Output::Fresh).unwrap();
+    assert!(out.iter().enumerate().all(|(t, &v)| v == 6000.0 + 4.0 * t as f32), "{out:?}");
+    let fails = |name: &str| {
+        let e = launch_in_clusters(dev, name, 2, 64, 2, Output::Zeroed)
+            .expect_err(&format!("{name} must fail under the check build"))
+            .to_string();
+        assert!(e.contains(name), "{e}");
+        e
+    };
+    let e = fails("dk_selftest_cluster_race");
+    assert!(e.contains("racecheck") && e.contains("cluster block rank 0"), "{e}");
+    assert!(e.contains("selftest.cu:"), "source line missing: {e}");
+    let e = fails("dk_selftest_cluster_exited");
+    assert!(e.contains("which has exited"), "{e}");
+    let e = fails("dk_selftest_cluster_static_shared");
+    assert!(e.contains("static __shared__ memory in a cluster launch"), "{e}");
+}
+
 #[test]
 fn racecheck_finds_a_missing_barrier_in_shared_memory() {
     let e = failure("dk_selftest_shared_race", 1, 64, Output::Zeroed);

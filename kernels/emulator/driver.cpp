@@ -87,7 +87,19 @@ struct CUmemLocation {
     int type;
     int id;
 };
-struct CUlaunchAttribute; /* contents unused */
+/* cuda.h's layout: a 4-byte id, padding to 8, and a 64-byte value union. */
+struct CUlaunchAttribute {
+    int id;
+    char pad[4];
+    union {
+        char bytes[64];
+        struct {
+            unsigned int x, y, z;
+        } clusterDim;
+    } value;
+};
+static_assert(sizeof(CUlaunchAttribute) == 72, "CUlaunchAttribute as in cuda.h");
+static constexpr int kLaunchAttributeClusterDimension = 4; /* CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION */
 struct CUlaunchConfig {
     unsigned int gridDimX, gridDimY, gridDimZ;
     unsigned int blockDimX, blockDimY, blockDimZ;
@@ -1207,6 +1219,7 @@ const ErrorText kErrors[] = {
     {800, "CUDA_ERROR_NOT_PERMITTED", "operation not permitted"},
     {801, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
     {900, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", "operation not permitted when stream is capturing"},
+    {912, "CUDA_ERROR_INVALID_CLUSTER_SIZE", "invalid cluster size"},
     {999, "CUDA_ERROR_UNKNOWN", "unknown error"},
 };
 
@@ -2435,7 +2448,8 @@ CU_API cuFuncSetSharedMemConfig(CUfunction hfunc, int config) {
 /* Checks the launch like the driver does when it is called (configuration, resources), copies
  * the parameters and queues the kernel; a fault while it runs is reported by a later call. */
 static CUresult do_launch(const char* fn, CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                          unsigned bz, unsigned smem, CUstream stream, void** params, void** extra) {
+                          unsigned bz, unsigned smem, CUstream stream, void** params, void** extra,
+                          ClusterDim cluster = ClusterDim{1, 1, 1}) {
     std::unique_lock<std::mutex> lk(st().mu);
     const KernelInfo* info = kernel_info_locked(f);
     if (!info) return bad_function(fn, f);
@@ -2495,9 +2509,9 @@ static CUresult do_launch(const char* fn, CUfunction f, unsigned gx, unsigned gy
         std::memcpy(args->data(), params[0], k->param_bytes);
     }
     Op op;
-    op.run = [k, gx, gy, gz, bx, by, bz, smem, args]() {
+    op.run = [k, gx, gy, gz, bx, by, bz, smem, args, cluster]() {
         void* p[1] = {args->data()};
-        return launch(k, gx, gy, gz, bx, by, bz, smem, p);
+        return launch(k, gx, gy, gz, bx, by, bz, smem, p, cluster);
     };
     return submit_locked(lk, q, std::move(op), false, true);
 }
@@ -2509,12 +2523,31 @@ CU_API cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY
                      hStream, kernelParams, extra);
 }
 
-/* Launch attributes (clusters, priorities, ...) are ignored: blocks run independently anyway. */
+/* The cluster dimension attribute launches thread-block clusters (runtime.cpp); the other
+ * attributes (priorities, scheduling policies, ...) do not change what a kernel computes and are
+ * ignored. */
 CU_API cuLaunchKernelEx(const CUlaunchConfig* config, CUfunction f, void** kernelParams, void** extra) {
     if (!config) return kErrInvalidValue;
     if (config->numAttrs && !config->attrs) return kErrInvalidValue;
+    ClusterDim cluster{1, 1, 1};
+    for (unsigned i = 0; i < config->numAttrs; ++i) {
+        const CUlaunchAttribute& a = config->attrs[i];
+        if (a.id != kLaunchAttributeClusterDimension) continue;
+        cluster = ClusterDim{a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z};
+        const unsigned long long n = 1ull * cluster.x * cluster.y * cluster.z;
+        if (n == 0 || n > 8 || config->gridDimX % std::max(cluster.x, 1u) || config->gridDimY % std::max(cluster.y, 1u) ||
+            config->gridDimZ % std::max(cluster.z, 1u)) {
+            return note_error(kErrInvalidClusterSize,
+                              "cuLaunchKernelEx: cluster dimension (" + std::to_string(cluster.x) + "," +
+                                  std::to_string(cluster.y) + "," + std::to_string(cluster.z) + ") for grid (" +
+                                  std::to_string(config->gridDimX) + "," + std::to_string(config->gridDimY) + "," +
+                                  std::to_string(config->gridDimZ) +
+                                  "): a cluster holds 1 to 8 blocks and divides every grid dimension");
+        }
+    }
     return do_launch("cuLaunchKernelEx", f, config->gridDimX, config->gridDimY, config->gridDimZ, config->blockDimX,
-                     config->blockDimY, config->blockDimZ, config->sharedMemBytes, config->hStream, kernelParams, extra);
+                     config->blockDimY, config->blockDimZ, config->sharedMemBytes, config->hStream, kernelParams, extra,
+                     cluster);
 }
 
 /* Grid-wide synchronisation is not emulated, so a cooperative launch is a plain one. */

@@ -33,6 +33,7 @@ enum : int {
     kErrAssert = 710,
     kErrLaunchFailed = 719,
     kErrNotSupported = 801,
+    kErrInvalidClusterSize = 912,
     kErrUnknown = 999,
 };
 
@@ -60,10 +61,16 @@ DK_EMU_HIDDEN std::string strfmt(const char* fmt, ...) __attribute__((format(pri
 /* Registered kernel by name, or nullptr. Thread-safe. */
 DK_EMU_HIDDEN KernelEntry* find_kernel(const char* name);
 
-/* Runs a grid to completion on the worker pool. Returns a CUresult; on failure the message is
- * available from last_error(). Thread-safe (launches are serialised). */
+/* Blocks per thread-block cluster in x, y, z. */
+struct ClusterDim {
+    unsigned x, y, z;
+};
+
+/* Runs a grid to completion on the worker pool, in thread-block clusters of `cluster` blocks
+ * ({1, 1, 1}: a plain launch). Returns a CUresult; on failure the message is available from
+ * last_error(). Thread-safe (launches are serialised). */
 DK_EMU_HIDDEN int launch(KernelEntry* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                         unsigned bz, unsigned shared_bytes, void** params);
+                         unsigned bz, unsigned shared_bytes, void** params, ClusterDim cluster);
 
 /* Message of the calling thread's last failed launch, else of the process's last failed launch,
  * else nullptr. The pointer stays valid (the text may change with later failures). */
@@ -96,6 +103,9 @@ DK_EMU_HIDDEN void note_device_copy(void* dst, const void* src, size_t n);
 DK_EMU_HIDDEN std::string note_host_read(const void* p, size_t n, const char* reader = "a copy to the host");
 
 /* What the sanitizer knows about the CUDA thread making an access (runtime.cpp fills it). */
+/* In a cluster launch, tid counts all the cluster's threads (block rank * block size + the
+ * thread's index) and bar_gen is (cluster.sync() completed << 8) | (the block's __syncthreads
+ * completed & 0xff), so that one 16-bit epoch orders both. */
 struct ThreadView {
     unsigned tid;        /* linear thread index in the block */
     unsigned bar_gen;    /* __syncthreads completed by this block so far */
@@ -122,12 +132,15 @@ struct LaunchView {
     const void* fibers_lo; size_t fibers_bytes; /* runtime structures device code reads */
     const void* warps_lo; size_t warps_bytes;
     const void* worker_lo; size_t worker_bytes;
-    unsigned char* dyn_smem; size_t dyn_smem_bytes;
+    unsigned char* dyn_smem[8]; size_t dyn_smem_bytes; /* per block of a cluster, by rank */
+    unsigned cluster_size; /* 1: a plain launch */
     unsigned block_x, block_y, block_z, grid_x, grid_y;
 };
 DK_EMU_HIDDEN void san_launch_begin(const LaunchView& v);
 DK_EMU_HIDDEN void san_block_begin(unsigned long long serial);
 DK_EMU_HIDDEN void san_launch_end();
+/* Every thread of block `rank` of the running cluster has exited: its shared memory is gone. */
+DK_EMU_HIDDEN void san_cluster_block_exited(unsigned rank);
 /* Rewrites code addresses in a failure message into source lines (off the fiber stacks). */
 DK_EMU_HIDDEN std::string san_symbolize(const std::string& msg);
 /* Whether this library is the check build, and which checks are on (DISTILL_EMU_CHECK). */

@@ -96,7 +96,7 @@ std::string strfmt(const char* fmt, ...) {
 
 static const char* op_name(unsigned op) {
     static const char* const names[OP_COUNT_] = {
-        "(running)",       "__syncthreads", "__shfl_sync",  "__shfl_up_sync", "__shfl_down_sync",
+        "(running)",       "__syncthreads", "cluster.sync()", "__shfl_sync",  "__shfl_up_sync", "__shfl_down_sync",
         "__shfl_xor_sync", "__ballot_sync", "__any_sync",   "__all_sync",     "__syncwarp",
         "__reduce_*_sync", "__match_any_sync", "__match_all_sync",
     };
@@ -289,7 +289,8 @@ struct Warp {
     unsigned arrived = 0; /* lanes at the current rendezvous */
     unsigned nlanes = 32;
     unsigned mask = 0xffffffffu;
-    unsigned index = 0;
+    unsigned index = 0;   /* warp index in the cluster's blocks, rank-major (the block's own for a plain launch) */
+    unsigned first = 0;   /* fiber index of lane 0 */
     unsigned op[2] = {0, 0};   /* primitive of the rendezvous using slot set gen & 1 */
     unsigned size[2] = {0, 0}; /* value size of that rendezvous */
     unsigned ballot[2] = {0, 0};
@@ -307,6 +308,7 @@ struct alignas(64) Fiber : FiberPublic {
     unsigned wait_op = OP_NONE; /* what it waits at, for diagnostics */
     Warp* warp = nullptr;
     Worker* worker = nullptr;
+    struct Block* blk = nullptr; /* the block this thread belongs to (one of the cluster's) */
     /* colder */
     Fiber* prev = nullptr;
     bool exited = false;
@@ -321,6 +323,7 @@ struct Launch;
 
 struct Block {
     uint3 idx = {0, 0, 0};
+    unsigned rank = 0; /* in its cluster (0 for a plain launch) */
     unsigned nthreads = 0;
     unsigned live = 0;
     unsigned bar_gen = 0;
@@ -328,7 +331,26 @@ struct Block {
     int bar_count[2] = {0, 0};
     bool aborted = false;
     unsigned long long linear = 0; /* linear index in the grid */
-    unsigned long long serial = 0; /* unique per block run in this process (sanitizer epochs) */
+    unsigned long long serial = 0; /* unique per block run in this process (sanitizer epochs); one
+                                    * value for all the blocks of a cluster, whose shared memory the
+                                    * cluster's threads all reach */
+};
+
+/* Thread-block clusters (sm_90). A worker runs one cluster at a time: the fibers of all its blocks
+ * form one ring on one OS thread, so cluster.sync() is one more rendezvous of that ring and
+ * map_shared_rank() is pointer arithmetic between the blocks' dynamic shared memory. Static
+ * __shared__ is thread_local, so the blocks of a cluster would share it: cluster kernels must use
+ * dynamic shared memory (the check build reports any static __shared__ access in a cluster
+ * launch). A plain launch is a cluster of one block. */
+static constexpr unsigned kMaxClusterBlocks = 8; /* the portable cluster size limit */
+
+struct Cluster {
+    unsigned size = 1;     /* blocks */
+    unsigned nthreads = 0; /* of all its blocks */
+    unsigned live = 0;     /* threads not yet exited */
+    unsigned bar_gen = 0;  /* completed cluster.sync() rendezvous */
+    unsigned bar_arrived = 0;
+    bool aborted = false;
 };
 
 static std::atomic<unsigned long long> g_block_serial{1};
@@ -338,12 +360,13 @@ struct Worker {
     std::vector<Stack> stacks; /* grown lazily, reused across blocks and launches */
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
-    Context main_ctx; /* the OS thread's own stack while a block runs */
+    Context main_ctx; /* the OS thread's own stack while a cluster runs */
     void* main_fake_stack = nullptr;
     const void* main_stack_lo = nullptr;
     size_t main_stack_size = 0;
-    Block block;
-    BlockPublic pub; /* what blockIdx/blockDim/gridDim/DK_DYNAMIC_SHARED read */
+    Block blocks[kMaxClusterBlocks];     /* the running cluster's, by rank */
+    BlockPublic pubs[kMaxClusterBlocks]; /* what blockIdx/blockDim/gridDim/DK_DYNAMIC_SHARED read */
+    Cluster cluster;
     Launch* launch = nullptr;
     size_t dyn_smem_bytes = 0;
     /* Watchdog (DISTILL_EMU_WATCHDOG_S): the fiber running now, a counter bumped at every
@@ -364,11 +387,14 @@ struct Launch {
     void** params = nullptr;
     uint3 grid = {1, 1, 1};
     uint3 block = {1, 1, 1};
+    uint3 cluster = {1, 1, 1};
+    unsigned cluster_size = 1;
     unsigned smem = 0;
     unsigned long long nblocks = 0;
-    std::atomic<unsigned long long> next_block{0};
+    unsigned long long nclusters = 0; /* the units workers take: nblocks / cluster_size */
+    std::atomic<unsigned long long> next_block{0}; /* next cluster, in fact */
     std::atomic<bool> failed{false};
-    std::vector<unsigned long long> block_order; /* seeded schedules: the order blocks run in */
+    std::vector<unsigned long long> block_order; /* seeded schedules: the order clusters run in */
     unsigned long long serial = 0;                /* launches so far, for the schedule's seed */
     unsigned long long seed = 0;                  /* DISTILL_EMU_SCHEDULE_SEED at launch; 0: default order */
     std::mutex err_mu;
@@ -515,24 +541,27 @@ static std::string thread_where(const char* what, const Launch* L, const Block& 
  *     w->launch->fail(code, make_message(...));
  *     abandon_block(w, f);                                                                     */
 [[noreturn]] static void abandon_block(Worker* w, Fiber* f) {
-    w->block.aborted = true;
+    w->cluster.aborted = true;
     leave_to_main(w, f);
 }
 
 /* Nobody in the block can run: explain who waits where, then fail. */
-static std::string describe_stall(Worker* w) {
-    const Block& B = w->block;
-    unsigned exited = 0, at_bar = 0;
+static std::string describe_stall(Worker* w, const Fiber* f) {
+    const Block& B = *f->blk;
+    const Cluster& C = w->cluster;
+    unsigned exited = 0, at_bar = 0, at_cluster = 0;
     unsigned per_op[OP_COUNT_] = {};
     std::string warps_of_op[OP_COUNT_];
     unsigned warps_listed[OP_COUNT_] = {};
     const Warp* last_listed[OP_COUNT_] = {};
-    for (unsigned i = 0; i < B.nthreads; ++i) {
+    for (unsigned i = 0; i < C.nthreads; ++i) {
         const Fiber& t = w->fibers[i];
         if (t.exited) {
             ++exited;
         } else if (t.wait_op == OP_SYNCTHREADS) {
             ++at_bar;
+        } else if (t.wait_op == OP_CLUSTER_SYNC) {
+            ++at_cluster;
         } else if (t.wait_op < OP_COUNT_) {
             const unsigned op = t.wait_op;
             ++per_op[op];
@@ -551,18 +580,21 @@ static std::string describe_stall(Worker* w) {
     }
     std::vector<std::string> groups;
     if (at_bar) groups.push_back(strfmt("%u wait at __syncthreads", at_bar));
+    if (at_cluster) groups.push_back(strfmt("%u wait at cluster.sync()", at_cluster));
     for (unsigned op = OP_SHFL; op < OP_COUNT_; ++op)
         if (per_op[op]) groups.push_back(strfmt("%u wait at %s (%s)", per_op[op], op_name(op), warps_of_op[op].c_str()));
 
-    std::string msg = block_where(at_bar ? "barrier divergence" : "warp divergence", w->launch, B) + ": ";
+    std::string msg = block_where(at_bar || at_cluster ? "barrier divergence" : "warp divergence", w->launch, B);
+    if (C.size > 1) msg += strfmt(" (rank %u of a cluster of %u blocks, whose threads are counted together)", B.rank, C.size);
+    msg += ": ";
     if (exited) {
-        msg += strfmt("%u of %u threads exited", exited, B.nthreads);
+        msg += strfmt("%u of %u threads exited", exited, C.nthreads);
         for (size_t i = 0; i < groups.size(); ++i) msg += (i == 0 ? " while " : ", ") + groups[i];
     } else if (!groups.empty()) {
         /* "128 of 256 threads wait at __syncthreads while 128 wait at ..." */
         const std::string& g0 = groups[0];
         const size_t sp = g0.find(' ');
-        msg += g0.substr(0, sp) + strfmt(" of %u threads", B.nthreads) + g0.substr(sp);
+        msg += g0.substr(0, sp) + strfmt(" of %u threads", C.nthreads) + g0.substr(sp);
         for (size_t i = 1; i < groups.size(); ++i) msg += (i == 1 ? " while " : ", ") + groups[i];
     }
     msg += "; no thread can make progress";
@@ -570,7 +602,7 @@ static std::string describe_stall(Worker* w) {
 }
 
 [[noreturn]] static void report_stall(Worker* w, Fiber* f) {
-    w->launch->fail(kErrLaunchFailed, describe_stall(w));
+    w->launch->fail(kErrLaunchFailed, describe_stall(w, f));
     abandon_block(w, f);
 }
 
@@ -599,15 +631,14 @@ static inline unsigned long long splitmix64(unsigned long long& x) {
 
 /* The runnable lane of the highest-priority warp that has one, or nullptr. */
 static Fiber* pick_by_priority(Worker* w, const Fiber* f) {
-    const unsigned n = w->block.nthreads;
     if ((splitmix64(w->rng) & 1023u) == 0) { /* change point: the running warp goes last */
         auto& o = w->warp_order;
         auto it = std::find(o.begin(), o.end(), f->warp->index);
         if (it != o.end()) std::rotate(it, it + 1, o.end());
     }
     for (unsigned wi : w->warp_order) {
-        const unsigned hi = std::min(n, wi * 32 + 32);
-        for (unsigned i = wi * 32; i < hi; ++i) {
+        const Warp& wp = w->warps[wi];
+        for (unsigned i = wp.first; i < wp.first + wp.nlanes; ++i) {
             Fiber* t = &w->fibers[i];
             if (t != f && !t->exited && *t->wait_word != t->wait_value) return t;
         }
@@ -632,11 +663,22 @@ static void park(Worker* w, Fiber* f) {
     report_stall(w, f);
 }
 
+/* A block of a cluster whose threads have all exited: its shared memory is gone on the device
+ * while the rest of the cluster may still run. Poisoned (NaN bytes) so that a late read through
+ * map_shared_rank shows in results; map_shared_rank refuses it and the check build reports any
+ * access. */
+static void block_exited(Worker* w, const Block& B) {
+    if (w->dyn_smem_bytes) std::memset(w->pubs[B.rank].dyn_smem, 0xff, w->dyn_smem_bytes);
+#if DK_EMU_CHECK
+    san_cluster_block_exited(B.rank);
+#endif
+}
+
 [[noreturn]] static void fiber_exit(Worker* w, Fiber* f) {
-    Block& B = w->block;
     f->exited = true;
     f->wait_op = OP_NONE;
-    if (--B.live == 0) leave_to_main(w, f);
+    if (--f->blk->live == 0 && w->cluster.size > 1) block_exited(w, *f->blk);
+    if (--w->cluster.live == 0) leave_to_main(w, f);
     Fiber* start = f->next;
     f->prev->next = f->next;
     f->next->prev = f->prev;
@@ -674,7 +716,7 @@ static void fiber_main(Fiber* f) noexcept {
     { /* scoped: nothing that owns memory may be alive when the fiber is abandoned */
         const std::string partial =
             f->warp->mask == 0xffffffffu ? "" : strfmt(", or 0x%08x for this partial warp", f->warp->mask);
-        w->launch->fail(kErrUnknown, thread_where("unsupported warp mask", w->launch, w->block, f) +
+        w->launch->fail(kErrUnknown, thread_where("unsupported warp mask", w->launch, *f->blk, f) +
                                          strfmt(": %s called with mask 0x%08x; the emulator needs every lane of "
                                                 "the warp to take part (mask 0xffffffff%s)",
                                                 op_name(op), mask, partial.c_str()));
@@ -687,7 +729,7 @@ static void fiber_main(Fiber* f) noexcept {
     const Warp* wp = f->warp;
     const unsigned b = wp->gen & 1u;
     w->launch->fail(kErrLaunchFailed,
-                    block_where("warp divergence", w->launch, w->block) +
+                    block_where("warp divergence", w->launch, *f->blk) +
                         strfmt(": warp %u: lane %u called %s (%u-byte value) while %u lanes wait at %s (%u-byte value)",
                                wp->index, f->lane, op_name(op), size, wp->arrived, op_name(wp->op[b]), wp->size[b]));
     abandon_block(w, f);
@@ -741,7 +783,7 @@ WarpResult warp_sync(unsigned mask, unsigned op, const void* value, unsigned siz
 
 int syncthreads_count(int pred) {
     Fiber* f = current_fiber();
-    Block& B = f->worker->block;
+    Block& B = *f->blk;
     const unsigned g = B.bar_gen;
     const unsigned b = g & 1u;
     if (B.bar_arrived == 0) B.bar_count[b] = 0;
@@ -757,17 +799,56 @@ int syncthreads_count(int pred) {
 
 void syncthreads() { (void)syncthreads_count(0); }
 
+void cluster_sync() {
+    Fiber* f = current_fiber();
+    Cluster& C = f->worker->cluster;
+    const unsigned g = C.bar_gen;
+    if (++C.bar_arrived == C.nthreads) {
+        C.bar_arrived = 0;
+        C.bar_gen = g + 1;
+    } else {
+        wait_for(f, &C.bar_gen, g, OP_CLUSTER_SYNC);
+    }
+}
+
+void* map_shared_rank(const void* p, unsigned rank) {
+    Fiber* f = current_fiber();
+    Worker* w = f->worker;
+    const Cluster& C = w->cluster;
+    const unsigned char* own = w->pubs[f->blk->rank].dyn_smem;
+    const uintptr_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(own);
+    if (rank >= C.size) {
+        char buf[160];
+        snprintf(buf, sizeof buf, "map_shared_rank to rank %u of a cluster of %u blocks", rank, C.size);
+        misuse(buf);
+    }
+    if (!own || off > w->dyn_smem_bytes) {
+        misuse("map_shared_rank of an address outside this block's dynamic shared memory (static __shared__ "
+               "is per OS thread in the emulator and cannot be mapped: cluster kernels use dynamic shared memory)");
+    }
+    if (w->blocks[rank].live == 0) {
+        char buf[200];
+        snprintf(buf, sizeof buf,
+                 "map_shared_rank to block rank %u of the cluster, which has exited (a cluster.sync() before a "
+                 "block exits keeps its shared memory alive for the others)",
+                 rank);
+        w->launch->fail(kErrIllegalAddress, thread_where(buf, w->launch, *f->blk, f));
+        abandon_block(w, f);
+    }
+    return w->pubs[rank].dyn_smem + off;
+}
+
 void trap() {
     Fiber* f = current_fiber();
     Worker* w = f->worker;
-    w->launch->fail(kErrLaunchFailed, thread_where("__trap()", w->launch, w->block, f));
+    w->launch->fail(kErrLaunchFailed, thread_where("__trap()", w->launch, *f->blk, f));
     abandon_block(w, f);
 }
 
 void assert_fail(const char* expr, const char* file, unsigned line, const char* func) {
     Fiber* f = current_fiber();
     Worker* w = f->worker;
-    w->launch->fail(kErrAssert, thread_where("device assertion failed", w->launch, w->block, f) +
+    w->launch->fail(kErrAssert, thread_where("device assertion failed", w->launch, *f->blk, f) +
                                     strfmt(": %s:%u: %s: Assertion `%s` failed.", file, line, func, expr));
     abandon_block(w, f);
 }
@@ -775,7 +856,7 @@ void assert_fail(const char* expr, const char* file, unsigned line, const char* 
 void misuse(const char* what) {
     Fiber* f = current_fiber();
     Worker* w = f->worker;
-    w->launch->fail(kErrUnknown, thread_where("unsupported use of the emulator", w->launch, w->block, f) + ": " + what);
+    w->launch->fail(kErrUnknown, thread_where("unsupported use of the emulator", w->launch, *f->blk, f) + ": " + what);
     abandon_block(w, f);
 }
 
@@ -852,50 +933,71 @@ static bool ensure_capacity(Worker* w, unsigned nthreads) {
     return true;
 }
 
-static void run_block(Worker* w, unsigned long long linear) {
+/* Runs cluster `unit` of the launch (a plain launch: block `unit`) to its end on this worker. */
+static void run_cluster(Worker* w, unsigned long long unit) {
     Launch* L = w->launch;
-    Block& B = w->block;
-    const uint3 g = L->grid, bd = L->block;
-    B.idx = uint3{static_cast<unsigned>(linear % g.x), static_cast<unsigned>((linear / g.x) % g.y),
-                  static_cast<unsigned>(linear / (static_cast<unsigned long long>(g.x) * g.y))};
-    B.nthreads = bd.x * bd.y * bd.z;
-    B.live = B.nthreads;
-    B.bar_gen = 0;
-    B.bar_arrived = 0;
-    B.aborted = false;
-    w->pub.block_idx = B.idx;
-    B.linear = linear;
-    B.serial = g_block_serial.fetch_add(1, std::memory_order_relaxed);
-    if (w->dyn_smem_bytes) std::memset(w->pub.dyn_smem, 0xff, w->dyn_smem_bytes);
+    Cluster& C = w->cluster;
+    const uint3 g = L->grid, bd = L->block, cd = L->cluster;
+    const unsigned nt = bd.x * bd.y * bd.z;
+    const unsigned nwpb = (nt + 31) / 32; /* warps per block */
+    /* The cluster's position in the grid of clusters, then each block's by its rank (x fastest). */
+    const unsigned long long ux = g.x / cd.x, uy = g.y / cd.y;
+    const uint3 cu = uint3{static_cast<unsigned>(unit % ux), static_cast<unsigned>(unit / ux % uy),
+                           static_cast<unsigned>(unit / (ux * uy))};
+    C.size = L->cluster_size;
+    C.nthreads = C.size * nt;
+    C.live = C.nthreads;
+    C.bar_gen = 0;
+    C.bar_arrived = 0;
+    C.aborted = false;
+    const unsigned long long serial = g_block_serial.fetch_add(1, std::memory_order_relaxed);
+    for (unsigned r = 0; r < C.size; ++r) {
+        Block& B = w->blocks[r];
+        B.idx = uint3{cu.x * cd.x + r % cd.x, cu.y * cd.y + r / cd.x % cd.y, cu.z * cd.z + r / (cd.x * cd.y)};
+        B.rank = r;
+        B.nthreads = nt;
+        B.live = nt;
+        B.bar_gen = 0;
+        B.bar_arrived = 0;
+        B.linear = B.idx.x + 1ull * g.x * (B.idx.y + 1ull * g.y * B.idx.z);
+        B.serial = serial;
+        w->pubs[r].block_idx = B.idx;
+        if (w->dyn_smem_bytes) std::memset(w->pubs[r].dyn_smem, 0xff, w->dyn_smem_bytes);
+    }
 #if DK_EMU_CHECK
-    san_block_begin(B.serial);
+    san_block_begin(serial);
 #endif
+    const unsigned nw = C.size * nwpb;
     w->seeded = L->seed != 0;
     if (w->seeded) {
-        w->rng = L->seed * 0x9e3779b97f4a7c15ull ^ (L->serial << 32) ^ linear;
-        const unsigned nw = (B.nthreads + 31) / 32;
+        w->rng = L->seed * 0x9e3779b97f4a7c15ull ^ (L->serial << 32) ^ unit;
         w->warp_order.resize(nw);
         for (unsigned i = 0; i < nw; ++i) w->warp_order[i] = i;
         for (unsigned i = nw; i > 1; --i) std::swap(w->warp_order[i - 1], w->warp_order[splitmix64(w->rng) % i]);
     }
 
-    const unsigned n = B.nthreads;
-    for (unsigned i = 0; i * 32 < n; ++i) {
+    /* Fibers and warps rank-major: fiber r * nt + t is thread t of block r. */
+    for (unsigned i = 0; i < nw; ++i) {
         Warp& wp = w->warps[i];
+        const unsigned in_block = i % nwpb * 32;
         wp.gen = 0;
         wp.arrived = 0;
         wp.index = i;
-        wp.nlanes = std::min(32u, n - i * 32);
+        wp.first = i / nwpb * nt + in_block;
+        wp.nlanes = std::min(32u, nt - in_block);
         wp.mask = wp.nlanes == 32 ? 0xffffffffu : ((1u << wp.nlanes) - 1u);
     }
+    const unsigned n = C.nthreads;
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = w->fibers[i];
-        f.thread_idx = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
-        f.lane = i & 31u;
-        f.warp = &w->warps[i >> 5];
+        const unsigned r = i / nt, t = i % nt;
+        f.thread_idx = uint3{t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
+        f.lane = t & 31u;
+        f.warp = &w->warps[r * nwpb + (t >> 5)];
         f.warp_lanes = f.warp->nlanes;
         f.warp_mask = f.warp->mask;
-        f.block = &w->pub;
+        f.block = &w->pubs[r];
+        f.blk = &w->blocks[r];
         f.worker = w;
         f.next = &w->fibers[i + 1 == n ? 0 : i + 1];
         f.prev = &w->fibers[i == 0 ? n - 1 : i - 1];
@@ -927,7 +1029,7 @@ static void run_block(Worker* w, unsigned long long linear) {
 
 #if DK_EMU_ASAN
     /* Abandoned fibers leave poisoned redzones on their stacks; the next block reuses them. */
-    if (B.aborted)
+    if (C.aborted)
         for (unsigned i = 0; i < n; ++i) __asan_unpoison_memory_region(w->stacks[i].lo, w->stacks[i].size);
 #endif
 }
@@ -938,27 +1040,39 @@ static void run_blocks(Worker* w, Launch* L) {
     w->launch = L;
     w->thread = pthread_self();
     t_worker = w;
-    w->pub.block_dim = L->block;
-    w->pub.grid_dim = L->grid;
+    const unsigned csize = L->cluster_size;
+    for (unsigned r = 0; r < csize; ++r) {
+        BlockPublic& pb = w->pubs[r];
+        pb.block_dim = L->block;
+        pb.grid_dim = L->grid;
+        pb.cluster_rank = r;
+        pb.cluster_size = csize;
+        pb.cluster_dim = L->cluster;
+        pb.dyn_smem = nullptr;
+    }
 #if DK_EMU_ASAN
     this_thread_stack(&w->main_stack_lo, &w->main_stack_size);
 #endif
-    const unsigned nthreads = L->block.x * L->block.y * L->block.z;
+    const unsigned nthreads = csize * L->block.x * L->block.y * L->block.z;
     if (!ensure_capacity(w, nthreads)) {
         L->fail(kErrOutOfMemory, strfmt("kernel %s: cannot allocate %u fiber stacks of %zu KiB (DISTILL_EMU_STACK_KB)",
                                         L->kernel->name.c_str(), nthreads, static_cast<size_t>(g_stack_bytes / 1024)));
         return;
     }
     /* Exact-size, so that AddressSanitizer sees overruns of dynamic shared memory. The check
-     * build puts guard zones around it, so that memcheck sees overruns as shared-memory faults. */
-    void* smem = nullptr;
+     * build puts guard zones around it, so that memcheck sees overruns as shared-memory faults.
+     * One buffer per block of a cluster. */
+    void* smem[kMaxClusterBlocks] = {};
     const size_t guard = DK_EMU_CHECK ? kSmemGuardBytes : 0;
-    if (L->smem && posix_memalign(&smem, 16, L->smem + 2 * guard) != 0) {
-        L->fail(kErrOutOfMemory, strfmt("kernel %s: cannot allocate %u bytes of dynamic shared memory",
-                                        L->kernel->name.c_str(), L->smem));
-        return;
+    for (unsigned r = 0; r < csize && L->smem; ++r) {
+        if (posix_memalign(&smem[r], 16, L->smem + 2 * guard) != 0) {
+            L->fail(kErrOutOfMemory, strfmt("kernel %s: cannot allocate %u bytes of dynamic shared memory",
+                                            L->kernel->name.c_str(), L->smem));
+            for (unsigned q = 0; q < r; ++q) free(smem[q]);
+            return;
+        }
+        w->pubs[r].dyn_smem = static_cast<unsigned char*>(smem[r]) + guard;
     }
-    w->pub.dyn_smem = smem ? static_cast<unsigned char*>(smem) + guard : nullptr;
     w->dyn_smem_bytes = L->smem;
 #if DK_EMU_CHECK
     LaunchView view{};
@@ -972,8 +1086,9 @@ static void run_blocks(Worker* w, Launch* L) {
     view.warps_bytes = w->warps.size() * sizeof(Warp);
     view.worker_lo = w;
     view.worker_bytes = sizeof(Worker);
-    view.dyn_smem = w->pub.dyn_smem;
+    for (unsigned r = 0; r < csize; ++r) view.dyn_smem[r] = w->pubs[r].dyn_smem;
     view.dyn_smem_bytes = L->smem;
+    view.cluster_size = csize;
     view.block_x = L->block.x;
     view.block_y = L->block.y;
     view.block_z = L->block.z;
@@ -984,15 +1099,17 @@ static void run_blocks(Worker* w, Launch* L) {
 
     while (!L->failed.load(std::memory_order_relaxed)) {
         const unsigned long long i = L->next_block.fetch_add(1, std::memory_order_relaxed);
-        if (i >= L->nblocks) break;
-        run_block(w, L->block_order.empty() ? i : L->block_order[i]);
+        if (i >= L->nclusters) break;
+        run_cluster(w, L->block_order.empty() ? i : L->block_order[i]);
     }
 
 #if DK_EMU_CHECK
     san_launch_end();
 #endif
-    free(smem);
-    w->pub.dyn_smem = nullptr;
+    for (unsigned r = 0; r < csize; ++r) {
+        free(smem[r]);
+        w->pubs[r].dyn_smem = nullptr;
+    }
     w->dyn_smem_bytes = 0;
     w->launch = nullptr;
 }
@@ -1065,7 +1182,7 @@ static void watchdog_handler(int) {
     Fiber* f = w->running.load(std::memory_order_relaxed);
     if (!f) return;
     w->launch->fail(kErrLaunchTimeout,
-                    thread_where("watchdog", w->launch, w->block, f) +
+                    thread_where("watchdog", w->launch, *f->blk, f) +
                         strfmt(": no progress for %u s (the thread runs without reaching a barrier, a warp primitive or "
                                "its end; a spin-wait on memory that another thread writes never ends here: threads of "
                                "the emulator are not preemptive)",
@@ -1168,7 +1285,7 @@ const char* last_error() {
 }
 
 int launch(KernelEntry* k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-           unsigned smem, void** params) {
+           unsigned smem, void** params, ClusterDim cluster) {
     if (!k) return note_error(kErrInvalidHandle, "launch of a null kernel handle");
     const unsigned long long nthreads = 1ull * bx * by * bz;
     if (bx == 0 || by == 0 || bz == 0 || gx == 0 || gy == 0 || gz == 0 || nthreads > kMaxThreadsPerBlock || bx > 1024 ||
@@ -1187,6 +1304,13 @@ int launch(KernelEntry* k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, u
                                      k->name.c_str(), smem, max_dyn, kMaxSharedPerBlockOptin));
     }
     if (!params) return note_error(kErrInvalidValue, strfmt("kernel %s launched without kernelParams", k->name.c_str()));
+    const unsigned long long csize = 1ull * cluster.x * cluster.y * cluster.z;
+    if (csize == 0 || csize > kMaxClusterBlocks || gx % cluster.x || gy % cluster.y || gz % cluster.z) {
+        return note_error(kErrInvalidValue,
+                          strfmt("invalid cluster dimension (%u,%u,%u) for kernel %s with grid (%u,%u,%u): every grid "
+                                 "dimension must be a multiple of the cluster's, and a cluster holds 1 to %u blocks",
+                                 cluster.x, cluster.y, cluster.z, k->name.c_str(), gx, gy, gz, kMaxClusterBlocks));
+    }
 
     std::lock_guard<std::mutex> serial(launch_mutex());
     Pool* P = pool();
@@ -1196,18 +1320,21 @@ int launch(KernelEntry* k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, u
     L.grid = uint3{gx, gy, gz};
     L.block = uint3{bx, by, bz};
     L.smem = smem;
+    L.cluster = uint3{cluster.x, cluster.y, cluster.z};
+    L.cluster_size = static_cast<unsigned>(csize);
     L.nblocks = 1ull * gx * gy * gz;
+    L.nclusters = L.nblocks / csize;
     static unsigned long long launches = 0;
     L.serial = ++launches; /* under the launch mutex */
     L.seed = schedule_seed_slot().load(std::memory_order_relaxed);
-    if (L.seed && L.nblocks > 1 && L.nblocks <= (1ull << 22)) {
+    if (L.seed && L.nclusters > 1 && L.nclusters <= (1ull << 22)) {
         unsigned long long x = L.seed ^ (L.serial * 0xd1b54a32d192ed03ull);
-        L.block_order.resize(L.nblocks);
-        for (unsigned long long i = 0; i < L.nblocks; ++i) L.block_order[i] = i;
-        for (unsigned long long i = L.nblocks; i > 1; --i) std::swap(L.block_order[i - 1], L.block_order[splitmix64(x) % i]);
+        L.block_order.resize(L.nclusters);
+        for (unsigned long long i = 0; i < L.nclusters; ++i) L.block_order[i] = i;
+        for (unsigned long long i = L.nclusters; i > 1; --i) std::swap(L.block_order[i - 1], L.block_order[splitmix64(x) % i]);
     }
 
-    const unsigned want = static_cast<unsigned>(std::min<unsigned long long>(P->nworkers, L.nblocks));
+    const unsigned want = static_cast<unsigned>(std::min<unsigned long long>(P->nworkers, L.nclusters));
     if (want > 1) {
         {
             std::lock_guard<std::mutex> lk(P->mu);
@@ -1241,22 +1368,31 @@ int launch(KernelEntry* k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, u
 void current_thread_view(ThreadView* out) {
     const Fiber* f = current_fiber();
     const Worker* w = f->worker;
+    const Block& B = *f->blk;
+    /* In a cluster: the thread's index among all the cluster's threads, and its block's barrier
+     * count below the cluster's (see ThreadView). */
     out->tid = static_cast<unsigned>(f - w->fibers.data());
-    out->bar_gen = w->block.bar_gen;
+    out->bar_gen = w->cluster.size > 1 ? (w->cluster.bar_gen << 8) | (B.bar_gen & 0xffu) : B.bar_gen;
     out->warp_gen = f->warp->sync_gen;
-    out->block_serial = w->block.serial;
-    out->block_linear = w->block.linear;
+    out->block_serial = B.serial;
+    out->block_linear = B.linear;
 }
 
 std::string current_thread_where(const char* what) {
     const Fiber* f = current_fiber();
-    return thread_where(what, f->worker->launch, f->worker->block, f);
+    return thread_where(what, f->worker->launch, *f->blk, f);
 }
 
 std::string thread_name(unsigned long long linear, unsigned tid) {
     const Fiber* f = current_fiber();
-    const Launch* L = f->worker->launch;
+    const Worker* w = f->worker;
+    const Launch* L = w->launch;
     const uint3 g = L->grid, b = L->block;
+    if (w->cluster.size > 1) { /* tid counts the cluster's threads: name the block by its rank */
+        const unsigned nt = w->blocks[0].nthreads;
+        linear = w->blocks[tid / nt].linear;
+        tid %= nt;
+    }
     return strfmt("block (%llu,%llu,%llu), thread (%u,%u,%u)", linear % g.x, (linear / g.x) % g.y,
                   linear / (1ull * g.x * g.y), tid % b.x, (tid / b.x) % b.y, tid / (b.x * b.y));
 }
@@ -1297,5 +1433,5 @@ extern "C" DK_EMU_EXPORT int dkEmuLaunch(const char* kernel_name, unsigned gx, u
         std::string msg = std::string("no kernel named ") + (kernel_name ? kernel_name : "(null)") + " is registered";
         return dk_emu::note_error(dk_emu::kErrNotFound, msg);
     }
-    return dk_emu::launch(k, gx, gy, gz, bx, by, bz, shared_bytes, params);
+    return dk_emu::launch(k, gx, gy, gz, bx, by, bz, shared_bytes, params, dk_emu::ClusterDim{1, 1, 1});
 }

@@ -305,8 +305,13 @@ struct LaunchState {
     Alloc* last = nullptr;
     Span params{0, 0}, param_struct{0, 0}, fibers{0, 0}, warps{0, 0}, worker{0, 0};
     SharedShadow tls;  /* this library's thread-local block: static __shared__ variables */
-    SharedShadow dyn;  /* the launch's dynamic shared memory */
-    uintptr_t dyn_guard_lo = 0, dyn_guard_n = 0;
+    /* The launch's dynamic shared memory: one buffer per block of a cluster (one for a plain
+     * launch), each with its guard zones, and whether that block has exited. */
+    SharedShadow dyn[8];
+    uintptr_t dyn_guard_lo[8] = {}, dyn_guard_n[8] = {};
+    bool dyn_exited[8] = {};
+    unsigned ndyn = 0;
+    unsigned cluster_bt = 0; /* threads per block in a cluster launch, else 0 (see ThreadView) */
 };
 
 static LaunchState g; /* one launch at a time (launches are serialised), one worker */
@@ -378,14 +383,25 @@ void san_launch_begin(const LaunchView& v) {
     g.worker = Span{reinterpret_cast<uintptr_t>(v.worker_lo), v.worker_bytes};
     const Span tls = tls_block_of_this_thread();
     if (g.tls.lo != tls.lo || g.tls.bytes != tls.n) g.tls.reset(tls.lo, tls.n);
-    g.dyn.reset(reinterpret_cast<uintptr_t>(v.dyn_smem), v.dyn_smem_bytes);
-    g.dyn_guard_lo = v.dyn_smem ? reinterpret_cast<uintptr_t>(v.dyn_smem) - 4096 : 0;
-    g.dyn_guard_n = v.dyn_smem ? v.dyn_smem_bytes + 2 * 4096 : 0;
+    g.ndyn = v.cluster_size;
+    g.cluster_bt = v.cluster_size > 1 ? v.block_x * v.block_y * v.block_z : 0;
+    for (unsigned r = 0; r < g.ndyn; ++r) {
+        g.dyn[r].reset(reinterpret_cast<uintptr_t>(v.dyn_smem[r]), v.dyn_smem_bytes);
+        g.dyn_guard_lo[r] = v.dyn_smem[r] ? reinterpret_cast<uintptr_t>(v.dyn_smem[r]) - 4096 : 0;
+        g.dyn_guard_n[r] = v.dyn_smem[r] ? v.dyn_smem_bytes + 2 * 4096 : 0;
+    }
     (void)image();
     g.active = true;
 }
 
-void san_block_begin(unsigned long long serial) { g.block_serial = static_cast<uint32_t>(serial); }
+void san_block_begin(unsigned long long serial) {
+    g.block_serial = static_cast<uint32_t>(serial);
+    for (bool& e : g.dyn_exited) e = false;
+}
+
+void san_cluster_block_exited(unsigned rank) {
+    if (rank < 8) g.dyn_exited[rank] = true;
+}
 
 void san_launch_end() {
     g.active = false;
@@ -472,8 +488,14 @@ static Alloc* find_near(uintptr_t a) {
 }
 
 static inline bool ordered(const Access& prev, const ThreadView& t, uint32_t block) {
-    if (prev.block != block) return false; /* another block of the same launch */
+    if (prev.block != block) return false; /* another block of the same launch (or cluster) */
     if (prev.tid == t.tid) return true;
+    if (g.cluster_bt) {
+        /* bar is (cluster.sync count << 8) | the block's __syncthreads count: a cluster.sync
+         * between orders any two threads of the cluster, a __syncthreads two of one block. */
+        if ((prev.bar >> 8) != (static_cast<uint16_t>(t.bar_gen) >> 8)) return true;
+        if (prev.tid / g.cluster_bt != t.tid / g.cluster_bt) return false;
+    }
     if (static_cast<uint16_t>(t.bar_gen) != prev.bar) return true; /* a __syncthreads between */
     if (prev.tid / 32 == t.tid / 32 && static_cast<uint16_t>(t.warp_gen) != prev.wgen) return true;
     return false;
@@ -511,7 +533,10 @@ static void race_check(RaceCell* cells, size_t first, size_t last, int kind, con
         }
         if (kind == kWrite) {
             if (r_live) {
-                const bool same_interval = c.r.block == block && c.r.bar == static_cast<uint16_t>(t.bar_gen);
+                bool same_interval = c.r.block == block && c.r.bar == static_cast<uint16_t>(t.bar_gen);
+                /* Readers in several blocks of a cluster since its last cluster.sync: only another
+                 * cluster.sync orders a write after all of them. */
+                if ((c.r.multi & 4) && (c.r.bar >> 8) == (static_cast<uint16_t>(t.bar_gen) >> 8)) same_interval = true;
                 /* Readers all of the writer's warp, the last of them before a warp barrier the
                  * writer has passed (a warp-private slot reused after __syncwarp). */
                 const bool warp_ordered = !(c.r.multi & 2) && c.r.tid / 32 == t.tid / 32 &&
@@ -526,6 +551,7 @@ static void race_check(RaceCell* cells, size_t first, size_t last, int kind, con
             if (r_live && c.r.block == block && c.r.bar == static_cast<uint16_t>(t.bar_gen)) {
                 if (c.r.tid != t.tid) c.r.multi |= 1;
                 if (c.r.tid / 32 != t.tid / 32) c.r.multi |= 2;
+                if (g.cluster_bt && c.r.tid / g.cluster_bt != t.tid / g.cluster_bt) c.r.multi |= 4;
                 /* Within one warp the latest read's warp generation is the one a writer must be
                  * past (warp barriers only increase it). */
                 if (!(c.r.multi & 2)) c.r.wgen = static_cast<uint16_t>(t.warp_gen);
@@ -548,8 +574,11 @@ static const std::string& tls_where(uintptr_t a) {
     g_where = strfmt("static __shared__ memory (byte %zu of the thread-local block)", static_cast<size_t>(a - g.tls.lo));
     return g_where;
 }
+static unsigned g_where_rank = 0;
 static const std::string& dyn_where(uintptr_t a) {
-    g_where = strfmt("dynamic shared byte %zu of %zu", static_cast<size_t>(a - g.dyn.lo), g.dyn.bytes);
+    const SharedShadow& d = g.dyn[g_where_rank];
+    g_where = strfmt("dynamic shared byte %zu of %zu", static_cast<size_t>(a - d.lo), d.bytes);
+    if (g.cluster_bt) g_where += strfmt(" of cluster block rank %u", g_where_rank);
     return g_where;
 }
 
@@ -614,20 +643,41 @@ static void check_access(uintptr_t a, unsigned n, int kind, bool natural, const 
     const bool misaligned = natural && (n & (n - 1)) == 0 && n > 1 && (a & (n - 1)) != 0;
 
     if (g.tls.bytes && a - g.tls.lo < g.tls.bytes) {
+        if (g.cluster_bt) {
+            illegal(kErrLaunchFailed,
+                    strfmt("%s of %u bytes of static __shared__ memory in a cluster launch: the emulator runs a cluster's "
+                           "blocks on one OS thread, where static __shared__ would be one variable for all of them; "
+                           "cluster kernels keep their shared memory in dynamic shared memory",
+                           verb(kind), n),
+                    pc);
+        }
         if (a + n - g.tls.lo > g.tls.bytes) illegal(kErrIllegalAddress, strfmt("out-of-bounds %s of %u bytes in static shared memory", verb(kind), n), pc);
         if (misaligned) illegal(716, strfmt("misaligned %s of %u bytes at static shared byte %zu", verb(kind), n, static_cast<size_t>(a - g.tls.lo)), pc);
         shared_access(g.tls, a, n, kind, pc, tls_where);
         return;
     }
-    if (g.dyn_guard_n && a - g.dyn_guard_lo < g.dyn_guard_n) {
-        if (a < g.dyn.lo || a + n > g.dyn.lo + g.dyn.bytes) {
+    for (unsigned r = 0; r < g.ndyn; ++r) {
+        if (!g.dyn_guard_n[r] || a - g.dyn_guard_lo[r] >= g.dyn_guard_n[r]) continue;
+        const SharedShadow& d = g.dyn[r];
+        const bool oob = a < d.lo || a + n > d.lo + d.bytes;
+        char of_rank[40] = "";
+        if (g.cluster_bt && (oob || misaligned)) snprintf(of_rank, sizeof of_rank, " of cluster block rank %u", r);
+        if (oob) {
             illegal(kErrIllegalAddress,
-                    strfmt("out-of-bounds %s of %u bytes at dynamic shared offset %lld (the launch has %zu bytes)", verb(kind), n,
-                        static_cast<long long>(a - g.dyn.lo), g.dyn.bytes),
+                    strfmt("out-of-bounds %s of %u bytes at dynamic shared offset %lld%s (the launch has %zu bytes)", verb(kind), n,
+                        static_cast<long long>(a - d.lo), of_rank, d.bytes),
                     pc);
         }
-        if (misaligned) illegal(716, strfmt("misaligned %s of %u bytes at dynamic shared byte %zu", verb(kind), n, static_cast<size_t>(a - g.dyn.lo)), pc);
-        shared_access(g.dyn, a, n, kind, pc, dyn_where);
+        if (g.dyn_exited[r]) {
+            illegal(kErrIllegalAddress,
+                    strfmt("%s of %u bytes at dynamic shared byte %zu of cluster block rank %u, which has exited (its "
+                           "shared memory is gone: a cluster.sync() before exit keeps it for the others)",
+                           verb(kind), n, static_cast<size_t>(a - d.lo), r),
+                    pc);
+        }
+        if (misaligned) illegal(716, strfmt("misaligned %s of %u bytes at dynamic shared byte %zu%s", verb(kind), n, static_cast<size_t>(a - d.lo), of_rank), pc);
+        g_where_rank = r;
+        shared_access(g.dyn[r], a, n, kind, pc, dyn_where);
         return;
     }
     if (Alloc* al = find_near(a)) {

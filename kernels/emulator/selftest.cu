@@ -151,3 +151,73 @@ extern "C" __global__ void dk_selftest_spin(DkSelftestParams p) {
     p.out[threadIdx.x] = 8.0f;
 }
 DK_REGISTER_KERNEL(dk_selftest_spin, DkSelftestParams)
+
+/* ---- Thread-block clusters: launched with cuLaunchKernelEx and a cluster dimension, and
+ * blockDim.x floats of dynamic shared memory per block. */
+
+/* Correct: each block fills its shared memory with rank * 1000 + t; after cluster.sync() every
+ * thread sums element t over the cluster's blocks through map_shared_rank, and rank 0 writes
+ * out[t] = 1000 * n (n - 1) / 2 + n t. The second cluster.sync() keeps every block's memory alive
+ * until all have read it. */
+extern "C" __global__ void dk_selftest_cluster_ok(DkSelftestParams p) {
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    DK_DYNAMIC_SHARED(float, smem);
+    const unsigned r = cluster.block_rank(), t = threadIdx.x;
+    smem[t] = static_cast<float>(r * 1000 + t);
+    cluster.sync();
+    float sum = 0.0f;
+    for (unsigned q = 0; q < cluster.num_blocks(); ++q) sum += cluster.map_shared_rank(smem, q)[t];
+    cluster.sync();
+    if (r == 0) p.out[t] = sum;
+}
+DK_REGISTER_KERNEL(dk_selftest_cluster_ok, DkSelftestParams)
+
+/* Barrier divergence across blocks: rank 1 returns before a cluster.sync() the others wait at. */
+extern "C" __global__ void dk_selftest_cluster_divergence(DkSelftestParams p) {
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    if (cluster.block_rank() == 1) return;
+    cluster.sync();
+    p.out[threadIdx.x] = 1.0f;
+}
+DK_REGISTER_KERNEL(dk_selftest_cluster_divergence, DkSelftestParams)
+
+/* Rank 1 exits while rank 0 still reads its shared memory (no cluster.sync() before the exit).
+ * Two __syncthreads let rank 1 finish on the default schedule before rank 0 maps its memory. */
+extern "C" __global__ void dk_selftest_cluster_exited(DkSelftestParams p) {
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    DK_DYNAMIC_SHARED(float, smem);
+    smem[threadIdx.x] = 2.0f;
+    if (cluster.block_rank() != 0) return;
+    __syncthreads();
+    __syncthreads();
+    p.out[threadIdx.x] = cluster.map_shared_rank(smem, 1)[threadIdx.x];
+}
+DK_REGISTER_KERNEL(dk_selftest_cluster_exited, DkSelftestParams)
+
+/* Rank 1 writes into rank 0's shared memory while rank 0 reads it: only each block's own
+ * __syncthreads lies between, and a block barrier does not order another block's accesses. */
+extern "C" __global__ void dk_selftest_cluster_race(DkSelftestParams p) {
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    DK_DYNAMIC_SHARED(float, smem);
+    const unsigned r = cluster.block_rank(), t = threadIdx.x;
+    smem[t] = 0.0f;
+    cluster.sync();
+    if (r == 1) cluster.map_shared_rank(smem, 0)[t] = 5.0f;
+    __syncthreads();
+    const float v = r == 0 ? smem[t] : 0.0f; /* needs a cluster.sync() above */
+    cluster.sync();
+    if (r == 0) p.out[t] = v;
+}
+DK_REGISTER_KERNEL(dk_selftest_cluster_race, DkSelftestParams)
+
+/* Static __shared__ in a cluster kernel: one variable per OS thread in the emulator, so the
+ * blocks of a cluster would share it; the check build refuses it. */
+extern "C" __global__ void dk_selftest_cluster_static_shared(DkSelftestParams p) {
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    __shared__ float s[1024];
+    s[threadIdx.x] = 3.0f;
+    cluster.sync();
+    if (cluster.block_rank() == 0) p.out[threadIdx.x] = s[threadIdx.x];
+}
+DK_REGISTER_KERNEL(dk_selftest_cluster_static_shared, DkSelftestParams)

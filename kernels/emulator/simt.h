@@ -134,12 +134,16 @@ struct dim3 {
 
 namespace dk_emu {
 
-/* Block-wide values, one instance per worker, rewritten for every block. */
+/* Block-wide values, one instance per block of the running cluster (one for a plain launch),
+ * rewritten for every cluster. */
 struct BlockPublic {
     uint3 block_idx;
     uint3 block_dim;
     uint3 grid_dim;
     unsigned char* dyn_smem;
+    unsigned cluster_rank; /* this block's rank in its cluster */
+    unsigned cluster_size; /* blocks in the cluster (1: a plain launch) */
+    uint3 cluster_dim;
 };
 
 /* The part of a fiber the inline code below reads. runtime.cpp's Fiber derives from it. */
@@ -187,6 +191,7 @@ __attribute__((always_inline)) inline FiberPublic* self() { return stack_header(
 enum WarpOp : unsigned {
     OP_NONE = 0,
     OP_SYNCTHREADS,
+    OP_CLUSTER_SYNC,
     OP_SHFL,
     OP_SHFL_UP,
     OP_SHFL_DOWN,
@@ -213,6 +218,10 @@ struct WarpResult { /* 16 bytes: returned in registers */
 DK_EMU_HIDDEN WarpResult warp_sync(unsigned mask, unsigned op, const void* value, unsigned size, int pred);
 DK_EMU_HIDDEN void syncthreads();
 DK_EMU_HIDDEN int syncthreads_count(int pred);
+/* Thread-block clusters: every thread of every block of the cluster arrives (barrier.cluster
+ * arrive + wait); and the address of `p` (this block's dynamic shared memory) in block `rank`. */
+DK_EMU_HIDDEN void cluster_sync();
+DK_EMU_HIDDEN void* map_shared_rank(const void* p, unsigned rank);
 [[noreturn]] DK_EMU_HIDDEN void trap();
 [[noreturn]] DK_EMU_HIDDEN void assert_fail(const char* expr, const char* file, unsigned line, const char* func);
 [[noreturn]] DK_EMU_HIDDEN void misuse(const char* what);
@@ -274,6 +283,35 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 /* Threads of a block share one OS thread: ordering the compiler is enough. */
 inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+
+/* Thread-block clusters: the part of CUDA's cooperative_groups that cluster kernels use (kernels
+ * include <cooperative_groups.h> under nvcc only). Blocks are ranked x fastest, as on sm_90. */
+namespace cooperative_groups {
+struct cluster_group {
+    void sync() const { ::dk_emu::cluster_sync(); }
+    unsigned block_rank() const { return ::dk_emu::self()->block->cluster_rank; }
+    unsigned num_blocks() const { return ::dk_emu::self()->block->cluster_size; }
+    dim3 dim_blocks() const {
+        const uint3 d = ::dk_emu::self()->block->cluster_dim;
+        return dim3(d.x, d.y, d.z);
+    }
+    dim3 block_index() const {
+        const ::dk_emu::BlockPublic* b = ::dk_emu::self()->block;
+        const unsigned r = b->cluster_rank;
+        return dim3(r % b->cluster_dim.x, r / b->cluster_dim.x % b->cluster_dim.y,
+                    r / (b->cluster_dim.x * b->cluster_dim.y));
+    }
+    unsigned num_threads() const {
+        const ::dk_emu::BlockPublic* b = ::dk_emu::self()->block;
+        return b->cluster_size * b->block_dim.x * b->block_dim.y * b->block_dim.z;
+    }
+    template <typename T>
+    T* map_shared_rank(T* p, unsigned rank) const {
+        return static_cast<T*>(::dk_emu::map_shared_rank(p, rank));
+    }
+};
+inline cluster_group this_cluster() { return cluster_group{}; }
+}  // namespace cooperative_groups
 
 [[noreturn]] inline void __trap() { ::dk_emu::trap(); }
 [[noreturn]] inline void __brkpt() { ::dk_emu::trap(); }

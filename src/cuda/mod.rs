@@ -3,11 +3,13 @@
 
 mod attention;
 mod blas;
+mod cluster;
 #[cfg(feature = "emulator")]
 mod emulator;
 mod host;
 mod nn;
 mod ops;
+mod row_schedule;
 mod span;
 mod tensor;
 mod topk;
@@ -20,7 +22,9 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 use crate::error::{Error, Result};
 
 pub use attention::MAX_HEAD_DIM as MAX_ATTENTION_HEAD_DIM;
+pub use cluster::launch_cluster;
 pub use ops::{DeviceHidden, DeviceInputs, LossWorkspace, RowStrides, Student};
+pub use row_schedule::RowSchedule;
 pub use span::DeviceSpan;
 pub use topk::{DeviceTopK, DeviceTopKInputs};
 
@@ -144,6 +148,8 @@ pub struct CudaKernels {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     emulated: bool,
+    /// How the fused loss lays out its rows ([`RowSchedule::Auto`] unless set).
+    row_schedule: Mutex<RowSchedule>,
     /// cuBLAS on `stream`, made at the first matmul (or why it could not be).
     blas: std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>,
 }
@@ -260,6 +266,7 @@ impl CudaKernels {
             module,
             functions: Mutex::new(HashMap::new()),
             emulated,
+            row_schedule: Mutex::new(RowSchedule::Auto),
             blas: std::sync::OnceLock::new(),
         })
     }
@@ -280,6 +287,7 @@ impl CudaKernels {
             module,
             functions: Mutex::new(HashMap::new()),
             emulated,
+            row_schedule: Mutex::new(RowSchedule::Auto),
             blas: std::sync::OnceLock::new(),
         })
     }
@@ -287,6 +295,17 @@ impl CudaKernels {
     /// Whether this is the emulated device.
     pub fn is_emulated(&self) -> bool {
         self.emulated
+    }
+
+    /// Sets how later loss calls lay out their rows (default [`RowSchedule::Auto`]). A forced
+    /// schedule that cannot run a call makes that call return [`Error::InvalidOption`].
+    pub fn set_row_schedule(&self, schedule: RowSchedule) {
+        *self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()) = schedule;
+    }
+
+    /// The row schedule of loss calls.
+    pub fn row_schedule(&self) -> RowSchedule {
+        *self.row_schedule.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The stream every call of this device is issued on. Buffers passed to the device-buffer

@@ -6,11 +6,12 @@
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
 use super::tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut};
+use super::row_schedule::{RowPlan, RowShape, SPLIT_MAX_BLOCKS};
 use super::CudaKernels;
 use crate::abi::{
     DkHiddenParams, DkKdParams, DkPrepareParams, DkReduceParams, DkScalars, DkSoftmaxBwdParams,
     DkSoftmaxParams, DK_KD_PARTIAL_FLOATS, DK_KD_PHASE_APPLY, DK_KD_PHASE_FINISH,
-    DK_KD_PHASE_FUSED, DK_KD_PHASE_JSD_GRAD, DK_KD_PHASE_STATS,
+    DK_KD_PHASE_CLUSTER, DK_KD_PHASE_FUSED, DK_KD_PHASE_JSD_GRAD, DK_KD_PHASE_STATS,
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -178,24 +179,6 @@ impl LossWorkspace {
     }
 }
 
-/// The most blocks a split call uses (rows x blocks per row): the workspace holds their partial
-/// results.
-const SPLIT_MAX_BLOCKS: usize = 1024;
-/// The fewest elements a block of a split row takes: below this the row's reductions and launch
-/// cost more than the parallelism wins.
-const SPLIT_MIN_ELEMS: usize = 8192;
-
-/// Blocks per row for the fused loss: one, unless the rows are too few to give every SM two
-/// blocks and long enough to share (`rows` < 2 SMs and `vocab` >= 2 x SPLIT_MIN_ELEMS); then
-/// enough to fill two blocks per SM, each with at least SPLIT_MIN_ELEMS elements.
-pub(crate) fn split_for(rows: usize, vocab: usize, sms: usize) -> usize {
-    let want = (2 * sms).div_ceil(rows.max(1));
-    let split = want
-        .min(vocab / SPLIT_MIN_ELEMS)
-        .min(SPLIT_MAX_BLOCKS / rows.max(1));
-    split.max(1)
-}
-
 /// Threads per block for a row of `n` elements: about 8 elements per thread, a whole number of
 /// warps (the reductions assume full warps), at most 1024.
 pub(crate) fn threads_for(n: usize) -> u32 {
@@ -338,6 +321,18 @@ fn check_grad_dtype(what: &str, grad: Dtype, input: Dtype) -> Result<()> {
     Ok(())
 }
 
+/// Whether every row starts at the same offset modulo 16 bytes in each of the buffers (device
+/// address, row stride in elements of `size` bytes; a null address is absent).
+fn rows_aligned_alike(size: usize, rows: &[(u64, usize)]) -> bool {
+    let present = || rows.iter().filter(|(p, _)| *p != 0);
+    let same = |f: &dyn Fn(&(u64, usize)) -> u64| {
+        let mut v = present().map(f);
+        let first = v.next();
+        v.all(|x| Some(x) == first)
+    };
+    same(&|(p, _)| p % 16) && same(&|(_, stride)| (stride * size) as u64 % 16)
+}
+
 fn kind_code(kind: LossKind) -> &'static str {
     match kind {
         LossKind::ForwardKl => "fkl",
@@ -361,6 +356,28 @@ impl CudaKernels {
         // the shapes it describes.
         unsafe { b.launch(cfg) }.map_err(|e| self.cuda_error(name, e))?;
         Ok(())
+    }
+
+    /// Launches kernel `name` in thread-block clusters of `cluster` blocks, with
+    /// `cfg.shared_mem_bytes` of dynamic shared memory per block (raised past the default 48 KiB).
+    pub(crate) fn launch_in_clusters<P: cudarc::driver::DeviceRepr>(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        cluster: u32,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.function(name)?;
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            cfg.shared_mem_bytes as i32,
+        )
+        .map_err(|e| self.cuda_error(name, e))?;
+        let mut args = [params as *const P as *mut std::ffi::c_void];
+        // SAFETY: as in `launch`: one parameter struct by value, declared in kernels/abi.h, its
+        // pointers checked against the shapes it describes and kept alive by the caller's guards.
+        unsafe { super::launch_cluster(&self.stream, &f, cfg, cluster, &mut args) }
+            .map_err(|e| self.cuda_error(name, e))
     }
 
     /// The fused distillation loss on device buffers (DESIGN section 4). Writes the gradients
@@ -499,14 +516,46 @@ impl CudaKernels {
             teacher.dtype(),
             g_dtype
         );
-        let sms = self
-            .ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_err(|e| self.cuda_error("the multiprocessor count", e))?;
-        let split = split_for(rows, vocab, sms.max(1) as usize);
-        let (partials, _gp) = if split > 1 {
+        let attribute = |a, what| {
+            self.ctx
+                .attribute(a)
+                .map_err(|e| self.cuda_error(what, e))
+        };
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let sms = attribute(
+            A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            "the multiprocessor count",
+        )?;
+        let cc_major = attribute(
+            A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            "the compute capability",
+        )?;
+        // The row-on-chip kernels: one dtype for all, and rows whose student, teacher and
+        // gradient sit at one alignment (their vector chunks start at the same element).
+        let one_dtype = (s_dtype == teacher.dtype()
+            && (g_ptr == 0 || g_dtype == s_dtype)
+            && rows_aligned_alike(
+                s_dtype.size_bytes(),
+                &[(s_ptr, s_stride), (t_ptr, t_stride), (g_ptr, g_stride)],
+            ))
+        .then_some(s_dtype);
+        let plan = self.row_schedule().plan(&RowShape {
+            rows,
+            vocab,
+            sms: sms.max(1) as usize,
+            cc_major,
+            one_dtype,
+        })?;
+        let (split, stash_elems) = match plan {
+            RowPlan::Fused => (1, 0),
+            RowPlan::Split(n) => (n, 0),
+            RowPlan::Cluster {
+                blocks,
+                stash_elems,
+                ..
+            } => (blocks, stash_elems),
+        };
+        let (partials, _gp) = if matches!(plan, RowPlan::Split(_)) {
             let (p, g) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut ws.partials, stream);
             (p, Some(g))
         } else {
@@ -535,8 +584,14 @@ impl CudaKernels {
             partials: partials as *mut f32,
             split: split as i32,
             phase: phase as i32,
+            stash_elems: stash_elems as i32,
         };
-        if split == 1 {
+        if let RowPlan::Cluster { blocks, smem, .. } = plan {
+            let name = format!("dk_kdc_{}_{s_dtype}_{s_dtype}_{s_dtype}", kind_code(cfg.kind));
+            let mut grid = row_grid(rows * blocks, threads_for(vocab.div_ceil(blocks)))?;
+            grid.shared_mem_bytes = smem as u32;
+            self.launch_in_clusters(&name, grid, blocks as u32, &params(DK_KD_PHASE_CLUSTER))?;
+        } else if split == 1 {
             self.launch(
                 &kd,
                 row_grid(rows, threads_for(vocab))?,

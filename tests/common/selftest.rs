@@ -35,6 +35,19 @@ pub fn launch(
     threads: u32,
     output: Output,
 ) -> Result<Vec<f32>> {
+    launch_in_clusters(dev, name, grid, threads, 0, output)
+}
+
+/// As [`launch`], in thread-block clusters of `cluster` blocks (`cuLaunchKernelEx`), each block
+/// with `threads` floats of dynamic shared memory; `cluster` 0 is a plain launch.
+pub fn launch_in_clusters(
+    dev: &CudaKernels,
+    name: &str,
+    grid: u32,
+    threads: u32,
+    cluster: u32,
+    output: Output,
+) -> Result<Vec<f32>> {
     let module = dev
         .context()
         .load_module(cudarc::nvrtc::Ptx::from_binary(
@@ -65,15 +78,26 @@ pub fn launch(
         // SAFETY: plain data, the layout of DkSelftestParams.
         unsafe impl cudarc::driver::DeviceRepr for P {}
         let p = P { out: ptr };
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p);
-        let cfg = LaunchConfig {
+        let mut cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the parameter struct matches the kernel's.
-        unsafe { b.launch(cfg) }.map_err(with_message)?;
+        if cluster == 0 {
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(&p);
+            // SAFETY: the parameter struct matches the kernel's.
+            unsafe { b.launch(cfg) }.map_err(with_message)?;
+        } else {
+            cfg.shared_mem_bytes = 4 * threads;
+            let mut args = [&p as *const P as *mut std::ffi::c_void];
+            // SAFETY: the parameter struct matches the kernel's; `out` outlives the launch (the
+            // stream is synchronized below).
+            unsafe {
+                distill_kernels::cuda::launch_cluster(dev.stream(), &f, cfg, cluster, &mut args)
+            }
+            .map_err(with_message)?;
+        }
     }
     dev.stream().synchronize().map_err(with_message)?;
     dev.stream().clone_dtoh(&out).map_err(with_message)

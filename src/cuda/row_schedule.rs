@@ -1,0 +1,243 @@
+//! How the fused loss lays a row out on the GPU: one block per row (two passes over DRAM), a row
+//! split over several blocks (one launch per pass: few long rows), or a thread-block cluster that
+//! keeps the row in shared memory (sm_90: one pass over DRAM). [`RowSchedule::Auto`] picks per
+//! call; the others force a layout (tests, benchmarks) and are refused where it cannot run.
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// The layout of the fused loss's rows, set with
+/// [`CudaKernels::set_row_schedule`](super::CudaKernels::set_row_schedule).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RowSchedule {
+    /// Chosen per call from the shape, the dtypes and the device.
+    #[default]
+    Auto,
+    /// One block per row, which reads the row twice (any device).
+    Fused,
+    /// Every row over this many blocks, one launch per pass (any device).
+    Split(usize),
+    /// Every row over a cluster of this many blocks (1 to 8) that holds it in shared memory, so
+    /// that it is read from DRAM once: compute capability 9.0 or newer, student and teacher (and
+    /// gradient) of one dtype, and a row that fits the cluster's shared memory.
+    Cluster(usize),
+}
+
+/// What a call runs, once [`RowSchedule`] is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowPlan {
+    Fused,
+    Split(usize),
+    /// `blocks` per row, each with `stash_elems` elements of each input and `smem` bytes of
+    /// dynamic shared memory.
+    Cluster {
+        blocks: usize,
+        stash_elems: usize,
+        smem: usize,
+    },
+}
+
+/// The most blocks a split call uses (rows x blocks per row): the workspace holds their partial
+/// results.
+pub(crate) const SPLIT_MAX_BLOCKS: usize = 1024;
+/// The fewest elements a block of a split row takes: below this the row's reductions and launch
+/// cost more than the parallelism wins.
+const SPLIT_MIN_ELEMS: usize = 8192;
+/// The most blocks of a cluster (the portable limit of sm_90).
+pub(crate) const CLUSTER_MAX_BLOCKS: usize = 8;
+/// Shared memory a cluster block may take in [`RowSchedule::Auto`]: of the 227 KiB a block can
+/// have, enough for a bf16 pair of 131,072 logits over 4 blocks (2 x 64 KiB + header).
+const CLUSTER_AUTO_SMEM: usize = 160 * 1024;
+/// The most dynamic shared memory a block can have (sm_90: 227 KiB).
+const MAX_BLOCK_SMEM: usize = 227 * 1024;
+/// Rows shorter than this stay on the fused path under [`RowSchedule::Auto`]: their second read
+/// mostly hits L2, so the cluster's synchronisation is not worth it.
+const CLUSTER_MIN_VOCAB: usize = 16384;
+
+/// Blocks per row for the fused loss: one, unless the rows are too few to give every SM two
+/// blocks and long enough to share (`rows` < 2 SMs and `vocab` >= 2 x SPLIT_MIN_ELEMS); then
+/// enough to fill two blocks per SM, each with at least SPLIT_MIN_ELEMS elements.
+pub(crate) fn split_for(rows: usize, vocab: usize, sms: usize) -> usize {
+    let want = (2 * sms).div_ceil(rows.max(1));
+    let split = want
+        .min(vocab / SPLIT_MIN_ELEMS)
+        .min(SPLIT_MAX_BLOCKS / rows.max(1));
+    split.max(1)
+}
+
+/// The stash a cluster block needs (kernels/abi.h, `stash_elems`) and its dynamic shared memory.
+pub(crate) fn cluster_smem(vocab: usize, blocks: usize, dtype: Dtype) -> (usize, usize) {
+    let size = dtype.size_bytes();
+    let chunk = 16 / size;
+    let stash_elems = (vocab / chunk).div_ceil(blocks) * chunk + 2 * chunk;
+    let stash_bytes = (stash_elems * size + 16).next_multiple_of(16);
+    let header = crate::abi::DK_KD_CLUSTER_HEADER_BYTES as usize;
+    (stash_elems, header + 2 * stash_bytes)
+}
+
+/// The device and call facts a schedule is resolved against.
+pub(crate) struct RowShape {
+    pub rows: usize,
+    pub vocab: usize,
+    pub sms: usize,
+    /// Compute capability major version.
+    pub cc_major: i32,
+    /// The student's and teacher's dtype when they are one, and the gradient (if any) too.
+    pub one_dtype: Option<Dtype>,
+}
+
+impl RowSchedule {
+    pub(crate) fn plan(self, shape: &RowShape) -> Result<RowPlan> {
+        let RowShape {
+            rows,
+            vocab,
+            sms,
+            cc_major,
+            one_dtype,
+        } = *shape;
+        let refuse = |value: String, reason: &'static str| Error::InvalidOption {
+            name: "row schedule",
+            value,
+            reason,
+        };
+        match self {
+            RowSchedule::Fused => Ok(RowPlan::Fused),
+            RowSchedule::Split(n) => {
+                if n == 0 || n.saturating_mul(rows) > SPLIT_MAX_BLOCKS {
+                    return Err(refuse(
+                        format!("Split({n}) of {rows} rows"),
+                        "a split needs 1 to 1024 / rows blocks per row (the workspace's partials)",
+                    ));
+                }
+                Ok(if n == 1 {
+                    RowPlan::Fused
+                } else {
+                    RowPlan::Split(n)
+                })
+            }
+            RowSchedule::Cluster(n) => {
+                let value = || format!("Cluster({n})");
+                if cc_major < 9 {
+                    return Err(refuse(
+                        value(),
+                        "thread-block clusters need compute capability 9.0 or newer",
+                    ));
+                }
+                let Some(dtype) = one_dtype else {
+                    return Err(refuse(
+                        value(),
+                        "the row-on-chip kernels take student, teacher and gradient of one dtype",
+                    ));
+                };
+                if !(1..=CLUSTER_MAX_BLOCKS).contains(&n) {
+                    return Err(refuse(value(), "a cluster has 1 to 8 blocks"));
+                }
+                let (stash_elems, smem) = cluster_smem(vocab, n, dtype);
+                if smem > MAX_BLOCK_SMEM {
+                    return Err(refuse(
+                        value(),
+                        "the row does not fit the cluster's shared memory (227 KiB per block)",
+                    ));
+                }
+                Ok(RowPlan::Cluster {
+                    blocks: n,
+                    stash_elems,
+                    smem,
+                })
+            }
+            RowSchedule::Auto => {
+                let split = split_for(rows, vocab, sms);
+                let cluster = match one_dtype {
+                    Some(dtype) if cc_major >= 9 && vocab >= CLUSTER_MIN_VOCAB => {
+                        // The fewest blocks whose shared memory holds the row.
+                        (0..4).map(|i| 1usize << i).find_map(|blocks| {
+                            let (stash_elems, smem) = cluster_smem(vocab, blocks, dtype);
+                            (smem <= CLUSTER_AUTO_SMEM).then_some(RowPlan::Cluster {
+                                blocks,
+                                stash_elems,
+                                smem,
+                            })
+                        })
+                    }
+                    _ => None,
+                };
+                Ok(match cluster {
+                    // Few rows: the split spreads them over more SMs than clusters would.
+                    Some(RowPlan::Cluster { blocks, .. }) if split > 1 && rows * blocks < sms => {
+                        RowPlan::Split(split)
+                    }
+                    Some(plan) => plan,
+                    None if split > 1 => RowPlan::Split(split),
+                    None => RowPlan::Fused,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(rows: usize, vocab: usize, dtype: Option<Dtype>) -> RowShape {
+        RowShape {
+            rows,
+            vocab,
+            sms: 132,
+            cc_major: 9,
+            one_dtype: dtype,
+        }
+    }
+
+    #[test]
+    fn auto_keeps_a_bf16_row_of_131072_on_four_blocks() {
+        let plan = RowSchedule::Auto
+            .plan(&shape(16384, 131072, Some(Dtype::Bf16)))
+            .unwrap();
+        let RowPlan::Cluster { blocks, smem, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(blocks, 4);
+        assert!(smem <= CLUSTER_AUTO_SMEM, "{smem}");
+        // f32: twice the bytes, twice the blocks.
+        let plan = RowSchedule::Auto
+            .plan(&shape(16384, 131072, Some(Dtype::F32)))
+            .unwrap();
+        assert!(matches!(plan, RowPlan::Cluster { blocks: 8, .. }), "{plan:?}");
+    }
+
+    #[test]
+    fn auto_falls_back_where_clusters_cannot_run() {
+        let mixed = RowSchedule::Auto.plan(&shape(16384, 131072, None)).unwrap();
+        assert_eq!(mixed, RowPlan::Fused);
+        let mut ampere = shape(16384, 131072, Some(Dtype::Bf16));
+        ampere.cc_major = 8;
+        assert_eq!(RowSchedule::Auto.plan(&ampere).unwrap(), RowPlan::Fused);
+        // Too long for 8 blocks of 160 KiB: two passes.
+        let huge = RowSchedule::Auto
+            .plan(&shape(16384, 1 << 20, Some(Dtype::F32)))
+            .unwrap();
+        assert_eq!(huge, RowPlan::Fused);
+        // Few rows: split over the SMs.
+        let few = RowSchedule::Auto
+            .plan(&shape(8, 131072, Some(Dtype::Bf16)))
+            .unwrap();
+        assert!(matches!(few, RowPlan::Split(_)), "{few:?}");
+    }
+
+    #[test]
+    fn forced_schedules_are_checked() {
+        let s = shape(4, 1000, Some(Dtype::F16));
+        assert!(RowSchedule::Cluster(9).plan(&s).is_err());
+        assert!(RowSchedule::Cluster(0).plan(&s).is_err());
+        assert!(RowSchedule::Cluster(2).plan(&shape(4, 1000, None)).is_err());
+        assert!(RowSchedule::Split(0).plan(&s).is_err());
+        assert!(RowSchedule::Split(257).plan(&s).is_err());
+        assert_eq!(RowSchedule::Split(1).plan(&s).unwrap(), RowPlan::Fused);
+        let big = shape(1, 1 << 20, Some(Dtype::F32));
+        assert!(RowSchedule::Cluster(8).plan(&big).is_err());
+        let (elems, smem) = cluster_smem(1000, 3, Dtype::F16);
+        assert_eq!(elems, (1000 / 8usize).div_ceil(3) * 8 + 16);
+        assert_eq!(smem, 4096 + 2 * (elems * 2 + 16).next_multiple_of(16));
+    }
+}
