@@ -261,12 +261,14 @@ fn emulator_runs_thread_block_clusters() {
             cluster * clusters,
             threads,
             cluster,
-            Output::Fresh,
+            Output::Zeroed,
         )
         .unwrap();
+        // Rank 0 of every cluster adds its sums.
         let n = cluster as f32;
         for (t, &v) in out.iter().enumerate() {
-            assert_eq!(v, 500.0 * n * (n - 1.0) + n * t as f32, "cluster {cluster}, thread {t}");
+            let want = clusters as f32 * (500.0 * n * (n - 1.0) + n * t as f32);
+            assert_eq!(v, want, "cluster {cluster}, thread {t}");
         }
     }
     let error = |name: &str, grid: u32, cluster: u32| {
@@ -305,9 +307,9 @@ fn ptxas_report_has_no_spills() {
             assert_eq!((f[3], f[4]), ("0", "0"), "{} spills on {}", f[1], f[0]);
         }
     }
-    // 103 loss, optimizer and model kernels, 10 top-k KD and the top-k id check, on two
-    // architectures.
-    assert_eq!(kernels, 2 * 114, "{report}");
+    // 103 loss, optimizer and model kernels, 9 row-on-chip loss kernels (a trap on sm_80), 10
+    // top-k KD and the top-k id check, on two architectures.
+    assert_eq!(kernels, 2 * 123, "{report}");
 }
 
 /// The opt-in AddressSanitizer build of the emulator catches an out-of-bounds read inside a

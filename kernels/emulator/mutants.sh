@@ -27,7 +27,7 @@ FILTER=${1:-}
 
 # ---- the test binaries and the build's OUT_DIR (the cargo build must be current).
 # (fastest first on the check build: tests/kernels.rs takes a minute there, the others seconds)
-SUITES=(device_api device_views device_optim device_nn device_blas device_attention device_bf16 device_model topk kernels)
+SUITES=(device_api device_views row_on_chip device_optim device_nn device_blas device_attention device_bf16 device_model topk kernels)
 json=$(cargo test --release "${SUITES[@]/#/--test=}" --no-run --message-format=json 2>/dev/null)
 OUT_DIR=$(grep '"reason":"build-script-executed"' <<<"$json" | grep 'distill-kernels' |
     sed -E 's/.*"out_dir":"([^"]*)".*/\1/' | tail -1)
@@ -49,6 +49,7 @@ first_suites() {
         model_ops.cu) echo device_nn device_bf16 device_model ;;
         optim.cu) echo device_optim ;;
         kd_topk.cu) echo topk ;;
+        kd_loss.cu#4) echo row_on_chip ;;
         *.cuh) ;; # every kernel file includes it: the fastest suites first
         *) echo kernels device_api ;;
     esac
@@ -142,6 +143,18 @@ mutant topk-hash-insert-not-atomic kd_topk.cu \
     'const unsigned old = atomicCAS(&t.key[h], DK_TOPK_EMPTY, id);' \
     'const unsigned old = t.key[h]; if (old == DK_TOPK_EMPTY) t.key[h] = id;' \
     "the shared hash table of top ids is filled by a plain read and write: two threads may claim one slot"
+# (FILE#i: a mutant of the code only part i of a file compiled in parts instantiates.)
+mutant cluster-stats-unsynced kd_loss.cu#4 \
+    'if (threadIdx.x == 0) sh->block_stats = mine;
+    cluster.sync();' \
+    'if (threadIdx.x == 0) sh->block_stats = mine;' \
+    "the row-on-chip loss reads the other blocks' statistics through distributed shared memory with no cluster.sync() after their writes"
+mutant cluster-own-statistics kd_loss.cu#4 \
+    'sh->merge_stats);
+    DkKdRowConsts kc = dk_kd_row_consts<KIND>(p, st, k);' \
+    'sh->merge_stats);
+    DkKdRowConsts kc = dk_kd_row_consts<KIND>(p, mine, k);' \
+    "each block of a row-on-chip cluster normalises its slice with its own statistics instead of the row's"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do
@@ -160,6 +173,10 @@ unit_defines() { [[ $1 == *.[0-9]* ]] && printf '#define DK_EMU_PART %s\n' "${1#
 # which the link puts first; nothing of the mutant can be dropped from part 0's own kernels.)
 affected_units() {
     local u
+    if [[ $1 == *#* ]]; then
+        echo "${1%.cu#*}.${1##*#}"
+        return 0
+    fi
     for u in "${DK_KERNEL_UNITS[@]}"; do
         [[ ${MUTANTS_ONE_PART:-0} == 1 && $u == *.[1-9]* ]] && continue
         case $1 in
@@ -265,7 +282,7 @@ for i in -1 "${!NAMES[@]}"; do
     dir=$WORK/$name
     mkdir -p "$dir"
     cp -r "$ROOT/kernels" "$dir/kernels"
-    [[ -n $file ]] && apply_mutation "$dir/kernels" "$file" "${FROM[$i]}" "${TO[$i]}"
+    [[ -n $file ]] && apply_mutation "$dir/kernels" "${file%#*}" "${FROM[$i]}" "${TO[$i]}"
     build_libs "$dir" "$file"
     order_tests "$file"
     rc=0

@@ -801,10 +801,15 @@ void syncthreads() { (void)syncthreads_count(0); }
 
 void cluster_sync() {
     Fiber* f = current_fiber();
-    Cluster& C = f->worker->cluster;
+    Worker* w = f->worker;
+    Cluster& C = w->cluster;
     const unsigned g = C.bar_gen;
     if (++C.bar_arrived == C.nthreads) {
         C.bar_arrived = 0;
+        /* Also a barrier of each block: nobody waits at a __syncthreads now (every thread of the
+         * cluster is here), so the blocks' counts can move, which orders the block's accesses
+         * for the sanitizer as a __syncthreads would (a cluster of one block included). */
+        for (unsigned r = 0; r < C.size; ++r) ++w->blocks[r].bar_gen;
         C.bar_gen = g + 1;
     } else {
         wait_for(f, &C.bar_gen, g, OP_CLUSTER_SYNC);

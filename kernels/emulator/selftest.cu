@@ -156,9 +156,9 @@ DK_REGISTER_KERNEL(dk_selftest_spin, DkSelftestParams)
  * blockDim.x floats of dynamic shared memory per block. */
 
 /* Correct: each block fills its shared memory with rank * 1000 + t; after cluster.sync() every
- * thread sums element t over the cluster's blocks through map_shared_rank, and rank 0 writes
- * out[t] = 1000 * n (n - 1) / 2 + n t. The second cluster.sync() keeps every block's memory alive
- * until all have read it. */
+ * thread sums element t over the cluster's blocks through map_shared_rank, and rank 0 adds
+ * 1000 * n (n - 1) / 2 + n t to out[t] (atomically: every cluster adds, so launch it on a zeroed
+ * output). The second cluster.sync() keeps every block's memory alive until all have read it. */
 extern "C" __global__ void dk_selftest_cluster_ok(DkSelftestParams p) {
     namespace cg = cooperative_groups;
     const cg::cluster_group cluster = cg::this_cluster();
@@ -169,7 +169,7 @@ extern "C" __global__ void dk_selftest_cluster_ok(DkSelftestParams p) {
     float sum = 0.0f;
     for (unsigned q = 0; q < cluster.num_blocks(); ++q) sum += cluster.map_shared_rank(smem, q)[t];
     cluster.sync();
-    if (r == 0) p.out[t] = sum;
+    if (r == 0) atomicAdd(&p.out[t], sum);
 }
 DK_REGISTER_KERNEL(dk_selftest_cluster_ok, DkSelftestParams)
 
