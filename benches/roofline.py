@@ -12,6 +12,12 @@ static counts, both sides of every branch, so upper bounds). Two shapes: many ro
 src/cuda/ops.rs `split_for`). The "before" column is the same model fed with the counts of the
 kernels before the rewrite (BENCHMARKS.md, "Static SASS counts ... first measurement").
 
+A second table models the row-on-chip kernels (`dk_kdc_*`, sm_90 thread-block clusters,
+src/cuda/row_schedule.rs): the row is read from DRAM once and kept in the cluster's shared memory,
+so the bytes per element are those of one read and the gradient's store, and each block pays its
+reductions and cluster.sync()s on a slice of the row (the cluster's blocks per row as
+`RowSchedule::Auto` picks them).
+
 Nothing here is measured: no GPU has been lent. With --write the Markdown replaces the block
 between `<!-- roofline:begin -->` and `<!-- roofline:end -->` in BENCHMARKS.md.
 """
@@ -54,17 +60,27 @@ BEFORE = {("fkl", "bf16"): (115 + 95, 6 + 4), ("fkl", "f32"): (110 + 87, 6 + 4),
 BYTES = {("fkl", "bf16"): 10, ("rkl", "bf16"): 10, ("jsd", "bf16"): 14,
          ("fkl", "f32"): 20, ("rkl", "f32"): 20, ("jsd", "f32"): 28}
 PASSES = {"fkl": 2, "rkl": 2, "jsd": 3}  # block reductions per row: statistics, sums (JSD: + pass 3)
+# Row on chip: one read and the store (bf16 in place; f32 into an f32 gradient), every kind.
+BYTES_ON_CHIP = {"bf16": 6, "f32": 12}
+# (blocks per row, blocks per SM) that RowSchedule::Auto picks at V = 131,072
+# (src/cuda/row_schedule.rs): bf16 five 512-thread blocks of 107 KiB, two per SM; f32 five
+# 1,024-thread blocks of 209 KiB, one per SM.
+CLUSTER_BLOCKS = {"bf16": (5, 2), "f32": (5, 1)}
+# Per block, in units of one block reduction: the statistics' reduction and its cluster merge
+# (one warp, one barrier: half), the sums' two (reverse KL has no sums: its loss comes from pass
+# 1), and three cluster.sync()s costed like a reduction each.
+SYNCS_ON_CHIP = {"fkl": 6, "rkl": 4.5, "jsd": 6}
 LIGER = "Liger-Kernel's published `kl_div` at 16,384 x 131,072 on an H100 PCIe (2.0 TB/s): forward 8.70 ms, forward + backward 59.70 ms (liger 0.2.1; BENCHMARKS.md, 'Next to Liger-Kernel')"
 
 
-def counts(cuobjdump, fatbin):
+def counts(cuobjdump, fatbin, prefix="dk_kd"):
     """{(kind, dtype): (insns/element, MUFU/element)} of the common path on sm_90."""
     sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", fatbin],
                           capture_output=True, text=True, check=True).stdout
     kernels = sass_report.parse(sass)
     out = {}
     for kind in ("fkl", "rkl", "jsd"):
-        for dt, name in (("bf16", f"dk_kd_{kind}_bf16_bf16_bf16"), ("f32", f"dk_kd_{kind}_f32_f32_f32")):
+        for dt, name in (("bf16", f"{prefix}_{kind}_bf16_bf16_bf16"), ("f32", f"{prefix}_{kind}_f32_f32_f32")):
             hot = sass_report.hot_loops(name, kernels[name], "90")
             total = sass_report.kd_total(name, hot)
             reads = sorted(((l["insns"] / e, l["mufu"] / e) for l, e, w in hot if not w), reverse=True)
@@ -119,6 +135,32 @@ def table(now):
     return "\n".join(lines)
 
 
+def table_on_chip(now, two_pass):
+    lines = ["| kind | dtype | shape | blocks per row (per SM) | insns/el | MUFU/el | B/el | bytes / issue / MUFU time | "
+             "reductions and syncs | predicted (two-pass path) | predicted (row on chip) | bound |",
+             "|---|---|---|--:|--:|--:|--:|---|--:|--:|--:|---|"]
+    rows, vocab = MANY
+    for kind in ("fkl", "rkl", "jsd"):
+        for dt in ("bf16", "f32"):
+            ins, mu = now[(kind, dt)]
+            b = BYTES_ON_CHIP[dt]
+            c, per_sm = CLUSTER_BLOCKS[dt]
+            elems = rows * vocab
+            t_mem, t_issue, t_mufu = elems * b / BW, elems * ins / ISSUE, elems * mu / MUFU
+            # Every SM busy; with two blocks per SM one streams while the other synchronises, so
+            # a wave of two exposes one block's synchronisation (assumed: full overlap).
+            waves = -(-rows * c // (SMS * per_sm))
+            t_sync = waves * SYNCS_ON_CHIP[kind] * REDUCTION_S
+            t = max(t_mem, t_issue, t_mufu) + t_sync + 3 * LAUNCH_S
+            bound = max((t_mem, "bytes"), (t_issue, "issue"), (t_mufu, "MUFU"))[1]
+            t2, _, _, _, _, _ = predict(rows, vocab, *two_pass[(kind, dt)], BYTES[(kind, dt)], PASSES[kind])
+            lines.append(
+                f"| {kind} | {dt} | {rows} x {vocab:,} | {c} ({per_sm}) | {ins:.1f} | {mu:.1f} | {b} | "
+                f"{fmt_t(t_mem)} / {fmt_t(t_issue)} / {fmt_t(t_mufu)} | {fmt_t(t_sync)} | {fmt_t(t2)} | "
+                f"**{fmt_t(t)}** | {bound} |")
+    return "\n".join(lines)
+
+
 def predict_before(rows, vocab, insns, mufu, bytes_el, passes):
     share = min(1.0, rows / SMS)
     elems = rows * vocab
@@ -135,6 +177,7 @@ def main():
     fatbin = a.fatbin or max(glob.glob(os.path.join(ROOT, "target/release/build/distill-kernels-*/out/kernels.fatbin")),
                              key=os.path.getmtime)
     now = counts(a.cuobjdump, fatbin)
+    on_chip = counts(a.cuobjdump, fatbin, "dk_kdc")
     md = "\n".join([
         BEGIN,
         "**On paper: nothing here was measured** (no GPU has been lent). Regenerate: "
@@ -151,6 +194,15 @@ def main():
         f"blocks (at least {SPLIT_MIN_ELEMS:,} elements each, about two blocks per SM).",
         "",
         table(now),
+        "",
+        "The row on chip (`dk_kdc_*`, sm_90 clusters, `RowSchedule::Auto` at this shape): one DRAM read of "
+        "student and teacher and the gradient's store; instructions and MUFU from the sm_90 SASS of the "
+        "dk_kdc kernels the same way. Each block holds a slice (V / blocks per row) in shared memory, so it "
+        f"pays its reductions and cluster.sync()s ({REDUCTION_S * 1e9:.0f} ns per reduction, assumed) over fewer "
+        "elements than the two-pass path's one block per row: exposed in full with one block per SM, once per pair "
+        "with two (assumed: the other block streams meanwhile).",
+        "",
+        table_on_chip(on_chip, now),
         "",
         f"For comparison: {LIGER}.",
         END,

@@ -23,8 +23,13 @@ A kernel's total per element is an upper bound on its common path (soft and hard
 gradient): the costliest reading loop (pass 1) plus the costliest writing loop (pass 2; JSD adds
 its second-costliest reading loop, pass 2's sums, to its writing pass 3).
 
+The row-on-chip kernels (`dk_kdc_*`, sm_90 clusters) run the same passes, but pass 1 also stores
+each chunk to shared memory (STS) and the later passes load it from there (LDS) instead of from
+DRAM: their hot loops are found and counted the same way, with a vector LDS standing for a chunk's
+load. On sm_80-89 their bodies are a trap (no clusters there): no loops, not gated.
+
 --check gates them (CI runs it): no local memory in any `dk_*` kernel; every same-dtype `dk_kd_*`
-kernel (the issue's targets are stated for bf16 and f32 pairs) has hot loops that load 16 bytes
+(and on sm_90 `dk_kdc_*`) kernel (the issue's targets are stated for bf16 and f32 pairs) has hot loops that load 16 bytes
 at a time and a total within LIMITS. Mixed pairs are reported, not gated: their 16-bit side
 loads 8 bytes per chunk of 4, and their totals run a few instructions higher.
 """
@@ -44,7 +49,7 @@ INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
 def width(op):
-    """Bytes moved by one LDG/STG/LDL/STL from its opcode's suffixes (no suffix: 32 bits)."""
+    """Bytes moved by one LDG/STG/LDS/STS/LDL/STL from its opcode's suffixes (no suffix: 32 bits)."""
     parts = op.split(".")
     for p in parts[1:]:
         if p in ("128", "64"):
@@ -91,14 +96,18 @@ def summary(insns, lo=0, hi=None):
     ops = [op for _, op, _ in body]
     ld = [width(op) for op in ops if op.startswith("LDG")]
     st = [width(op) for op in ops if op.startswith("STG")]
+    lds = [width(op) for op in ops if op.startswith("LDS")]
     return {
         "ldg": len(ld),
         "insns": len(body),
         "mufu": sum(op.startswith("MUFU") for op in ops),
         "ldg_bytes": sum(ld),
         "ldg_max": max(ld, default=0),
-        # the narrowest vector (8 B or more) load: a chunk's loads
-        "ldg_min_vec": min((w for w in ld if w >= 8), default=0),
+        # the narrowest vector (8 B or more) load: a chunk's loads (from shared memory in the
+        # row-on-chip kernels' later passes)
+        "ldg_min_vec": min((w for w in ld + lds if w >= 8), default=0),
+        "lds_max": max(lds, default=0),
+        "sts_max": max((width(op) for op in ops if op.startswith("STS")), default=0),
         "stg_max": max(st, default=0),
         "stg": len(st),
         "local": sum(op.startswith(("LDL", "STL")) for op in ops),
@@ -119,9 +128,13 @@ def registers(cuobjdump, fatbin, arch):
     return regs
 
 
+def is_kd(name):
+    return name.startswith(("dk_kd_", "dk_kdc_"))
+
+
 def kd_dtypes(name):
-    """(kind, student, teacher, grad) of a `dk_kd_<kind>_<s>_<t>_<g>` name."""
-    kind, sd, td, gd = name[len("dk_kd_"):].split("_")
+    """(kind, student, teacher, grad) of a `dk_kd_<kind>_<s>_<t>_<g>` (or `dk_kdc_...`) name."""
+    kind, sd, td, gd = name.split("_", 2)[2].split("_")
     return kind, sd, td, gd
 
 
@@ -132,7 +145,7 @@ def hot_loops(name, insns, arch):
     out = []
     for lo, hi in loops(insns):
         l = summary(insns, lo, hi)
-        if l["ldg_max"] < 8:
+        if max(l["ldg_max"], l["lds_max"]) < 8:
             continue
         writes = l["stg"] > 0
         elements = (1 if writes else 2) * chunk
@@ -186,7 +199,7 @@ def main():
             if s["local"]:
                 failures.append(f"{name} sm_{arch}: {s['local']} local loads/stores")
             cells, total = [], None
-            if name.startswith("dk_kd_"):
+            if is_kd(name) and not (name.startswith("dk_kdc_") and arch != "90"):
                 hot = hot_loops(name, insns, arch)
                 for l, e, w in hot:
                     cells.append(f"{l['insns']} ({l['mufu']}) [{l['insns'] / e:.1f}/el, "

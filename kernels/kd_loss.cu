@@ -644,9 +644,9 @@ __device__ void kd_row_body(const DkKdParams& p, int64_t row, int part, const S*
 // the student's and the teacher's stash (abi.h: DK_KD_CLUSTER_HEADER_BYTES).
 struct DkKdClusterShared {
     DkKdStats red_stats[DK_MAX_WARPS + 1];
-    DkKdStats merge_stats[DK_MAX_WARPS + 1];
     DkSum2 red_sum[DK_MAX_WARPS + 1];
-    DkSum2 merge_sum[DK_MAX_WARPS + 1];
+    DkKdStats merge_stats;  // the merged results, handed to the block
+    DkSum2 merge_sum;
     DkKdStats block_stats;  // this block's, read by the cluster after a cluster.sync()
     DkSum2 block_sums;
     float label_vals[3];    // rank 0's copy of the label's logits and old gradient
@@ -672,13 +672,18 @@ __device__ __forceinline__ X* dk_stash_view(unsigned char* base, const X* row, i
     return reinterpret_cast<X*>(base + pad) - lo;
 }
 
-// Every rank's `*mine`, merged by one warp in rank order: the same result in every block.
+// Every rank's `*mine`, merged by warp 0 in rank order (lane r reads rank r: at most 8), so every
+// block gets the same bits; one barrier hands the result to the block through `*slot`.
 template <typename V, typename Op>
-__device__ __forceinline__ V dk_cluster_merge(V* mine, V empty, Op op, V* smem) {
+__device__ __forceinline__ V dk_cluster_merge(V* mine, V empty, Op op, V* slot) {
     const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    V x = empty;
-    if (threadIdx.x < cluster.num_blocks()) x = *cluster.map_shared_rank(mine, threadIdx.x);
-    return dk_block_reduce_warp0(x, op, empty, smem);
+    if (threadIdx.x < DK_WARP) {
+        V x = threadIdx.x < cluster.num_blocks() ? *cluster.map_shared_rank(mine, threadIdx.x) : empty;
+        x = dk_warp_reduce(x, op);
+        if (threadIdx.x == 0) *slot = x;
+    }
+    __syncthreads();
+    return *slot;
 }
 
 template <int KIND, bool SOFT, bool HARD, typename S, typename T, typename G>
@@ -704,7 +709,7 @@ __device__ void kd_cluster_body(const DkKdParams& p, int64_t row, int part, cons
     const DkKdStats mine = dk_block_reduce_warp0(p1.st, DkKdStatsOp<KIND>{}, dk_kd_stats_empty(), sh->red_stats);
     if (threadIdx.x == 0) sh->block_stats = mine;
     cluster.sync();
-    const DkKdStats st = dk_cluster_merge(&sh->block_stats, dk_kd_stats_empty(), DkKdStatsOp<KIND>{}, sh->merge_stats);
+    const DkKdStats st = dk_cluster_merge(&sh->block_stats, dk_kd_stats_empty(), DkKdStatsOp<KIND>{}, &sh->merge_stats);
     DkKdRowConsts kc = dk_kd_row_consts<KIND>(p, st, k);
 
     // ---- pass 2 (and 3) from the stash: each thread reads back the chunks it stashed.
@@ -723,7 +728,7 @@ __device__ void kd_cluster_body(const DkKdParams& p, int64_t row, int part, cons
     }
     cluster.sync();
     DkSum2 sums{0.0f, 0.0f};
-    if (sums_in_pass2) sums = dk_cluster_merge(&sh->block_sums, DkSum2{0.0f, 0.0f}, DkSum2Op{}, sh->merge_sum);
+    if (sums_in_pass2) sums = dk_cluster_merge(&sh->block_sums, DkSum2{0.0f, 0.0f}, DkSum2Op{}, &sh->merge_sum);
     kc.jsd_b = sums.b;
     if (KIND == DK_KIND_JSD && g) {
         DkKdPass3<SOFT, HARD> p3{kc};

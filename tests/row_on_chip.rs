@@ -177,6 +177,7 @@ fn the_cluster_path_matches_the_two_pass_path() {
                 let (want_loss, want_grad) = run(&dev, &case, RowSchedule::Fused).unwrap();
                 let (loss, grad) = run(&dev, &case, RowSchedule::Cluster(blocks))
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(dev.last_row_layout(), Some(RowSchedule::Cluster(blocks)));
                 agree(&format!("{what}: loss"), &loss, &want_loss, Dtype::F32);
                 agree(&format!("{what}: gradient"), &grad, &want_grad, dtype);
                 let inputs = DistillInputs {
@@ -254,4 +255,38 @@ fn cluster_schedules_that_cannot_run_are_refused() {
         .unwrap_err();
     dev.set_row_schedule(RowSchedule::Auto);
     assert!(e.to_string().contains("one dtype"), "{e}");
+}
+
+/// `RowSchedule::Auto` takes the row-on-chip kernels where they apply (same dtype, compute
+/// capability 9.0, long rows, enough rows to fill the SMs): the same numbers as the two-pass path.
+#[test]
+fn auto_takes_the_cluster_path_for_long_same_dtype_rows() {
+    let dev = CudaKernels::emulated().unwrap();
+    let (rows, vocab) = (132, 16_384);
+    let b = batch(rows, vocab, Dtype::Bf16, Dtype::Bf16, 5.0, 77);
+    let cfg = LossConfig::builder()
+        .kind(LossKind::ForwardKl)
+        .alpha(0.5)
+        .temperature(2.0)
+        .build()
+        .unwrap();
+    let (s, t) = (widen(&b.student), widen(&b.teacher));
+    let case = Case {
+        cfg: &cfg,
+        rows,
+        vocab,
+        stride: vocab,
+        dtype: Dtype::Bf16,
+        student: &s,
+        teacher: &t,
+        labels: &b.labels,
+        mode: Mode::InPlace,
+    };
+    let (want_loss, want_grad) = run(&dev, &case, RowSchedule::Fused).unwrap();
+    assert_eq!(dev.last_row_layout(), Some(RowSchedule::Fused));
+    let (loss, grad) = run(&dev, &case, RowSchedule::Auto).unwrap();
+    // bf16 pairs of 16,384 logits: one 512-thread block per row holds it (68 KiB).
+    assert_eq!(dev.last_row_layout(), Some(RowSchedule::Cluster(1)));
+    agree("auto: loss", &loss, &want_loss, Dtype::F32);
+    agree("auto: gradient", &grad, &want_grad, Dtype::Bf16);
 }

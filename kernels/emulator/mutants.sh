@@ -150,9 +150,9 @@ mutant cluster-stats-unsynced kd_loss.cu#4 \
     'if (threadIdx.x == 0) sh->block_stats = mine;' \
     "the row-on-chip loss reads the other blocks' statistics through distributed shared memory with no cluster.sync() after their writes"
 mutant cluster-own-statistics kd_loss.cu#4 \
-    'sh->merge_stats);
+    '&sh->merge_stats);
     DkKdRowConsts kc = dk_kd_row_consts<KIND>(p, st, k);' \
-    'sh->merge_stats);
+    '&sh->merge_stats);
     DkKdRowConsts kc = dk_kd_row_consts<KIND>(p, mine, k);' \
     "each block of a row-on-chip cluster normalises its slice with its own statistics instead of the row's"
 

@@ -148,8 +148,9 @@ pub struct CudaKernels {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     emulated: bool,
-    /// How the fused loss lays out its rows ([`RowSchedule::Auto`] unless set).
-    row_schedule: Mutex<RowSchedule>,
+    /// How the fused loss lays out its rows ([`RowSchedule::Auto`] unless set), and the layout
+    /// the last loss call ran.
+    row_schedule: Mutex<(RowSchedule, Option<RowSchedule>)>,
     /// cuBLAS on `stream`, made at the first matmul (or why it could not be).
     blas: std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>,
 }
@@ -266,7 +267,7 @@ impl CudaKernels {
             module,
             functions: Mutex::new(HashMap::new()),
             emulated,
-            row_schedule: Mutex::new(RowSchedule::Auto),
+            row_schedule: Mutex::new((RowSchedule::Auto, None)),
             blas: std::sync::OnceLock::new(),
         })
     }
@@ -287,7 +288,7 @@ impl CudaKernels {
             module,
             functions: Mutex::new(HashMap::new()),
             emulated,
-            row_schedule: Mutex::new(RowSchedule::Auto),
+            row_schedule: Mutex::new((RowSchedule::Auto, None)),
             blas: std::sync::OnceLock::new(),
         })
     }
@@ -300,12 +301,22 @@ impl CudaKernels {
     /// Sets how later loss calls lay out their rows (default [`RowSchedule::Auto`]). A forced
     /// schedule that cannot run a call makes that call return [`Error::InvalidOption`].
     pub fn set_row_schedule(&self, schedule: RowSchedule) {
-        *self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()) = schedule;
+        self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()).0 = schedule;
     }
 
     /// The row schedule of loss calls.
     pub fn row_schedule(&self) -> RowSchedule {
-        *self.row_schedule.lock().unwrap_or_else(|p| p.into_inner())
+        self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// The layout the last loss call on this device ran (never `Auto`: what it resolved to), or
+    /// `None` before the first.
+    pub fn last_row_layout(&self) -> Option<RowSchedule> {
+        self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    pub(crate) fn note_row_layout(&self, layout: RowSchedule) {
+        self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(layout);
     }
 
     /// The stream every call of this device is issued on. Buffers passed to the device-buffer

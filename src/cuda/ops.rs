@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
 use super::tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut};
-use super::row_schedule::{RowPlan, RowShape, SPLIT_MAX_BLOCKS};
+use super::row_schedule::{RowPlan, RowSchedule, RowShape, SPLIT_MAX_BLOCKS};
 use super::CudaKernels;
 use crate::abi::{
     DkHiddenParams, DkKdParams, DkPrepareParams, DkReduceParams, DkScalars, DkSoftmaxBwdParams,
@@ -546,6 +546,11 @@ impl CudaKernels {
             cc_major,
             one_dtype,
         })?;
+        self.note_row_layout(match plan {
+            RowPlan::Fused => RowSchedule::Fused,
+            RowPlan::Split(n) => RowSchedule::Split(n),
+            RowPlan::Cluster { blocks, .. } => RowSchedule::Cluster(blocks),
+        });
         let (split, stash_elems) = match plan {
             RowPlan::Fused => (1, 0),
             RowPlan::Split(n) => (n, 0),
@@ -586,9 +591,15 @@ impl CudaKernels {
             phase: phase as i32,
             stash_elems: stash_elems as i32,
         };
-        if let RowPlan::Cluster { blocks, smem, .. } = plan {
+        if let RowPlan::Cluster {
+            blocks,
+            threads,
+            smem,
+            ..
+        } = plan
+        {
             let name = format!("dk_kdc_{}_{s_dtype}_{s_dtype}_{s_dtype}", kind_code(cfg.kind));
-            let mut grid = row_grid(rows * blocks, threads_for(vocab.div_ceil(blocks)))?;
+            let mut grid = row_grid(rows * blocks, threads)?;
             grid.shared_mem_bytes = smem as u32;
             self.launch_in_clusters(&name, grid, blocks as u32, &params(DK_KD_PHASE_CLUSTER))?;
         } else if split == 1 {

@@ -28,10 +28,11 @@ pub enum RowSchedule {
 pub(crate) enum RowPlan {
     Fused,
     Split(usize),
-    /// `blocks` per row, each with `stash_elems` elements of each input and `smem` bytes of
-    /// dynamic shared memory.
+    /// `blocks` per row of `threads` threads, each with `stash_elems` elements of each input and
+    /// `smem` bytes of dynamic shared memory.
     Cluster {
         blocks: usize,
+        threads: u32,
         stash_elems: usize,
         smem: usize,
     },
@@ -45,9 +46,13 @@ pub(crate) const SPLIT_MAX_BLOCKS: usize = 1024;
 const SPLIT_MIN_ELEMS: usize = 8192;
 /// The most blocks of a cluster (the portable limit of sm_90).
 pub(crate) const CLUSTER_MAX_BLOCKS: usize = 8;
-/// Shared memory a cluster block may take in [`RowSchedule::Auto`]: of the 227 KiB a block can
-/// have, enough for a bf16 pair of 131,072 logits over 4 blocks (2 x 64 KiB + header).
-const CLUSTER_AUTO_SMEM: usize = 160 * 1024;
+/// Shared memory per block under which [`RowSchedule::Auto`] runs two 512-thread cluster blocks
+/// per SM (228 KiB per SM, 1 KiB of it reserved per block): while one block waits at a reduction
+/// or a cluster.sync(), the other streams. A bf16 pair of 131,072 logits fits over 5 blocks.
+const CLUSTER_TWO_PER_SM_SMEM: usize = 113 * 1024;
+/// Shared memory per block up to which [`RowSchedule::Auto`] runs one 1,024-thread cluster block
+/// per SM (an f32 pair of 131,072 logits over 5 blocks).
+const CLUSTER_ONE_PER_SM_SMEM: usize = 220 * 1024;
 /// The most dynamic shared memory a block can have (sm_90: 227 KiB).
 const MAX_BLOCK_SMEM: usize = 227 * 1024;
 /// Rows shorter than this stay on the fused path under [`RowSchedule::Auto`]: their second read
@@ -141,6 +146,7 @@ impl RowSchedule {
                 }
                 Ok(RowPlan::Cluster {
                     blocks: n,
+                    threads: super::ops::threads_for(vocab.div_ceil(n)),
                     stash_elems,
                     smem,
                 })
@@ -149,15 +155,21 @@ impl RowSchedule {
                 let split = split_for(rows, vocab, sms);
                 let cluster = match one_dtype {
                     Some(dtype) if cc_major >= 9 && vocab >= CLUSTER_MIN_VOCAB => {
-                        // The fewest blocks whose shared memory holds the row.
-                        (0..4).map(|i| 1usize << i).find_map(|blocks| {
-                            let (stash_elems, smem) = cluster_smem(vocab, blocks, dtype);
-                            (smem <= CLUSTER_AUTO_SMEM).then_some(RowPlan::Cluster {
-                                blocks,
-                                stash_elems,
-                                smem,
+                        // The fewest blocks whose slices fit two blocks per SM, else one.
+                        let fit = |limit: usize, threads: u32| {
+                            (1..=CLUSTER_MAX_BLOCKS).find_map(|blocks| {
+                                let (stash_elems, smem) = cluster_smem(vocab, blocks, dtype);
+                                (smem <= limit).then(|| RowPlan::Cluster {
+                                    blocks,
+                                    threads: threads
+                                        .min(super::ops::threads_for(vocab.div_ceil(blocks))),
+                                    stash_elems,
+                                    smem,
+                                })
                             })
-                        })
+                        };
+                        fit(CLUSTER_TWO_PER_SM_SMEM, 512)
+                            .or_else(|| fit(CLUSTER_ONE_PER_SM_SMEM, 1024))
                     }
                     _ => None,
                 };
@@ -190,20 +202,28 @@ mod tests {
     }
 
     #[test]
-    fn auto_keeps_a_bf16_row_of_131072_on_four_blocks() {
-        let plan = RowSchedule::Auto
-            .plan(&shape(16384, 131072, Some(Dtype::Bf16)))
-            .unwrap();
-        let RowPlan::Cluster { blocks, smem, .. } = plan else {
-            panic!("{plan:?}")
-        };
-        assert_eq!(blocks, 4);
-        assert!(smem <= CLUSTER_AUTO_SMEM, "{smem}");
-        // f32: twice the bytes, twice the blocks.
-        let plan = RowSchedule::Auto
-            .plan(&shape(16384, 131072, Some(Dtype::F32)))
-            .unwrap();
-        assert!(matches!(plan, RowPlan::Cluster { blocks: 8, .. }), "{plan:?}");
+    fn auto_keeps_a_row_of_131072_on_five_blocks() {
+        // bf16: two 512-thread blocks per SM; f32: one 1,024-thread block per SM.
+        for (dtype, threads, limit) in [
+            (Dtype::Bf16, 512, CLUSTER_TWO_PER_SM_SMEM),
+            (Dtype::F32, 1024, CLUSTER_ONE_PER_SM_SMEM),
+        ] {
+            let plan = RowSchedule::Auto
+                .plan(&shape(16384, 131072, Some(dtype)))
+                .unwrap();
+            let RowPlan::Cluster {
+                blocks,
+                threads: t,
+                smem,
+                ..
+            } = plan
+            else {
+                panic!("{plan:?}")
+            };
+            assert_eq!((blocks, t), (5, threads), "{dtype}");
+            assert!(smem <= limit, "{smem}");
+            assert!(cluster_smem(131072, 4, dtype).1 > limit);
+        }
     }
 
     #[test]
@@ -213,7 +233,7 @@ mod tests {
         let mut ampere = shape(16384, 131072, Some(Dtype::Bf16));
         ampere.cc_major = 8;
         assert_eq!(RowSchedule::Auto.plan(&ampere).unwrap(), RowPlan::Fused);
-        // Too long for 8 blocks of 160 KiB: two passes.
+        // Too long for 8 blocks of 220 KiB: two passes.
         let huge = RowSchedule::Auto
             .plan(&shape(16384, 1 << 20, Some(Dtype::F32)))
             .unwrap();
