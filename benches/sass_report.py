@@ -202,8 +202,9 @@ def main():
             if is_kd(name) and not (name.startswith("dk_kdc_") and arch != "90"):
                 hot = hot_loops(name, insns, arch)
                 for l, e, w in hot:
+                    load = "LDG/LDS" if name.startswith("dk_kdc_") else "LDG"
                     cells.append(f"{l['insns']} ({l['mufu']}) [{l['insns'] / e:.1f}/el, "
-                                 f"LDG {l['ldg_min_vec']} B{', writes' if w else ''}]")
+                                 f"{load} {l['ldg_min_vec']} B{', writes' if w else ''}]")
                 total = kd_total(name, hot)
                 kind, sd, td, _ = kd_dtypes(name)
                 if total is None:

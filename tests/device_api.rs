@@ -277,11 +277,17 @@ fn emulator_runs_thread_block_clusters() {
         format!("{e}: {msg}")
     };
     let e = error("dk_selftest_cluster_ok", 6, 4);
-    assert!(e.contains("CLUSTER_SIZE") && e.contains("cluster dimension (4,1,1)"), "{e}");
+    assert!(
+        e.contains("CLUSTER_SIZE") && e.contains("cluster dimension (4,1,1)"),
+        "{e}"
+    );
     let e = error("dk_selftest_cluster_ok", 16, 16);
     assert!(e.contains("1 to 8 blocks"), "{e}");
     let e = error("dk_selftest_cluster_divergence", 2, 2);
-    assert!(e.contains("barrier divergence") && e.contains("wait at cluster.sync()"), "{e}");
+    assert!(
+        e.contains("barrier divergence") && e.contains("wait at cluster.sync()"),
+        "{e}"
+    );
     let e = error("dk_selftest_cluster_exited", 2, 2);
     assert!(e.contains("rank 1 of the cluster, which has exited"), "{e}");
     let ok = launch_selftest(&dev, "dk_selftest_ok", 64).expect("the device works after failures");

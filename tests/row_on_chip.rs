@@ -40,8 +40,18 @@ fn download(dev: &CudaKernels, v: &DeviceVec) -> Vec<f32> {
     let s = dev.stream();
     match v {
         DeviceVec::F32(x) => s.clone_dtoh(x).unwrap(),
-        DeviceVec::F16(x) => s.clone_dtoh(x).unwrap().iter().map(|h| h.to_f32()).collect(),
-        DeviceVec::Bf16(x) => s.clone_dtoh(x).unwrap().iter().map(|h| h.to_f32()).collect(),
+        DeviceVec::F16(x) => s
+            .clone_dtoh(x)
+            .unwrap()
+            .iter()
+            .map(|h| h.to_f32())
+            .collect(),
+        DeviceVec::Bf16(x) => s
+            .clone_dtoh(x)
+            .unwrap()
+            .iter()
+            .map(|h| h.to_f32())
+            .collect(),
     }
 }
 
@@ -66,7 +76,9 @@ fn run(dev: &CudaKernels, c: &Case, schedule: RowSchedule) -> Result<(Vec<f32>, 
     };
     let mut s = up(c.student);
     let t = up(c.teacher);
-    let held: Vec<f32> = (0..c.rows * c.vocab).map(|i| (i % 7) as f32 * 1e-3).collect();
+    let held: Vec<f32> = (0..c.rows * c.vocab)
+        .map(|i| (i % 7) as f32 * 1e-3)
+        .collect();
     let mut g = up(&held);
     let l = dev.stream().clone_htod(c.labels).unwrap();
     let strides = RowStrides {
@@ -136,9 +148,21 @@ fn the_cluster_path_matches_the_two_pass_path() {
         LossKind::Jsd { beta: 0.7 },
     ];
     let dtypes = [Dtype::F32, Dtype::F16, Dtype::Bf16];
-    let modes = [Mode::InPlace, Mode::Separate, Mode::Accumulate, Mode::LossOnly];
+    let modes = [
+        Mode::InPlace,
+        Mode::Separate,
+        Mode::Accumulate,
+        Mode::LossOnly,
+    ];
     // (rows, vocab, blocks): a row shorter than one chunk per block, odd lengths, 3 and 5 blocks.
-    let shapes = [(3, 7, 8), (2, 100, 3), (4, 1000, 2), (1, 4099, 5), (2, 2500, 1), (1, 9000, 8)];
+    let shapes = [
+        (3, 7, 8),
+        (2, 100, 3),
+        (4, 1000, 2),
+        (1, 4099, 5),
+        (2, 2500, 1),
+        (1, 9000, 8),
+    ];
     let mut n = 0usize;
     for (ki, &kind) in kinds.iter().enumerate() {
         for &dtype in &dtypes {
@@ -173,7 +197,9 @@ fn the_cluster_path_matches_the_two_pass_path() {
                     labels: &labels,
                     mode,
                 };
-                let what = format!("{kind:?} {dtype} {mode:?} {rows}x{vocab} stride {stride} cluster {blocks}");
+                let what = format!(
+                    "{kind:?} {dtype} {mode:?} {rows}x{vocab} stride {stride} cluster {blocks}"
+                );
                 let (want_loss, want_grad) = run(&dev, &case, RowSchedule::Fused).unwrap();
                 let (loss, grad) = run(&dev, &case, RowSchedule::Cluster(blocks))
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -189,7 +215,13 @@ fn the_cluster_path_matches_the_two_pass_path() {
                     hidden: None,
                 };
                 let reference = distill_loss_f64(&cfg, &inputs).unwrap();
-                assert_close(&format!("{what}: loss vs f64"), &loss, &reference.loss, 1e-4, 1e-4);
+                assert_close(
+                    &format!("{what}: loss vs f64"),
+                    &loss,
+                    &reference.loss,
+                    1e-4,
+                    1e-4,
+                );
             }
         }
     }

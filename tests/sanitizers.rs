@@ -51,7 +51,12 @@ fn cluster_kernels_are_checked() {
     let dev = checked();
     let out = launch_in_clusters(dev, "dk_selftest_cluster_ok", 8, 64, 4, Output::Zeroed).unwrap();
     // Two clusters add their sums (atomically: no race between them).
-    assert!(out.iter().enumerate().all(|(t, &v)| v == 2.0 * (6000.0 + 4.0 * t as f32)), "{out:?}");
+    assert!(
+        out.iter()
+            .enumerate()
+            .all(|(t, &v)| v == 2.0 * (6000.0 + 4.0 * t as f32)),
+        "{out:?}"
+    );
     let fails = |name: &str| {
         let e = launch_in_clusters(dev, name, 2, 64, 2, Output::Zeroed)
             .expect_err(&format!("{name} must fail under the check build"))
@@ -60,12 +65,18 @@ fn cluster_kernels_are_checked() {
         e
     };
     let e = fails("dk_selftest_cluster_race");
-    assert!(e.contains("racecheck") && e.contains("cluster block rank 0"), "{e}");
+    assert!(
+        e.contains("racecheck") && e.contains("cluster block rank 0"),
+        "{e}"
+    );
     assert!(e.contains("selftest.cu:"), "source line missing: {e}");
     let e = fails("dk_selftest_cluster_exited");
     assert!(e.contains("which has exited"), "{e}");
     let e = fails("dk_selftest_cluster_static_shared");
-    assert!(e.contains("static __shared__ memory in a cluster launch"), "{e}");
+    assert!(
+        e.contains("static __shared__ memory in a cluster launch"),
+        "{e}"
+    );
 }
 
 #[test]

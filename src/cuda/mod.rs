@@ -301,22 +301,34 @@ impl CudaKernels {
     /// Sets how later loss calls lay out their rows (default [`RowSchedule::Auto`]). A forced
     /// schedule that cannot run a call makes that call return [`Error::InvalidOption`].
     pub fn set_row_schedule(&self, schedule: RowSchedule) {
-        self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()).0 = schedule;
+        self.row_schedule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0 = schedule;
     }
 
     /// The row schedule of loss calls.
     pub fn row_schedule(&self) -> RowSchedule {
-        self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()).0
+        self.row_schedule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
     }
 
     /// The layout the last loss call on this device ran (never `Auto`: what it resolved to), or
     /// `None` before the first.
     pub fn last_row_layout(&self) -> Option<RowSchedule> {
-        self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()).1
+        self.row_schedule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
     }
 
     pub(crate) fn note_row_layout(&self, layout: RowSchedule) {
-        self.row_schedule.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(layout);
+        self.row_schedule
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1 = Some(layout);
     }
 
     /// The stream every call of this device is issued on. Buffers passed to the device-buffer

@@ -5,13 +5,13 @@
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
-use super::tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut};
 use super::row_schedule::{RowPlan, RowSchedule, RowShape, SPLIT_MAX_BLOCKS};
+use super::tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut};
 use super::CudaKernels;
 use crate::abi::{
     DkHiddenParams, DkKdParams, DkPrepareParams, DkReduceParams, DkScalars, DkSoftmaxBwdParams,
-    DkSoftmaxParams, DK_KD_PARTIAL_FLOATS, DK_KD_PHASE_APPLY, DK_KD_PHASE_FINISH,
-    DK_KD_PHASE_CLUSTER, DK_KD_PHASE_FUSED, DK_KD_PHASE_JSD_GRAD, DK_KD_PHASE_STATS,
+    DkSoftmaxParams, DK_KD_PARTIAL_FLOATS, DK_KD_PHASE_APPLY, DK_KD_PHASE_CLUSTER,
+    DK_KD_PHASE_FINISH, DK_KD_PHASE_FUSED, DK_KD_PHASE_JSD_GRAD, DK_KD_PHASE_STATS,
 };
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -516,11 +516,7 @@ impl CudaKernels {
             teacher.dtype(),
             g_dtype
         );
-        let attribute = |a, what| {
-            self.ctx
-                .attribute(a)
-                .map_err(|e| self.cuda_error(what, e))
-        };
+        let attribute = |a, what| self.ctx.attribute(a).map_err(|e| self.cuda_error(what, e));
         use cudarc::driver::sys::CUdevice_attribute as A;
         let sms = attribute(
             A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -598,7 +594,10 @@ impl CudaKernels {
             ..
         } = plan
         {
-            let name = format!("dk_kdc_{}_{s_dtype}_{s_dtype}_{s_dtype}", kind_code(cfg.kind));
+            let name = format!(
+                "dk_kdc_{}_{s_dtype}_{s_dtype}_{s_dtype}",
+                kind_code(cfg.kind)
+            );
             let mut grid = row_grid(rows * blocks, threads)?;
             grid.shared_mem_bytes = smem as u32;
             self.launch_in_clusters(&name, grid, blocks as u32, &params(DK_KD_PHASE_CLUSTER))?;
