@@ -1,6 +1,8 @@
 // The fused distillation loss (DESIGN section 4): softmax with temperature of student and teacher,
 // forward KL / reverse KL / generalized JSD, hard-label cross-entropy at T = 1 in the same pass,
-// the per-row loss and the gradient w.r.t. the student logits. One block per row.
+// the per-row loss and the gradient w.r.t. the student logits. One block per row, a row split over
+// blocks (few long rows), or on sm_90 a row's blocks as one thread-block cluster that keeps the row
+// in shared memory (the row-on-chip kernels dk_kdc_*, further down).
 //
 // Memory traffic per row: pass 1 reads student and teacher once for the online statistics (running
 // max and sum of exponentials); pass 2 reads them again and writes the gradient. Probabilities are

@@ -249,7 +249,8 @@ fn emulator_reports_divergence_and_recovers() {
 
 /// Thread-block clusters on the emulated device: cuLaunchKernelEx's cluster dimension, co-resident
 /// blocks that meet at cluster.sync() and read each other's shared memory through
-/// map_shared_rank, and the errors of a broken cluster kernel.
+/// map_shared_rank, and the errors of a broken cluster kernel (on every schedule: CI runs this
+/// under three seeds).
 #[test]
 fn emulator_runs_thread_block_clusters() {
     use selftest::{launch_in_clusters, Output};
@@ -288,8 +289,8 @@ fn emulator_runs_thread_block_clusters() {
         e.contains("barrier divergence") && e.contains("wait at cluster.sync()"),
         "{e}"
     );
-    let e = error("dk_selftest_cluster_exited", 2, 2);
-    assert!(e.contains("rank 1 of the cluster, which has exited"), "{e}");
+    // (Mapping the memory of an exited block is tested in tests/sanitizers.rs, on the default
+    // schedule only: under a seeded one, block 0 may run to its read before block 1 exits.)
     let ok = launch_selftest(&dev, "dk_selftest_ok", 64).expect("the device works after failures");
     assert!(ok.iter().all(|&v| v == 64.0), "{ok:?}");
 }

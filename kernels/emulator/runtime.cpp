@@ -329,7 +329,6 @@ struct Block {
     unsigned bar_gen = 0;
     unsigned bar_arrived = 0;
     int bar_count[2] = {0, 0};
-    bool aborted = false;
     unsigned long long linear = 0; /* linear index in the grid */
     unsigned long long serial = 0; /* unique per block run in this process (sanitizer epochs); one
                                     * value for all the blocks of a cluster, whose shared memory the
