@@ -13,8 +13,8 @@
 #   seed k   the fast build under schedule seed k = 1..3 (run only while the fast build misses).
 # MUTANTS_FAST=0 (what CI sets) builds and runs no fast library: the proof is the check column; the
 # fast column, what a run without sanitizers would have seen, is for the README's table.
-# MUTANTS_ONE_PART=1 (what CI sets too) mutates only part 0 of a file the emulator compiles in parts
-# (affected_units below).
+# MUTANTS_ONE_PART=1 (what CI sets too) leaves the parts that repeat part 0's code for other dtypes
+# unmutated in a file the emulator compiles in parts (affected_units below).
 # The unmutated sources go through the same path first and must pass everywhere, so a "caught"
 # is never an artefact of the rebuild.
 #
@@ -168,9 +168,12 @@ unit_source() { local f=${1%.[0-9]*}; if [[ $f == selftest ]]; then echo emulato
 unit_defines() { [[ $1 == *.[0-9]* ]] && printf '#define DK_EMU_PART %s\n' "${1##*.}"; return 0; }
 
 # Units whose translation unit includes `file`: the file's own for a .cu, every unit for a header.
-# MUTANTS_ONE_PART=1 (CI): of a file compiled in parts, part 0 only; the other parts link
-# unmutated. (Their shared helpers that stay out of line resolve to part 0's mutated copies,
+# MUTANTS_ONE_PART=1 (CI): of a file compiled in parts, the parts that instantiate the same
+# templates as part 0 for other dtypes (kd_loss.cu's mixed pairs, parts 1-3) link unmutated; part 0
+# and the parts with code of their own (kd_loss.cu's row-on-chip kernels, part 4) are mutated.
+# (The unmutated parts' shared helpers that stay out of line resolve to part 0's mutated copies,
 # which the link puts first; nothing of the mutant can be dropped from part 0's own kernels.)
+REPEATING_PARTS='^kd_loss\.[123]$'
 affected_units() {
     local u
     if [[ $1 == *#* ]]; then
@@ -178,7 +181,7 @@ affected_units() {
         return 0
     fi
     for u in "${DK_KERNEL_UNITS[@]}"; do
-        [[ ${MUTANTS_ONE_PART:-0} == 1 && $u == *.[1-9]* ]] && continue
+        [[ ${MUTANTS_ONE_PART:-0} == 1 && $u =~ $REPEATING_PARTS ]] && continue
         case $1 in
             *.cu) [[ $(unit_source "$u") == "$1" || $(unit_source "$u") == "emulator/$1" ]] && echo "$u" ;;
             *) echo "$u" ;;
