@@ -925,14 +925,15 @@ static void this_thread_stack(const void** lo, size_t* size) {
 }
 #endif
 
-static bool ensure_capacity(Worker* w, unsigned nthreads) {
+/* Room for `nthreads` fibers in `nwarps` warps (every block of a cluster has its own last,
+ * possibly partial, warp). */
+static bool ensure_capacity(Worker* w, unsigned nthreads, unsigned nwarps) {
     while (w->stacks.size() < nthreads) {
         Stack s;
         if (!alloc_stack(&s)) return false;
         w->stacks.push_back(s);
     }
     if (w->fibers.size() < nthreads) w->fibers.resize(nthreads);
-    const unsigned nwarps = (nthreads + 31) / 32;
     if (w->warps.size() < nwarps) w->warps.resize(nwarps);
     return true;
 }
@@ -1057,8 +1058,9 @@ static void run_blocks(Worker* w, Launch* L) {
 #if DK_EMU_ASAN
     this_thread_stack(&w->main_stack_lo, &w->main_stack_size);
 #endif
-    const unsigned nthreads = csize * L->block.x * L->block.y * L->block.z;
-    if (!ensure_capacity(w, nthreads)) {
+    const unsigned block_threads = L->block.x * L->block.y * L->block.z;
+    const unsigned nthreads = csize * block_threads;
+    if (!ensure_capacity(w, nthreads, csize * ((block_threads + 31) / 32))) {
         L->fail(kErrOutOfMemory, strfmt("kernel %s: cannot allocate %u fiber stacks of %zu KiB (DISTILL_EMU_STACK_KB)",
                                         L->kernel->name.c_str(), nthreads, static_cast<size_t>(g_stack_bytes / 1024)));
         return;
