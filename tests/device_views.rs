@@ -23,16 +23,6 @@ fn cfg() -> LossConfig {
         .unwrap()
 }
 
-/// `rows` rows of `vocab` values placed `stride` apart; the padding is NaN, so a kernel that
-/// reads it poisons the loss.
-fn padded(v: &[f32], vocab: usize, stride: usize) -> Vec<f32> {
-    let mut out = vec![f32::NAN; (v.len() / vocab - 1) * stride + vocab];
-    for (r, row) in v.chunks(vocab).enumerate() {
-        out[r * stride..r * stride + vocab].copy_from_slice(row);
-    }
-    out
-}
-
 /// Loss and gradient of the contiguous call, the baseline every variant must reproduce.
 fn contiguous(dev: &CudaKernels, s: &[f32], t: &[f32], labels: &[i64]) -> (LossValue, Vec<f32>) {
     let (s, t, l) = (upload(dev, s), upload(dev, t), upload(dev, labels));

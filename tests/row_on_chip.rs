@@ -25,17 +25,6 @@ enum Mode {
     LossOnly,
 }
 
-/// Row-major `[rows, vocab]` values placed `stride` apart; the padding is NaN, so reading it
-/// poisons the loss.
-fn padded(v: &[f32], vocab: usize, stride: usize) -> Vec<f32> {
-    let rows = v.len() / vocab;
-    let mut out = vec![f32::NAN; (rows - 1) * stride + vocab];
-    for (r, row) in v.chunks(vocab).enumerate() {
-        out[r * stride..r * stride + vocab].copy_from_slice(row);
-    }
-    out
-}
-
 fn download(dev: &CudaKernels, v: &DeviceVec) -> Vec<f32> {
     let s = dev.stream();
     match v {

@@ -96,3 +96,13 @@ pub fn max_abs(v: &[f64]) -> f64 {
         .filter(|x| x.is_finite())
         .fold(0.0, |m, x| m.max(x.abs()))
 }
+
+/// `rows` rows of `vocab` values placed `stride` apart; the padding is NaN, so a kernel that
+/// reads it poisons the loss.
+pub fn padded(v: &[f32], vocab: usize, stride: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; (v.len() / vocab - 1) * stride + vocab];
+    for (r, row) in v.chunks(vocab).enumerate() {
+        out[r * stride..r * stride + vocab].copy_from_slice(row);
+    }
+    out
+}
