@@ -63,9 +63,11 @@ PASSES = {"fkl": 2, "rkl": 2, "jsd": 3}  # block reductions per row: statistics,
 # Row on chip: one read and the store (bf16 in place; f32 into an f32 gradient), every kind.
 BYTES_ON_CHIP = {"bf16": 6, "f32": 12}
 # (blocks per row, blocks per SM) that RowSchedule::Auto picks at V = 131,072
-# (src/cuda/row_schedule.rs): bf16 five 512-thread blocks of 107 KiB, two per SM; f32 five
-# 1,024-thread blocks of 209 KiB, one per SM.
-CLUSTER_BLOCKS = {"bf16": (5, 2), "f32": (5, 1)}
+# (src/cuda/row_schedule.rs): bf16 five 512-thread blocks of 107 KiB, two per SM; f32, and bf16
+# JSD with its mixture stash (8 bytes per element), five 1,024-thread blocks of about 209 KiB, one
+# per SM.
+CLUSTER_BLOCKS = {("fkl", "bf16"): (5, 2), ("rkl", "bf16"): (5, 2), ("jsd", "bf16"): (5, 1),
+                  ("fkl", "f32"): (5, 1), ("rkl", "f32"): (5, 1), ("jsd", "f32"): (5, 1)}
 # Per block, in units of one block reduction: the statistics' reduction and its cluster merge
 # (one warp, one barrier: half), the sums' two (reverse KL has no sums: its loss comes from pass
 # 1), and three cluster.sync()s costed like a reduction each.
@@ -81,12 +83,8 @@ def counts(cuobjdump, fatbin, prefix="dk_kd"):
     out = {}
     for kind in ("fkl", "rkl", "jsd"):
         for dt, name in (("bf16", f"{prefix}_{kind}_bf16_bf16_bf16"), ("f32", f"{prefix}_{kind}_f32_f32_f32")):
-            hot = sass_report.hot_loops(name, kernels[name], "90")
-            total = sass_report.kd_total(name, hot)
-            reads = sorted(((l["insns"] / e, l["mufu"] / e) for l, e, w in hot if not w), reverse=True)
-            writes = sorted(((l["insns"] / e, l["mufu"] / e) for l, e, w in hot if w), reverse=True)
-            mufu = sum(m for _, m in reads[:2 if kind == "jsd" else 1]) + writes[0][1]
-            out[(kind, dt)] = (total, mufu)
+            path = sass_report.common_path(name, sass_report.hot_loops(name, kernels[name], "90"))
+            out[(kind, dt)] = (sum(l["insns"] / e for l, e in path), sum(l["mufu"] / e for l, e in path))
     return out
 
 
@@ -144,7 +142,7 @@ def table_on_chip(now, two_pass):
         for dt in ("bf16", "f32"):
             ins, mu = now[(kind, dt)]
             b = BYTES_ON_CHIP[dt]
-            c, per_sm = CLUSTER_BLOCKS[dt]
+            c, per_sm = CLUSTER_BLOCKS[(kind, dt)]
             elems = rows * vocab
             t_mem, t_issue, t_mufu = elems * b / BW, elems * ins / ISSUE, elems * mu / MUFU
             # Every SM busy; with two blocks per SM one streams while the other synchronises, so

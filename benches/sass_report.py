@@ -23,10 +23,14 @@ A kernel's total per element is an upper bound on its common path (soft and hard
 gradient): the costliest reading loop (pass 1) plus the costliest writing loop (pass 2; JSD adds
 its second-costliest reading loop, pass 2's sums, to its writing pass 3).
 
-The row-on-chip kernels (`dk_kdc_*`, sm_90 clusters) run the same passes, but pass 1 also stores
-each chunk to shared memory (STS) and the later passes load it from there (LDS) instead of from
-DRAM: their hot loops are found and counted the same way, with a vector LDS standing for a chunk's
-load. On sm_80-89 their bodies are a trap (no clusters there): no loops, not gated.
+The row-on-chip kernels (`dk_kdc_*`, sm_90 clusters) run the same passes, but pass 1 copies each
+chunk into shared memory asynchronously (LDGSTS, one commit group, LDGDEPBAR, per chunk: one chunk
+per iteration) and computes it from there, and the later passes load it from there (LDS) instead
+of from DRAM: their hot loops are found and counted the same way, with a vector LDS standing for
+a chunk's load. Their pass 1 is the costliest loop with LDGSTS; JSD of 16-bit rows keeps its
+mixture, so its pass 2 is a writing loop too (STS, no LDG: "write smem") and its total is pass 1,
+the costliest "write smem" and the costliest gradient-writing loop. On sm_80-89 their bodies are
+a trap (no clusters there): no loops, not gated.
 
 --check gates them (CI runs it): no local memory in any `dk_*` kernel; every same-dtype `dk_kd_*`
 (and on sm_90 `dk_kdc_*`) kernel (the issue's targets are stated for bf16 and f32 pairs) has hot loops that load 16 bytes
@@ -110,6 +114,8 @@ def summary(insns, lo=0, hi=None):
         "sts_max": max((width(op) for op in ops if op.startswith("STS")), default=0),
         "stg_max": max(st, default=0),
         "stg": len(st),
+        "sts": sum(op.startswith("STS") for op in ops),
+        "commits": sum(op == "LDGDEPBAR" for op in ops),
         "local": sum(op.startswith(("LDL", "STL")) for op in ops),
     }
 
@@ -139,7 +145,8 @@ def kd_dtypes(name):
 
 
 def hot_loops(name, insns, arch):
-    """[(summary, elements per iteration, writes)] of a dk_kd_* kernel's vector loops."""
+    """[(summary, elements per iteration, role)] of a dk_kd_* kernel's vector loops; role is
+    "read", "write" (the gradient, STG) or "write smem" (JSD's mixture stash, row on chip)."""
     _, sd, td, _ = kd_dtypes(name)
     chunk = 16 // max(SIZE[sd], SIZE[td])
     out = []
@@ -147,25 +154,53 @@ def hot_loops(name, insns, arch):
         l = summary(insns, lo, hi)
         if max(l["ldg_max"], l["lds_max"]) < 8:
             continue
-        writes = l["stg"] > 0
-        elements = (1 if writes else 2) * chunk
+        # A writing loop handles one chunk per iteration: it stores the gradient (STG), or in a
+        # row-on-chip JSD kernel the log2 mixture to shared memory (STS and no LDG: pass 1's
+        # stash stores come with LDG).
+        role = "write" if l["stg"] else "write smem" if l["sts"] and not l["ldg"] else "read"
+        elements = (2 if role == "read" else 1) * chunk
+        # The row on chip's pass 1 copies chunks into shared memory asynchronously (LDGSTS), one
+        # commit group (LDGDEPBAR) per chunk.
+        if l["commits"]:
+            elements = l["commits"] * chunk
         # Every hot loop takes at least one exponential per element; a loop with vector loads
         # and fewer MUFU ops is something else (a split row's merge of its parts' partials).
         if l["mufu"] < elements:
             continue
-        out.append((l, elements, writes))
+        out.append((l, elements, role))
     return out
+
+
+def common_path(name, hot):
+    """The hot loops of the common path as [(summary, elements per iteration)], the costliest
+    instantiation of each pass (see the header), or None when one is missing."""
+    kind, sd, _, _ = kd_dtypes(name)
+
+    def costliest(keep, n=1):
+        found = sorted(((l, e) for l, e, role in hot if keep(l, role)), key=lambda x: -x[0]["insns"] / x[1])
+        return found[:n] if len(found) >= n else None
+
+    read = lambda l, role: role == "read"  # noqa: E731
+    if name.startswith("dk_kdc_"):
+        passes = [costliest(lambda l, role: l["commits"] > 0)]  # pass 1 into the stash
+        if kind == "jsd" and SIZE[sd] == 2:  # pass 2 keeps the mixture, pass 3 writes
+            passes += [costliest(lambda l, role: role == "write smem"), costliest(lambda l, role: role == "write")]
+        elif kind == "jsd":  # pass 2's sums, pass 3 writes
+            passes += [costliest(lambda l, role: read(l, role) and not l["commits"]),
+                       costliest(lambda l, role: role == "write")]
+        else:
+            passes += [costliest(lambda l, role: role == "write")]
+    else:
+        passes = [costliest(read, 2 if kind == "jsd" else 1), costliest(lambda l, role: role == "write")]
+    if any(p is None for p in passes):
+        return None
+    return [x for p in passes for x in p]
 
 
 def kd_total(name, hot):
     """Upper bound on the common path's instructions per element (see the header)."""
-    reads = sorted((l["insns"] / e for l, e, w in hot if not w), reverse=True)
-    writes = sorted((l["insns"] / e for l, e, w in hot if w), reverse=True)
-    kind = kd_dtypes(name)[0]
-    n_reads = 2 if kind == "jsd" else 1
-    if len(reads) < n_reads or not writes:
-        return None
-    return sum(reads[:n_reads]) + writes[0]
+    path = common_path(name, hot)
+    return None if path is None else sum(l["insns"] / e for l, e in path)
 
 
 def main():
@@ -201,10 +236,10 @@ def main():
             cells, total = [], None
             if is_kd(name) and not (name.startswith("dk_kdc_") and arch != "90"):
                 hot = hot_loops(name, insns, arch)
-                for l, e, w in hot:
+                for l, e, role in hot:
                     load = "LDG/LDS" if name.startswith("dk_kdc_") else "LDG"
                     cells.append(f"{l['insns']} ({l['mufu']}) [{l['insns'] / e:.1f}/el, "
-                                 f"{load} {l['ldg_min_vec']} B{', writes' if w else ''}]")
+                                 f"{load} {l['ldg_min_vec']} B{'' if role == 'read' else ', ' + role}]")
                 total = kd_total(name, hot)
                 kind, sd, td, _ = kd_dtypes(name)
                 if total is None:

@@ -82,7 +82,9 @@ typedef struct DkKdParams {
      * blocks (at most 8), each block keeping its slice of the row in dynamic shared memory of
      * DK_KD_CLUSTER_HEADER_BYTES + stash(S) + stash(T) bytes, stash(X) = round_up(stash_elems *
      * sizeof(X) + 16, 16). stash_elems: at least the longest slice, ceil(floor(vocab / C) / split) * C
-     * + 2 * C elements with C = 16 / sizeof(S) (the vector chunk). Ignored by the other phases. */
+     * + 2 * C elements with C = 16 / sizeof(S) (the vector chunk). JSD with a gradient of a 16-bit
+     * dtype adds a third stash, of f32 (its log2 mixture): + round_up(stash_elems * 4 + 16, 16).
+     * Ignored by the other phases. */
     int32_t stash_elems;
 } DkKdParams;
 

@@ -123,6 +123,31 @@ __device__ __forceinline__ float dk_ex2(float x) { return ::dk_emu::ex2_approx_f
 __device__ __forceinline__ float dk_lg2(float x) { return ::dk_emu::lg2_approx_ftz(x); }
 #endif
 
+// ---- asynchronous copies of 16 bytes from global to shared memory (cp.async.cg, sm_80+): the
+// bytes are in flight without occupying registers, so a thread can keep several chunks coming
+// while it computes. A copy lands in shared memory only once a dk_cp_async_wait<N> retires its
+// commit group (all but the newest N groups); the emulator performs it exactly then (simt.h).
+// Both addresses 16-byte aligned.
+#ifdef __CUDACC__
+__device__ __forceinline__ void dk_cp_async16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+                 "l"(__cvta_generic_to_global(gmem))
+                 : "memory");
+}
+__device__ __forceinline__ void dk_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void dk_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#else
+__device__ __forceinline__ void dk_cp_async16(void* smem, const void* gmem) { ::dk_emu::cp_async16(smem, gmem); }
+__device__ __forceinline__ void dk_cp_async_commit() { ::dk_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void dk_cp_async_wait() {
+    ::dk_emu::cp_async_wait(N);
+}
+#endif
+
 // ---- online softmax: running max m and sum of exp((x - m) * scale) over the values seen.
 // `-inf` entries contribute nothing (guarding exp(-inf - -inf) = NaN); NaN propagates into z.
 struct DkMaxSum {

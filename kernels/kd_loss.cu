@@ -175,17 +175,15 @@ __device__ __forceinline__ DkSlice dk_slice(const DkRowSplit& r, int n_chunk, in
 
 // Visits a slice of a row: f.template on<M>(sv, tv, gv) for scalar elements (M = 1) and chunks
 // (M = N), in the order thread `tid` owns them; with WRITE, gv is stored to g (added to it with
-// `acc`). Every element is read before the same thread writes it, so g may alias s. With stash
-// pointers (the row-on-chip kernels' shared memory, indexed like the row), every element read is
-// also copied there as it is, for the later passes; they are null (and folded away) elsewhere.
-template <bool READ_T, bool WRITE, typename S, typename T, typename G, typename F>
-__device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const DkSlice& sl, const S* s, const T* t, G* g, bool acc, F& f,
-                                            S* stash_s = nullptr, T* stash_t = nullptr) {
-    constexpr int N = DkChunk<S, T>::kLen;
+// `acc`). Every element is read before the same thread writes it, so g may alias s. (The
+// row-on-chip kernels' later passes visit their shared-memory stash with it too, and write JSD's
+// mixture stash as a `g`.) NV, when given, is the chunk length instead of the pair's (a row-on-chip pass that reads the f32
+// mixture stash as its `t` keeps the 16-bit row's chunks of 8).
+template <bool READ_T, bool WRITE, int NV = 0, typename S, typename T, typename G, typename F>
+__device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const DkSlice& sl, const S* s, const T* t, G* g, bool acc, F& f) {
+    constexpr int N = NV ? NV : DkChunk<S, T>::kLen;
     const int tid = threadIdx.x, nt = blockDim.x;
     auto one = [&](int j) {
-        if (stash_s) stash_s[j] = s[j];
-        if (stash_t && READ_T) stash_t[j] = t[j];
         float sv[1] = {dk_load(s + j)}, tv[1] = {READ_T ? dk_load(t + j) : 0.0f}, gv[1];
         f.template on<1>(sv, tv, gv);
         if (WRITE) dk_put(g + j, gv[0], acc);
@@ -207,8 +205,6 @@ __device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const DkSlice& 
     };
     auto compute = [&](int c, const Raw& x) {
         const int j0 = r.head + c * N;
-        if (stash_s) VS::store_raw(stash_s + j0, x.s);
-        if (stash_t && READ_T) VT::store_raw(stash_t + j0, x.t);
         float sv[N], tv[N], gv[N];
         VS::widen(x.s, sv);
         if (READ_T) {
@@ -433,8 +429,9 @@ __device__ __forceinline__ float dk_kd_grad(const DkKdRowConsts& k, const DkKdEl
 
 // Pass 2: the soft loss terms (a: forward KL's or JSD's teacher-weighted sum; b: JSD's
 // sum_k p_s (l2_s - l2_m)) and, for the KL kinds, the gradient. Each term is p * (log ratio) with
-// 0 * anything = 0 (a masked entry is absent). Reverse KL's loss is pass 1's r.
-template <int KIND, bool SOFT, bool HARD>
+// 0 * anything = 0 (a masked entry is absent). Reverse KL's loss is pass 1's r. With KEEP_MIX
+// (JSD, row on chip) the "gradient" it hands out is each element's log2 mixture, for pass 3.
+template <int KIND, bool SOFT, bool HARD, bool KEEP_MIX = false>
 struct DkKdPass2 {
     const DkKdRowConsts& k;
     float a, b;
@@ -452,7 +449,7 @@ struct DkKdPass2 {
                     b = fmaf(e.ps, e.ps == 0.0f ? 0.0f : e.ls - e.lm, b);
                 }
             }
-            gv[i] = dk_kd_grad<KIND, SOFT, HARD, false>(k, e, sv[i], 0.0f);
+            gv[i] = KEEP_MIX ? e.lm : dk_kd_grad<KIND, SOFT, HARD, false>(k, e, sv[i], 0.0f);
         }
     }
 };
@@ -468,6 +465,25 @@ struct DkKdPass3 {
             DkKdElem e{};
             if (SOFT) e = dk_kd_elem<DK_KIND_JSD, true>(k, sv[i], tv[i]);
             gv[i] = dk_kd_grad<DK_KIND_JSD, SOFT, HARD, true>(k, e, sv[i], 0.0f);
+        }
+    }
+};
+
+// Pass 3 of JSD with the log2 mixture pass 2 kept (`lm`, read where the teacher was): the
+// student's probability and the hard loss's remain, 2 MUFU ops per element instead of 4. The same
+// operations on the same values as DkKdPass3's, so the same bits.
+template <bool HARD>
+struct DkKdPass3Kept {
+    const DkKdRowConsts& k;
+    template <int N>
+    __device__ __forceinline__ void on(const float (&sv)[N], const float (&lm)[N], float (&gv)[N]) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            DkKdElem e{};
+            e.ls = k.ls(sv[i]);
+            e.ps = dk_ex2(e.ls);
+            e.lm = lm[i];
+            gv[i] = dk_kd_grad<DK_KIND_JSD, true, HARD, true>(k, e, sv[i], 0.0f);
         }
     }
 };
@@ -643,7 +659,8 @@ __device__ void kd_row_body(const DkKdParams& p, int64_t row, int part, const S*
 // cluster.sync()s; every block merges all ranks' in the same order, so all apply bitwise the same
 // normalizers. Everything shared is in dynamic shared memory (the emulator runs a cluster's blocks
 // on one OS thread, where static __shared__ would be one variable for all of them): a header, then
-// the student's and the teacher's stash (abi.h: DK_KD_CLUSTER_HEADER_BYTES).
+// the student's and the teacher's stash (abi.h: DK_KD_CLUSTER_HEADER_BYTES), and for JSD with a
+// gradient of a 16-bit row the log2 mixture's.
 struct DkKdClusterShared {
     DkKdStats red_stats[DK_MAX_WARPS + 1];
     DkSum2 red_sum[DK_MAX_WARPS + 1];
@@ -672,6 +689,66 @@ template <typename X>
 __device__ __forceinline__ X* dk_stash_view(unsigned char* base, const X* row, int lo) {
     const int pad = static_cast<int>(reinterpret_cast<unsigned long long>(row + lo) % 16);
     return reinterpret_cast<X*>(base + pad) - lo;
+}
+
+// JSD's third stash (16-bit rows with a gradient): pass 2's log2 mixture of every element, f32,
+// indexed like the row with the chunk starts (head + c * 8) on 16-byte boundaries.
+__device__ __forceinline__ float* dk_mixture_view(unsigned char* base, int lo, int head) {
+    const int pad = ((lo - head) % 4 + 4) % 4 * 4;
+    return reinterpret_cast<float*>(base + pad) - lo;
+}
+
+// Pass 1 of the row on chip: like dk_kd_visit's reading pass, but each chunk goes from DRAM
+// straight into the stash (cp.async, kDepth chunks ahead of the one being computed, read back
+// with LDS), so a thread keeps kDepth x 32 bytes of a 16-bit pair in flight without the
+// registers that loaded data would hold: 128 KiB per SM at 1,024 threads per SM (the two-pass
+// kernels' register buffers: 32 KiB). Student and teacher are of one dtype here, so a chunk is
+// 16 bytes of each; the scalar head and tail go through registers as in dk_kd_visit.
+template <bool READ_T, typename S, typename T, typename F>
+__device__ __forceinline__ void dk_kd_stash_pass(const DkRowSplit& r, const DkSlice& sl, const S* s, const T* t, S* ss, T* ts,
+                                                 F& f) {
+    static_assert(sizeof(S) == sizeof(T), "one dtype");
+    constexpr int N = DkChunk<S, T>::kLen;
+    constexpr int kDepth = 4;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    auto one = [&](int j) {
+        ss[j] = s[j];
+        if (READ_T) ts[j] = t[j];
+        float sv[1] = {dk_load(s + j)}, tv[1] = {READ_T ? dk_load(t + j) : 0.0f}, gv[1];
+        f.template on<1>(sv, tv, gv);
+    };
+    if (sl.head)
+        for (int j = tid; j < r.head; j += nt) one(j);
+    // One commit group per chunk, empty past the slice's end, so that wait<kDepth - 1> always
+    // retires the chunk about to be computed.
+    auto issue = [&](int c) {
+        if (c < sl.c_hi) {
+            const int j0 = r.head + c * N;
+            dk_cp_async16(ss + j0, s + j0);
+            if (READ_T) dk_cp_async16(ts + j0, t + j0);
+        }
+        dk_cp_async_commit();
+    };
+    const int c0 = sl.c_lo + tid;
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) issue(c0 + d * nt);
+    for (int c = c0; c < sl.c_hi; c += nt) {
+        dk_cp_async_wait<kDepth - 1>();
+        const int j0 = r.head + c * N;
+        float sv[N], tv[N], gv[N];
+        DkVec<S, N>::widen(DkVec<S, N>::load(ss + j0), sv);
+        if (READ_T) {
+            DkVec<T, N>::widen(DkVec<T, N>::load(ts + j0), tv);
+        } else {
+#pragma unroll
+            for (int i = 0; i < N; ++i) tv[i] = 0.0f;
+        }
+        f.template on<N>(sv, tv, gv);
+        issue(c + kDepth * nt);
+    }
+    dk_cp_async_wait<0>();  // nothing is left but empty groups; no copy outlives the pass
+    if (sl.tail)
+        for (int j = r.body_end + tid; j < r.n; j += nt) one(j);
 }
 
 // Every rank's `*mine`, merged by warp 0 in rank order (lane r reads rank r: at most 8), so every
@@ -707,7 +784,7 @@ __device__ void kd_cluster_body(const DkKdParams& p, int64_t row, int part, cons
 
     // ---- pass 1 from DRAM, stashing the slice; the cluster's statistics.
     DkKdPass1<KIND, SOFT, HARD> p1{dk_kd_stats_empty(), k};
-    dk_kd_visit<SOFT, false>(split, slice, s, t, static_cast<G*>(nullptr), false, p1, ss, SOFT ? ts : nullptr);
+    dk_kd_stash_pass<SOFT>(split, slice, s, t, ss, ts, p1);
     const DkKdStats mine = dk_block_reduce_warp0(p1.st, DkKdStatsOp<KIND>{}, dk_kd_stats_empty(), sh->red_stats);
     if (threadIdx.x == 0) sh->block_stats = mine;
     cluster.sync();
@@ -719,13 +796,25 @@ __device__ void kd_cluster_body(const DkKdParams& p, int64_t row, int part, cons
     const T* tv = ts;
     const bool grad_in_pass2 = g && KIND != DK_KIND_JSD;
     const bool sums_in_pass2 = SOFT && KIND != DK_KIND_REVERSE_KL;
+    // JSD with a gradient, 16-bit rows: pass 2 keeps each element's log2 mixture in a third stash
+    // (abi.h) so pass 3 does not recompute its two exponentials and logarithm: JSD is bound by
+    // the MUFU there, not by bytes. (An f32 row is bound by bytes, and a third stash would take
+    // the shared memory that lets it fit five blocks.)
+    constexpr bool kKeepMix = KIND == DK_KIND_JSD && SOFT && sizeof(S) == 2;
+    float* ms = kKeepMix && g ? dk_mixture_view(base + dk_stash_bytes<S>(p.stash_elems) + dk_stash_bytes<T>(p.stash_elems),
+                                                lo, split.head)
+                              : nullptr;
     DkKdPass2<KIND, SOFT, HARD> p2{kc, 0.0f, 0.0f};
+    DkKdPass2<KIND, SOFT, HARD, true> p2m{kc, 0.0f, 0.0f};
     if (grad_in_pass2)
         dk_kd_visit<SOFT, true>(split, slice, sv, tv, g, acc, p2);
+    else if (kKeepMix && ms)
+        dk_kd_visit<SOFT, true>(split, slice, sv, tv, ms, false, p2m);
     else if (sums_in_pass2)
         dk_kd_visit<SOFT, false>(split, slice, sv, tv, static_cast<G*>(nullptr), false, p2);
     if (sums_in_pass2) {
-        const DkSum2 part_sums = dk_block_reduce_warp0(DkSum2{p2.a, p2.b}, DkSum2Op{}, DkSum2{0.0f, 0.0f}, sh->red_sum);
+        const DkSum2 mine_sums = kKeepMix && ms ? DkSum2{p2m.a, p2m.b} : DkSum2{p2.a, p2.b};
+        const DkSum2 part_sums = dk_block_reduce_warp0(mine_sums, DkSum2Op{}, DkSum2{0.0f, 0.0f}, sh->red_sum);
         if (threadIdx.x == 0) sh->block_sums = part_sums;
     }
     cluster.sync();
@@ -733,8 +822,14 @@ __device__ void kd_cluster_body(const DkKdParams& p, int64_t row, int part, cons
     if (sums_in_pass2) sums = dk_cluster_merge(&sh->block_sums, DkSum2{0.0f, 0.0f}, DkSum2Op{}, &sh->merge_sum);
     kc.jsd_b = sums.b;
     if (KIND == DK_KIND_JSD && g) {
-        DkKdPass3<SOFT, HARD> p3{kc};
-        dk_kd_visit<SOFT, true>(split, slice, sv, tv, g, acc, p3);
+        if constexpr (kKeepMix) {
+            // The mixture stash read where the teacher was, in the 16-bit row's chunks of 8.
+            DkKdPass3Kept<HARD> p3{kc};
+            dk_kd_visit<true, true, DkChunk<S, T>::kLen>(split, slice, sv, static_cast<const float*>(ms), g, acc, p3);
+        } else {
+            DkKdPass3<SOFT, HARD> p3{kc};
+            dk_kd_visit<SOFT, true>(split, slice, sv, tv, g, acc, p3);
+        }
     }
     // Every gradient write of the cluster, and every read of another block's shared memory,
     // before: the label's element may be another block's, and no block may exit while the others

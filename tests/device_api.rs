@@ -302,6 +302,30 @@ fn emulator_runs_thread_block_clusters() {
     assert!(ok.iter().all(|&v| v == 64.0), "{ok:?}");
 }
 
+/// Asynchronous copies (cp.async, kernels/common.cuh's dk_cp_async16): a copy lands when a wait
+/// retires its commit group, and a thread may not exit with copies pending.
+#[test]
+fn emulator_runs_asynchronous_copies() {
+    use selftest::{launch_in_clusters, Output};
+    let dev = CudaKernels::emulated().unwrap();
+    for threads in [8, 64, 256] {
+        let out = launch_in_clusters(&dev, "dk_selftest_async_ok", 1, threads, 1, Output::Zeroed)
+            .unwrap();
+        for (t, &v) in out.iter().enumerate() {
+            assert_eq!(v, t as f32 + 1.0, "{threads} threads, thread {t}");
+        }
+    }
+    let e = launch_in_clusters(&dev, "dk_selftest_async_pending", 1, 64, 1, Output::Zeroed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("exited with 1 asynchronous copies not waited for"),
+        "{e}"
+    );
+    let ok = launch_selftest(&dev, "dk_selftest_ok", 64).expect("the device works after failures");
+    assert!(ok.iter().all(|&v| v == 64.0), "{ok:?}");
+}
+
 /// With nvcc, the build records ptxas's numbers for every kernel, and none spills on the
 /// architectures the kernels are tuned for. CI builds with DISTILL_REQUIRE_NVCC=1.
 #[test]

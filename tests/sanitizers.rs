@@ -81,6 +81,23 @@ fn cluster_kernels_are_checked() {
     );
 }
 
+/// A read of a cp.async destination before the wait that retires its copy reads bytes that have
+/// not landed: initcheck names it, as the GPU would return whatever shared memory held.
+#[test]
+fn initcheck_finds_a_read_before_an_asynchronous_copy_lands() {
+    use common::selftest::launch_in_clusters;
+    let dev = checked();
+    let out = launch_in_clusters(dev, "dk_selftest_async_ok", 1, 64, 1, Output::Zeroed).unwrap();
+    assert!(
+        out.iter().enumerate().all(|(t, &v)| v == t as f32 + 1.0),
+        "{out:?}"
+    );
+    let e = launch_in_clusters(dev, "dk_selftest_async_unwaited", 1, 64, 1, Output::Zeroed)
+        .expect_err("reading before the wait must fail under the check build")
+        .to_string();
+    assert!(e.contains("initcheck") && e.contains("selftest.cu:"), "{e}");
+}
+
 #[test]
 fn racecheck_finds_a_missing_barrier_in_shared_memory() {
     let e = failure("dk_selftest_shared_race", 1, 64, Output::Zeroed);

@@ -155,6 +155,14 @@ mutant cluster-own-statistics kd_loss.cu#4 \
     '&sh->merge_stats);
     DkKdRowConsts kc = dk_kd_row_consts<KIND>(p, mine, k);' \
     "each block of a row-on-chip cluster normalises its slice with its own statistics instead of the row's"
+mutant cluster-stash-unwaited kd_loss.cu#4 \
+    'dk_cp_async_wait<kDepth - 1>();' \
+    'dk_cp_async_wait<kDepth>();' \
+    "the row-on-chip pass 1 computes a chunk from shared memory before the asynchronous copy that fills it is waited for"
+mutant cluster-mixture-misplaced kd_loss.cu#4 \
+    'e.lm = lm[i];' \
+    'e.lm = lm[N - 1 - i];' \
+    "JSD's pass 3 on chip reads the wrong element's kept log2 mixture"
 
 # Every barrier in the kernel sources (the emulator's self-tests excluded), one mutant each.
 while IFS=: read -r file line _; do

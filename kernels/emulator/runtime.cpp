@@ -701,7 +701,16 @@ static void fiber_main(Fiber* f) noexcept {
 #endif
     Worker* w = f->worker;
     note_progress(f);
+    f->async_count = 0;
+    f->async_groups = 0;
     w->launch->kernel->fn(w->launch->params);
+    if (f->async_count) {
+        w->launch->fail(kErrLaunchFailed, thread_where("cp.async", w->launch, *f->blk, f) +
+                                              strfmt(": the thread exited with %u asynchronous copies not waited for "
+                                                     "(cp.async.wait_group)",
+                                                     f->async_count));
+        abandon_block(w, f);
+    }
     fiber_exit(w, f);
 }
 
@@ -855,6 +864,14 @@ void assert_fail(const char* expr, const char* file, unsigned line, const char* 
     w->launch->fail(kErrAssert, thread_where("device assertion failed", w->launch, *f->blk, f) +
                                     strfmt(": %s:%u: %s: Assertion `%s` failed.", file, line, func, expr));
     abandon_block(w, f);
+}
+
+void async_overflow() {
+    char buf[160]; /* no owning string: misuse() abandons this fiber's stack */
+    snprintf(buf, sizeof buf,
+             "more than %u cp.async copies pending in one thread (the emulator's limit: wait for older groups first)",
+             kAsyncCopiesMax);
+    misuse(buf);
 }
 
 void misuse(const char* what) {

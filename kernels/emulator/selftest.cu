@@ -221,3 +221,55 @@ extern "C" __global__ void dk_selftest_cluster_static_shared(DkSelftestParams p)
     if (cluster.block_rank() == 0) p.out[threadIdx.x] = s[threadIdx.x];
 }
 DK_REGISTER_KERNEL(dk_selftest_cluster_static_shared, DkSelftestParams)
+
+/* ---- Asynchronous copies (cp.async), launched as clusters of one block for their dynamic shared
+ * memory (blockDim.x a multiple of 8). */
+
+/* Correct: every thread writes out[t] = t; every eighth thread copies out[t, t + 8) into shared
+ * memory in two commit groups and waits for both; then out[t] = smem[t] + 1. */
+extern "C" __global__ void dk_selftest_async_ok(DkSelftestParams p) {
+    DK_DYNAMIC_SHARED(float, smem);
+    const unsigned t = threadIdx.x;
+    p.out[t] = static_cast<float>(t);
+    __syncthreads();
+    if (t % 8 == 0) {
+        ::dk_emu::cp_async16(smem + t, p.out + t);
+        ::dk_emu::cp_async_commit();
+        ::dk_emu::cp_async16(smem + t + 4, p.out + t + 4);
+        ::dk_emu::cp_async_commit();
+        ::dk_emu::cp_async_wait(1); /* the first group has landed */
+        const float first = smem[t];
+        ::dk_emu::cp_async_wait(0);
+        smem[t] = first;
+    }
+    __syncthreads();
+    const float v = smem[t] + 1.0f;
+    __syncthreads();
+    p.out[t] = v;
+}
+DK_REGISTER_KERNEL(dk_selftest_async_ok, DkSelftestParams)
+
+/* Reads a copy's destination before waiting for it: the bytes have not landed (the fast build
+ * reads the 0xFF fill, a NaN; initcheck reports the read). */
+extern "C" __global__ void dk_selftest_async_unwaited(DkSelftestParams p) {
+    DK_DYNAMIC_SHARED(float, smem);
+    const unsigned t = threadIdx.x;
+    if (t % 4 == 0) {
+        ::dk_emu::cp_async16(smem + t, p.out + t);
+        ::dk_emu::cp_async_commit();
+        const float early = smem[t]; /* needs a cp.async.wait_group before */
+        ::dk_emu::cp_async_wait(0);
+        p.out[t] = early;
+    }
+}
+DK_REGISTER_KERNEL(dk_selftest_async_unwaited, DkSelftestParams)
+
+/* Exits with a committed copy never waited for. */
+extern "C" __global__ void dk_selftest_async_pending(DkSelftestParams p) {
+    DK_DYNAMIC_SHARED(float, smem);
+    if (threadIdx.x % 4 == 0) {
+        ::dk_emu::cp_async16(smem + threadIdx.x, p.out + threadIdx.x);
+        ::dk_emu::cp_async_commit();
+    }
+}
+DK_REGISTER_KERNEL(dk_selftest_async_pending, DkSelftestParams)

@@ -147,12 +147,23 @@ struct BlockPublic {
 };
 
 /* The part of a fiber the inline code below reads. runtime.cpp's Fiber derives from it. */
+/* A cp.async copy issued and not yet retired by a wait (see "Asynchronous copies" below). */
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    unsigned group; /* the commit group it belongs to (the count of groups committed before it) */
+};
+constexpr unsigned kAsyncCopiesMax = 16;
+
 struct FiberPublic {
     uint3 thread_idx;
     unsigned lane;       /* linear thread index % 32 */
     unsigned warp_lanes; /* lanes in this thread's warp: 32, fewer for the last warp of an odd-sized block */
     unsigned warp_mask;  /* (1 << warp_lanes) - 1 */
     const BlockPublic* block;
+    unsigned async_count;  /* copies in async_copies */
+    unsigned async_groups; /* commit groups so far */
+    AsyncCopy async_copies[kAsyncCopiesMax];
 };
 
 /* Finding the running CUDA thread without thread-local storage: every fiber stack is a region
@@ -283,6 +294,38 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 /* Threads of a block share one OS thread: ordering the compiler is enough. */
 inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+
+/* Asynchronous copies, global to shared memory (what common.cuh's dk_cp_async16 /
+ * dk_cp_async_commit / dk_cp_async_wait<N> are on the GPU: cp.async.cg.shared.global of 16 bytes,
+ * cp.async.commit_group, cp.async.wait_group N). A copy is performed when a wait retires its
+ * group, not when it is issued: the latest moment the hardware may land it. So a read of the
+ * destination before the wait sees the old bytes (shared memory starts as 0xFF bytes, and the
+ * check build's initcheck reports it), and the copy's own accesses are checked (memcheck,
+ * racecheck, 16-byte alignment) as this thread's at the wait. Copies not yet committed are not
+ * waited for, as in PTX; a thread that exits with copies pending fails the launch (runtime.cpp). */
+namespace dk_emu {
+[[noreturn]] DK_EMU_HIDDEN void async_overflow();
+inline void cp_async16(void* dst, const void* src) {
+    FiberPublic* f = self();
+    if (f->async_count == kAsyncCopiesMax) async_overflow();
+    f->async_copies[f->async_count++] = AsyncCopy{dst, src, f->async_groups};
+}
+inline void cp_async_commit() { ++self()->async_groups; }
+/* Retires every committed group but the newest `pending`, in issue order. */
+inline void cp_async_wait(unsigned pending) {
+    FiberPublic* f = self();
+    const unsigned retire_below = f->async_groups > pending ? f->async_groups - pending : 0;
+    unsigned kept = 0;
+    for (unsigned i = 0; i < f->async_count; ++i) {
+        const AsyncCopy c = f->async_copies[i];
+        if (c.group < retire_below)
+            *static_cast<uint4*>(c.dst) = *static_cast<const uint4*>(c.src);
+        else
+            f->async_copies[kept++] = c;
+    }
+    f->async_count = kept;
+}
+}  // namespace dk_emu
 
 /* Thread-block clusters: the part of CUDA's cooperative_groups that cluster kernels use (kernels
  * include <cooperative_groups.h> under nvcc only). Blocks are ranked x fastest, as on sm_90. */

@@ -541,6 +541,7 @@ impl CudaKernels {
             sms: sms.max(1) as usize,
             cc_major,
             one_dtype,
+            jsd_grad: g_ptr != 0 && matches!(cfg.kind, LossKind::Jsd { .. }),
         })?;
         self.note_row_layout(match plan {
             RowPlan::Fused => RowSchedule::Fused,

@@ -70,14 +70,22 @@ pub(crate) fn split_for(rows: usize, vocab: usize, sms: usize) -> usize {
     split.max(1)
 }
 
-/// The stash a cluster block needs (kernels/abi.h, `stash_elems`) and its dynamic shared memory.
-pub(crate) fn cluster_smem(vocab: usize, blocks: usize, dtype: Dtype) -> (usize, usize) {
+/// The stash a cluster block needs (kernels/abi.h, `stash_elems`) and its dynamic shared memory:
+/// the student's and teacher's slices, and for JSD with a gradient of a 16-bit dtype
+/// (`jsd_grad`) the f32 log2 mixture that its pass 2 keeps for pass 3.
+pub(crate) fn cluster_smem(
+    vocab: usize,
+    blocks: usize,
+    dtype: Dtype,
+    jsd_grad: bool,
+) -> (usize, usize) {
     let size = dtype.size_bytes();
     let chunk = 16 / size;
     let stash_elems = (vocab / chunk).div_ceil(blocks) * chunk + 2 * chunk;
-    let stash_bytes = (stash_elems * size + 16).next_multiple_of(16);
+    let stash = |size: usize| (stash_elems * size + 16).next_multiple_of(16);
+    let mixture = if jsd_grad && size == 2 { stash(4) } else { 0 };
     let header = crate::abi::DK_KD_CLUSTER_HEADER_BYTES as usize;
-    (stash_elems, header + 2 * stash_bytes)
+    (stash_elems, header + 2 * stash(size) + mixture)
 }
 
 /// The device and call facts a schedule is resolved against.
@@ -89,6 +97,8 @@ pub(crate) struct RowShape {
     pub cc_major: i32,
     /// The student's and teacher's dtype when they are one, and the gradient (if any) too.
     pub one_dtype: Option<Dtype>,
+    /// JSD with a gradient (its row-on-chip kernel keeps a third stash for 16-bit rows).
+    pub jsd_grad: bool,
 }
 
 impl RowSchedule {
@@ -99,6 +109,7 @@ impl RowSchedule {
             sms,
             cc_major,
             one_dtype,
+            jsd_grad,
         } = *shape;
         let refuse = |value: String, reason: &'static str| Error::InvalidOption {
             name: "row schedule",
@@ -137,7 +148,7 @@ impl RowSchedule {
                 if !(1..=CLUSTER_MAX_BLOCKS).contains(&n) {
                     return Err(refuse(value(), "a cluster has 1 to 8 blocks"));
                 }
-                let (stash_elems, smem) = cluster_smem(vocab, n, dtype);
+                let (stash_elems, smem) = cluster_smem(vocab, n, dtype, jsd_grad);
                 if smem > MAX_BLOCK_SMEM {
                     return Err(refuse(
                         value(),
@@ -158,7 +169,8 @@ impl RowSchedule {
                         // The fewest blocks whose slices fit two blocks per SM, else one.
                         let fit = |limit: usize, threads: u32| {
                             (1..=CLUSTER_MAX_BLOCKS).find_map(|blocks| {
-                                let (stash_elems, smem) = cluster_smem(vocab, blocks, dtype);
+                                let (stash_elems, smem) =
+                                    cluster_smem(vocab, blocks, dtype, jsd_grad);
                                 (smem <= limit).then(|| RowPlan::Cluster {
                                     blocks,
                                     threads: threads
@@ -198,6 +210,7 @@ mod tests {
             sms: 132,
             cc_major: 9,
             one_dtype: dtype,
+            jsd_grad: false,
         }
     }
 
@@ -222,7 +235,7 @@ mod tests {
             };
             assert_eq!((blocks, t), (5, threads), "{dtype}");
             assert!(smem <= limit, "{smem}");
-            assert!(cluster_smem(131072, 4, dtype).1 > limit);
+            assert!(cluster_smem(131072, 4, dtype, false).1 > limit);
         }
     }
 
@@ -256,8 +269,41 @@ mod tests {
         assert_eq!(RowSchedule::Split(1).plan(&s).unwrap(), RowPlan::Fused);
         let big = shape(1, 1 << 20, Some(Dtype::F32));
         assert!(RowSchedule::Cluster(8).plan(&big).is_err());
-        let (elems, smem) = cluster_smem(1000, 3, Dtype::F16);
+        let (elems, smem) = cluster_smem(1000, 3, Dtype::F16, false);
         assert_eq!(elems, (1000 / 8usize).div_ceil(3) * 8 + 16);
         assert_eq!(smem, 4096 + 2 * (elems * 2 + 16).next_multiple_of(16));
+        // JSD with a gradient: + the f32 mixture for 16-bit rows; f32 rows recompute it.
+        let (_, jsd) = cluster_smem(1000, 3, Dtype::F16, true);
+        assert_eq!(jsd, smem + (elems * 4 + 16).next_multiple_of(16));
+        assert_eq!(
+            cluster_smem(1000, 3, Dtype::F32, true),
+            cluster_smem(1000, 3, Dtype::F32, false)
+        );
+    }
+
+    #[test]
+    fn auto_gives_jsd_room_for_its_mixture() {
+        // bf16 JSD with a gradient: 8 bytes per element no longer fit two blocks per SM, so five
+        // 1,024-thread blocks, one per SM; without a gradient, the KL kinds' layout.
+        let mut s = shape(16384, 131072, Some(Dtype::Bf16));
+        s.jsd_grad = true;
+        let plan = RowSchedule::Auto.plan(&s).unwrap();
+        let RowPlan::Cluster {
+            blocks,
+            threads,
+            smem,
+            ..
+        } = plan
+        else {
+            panic!("{plan:?}")
+        };
+        assert_eq!((blocks, threads), (5, 1024));
+        assert!(smem > CLUSTER_TWO_PER_SM_SMEM && smem <= CLUSTER_ONE_PER_SM_SMEM);
+        // Longer than eight blocks can hold with the mixture: the two-pass path.
+        s.vocab = 240_000;
+        assert_eq!(RowSchedule::Auto.plan(&s).unwrap(), RowPlan::Fused);
+        assert!(RowSchedule::Cluster(8).plan(&s).is_err());
+        s.jsd_grad = false;
+        assert!(RowSchedule::Cluster(8).plan(&s).is_ok());
     }
 }
