@@ -100,7 +100,11 @@ def predict(rows, vocab, insns, mufu, bytes_el, passes):
     t_mem = elems * bytes_el / (BW * share)
     t_issue = elems * insns / (ISSUE * share)
     t_mufu = elems * mufu / (MUFU * share)
-    waves = -(-blocks // SMS)
+    # Many rows run two 512-thread blocks per SM (src/cuda/row_schedule.rs, fused_threads): one
+    # block's reductions overlap the other's streaming, so a wave of two exposes one (assumed, as
+    # for the row on chip).
+    per_sm = 2 if split == 1 and rows >= 2 * SMS else 1
+    waves = -(-blocks // (SMS * per_sm))
     t_red = waves * passes * REDUCTION_S
     # prepare, kd, reduce; split: prepare, one launch per pass, finish, reduce
     launches = 3 if split == 1 else 3 + passes
@@ -183,7 +187,8 @@ def main():
         "",
         f"Model: predicted time = max(bytes / {BW / 1e12:.2f} TB/s, instructions / {ISSUE / 1e12:.1f} T thread-instructions/s "
         f"(132 SMs x 4 schedulers x 32 lanes x {CLOCK / 1e9:.2f} GHz), MUFU ops / {MUFU / 1e12:.2f} T/s (16/clk/SM)) "
-        f"+ block reductions ({REDUCTION_S * 1e9:.0f} ns each, per row and pass, per wave of 132 blocks) "
+        f"+ block reductions ({REDUCTION_S * 1e9:.0f} ns each, per row and pass, per wave of 132 blocks; many rows run two "
+        "512-thread blocks per SM, whose waves of 264 expose one block's reductions) "
         f"+ launches ({LAUNCH_S * 1e6:.0f} us each, assumed). Instructions and MUFU per element: the sm_90 SASS of the "
         "common path (soft and hard loss, gradient written), static counts with both sides of every branch, so upper "
         "bounds; `before` uses the counts of the kernels before this rewrite. Bytes: two reads of student and teacher "

@@ -47,8 +47,10 @@ import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SIZE = {"f32": 4, "f16": 2, "bf16": 2}
-# Instructions per element on the common path, per kind (issue 12's targets, bf16 and f32).
-LIMITS = {"fkl": 50, "rkl": 60, "jsd": 75}
+# Instructions per element on the common path, per kind: issue 12 asked for 50, 60 and 75,
+# tightened to a few percent above the costliest gated kernel of 2026-12-08 (forward KL 44.0, the
+# f32 row on chip; reverse KL 49.8, the same; JSD 71.5, two-pass f16 on sm_90).
+LIMITS = {"fkl": 46, "rkl": 52, "jsd": 74}
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 

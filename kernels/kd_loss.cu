@@ -724,8 +724,8 @@ __device__ __forceinline__ void dk_kd_stash_pass(const DkRowSplit& r, const DkSl
     auto issue = [&](int c) {
         if (c < sl.c_hi) {
             const int j0 = r.head + c * N;
-            dk_cp_async16(ss + j0, s + j0);
-            if (READ_T) dk_cp_async16(ts + j0, t + j0);
+            dk_cp_async<16>(dk_smem_addr(ss + j0), s + j0);
+            if (READ_T) dk_cp_async<16>(dk_smem_addr(ts + j0), t + j0);
         }
         dk_cp_async_commit();
     };

@@ -226,16 +226,19 @@ DK_REGISTER_KERNEL(dk_selftest_cluster_static_shared, DkSelftestParams)
  * memory (blockDim.x a multiple of 8). */
 
 /* Correct: every thread writes out[t] = t; every eighth thread copies out[t, t + 8) into shared
- * memory in two commit groups and waits for both; then out[t] = smem[t] + 1. */
+ * memory in two commit groups (16 bytes; then 8 + 4 + 4) and waits for both; then
+ * out[t] = smem[t] + 1. */
 extern "C" __global__ void dk_selftest_async_ok(DkSelftestParams p) {
     DK_DYNAMIC_SHARED(float, smem);
     const unsigned t = threadIdx.x;
     p.out[t] = static_cast<float>(t);
     __syncthreads();
     if (t % 8 == 0) {
-        ::dk_emu::cp_async16(smem + t, p.out + t);
+        ::dk_emu::cp_async(smem + t, p.out + t, 16);
         ::dk_emu::cp_async_commit();
-        ::dk_emu::cp_async16(smem + t + 4, p.out + t + 4);
+        ::dk_emu::cp_async(smem + t + 4, p.out + t + 4, 8);
+        ::dk_emu::cp_async(smem + t + 6, p.out + t + 6, 4);
+        ::dk_emu::cp_async(smem + t + 7, p.out + t + 7, 4);
         ::dk_emu::cp_async_commit();
         ::dk_emu::cp_async_wait(1); /* the first group has landed */
         const float first = smem[t];
@@ -255,7 +258,7 @@ extern "C" __global__ void dk_selftest_async_unwaited(DkSelftestParams p) {
     DK_DYNAMIC_SHARED(float, smem);
     const unsigned t = threadIdx.x;
     if (t % 4 == 0) {
-        ::dk_emu::cp_async16(smem + t, p.out + t);
+        ::dk_emu::cp_async(smem + t, p.out + t, 16);
         ::dk_emu::cp_async_commit();
         const float early = smem[t]; /* needs a cp.async.wait_group before */
         ::dk_emu::cp_async_wait(0);
@@ -268,7 +271,7 @@ DK_REGISTER_KERNEL(dk_selftest_async_unwaited, DkSelftestParams)
 extern "C" __global__ void dk_selftest_async_pending(DkSelftestParams p) {
     DK_DYNAMIC_SHARED(float, smem);
     if (threadIdx.x % 4 == 0) {
-        ::dk_emu::cp_async16(smem + threadIdx.x, p.out + threadIdx.x);
+        ::dk_emu::cp_async(smem + threadIdx.x, p.out + threadIdx.x, 16);
         ::dk_emu::cp_async_commit();
     }
 }

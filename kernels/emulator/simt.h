@@ -151,6 +151,7 @@ struct BlockPublic {
 struct AsyncCopy {
     void* dst;
     const void* src;
+    unsigned bytes; /* 4, 8 or 16 */
     unsigned group; /* the commit group it belongs to (the count of groups committed before it) */
 };
 constexpr unsigned kAsyncCopiesMax = 16;
@@ -295,9 +296,9 @@ inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 /* Threads of a block share one OS thread: ordering the compiler is enough. */
 inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 
-/* Asynchronous copies, global to shared memory (what common.cuh's dk_cp_async16 /
- * dk_cp_async_commit / dk_cp_async_wait<N> are on the GPU: cp.async.cg.shared.global of 16 bytes,
- * cp.async.commit_group, cp.async.wait_group N). A copy is performed when a wait retires its
+/* Asynchronous copies, global to shared memory (what common.cuh's dk_cp_async<B> /
+ * dk_cp_async_commit / dk_cp_async_wait<N> are on the GPU: cp.async.{cg,ca}.shared.global of 16,
+ * 8 or 4 bytes, cp.async.commit_group, cp.async.wait_group N). A copy is performed when a wait retires its
  * group, not when it is issued: the latest moment the hardware may land it. So a read of the
  * destination before the wait sees the old bytes (shared memory starts as 0xFF bytes, and the
  * check build's initcheck reports it), and the copy's own accesses are checked (memcheck,
@@ -305,10 +306,10 @@ inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
  * waited for, as in PTX; a thread that exits with copies pending fails the launch (runtime.cpp). */
 namespace dk_emu {
 [[noreturn]] DK_EMU_HIDDEN void async_overflow();
-inline void cp_async16(void* dst, const void* src) {
+inline void cp_async(void* dst, const void* src, unsigned bytes) {
     FiberPublic* f = self();
     if (f->async_count == kAsyncCopiesMax) async_overflow();
-    f->async_copies[f->async_count++] = AsyncCopy{dst, src, f->async_groups};
+    f->async_copies[f->async_count++] = AsyncCopy{dst, src, bytes, f->async_groups};
 }
 inline void cp_async_commit() { ++self()->async_groups; }
 /* Retires every committed group but the newest `pending`, in issue order. */
@@ -318,10 +319,14 @@ inline void cp_async_wait(unsigned pending) {
     unsigned kept = 0;
     for (unsigned i = 0; i < f->async_count; ++i) {
         const AsyncCopy c = f->async_copies[i];
-        if (c.group < retire_below)
-            *static_cast<uint4*>(c.dst) = *static_cast<const uint4*>(c.src);
-        else
+        if (c.group >= retire_below)
             f->async_copies[kept++] = c;
+        else if (c.bytes == 16)
+            *static_cast<uint4*>(c.dst) = *static_cast<const uint4*>(c.src);
+        else if (c.bytes == 8)
+            *static_cast<uint2*>(c.dst) = *static_cast<const uint2*>(c.src);
+        else
+            *static_cast<unsigned*>(c.dst) = *static_cast<const unsigned*>(c.src);
     }
     f->async_count = kept;
 }

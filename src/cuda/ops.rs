@@ -5,7 +5,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
-use super::row_schedule::{RowPlan, RowSchedule, RowShape, SPLIT_MAX_BLOCKS};
+use super::row_schedule::{fused_threads, RowPlan, RowSchedule, RowShape, SPLIT_MAX_BLOCKS};
 use super::tensor::{DeviceLabels, DeviceTensor, DeviceTensorMut};
 use super::CudaKernels;
 use crate::abi::{
@@ -368,9 +368,11 @@ impl CudaKernels {
         params: &P,
     ) -> Result<()> {
         let f = self.function(name)?;
+        // The limit is the function's, shared by every thread launching it: always the largest
+        // any launch asks for, so that no caller lowers it under another's launch.
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            cfg.shared_mem_bytes as i32,
+            super::row_schedule::MAX_BLOCK_SMEM as i32,
         )
         .map_err(|e| self.cuda_error(name, e))?;
         let mut args = [params as *const P as *mut std::ffi::c_void];
@@ -603,11 +605,8 @@ impl CudaKernels {
             grid.shared_mem_bytes = smem as u32;
             self.launch_in_clusters(&name, grid, blocks as u32, &params(DK_KD_PHASE_CLUSTER))?;
         } else if split == 1 {
-            self.launch(
-                &kd,
-                row_grid(rows, threads_for(vocab))?,
-                &params(DK_KD_PHASE_FUSED),
-            )?;
+            let threads = fused_threads(rows, vocab, sms.max(1) as usize);
+            self.launch(&kd, row_grid(rows, threads)?, &params(DK_KD_PHASE_FUSED))?;
         } else {
             // Few long rows: each row's passes spread over `split` blocks, one launch per pass
             // (kernels/abi.h). Reverse KL without a gradient has nothing to apply.

@@ -54,7 +54,7 @@ const CLUSTER_TWO_PER_SM_SMEM: usize = 113 * 1024;
 /// per SM (an f32 pair of 131,072 logits over 5 blocks).
 const CLUSTER_ONE_PER_SM_SMEM: usize = 220 * 1024;
 /// The most dynamic shared memory a block can have (sm_90: 227 KiB).
-const MAX_BLOCK_SMEM: usize = 227 * 1024;
+pub(crate) const MAX_BLOCK_SMEM: usize = 227 * 1024;
 /// Rows shorter than this stay on the fused path under [`RowSchedule::Auto`]: their second read
 /// mostly hits L2, so the cluster's synchronisation is not worth it.
 const CLUSTER_MIN_VOCAB: usize = 16384;
@@ -68,6 +68,19 @@ pub(crate) fn split_for(rows: usize, vocab: usize, sms: usize) -> usize {
         .min(vocab / SPLIT_MIN_ELEMS)
         .min(SPLIT_MAX_BLOCKS / rows.max(1));
     split.max(1)
+}
+
+/// Threads per block of the two-pass path's one block per row: about 8 elements per thread
+/// (`threads_for`), at most 512 when the rows give every SM two blocks, so that one block's
+/// reductions overlap the other's streaming (64 registers per thread allow 1,024 threads per SM
+/// either way).
+pub(crate) fn fused_threads(rows: usize, vocab: usize, sms: usize) -> u32 {
+    let threads = super::ops::threads_for(vocab);
+    if rows >= 2 * sms {
+        threads.min(512)
+    } else {
+        threads
+    }
 }
 
 /// The stash a cluster block needs (kernels/abi.h, `stash_elems`) and its dynamic shared memory:
@@ -256,6 +269,13 @@ mod tests {
             .plan(&shape(8, 131072, Some(Dtype::Bf16)))
             .unwrap();
         assert!(matches!(few, RowPlan::Split(_)), "{few:?}");
+    }
+
+    #[test]
+    fn many_rows_run_two_blocks_per_sm() {
+        assert_eq!(fused_threads(16384, 131072, 132), 512);
+        assert_eq!(fused_threads(100, 131072, 132), 1024);
+        assert_eq!(fused_threads(16384, 1000, 132), 128);
     }
 
     #[test]
