@@ -10,7 +10,8 @@
 //!
 //! | `tokenizer.ggml.pre` | split |
 //! |----|----|
-//! | `default`, `gpt-2` | GPT-2's regex (for `default`, which a file without `tokenizer.ggml.pre` means, llama.cpp uses a regex set of its own that differs on digit runs and some punctuation: not checked) |
+//! | `default` (also a file without `tokenizer.ggml.pre`) | llama.cpp's own set, applied in turn (each splits the pieces of the one before, keeping matches and gaps): runs of punctuation and `$+<=>^~\|`; GPT-2's regex; digit runs; three ASCII digits at a time |
+//! | `gpt-2` | GPT-2's regex |
 //! | `smollm`, `starcoder`, `refact`, `codeshell` | every digit alone, then GPT-2's regex |
 //! | `llama3`, `llama-v3`, `llama-bpe`, `smaug-bpe`, `dbrx` | Llama 3's regex |
 //! | `qwen2`, `deepseek-r1-qwen` | Qwen2's regex |
@@ -24,23 +25,36 @@ use super::tokenizer::{Specials, Tokenizer};
 use crate::model::gguf::{Gguf, MetaValue};
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's `default` pre-tokenizer (`llama-vocab.cpp`, the `default:` case of the BPE
+/// regex switch): four regexes, each splitting the pieces the one before left.
+const DEFAULT_SPLITS: [&str; 4] = [
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+];
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(use_regex: bool) -> Value {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
 }
 
-fn split_then_bytes(regex: &str) -> Value {
-    json!({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-        byte_level(false),
-    ]})
+/// Each regex in turn splits every piece into its matches and the gaps between them (llama.cpp's
+/// `unicode_regex_split`), then the pieces are byte-encoded.
+fn splits_then_bytes(regexes: &[&str]) -> Value {
+    let mut steps: Vec<Value> = regexes
+        .iter()
+        .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+        .collect();
+    steps.push(byte_level(false));
+    json!({"type": "Sequence", "pretokenizers": steps})
 }
 
 /// The `pre_tokenizer` of `tokenizer.json` for llama.cpp's pre-tokenizer `name`.
 fn pre_tokenizer(name: &str) -> Result<Value, String> {
     Ok(match name {
-        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        "default" => splits_then_bytes(&DEFAULT_SPLITS),
+        "gpt-2" | "gpt2" => byte_level(true),
         "smollm" | "starcoder" | "refact" | "codeshell" => {
             json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true},
@@ -48,9 +62,9 @@ fn pre_tokenizer(name: &str) -> Result<Value, String> {
             ]})
         }
         "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" => {
-            split_then_bytes(LLAMA3_SPLIT)
+            splits_then_bytes(&[LLAMA3_SPLIT])
         }
-        "qwen2" | "deepseek-r1-qwen" => split_then_bytes(QWEN2_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => splits_then_bytes(&[QWEN2_SPLIT]),
         other => {
             return Err(format!(
                 "tokenizer.ggml.pre = {other:?} is not supported (supported: default, gpt-2, \
@@ -165,4 +179,44 @@ pub fn tokenizer_from_gguf(g: &Gguf) -> Result<(Tokenizer, String), String> {
         ));
     }
     Ok((tok, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pre_tokenizer;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let p: tokenizers::PreTokenizerWrapper =
+            serde_json::from_value(pre_tokenizer(pre).unwrap()).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        p.pre_tokenize(&mut s).unwrap();
+        // (The pieces themselves are byte-encoded: read them back from the text.)
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(_, (a, b), _)| text[a..b].to_string())
+            .collect()
+    }
+
+    /// llama.cpp's `default` set, worked by hand from its four regexes (not run against
+    /// llama.cpp): punctuation and `$+<=>^~|` runs first, so `" $"` is not one piece as under
+    /// GPT-2's regex; digit runs are cut into threes from the left.
+    #[test]
+    fn the_default_pre_tokenizer_is_llama_cpp_s_regex_set() {
+        let text = "Hello, world! 12345 $x+=1 don't";
+        assert_eq!(
+            pieces("default", text),
+            [
+                "Hello", ",", " world", "!", " ", "123", "45", " ", "$", "x", "+=", "1", " don",
+                "'", "t"
+            ]
+        );
+        assert_eq!(
+            pieces("gpt-2", text),
+            ["Hello", ",", " world", "!", " 12345", " $", "x", "+=", "1", " don", "'t"]
+        );
+        // The fourth regex is ASCII only: other digits stay one run.
+        assert_eq!(pieces("default", "١٢٣٤"), ["١٢٣٤"]);
+        assert_eq!(pieces("default", "a  b"), ["a", " ", " b"]);
+    }
 }
