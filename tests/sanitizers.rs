@@ -82,7 +82,8 @@ fn cluster_kernels_are_checked() {
 }
 
 /// A read of a cp.async destination before the wait that retires its copy reads bytes that have
-/// not landed: initcheck names it, as the GPU would return whatever shared memory held.
+/// not landed: initcheck names it, as the GPU would return whatever shared memory held. And the
+/// source is in use from the issue to the wait.
 #[test]
 fn initcheck_finds_a_read_before_an_asynchronous_copy_lands() {
     use common::selftest::launch_in_clusters;
@@ -96,6 +97,19 @@ fn initcheck_finds_a_read_before_an_asynchronous_copy_lands() {
         .expect_err("reading before the wait must fail under the check build")
         .to_string();
     assert!(e.contains("initcheck") && e.contains("selftest.cu:"), "{e}");
+    // A write to the source that a barrier orders after the copy's issue but not after its
+    // wait: the copy may read either value.
+    let e = launch_in_clusters(
+        dev,
+        "dk_selftest_async_source_race",
+        1,
+        64,
+        1,
+        Output::Zeroed,
+    )
+    .expect_err("a write under a copy in flight must fail under the check build")
+    .to_string();
+    assert!(e.contains("racecheck") && e.contains("selftest.cu:"), "{e}");
 }
 
 #[test]

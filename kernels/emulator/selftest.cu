@@ -276,3 +276,22 @@ extern "C" __global__ void dk_selftest_async_pending(DkSelftestParams p) {
     }
 }
 DK_REGISTER_KERNEL(dk_selftest_async_pending, DkSelftestParams)
+
+/* Thread 4 writes a word of the source while thread 0's copy of it is in flight: the barrier
+ * orders the write before thread 0's wait but not after its issue, so the copy may read either
+ * value (racecheck: the source is read at the issue and at the wait). */
+extern "C" __global__ void dk_selftest_async_source_race(DkSelftestParams p) {
+    DK_DYNAMIC_SHARED(float, smem);
+    const unsigned t = threadIdx.x;
+    if (t == 0) {
+        ::dk_emu::cp_async(smem, p.out + 4, 16);
+        ::dk_emu::cp_async_commit();
+    }
+    if (t == 4) p.out[4] = 1.0f; /* needs a barrier before thread 0's issue */
+    __syncthreads();
+    if (t == 0) {
+        ::dk_emu::cp_async_wait(0);
+        p.out[0] = smem[0];
+    }
+}
+DK_REGISTER_KERNEL(dk_selftest_async_source_race, DkSelftestParams)

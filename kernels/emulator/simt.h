@@ -302,11 +302,16 @@ inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
  * group, not when it is issued: the latest moment the hardware may land it. So a read of the
  * destination before the wait sees the old bytes (shared memory starts as 0xFF bytes, and the
  * check build's initcheck reports it), and the copy's own accesses are checked (memcheck,
- * racecheck, 16-byte alignment) as this thread's at the wait. Copies not yet committed are not
+ * racecheck, 16-byte alignment) as this thread's at the wait, the source's read at the issue too.
+ * Copies not yet committed are not
  * waited for, as in PTX; a thread that exits with copies pending fails the launch (runtime.cpp). */
 namespace dk_emu {
 [[noreturn]] DK_EMU_HIDDEN void async_overflow();
 inline void cp_async(void* dst, const void* src, unsigned bytes) {
+    /* The source is read some time between the issue and the wait: it is read here too (and
+     * thrown away), so that the check build sees a read at both ends, and a write by another
+     * thread that only a barrier after the issue orders is a race, as on the GPU. */
+    for (unsigned k = 0; k < bytes / 4; ++k) (void)static_cast<const volatile unsigned*>(src)[k];
     FiberPublic* f = self();
     if (f->async_count == kAsyncCopiesMax) async_overflow();
     f->async_copies[f->async_count++] = AsyncCopy{dst, src, bytes, f->async_groups};
