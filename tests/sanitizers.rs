@@ -110,6 +110,18 @@ fn initcheck_finds_a_read_before_an_asynchronous_copy_lands() {
     .expect_err("a write under a copy in flight must fail under the check build")
     .to_string();
     assert!(e.contains("racecheck") && e.contains("selftest.cu:"), "{e}");
+    // And a read of the destination that only a barrier after the issue orders.
+    let e = launch_in_clusters(
+        dev,
+        "dk_selftest_async_destination_race",
+        1,
+        64,
+        1,
+        Output::Zeroed,
+    )
+    .expect_err("a read under a copy in flight must fail under the check build")
+    .to_string();
+    assert!(e.contains("racecheck") && e.contains("selftest.cu:"), "{e}");
 }
 
 #[test]

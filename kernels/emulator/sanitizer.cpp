@@ -465,9 +465,13 @@ std::string san_symbolize(const std::string& msg) {
 /* The checks                                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
-enum Kind { kRead = 0, kWrite = 1, kAtomic = 2 };
+/* kAsyncWrite: a cp.async destination at the copy's issue, whose bytes may land any time until
+ * the wait: racecheck counts it as a write, initcheck not (the wait's real write initialises). */
+enum Kind { kRead = 0, kWrite = 1, kAtomic = 2, kAsyncWrite = 3 };
 
-static const char* verb(int kind) { return kind == kRead ? "read" : kind == kWrite ? "write" : "atomic"; }
+static const char* verb(int kind) {
+    return kind == kRead ? "read" : kind == kWrite ? "write" : kind == kAtomic ? "atomic" : "asynchronous copy into";
+}
 
 static Alloc* find_near(uintptr_t a) {
     if (g.last && a - (g.last->base - kRedzone) < g.last->size + 2 * kRedzone) return g.last;
@@ -591,7 +595,7 @@ static const std::string& dyn_where(uintptr_t a) {
 static void shared_access(SharedShadow& s, uintptr_t a, unsigned n, int kind, uint32_t pc,
                           const std::string& (*where_fn)(uintptr_t)) {
     const size_t off = a - s.lo;
-    if (checks() & kInitcheck) {
+    if ((checks() & kInitcheck) && kind != kAsyncWrite) {
         if (kind != kWrite) {
             for (unsigned i = 0; i < n; ++i) {
                 if (s.init_tag[off + i] != g.block_serial) {
@@ -607,7 +611,8 @@ static void shared_access(SharedShadow& s, uintptr_t a, unsigned n, int kind, ui
             for (unsigned i = 0; i < n; ++i) s.init_tag[off + i] = g.block_serial;
     }
     if ((checks() & kRacecheck) && kind != kAtomic)
-        race_check(s.race.data(), off / 2, (off + n - 1) / 2, kind, "__shared__", where_fn, a, pc, true);
+        race_check(s.race.data(), off / 2, (off + n - 1) / 2, kind == kAsyncWrite ? kWrite : kind, "__shared__", where_fn, a,
+                   pc, true);
 }
 
 static void global_access(Alloc* al, uintptr_t a, unsigned n, int kind, uint32_t pc) {
@@ -680,6 +685,12 @@ static void check_access(uintptr_t a, unsigned n, int kind, bool natural, const 
         shared_access(g.dyn[r], a, n, kind, pc, dyn_where);
         return;
     }
+    if (kind == kAsyncWrite) {
+        illegal(kErrIllegalAddress,
+                strfmt("asynchronous copy (cp.async) into 0x%llx, which is not this block's shared memory",
+                       static_cast<unsigned long long>(a)),
+                pc);
+    }
     if (Alloc* al = find_near(a)) {
         if (al->freed) {
             illegal(kErrIllegalAddress,
@@ -742,6 +753,11 @@ DK_SAN_RW(2)
 DK_SAN_RW(4)
 DK_SAN_RW(8)
 DK_SAN_RW(16)
+
+/* simt.h's cp.async, at the issue: the destination as a write in flight (see kAsyncWrite). */
+DK_SAN void dk_emu_check_async_write(void* a, unsigned n) {
+    check_access(reinterpret_cast<uintptr_t>(a), n, dk_emu::kAsyncWrite, true, DK_PC);
+}
 
 DK_SAN void __tsan_read_range(void* a, unsigned long n) {
     check_access(reinterpret_cast<uintptr_t>(a), static_cast<unsigned>(n), dk_emu::kRead, false, DK_PC);

@@ -295,3 +295,23 @@ extern "C" __global__ void dk_selftest_async_source_race(DkSelftestParams p) {
     }
 }
 DK_REGISTER_KERNEL(dk_selftest_async_source_race, DkSelftestParams)
+
+/* Thread 1 reads a word of the destination while thread 0's copy into it is in flight: the copy
+ * may land right after its issue, and only a barrier after the issue orders them the other way
+ * (racecheck: the destination counts as written at the issue as well as at the wait). */
+extern "C" __global__ void dk_selftest_async_destination_race(DkSelftestParams p) {
+    DK_DYNAMIC_SHARED(float, smem);
+    const unsigned t = threadIdx.x;
+    smem[t] = 0.0f;
+    __syncthreads();
+    if (t == 0) {
+        ::dk_emu::cp_async(smem, p.out, 16);
+        ::dk_emu::cp_async_commit();
+    }
+    const float v = t == 1 ? smem[1] : 0.0f; /* needs a barrier before thread 0's issue */
+    __syncthreads();
+    if (t == 0) ::dk_emu::cp_async_wait(0);
+    __syncthreads();
+    if (t == 1) p.out[1] = v;
+}
+DK_REGISTER_KERNEL(dk_selftest_async_destination_race, DkSelftestParams)

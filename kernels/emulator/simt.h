@@ -302,12 +302,22 @@ inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
  * group, not when it is issued: the latest moment the hardware may land it. So a read of the
  * destination before the wait sees the old bytes (shared memory starts as 0xFF bytes, and the
  * check build's initcheck reports it), and the copy's own accesses are checked (memcheck,
- * racecheck, 16-byte alignment) as this thread's at the wait, the source's read at the issue too.
+ * racecheck, 16-byte alignment) as this thread's at the wait; in the check build the source's read
+ * and the destination's write are also checked at the issue (the copy is in flight in between), and
+ * a destination outside this block's shared memory is an illegal address.
  * Copies not yet committed are not
  * waited for, as in PTX; a thread that exits with copies pending fails the launch (runtime.cpp). */
+#ifdef DK_EMU_CHECK
+extern "C" void dk_emu_check_async_write(void* dst, unsigned bytes); /* sanitizer.cpp */
+#endif
 namespace dk_emu {
 [[noreturn]] DK_EMU_HIDDEN void async_overflow();
 inline void cp_async(void* dst, const void* src, unsigned bytes) {
+#ifdef DK_EMU_CHECK
+    /* The destination too is in flight from here: racecheck sees a write now (and the real one at
+     * the wait); it must be this block's shared memory, as for cp.async.shared.global. */
+    dk_emu_check_async_write(dst, bytes);
+#endif
     /* The source is read some time between the issue and the wait: it is read here too (and
      * thrown away), so that the check build sees a read at both ends, and a write by another
      * thread that only a barrier after the issue orders is a race, as on the GPU. */

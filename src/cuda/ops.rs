@@ -365,14 +365,16 @@ impl CudaKernels {
         name: &str,
         cfg: LaunchConfig,
         cluster: u32,
+        smem_limit: usize,
         params: &P,
     ) -> Result<()> {
         let f = self.function(name)?;
         // The limit is the function's, shared by every thread launching it: always the largest
-        // any launch asks for, so that no caller lowers it under another's launch.
+        // any launch may ask for (`RowShape::max_block_smem`), so that no caller lowers it under
+        // another's launch.
         f.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            super::row_schedule::MAX_BLOCK_SMEM as i32,
+            smem_limit as i32,
         )
         .map_err(|e| self.cuda_error(name, e))?;
         let mut args = [params as *const P as *mut std::ffi::c_void];
@@ -537,14 +539,23 @@ impl CudaKernels {
                 &[(s_ptr, s_stride), (t_ptr, t_stride), (g_ptr, g_stride)],
             ))
         .then_some(s_dtype);
-        let plan = self.row_schedule().plan(&RowShape {
+        let smem_optin = attribute(
+            A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "the shared memory per block",
+        )?;
+        let shape = RowShape {
             rows,
             vocab,
             sms: sms.max(1) as usize,
             cc_major,
             one_dtype,
-            jsd_grad: g_ptr != 0 && matches!(cfg.kind, LossKind::Jsd { .. }),
-        })?;
+            // (kernels/kd_loss.cu keeps the mixture when the call has a soft loss: `kKeepMix`.)
+            jsd_grad: g_ptr != 0
+                && matches!(cfg.kind, LossKind::Jsd { .. })
+                && cfg.soft_weight() != 0.0,
+            smem_optin: smem_optin.max(0) as usize,
+        };
+        let plan = self.row_schedule().plan(&shape)?;
         self.note_row_layout(match plan {
             RowPlan::Fused => RowSchedule::Fused,
             RowPlan::Split(n) => RowSchedule::Split(n),
@@ -603,7 +614,13 @@ impl CudaKernels {
             );
             let mut grid = row_grid(rows * blocks, threads)?;
             grid.shared_mem_bytes = smem as u32;
-            self.launch_in_clusters(&name, grid, blocks as u32, &params(DK_KD_PHASE_CLUSTER))?;
+            self.launch_in_clusters(
+                &name,
+                grid,
+                blocks as u32,
+                shape.max_block_smem(),
+                &params(DK_KD_PHASE_CLUSTER),
+            )?;
         } else if split == 1 {
             let threads = fused_threads(rows, vocab, sms.max(1) as usize);
             self.launch(&kd, row_grid(rows, threads)?, &params(DK_KD_PHASE_FUSED))?;

@@ -53,8 +53,9 @@ const CLUSTER_TWO_PER_SM_SMEM: usize = 113 * 1024;
 /// Shared memory per block up to which [`RowSchedule::Auto`] runs one 1,024-thread cluster block
 /// per SM (an f32 pair of 131,072 logits over 5 blocks).
 const CLUSTER_ONE_PER_SM_SMEM: usize = 220 * 1024;
-/// The most dynamic shared memory a block can have (sm_90: 227 KiB).
-pub(crate) const MAX_BLOCK_SMEM: usize = 227 * 1024;
+/// The most dynamic shared memory a block can have on sm_90 (227 KiB); a device that allows less
+/// (`RowShape::smem_optin`) caps it.
+const MAX_BLOCK_SMEM: usize = 227 * 1024;
 /// Rows shorter than this stay on the fused path under [`RowSchedule::Auto`]: their second read
 /// mostly hits L2, so the cluster's synchronisation is not worth it.
 const CLUSTER_MIN_VOCAB: usize = 16384;
@@ -110,8 +111,19 @@ pub(crate) struct RowShape {
     pub cc_major: i32,
     /// The student's and teacher's dtype when they are one, and the gradient (if any) too.
     pub one_dtype: Option<Dtype>,
-    /// JSD with a gradient (its row-on-chip kernel keeps a third stash for 16-bit rows).
+    /// JSD with a gradient and a soft loss (its row-on-chip kernel keeps a third stash for
+    /// 16-bit rows).
     pub jsd_grad: bool,
+    /// The device's shared memory per block with opt-in (`MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
+    pub smem_optin: usize,
+}
+
+impl RowShape {
+    /// The most dynamic shared memory a cluster block may take here: also the limit set on the
+    /// row-on-chip kernels before they are launched.
+    pub(crate) fn max_block_smem(&self) -> usize {
+        MAX_BLOCK_SMEM.min(self.smem_optin)
+    }
 }
 
 impl RowSchedule {
@@ -123,7 +135,9 @@ impl RowSchedule {
             cc_major,
             one_dtype,
             jsd_grad,
+            ..
         } = *shape;
+        let max_block = shape.max_block_smem();
         let refuse = |value: String, reason: &'static str| Error::InvalidOption {
             name: "row schedule",
             value,
@@ -162,10 +176,10 @@ impl RowSchedule {
                     return Err(refuse(value(), "a cluster has 1 to 8 blocks"));
                 }
                 let (stash_elems, smem) = cluster_smem(vocab, n, dtype, jsd_grad);
-                if smem > MAX_BLOCK_SMEM {
+                if smem > max_block {
                     return Err(refuse(
                         value(),
-                        "the row does not fit the cluster's shared memory (227 KiB per block)",
+                        "the row does not fit the cluster's shared memory (the device's most per block)",
                     ));
                 }
                 Ok(RowPlan::Cluster {
@@ -193,8 +207,8 @@ impl RowSchedule {
                                 })
                             })
                         };
-                        fit(CLUSTER_TWO_PER_SM_SMEM, 512)
-                            .or_else(|| fit(CLUSTER_ONE_PER_SM_SMEM, 1024))
+                        fit(CLUSTER_TWO_PER_SM_SMEM.min(max_block), 512)
+                            .or_else(|| fit(CLUSTER_ONE_PER_SM_SMEM.min(max_block), 1024))
                     }
                     _ => None,
                 };
@@ -224,6 +238,7 @@ mod tests {
             cc_major: 9,
             one_dtype: dtype,
             jsd_grad: false,
+            smem_optin: 227 * 1024,
         }
     }
 
@@ -325,5 +340,14 @@ mod tests {
         assert!(RowSchedule::Cluster(8).plan(&s).is_err());
         s.jsd_grad = false;
         assert!(RowSchedule::Cluster(8).plan(&s).is_ok());
+        // A device with less shared memory per block (sm_120: 99 KiB) gets fewer bytes per block.
+        s.smem_optin = 99 * 1024;
+        assert!(RowSchedule::Cluster(8).plan(&s).is_err());
+        s.vocab = 131072;
+        let plan = RowSchedule::Auto.plan(&s).unwrap();
+        assert!(
+            matches!(plan, RowPlan::Cluster { smem, .. } if smem <= 99 * 1024),
+            "{plan:?}"
+        );
     }
 }
