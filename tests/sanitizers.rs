@@ -74,6 +74,11 @@ fn cluster_kernels_are_checked() {
     // mapping is refused, in either build.
     let e = fails("dk_selftest_cluster_exited");
     assert!(e.contains("rank 1 of the cluster, which has exited"), "{e}");
+    let e = fails("dk_selftest_async_into_peer");
+    assert!(
+        e.contains("cp.async") && e.contains("cluster block rank 1, not its own"),
+        "{e}"
+    );
     let e = fails("dk_selftest_cluster_static_shared");
     assert!(
         e.contains("static __shared__ memory in a cluster launch"),

@@ -681,6 +681,18 @@ static void check_access(uintptr_t a, unsigned n, int kind, bool natural, const 
                     pc);
         }
         if (misaligned) illegal(716, strfmt("misaligned %s of %u bytes at dynamic shared byte %zu%s", verb(kind), n, static_cast<size_t>(a - d.lo), of_rank), pc);
+        if (kind == kAsyncWrite && g.cluster_bt) {
+            /* cp.async writes .shared::cta: the block's own memory, not a cluster peer's. */
+            ThreadView t;
+            current_thread_view(&t);
+            if (t.tid / g.cluster_bt != r) {
+                illegal(kErrIllegalAddress,
+                        strfmt("asynchronous copy (cp.async) into the shared memory of cluster block rank %u, not its own "
+                               "(rank %u)",
+                               r, t.tid / g.cluster_bt),
+                        pc);
+            }
+        }
         g_where_rank = r;
         shared_access(g.dyn[r], a, n, kind, pc, dyn_where);
         return;

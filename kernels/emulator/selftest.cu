@@ -315,3 +315,18 @@ extern "C" __global__ void dk_selftest_async_destination_race(DkSelftestParams p
     if (t == 1) p.out[1] = v;
 }
 DK_REGISTER_KERNEL(dk_selftest_async_destination_race, DkSelftestParams)
+
+/* A copy into a cluster peer's shared memory (through map_shared_rank): cp.async writes the
+ * block's own shared memory only (memcheck). */
+extern "C" __global__ void dk_selftest_async_into_peer(DkSelftestParams p) {
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    DK_DYNAMIC_SHARED(float, smem);
+    cluster.sync();
+    if (cluster.block_rank() == 0 && threadIdx.x == 0) {
+        ::dk_emu::cp_async(cluster.map_shared_rank(smem, 1), p.out, 16);
+        ::dk_emu::cp_async_commit();
+        ::dk_emu::cp_async_wait(0);
+    }
+    cluster.sync();
+}
+DK_REGISTER_KERNEL(dk_selftest_async_into_peer, DkSelftestParams)
