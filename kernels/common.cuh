@@ -123,26 +123,16 @@ __device__ __forceinline__ float dk_ex2(float x) { return ::dk_emu::ex2_approx_f
 __device__ __forceinline__ float dk_lg2(float x) { return ::dk_emu::lg2_approx_ftz(x); }
 #endif
 
-// ---- asynchronous copies of B = 16, 8 or 4 bytes from global to shared memory (cp.async, sm_80+:
-// .cg, L2 only, for 16 bytes; .ca for the smaller ones): the bytes are in flight without
-// occupying registers, so a thread can keep several chunks coming while it computes. A copy lands
-// in shared memory only once a dk_cp_async_wait<N> retires its commit group (all but the newest N
-// groups); the emulator performs it exactly then (simt.h). Both addresses B-byte aligned.
-//
-// A destination is a DkSmemAddr (dk_smem_addr(p)): on the GPU the 32-bit shared-space address, so
-// that a loop converts its generic pointers once, not per copy; in the emulator the pointer. Both
-// take byte offsets with `+`.
+// ---- asynchronous copies of 16 bytes from global to shared memory (cp.async.cg, sm_80+): the
+// bytes are in flight without occupying registers, so a thread can keep several chunks coming
+// while it computes. A copy lands in shared memory only once a dk_cp_async_wait<N> retires its
+// commit group (all but the newest N groups); the emulator performs it exactly then (simt.h).
+// Both addresses 16-byte aligned.
 #ifdef __CUDACC__
-typedef unsigned DkSmemAddr;
-__device__ __forceinline__ DkSmemAddr dk_smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-template <int B>
-__device__ __forceinline__ void dk_cp_async(DkSmemAddr dst, const void* gmem) {
-    static_assert(B == 16 || B == 8 || B == 4, "cp.async copies 4, 8 or 16 bytes");
-    if (B == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(__cvta_generic_to_global(gmem)) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(__cvta_generic_to_global(gmem)), "n"(B)
-                     : "memory");
+__device__ __forceinline__ void dk_cp_async16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+                 "l"(__cvta_generic_to_global(gmem))
+                 : "memory");
 }
 __device__ __forceinline__ void dk_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -150,13 +140,7 @@ __device__ __forceinline__ void dk_cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 #else
-typedef unsigned char* DkSmemAddr;
-__device__ __forceinline__ DkSmemAddr dk_smem_addr(const void* p) { return static_cast<unsigned char*>(const_cast<void*>(p)); }
-template <int B>
-__device__ __forceinline__ void dk_cp_async(DkSmemAddr dst, const void* gmem) {
-    static_assert(B == 16 || B == 8 || B == 4, "cp.async copies 4, 8 or 16 bytes");
-    ::dk_emu::cp_async(dst, gmem, B);
-}
+__device__ __forceinline__ void dk_cp_async16(void* smem, const void* gmem) { ::dk_emu::cp_async(smem, gmem, 16); }
 __device__ __forceinline__ void dk_cp_async_commit() { ::dk_emu::cp_async_commit(); }
 template <int N>
 __device__ __forceinline__ void dk_cp_async_wait() {

@@ -177,8 +177,8 @@ __device__ __forceinline__ DkSlice dk_slice(const DkRowSplit& r, int n_chunk, in
 // (M = N), in the order thread `tid` owns them; with WRITE, gv is stored to g (added to it with
 // `acc`). Every element is read before the same thread writes it, so g may alias s. (The
 // row-on-chip kernels' later passes visit their shared-memory stash with it too, and write JSD's
-// mixture stash as a `g`.) NV, when given, is the chunk length instead of the pair's (a row-on-chip pass that reads the f32
-// mixture stash as its `t` keeps the 16-bit row's chunks of 8).
+// mixture stash as a `g`.) NV, when given, is the chunk length instead of the pair's (a
+// row-on-chip pass that reads the f32 mixture stash as its `t` keeps the 16-bit row's chunks of 8).
 template <bool READ_T, bool WRITE, int NV = 0, typename S, typename T, typename G, typename F>
 __device__ __forceinline__ void dk_kd_visit(const DkRowSplit& r, const DkSlice& sl, const S* s, const T* t, G* g, bool acc, F& f) {
     constexpr int N = NV ? NV : DkChunk<S, T>::kLen;
@@ -724,8 +724,8 @@ __device__ __forceinline__ void dk_kd_stash_pass(const DkRowSplit& r, const DkSl
     auto issue = [&](int c) {
         if (c < sl.c_hi) {
             const int j0 = r.head + c * N;
-            dk_cp_async<16>(dk_smem_addr(ss + j0), s + j0);
-            if (READ_T) dk_cp_async<16>(dk_smem_addr(ts + j0), t + j0);
+            dk_cp_async16(ss + j0, s + j0);
+            if (READ_T) dk_cp_async16(ts + j0, t + j0);
         }
         dk_cp_async_commit();
     };
@@ -808,12 +808,12 @@ __device__ void kd_cluster_body(const DkKdParams& p, int64_t row, int part, cons
     DkKdPass2<KIND, SOFT, HARD, true> p2m{kc, 0.0f, 0.0f};
     if (grad_in_pass2)
         dk_kd_visit<SOFT, true>(split, slice, sv, tv, g, acc, p2);
-    else if (kKeepMix && ms)
+    else if (ms)
         dk_kd_visit<SOFT, true>(split, slice, sv, tv, ms, false, p2m);
     else if (sums_in_pass2)
         dk_kd_visit<SOFT, false>(split, slice, sv, tv, static_cast<G*>(nullptr), false, p2);
     if (sums_in_pass2) {
-        const DkSum2 mine_sums = kKeepMix && ms ? DkSum2{p2m.a, p2m.b} : DkSum2{p2.a, p2.b};
+        const DkSum2 mine_sums = ms ? DkSum2{p2m.a, p2m.b} : DkSum2{p2.a, p2.b};
         const DkSum2 part_sums = dk_block_reduce_warp0(mine_sums, DkSum2Op{}, DkSum2{0.0f, 0.0f}, sh->red_sum);
         if (threadIdx.x == 0) sh->block_sums = part_sums;
     }

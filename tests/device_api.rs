@@ -302,7 +302,7 @@ fn emulator_runs_thread_block_clusters() {
     assert!(ok.iter().all(|&v| v == 64.0), "{ok:?}");
 }
 
-/// Asynchronous copies (cp.async, kernels/common.cuh's dk_cp_async): a copy lands when a wait
+/// Asynchronous copies (cp.async, kernels/common.cuh's dk_cp_async16): a copy lands when a wait
 /// retires its commit group, and a thread may not exit with copies pending.
 #[test]
 fn emulator_runs_asynchronous_copies() {

@@ -98,34 +98,19 @@ fn initcheck_finds_a_read_before_an_asynchronous_copy_lands() {
         out.iter().enumerate().all(|(t, &v)| v == t as f32 + 1.0),
         "{out:?}"
     );
-    let e = launch_in_clusters(dev, "dk_selftest_async_unwaited", 1, 64, 1, Output::Zeroed)
-        .expect_err("reading before the wait must fail under the check build")
-        .to_string();
+    let fails = |name: &str| {
+        launch_in_clusters(dev, name, 1, 64, 1, Output::Zeroed)
+            .expect_err(&format!("{name} must fail under the check build"))
+            .to_string()
+    };
+    let e = fails("dk_selftest_async_unwaited");
     assert!(e.contains("initcheck") && e.contains("selftest.cu:"), "{e}");
     // A write to the source that a barrier orders after the copy's issue but not after its
     // wait: the copy may read either value.
-    let e = launch_in_clusters(
-        dev,
-        "dk_selftest_async_source_race",
-        1,
-        64,
-        1,
-        Output::Zeroed,
-    )
-    .expect_err("a write under a copy in flight must fail under the check build")
-    .to_string();
+    let e = fails("dk_selftest_async_source_race");
     assert!(e.contains("racecheck") && e.contains("selftest.cu:"), "{e}");
     // And a read of the destination that only a barrier after the issue orders.
-    let e = launch_in_clusters(
-        dev,
-        "dk_selftest_async_destination_race",
-        1,
-        64,
-        1,
-        Output::Zeroed,
-    )
-    .expect_err("a read under a copy in flight must fail under the check build")
-    .to_string();
+    let e = fails("dk_selftest_async_destination_race");
     assert!(e.contains("racecheck") && e.contains("selftest.cu:"), "{e}");
 }
 

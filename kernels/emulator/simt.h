@@ -296,17 +296,16 @@ inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 /* Threads of a block share one OS thread: ordering the compiler is enough. */
 inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 
-/* Asynchronous copies, global to shared memory (what common.cuh's dk_cp_async<B> /
- * dk_cp_async_commit / dk_cp_async_wait<N> are on the GPU: cp.async.{cg,ca}.shared.global of 16,
- * 8 or 4 bytes, cp.async.commit_group, cp.async.wait_group N). A copy is performed when a wait retires its
- * group, not when it is issued: the latest moment the hardware may land it. So a read of the
- * destination before the wait sees the old bytes (shared memory starts as 0xFF bytes, and the
- * check build's initcheck reports it), and the copy's own accesses are checked (memcheck,
- * racecheck, 16-byte alignment) as this thread's at the wait; in the check build the source's read
- * and the destination's write are also checked at the issue (the copy is in flight in between), and
- * a destination outside this block's shared memory is an illegal address.
- * Copies not yet committed are not
- * waited for, as in PTX; a thread that exits with copies pending fails the launch (runtime.cpp). */
+/* Asynchronous copies, global to shared memory, of 16, 8 or 4 bytes (cp.async.{cg,ca}.shared.global,
+ * cp.async.commit_group, cp.async.wait_group N; common.cuh's dk_cp_async16 / dk_cp_async_commit /
+ * dk_cp_async_wait<N> on the GPU). A copy is performed when a wait retires its group, not when it
+ * is issued: the latest moment the hardware may land it. So a read of the destination before the
+ * wait sees the old bytes (shared memory starts as 0xFF bytes, and the check build's initcheck
+ * reports it), and the copy's own accesses are checked (memcheck, racecheck, alignment) as this
+ * thread's at the wait; in the check build the source's read and the destination's write are also
+ * checked at the issue (the copy is in flight in between), and a destination outside this block's
+ * shared memory is an illegal address. Copies not yet committed are not waited for, as in PTX; a
+ * thread that exits with copies pending fails the launch (runtime.cpp). */
 #ifdef DK_EMU_CHECK
 extern "C" void dk_emu_check_async_write(void* dst, unsigned bytes); /* sanitizer.cpp */
 #endif
@@ -314,14 +313,14 @@ namespace dk_emu {
 [[noreturn]] DK_EMU_HIDDEN void async_overflow();
 inline void cp_async(void* dst, const void* src, unsigned bytes) {
 #ifdef DK_EMU_CHECK
-    /* The destination too is in flight from here: racecheck sees a write now (and the real one at
-     * the wait); it must be this block's shared memory, as for cp.async.shared.global. */
+    /* The copy is in flight from here to the wait. The destination: racecheck sees a write now
+     * (and the real one at the wait); it must be this block's shared memory, as for
+     * cp.async.shared.global. The source is read some time in between: it is read here too (and
+     * thrown away, an instrumented read), so that a write by another thread that only a barrier
+     * after the issue orders is a race, as on the GPU. */
     dk_emu_check_async_write(dst, bytes);
-#endif
-    /* The source is read some time between the issue and the wait: it is read here too (and
-     * thrown away), so that the check build sees a read at both ends, and a write by another
-     * thread that only a barrier after the issue orders is a race, as on the GPU. */
     for (unsigned k = 0; k < bytes / 4; ++k) (void)static_cast<const volatile unsigned*>(src)[k];
+#endif
     FiberPublic* f = self();
     if (f->async_count == kAsyncCopiesMax) async_overflow();
     f->async_copies[f->async_count++] = AsyncCopy{dst, src, bytes, f->async_groups};
